@@ -1,0 +1,103 @@
+"""A bounded receive channel that drops its *oldest* item when full (beats go stale; the newest
+matters), counting the drops."""
+
+from __future__ import annotations
+
+import collections
+from typing import Generic, TypeVar
+
+import trio
+
+__all__ = ["DropOldestChannel"]
+
+T = TypeVar("T")
+
+
+class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
+    """What :meth:`Client.beats` returns: ``async for frame in channel`` until the client closes.
+
+    The producer calls :meth:`put` (never blocks); when ``maxlen`` items wait unread, the oldest is
+    dropped and :attr:`dropped` counts it.
+    """
+
+    def __init__(self, maxlen: int, name: str = "beats") -> None:
+        self._items: collections.deque[T] = collections.deque()
+        self._maxlen = maxlen
+        self._lot = trio.lowlevel.ParkingLot()
+        self._send_closed = False
+        self._recv_closed = False
+        self.name = name
+        self.dropped = 0
+        self.delivered = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<DropOldestChannel {self.name} pending={len(self._items)}/{self._maxlen} "
+            f"delivered={self.delivered} dropped={self.dropped}>"
+        )
+
+    @property
+    def closed(self) -> bool:
+        """True once the consumer closed it."""
+        return self._recv_closed
+
+    def put(self, item: T) -> bool:
+        """Add an item (producer side). Returns False when the consumer has gone away."""
+        if self._recv_closed or self._send_closed:
+            return False
+        if len(self._items) >= self._maxlen:
+            self._items.popleft()
+            self.dropped += 1
+        self._items.append(item)
+        self._lot.unpark()
+        return True
+
+    def close_send(self) -> None:
+        """No more items: the consumer gets what is left, then ``EndOfChannel``."""
+        self._send_closed = True
+        self._lot.unpark_all()
+
+    def receive_nowait(self) -> T:
+        """The oldest unread item.
+
+        Raises:
+            trio.WouldBlock: nothing to read yet.
+            trio.EndOfChannel: the producer is done and everything was read.
+            trio.ClosedResourceError: this channel was closed.
+        """
+        if self._recv_closed:
+            raise trio.ClosedResourceError
+        if self._items:
+            self.delivered += 1
+            return self._items.popleft()
+        if self._send_closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def receive(self) -> T:
+        """Wait for the next item."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            item = self.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
+        while True:
+            await self._lot.park()
+            try:
+                return self.receive_nowait()
+            except trio.WouldBlock:
+                continue
+
+    def close(self) -> None:
+        """Stop receiving (the producer forgets this channel)."""
+        self._recv_closed = True
+        self._items.clear()
+        self._lot.unpark_all()
+
+    async def aclose(self) -> None:
+        """Close and checkpoint."""
+        self.close()
+        await trio.lowlevel.checkpoint()

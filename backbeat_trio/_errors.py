@@ -1,0 +1,63 @@
+"""The exception tree. Everything the SDK raises on purpose is a :class:`BackbeatError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackbeatError",
+    "BeatBudgetExceeded",
+    "ConfigError",
+    "InvalidStatusClaim",
+    "NotConnected",
+    "SignatureError",
+    "WireError",
+]
+
+
+class BackbeatError(Exception):
+    """Base class of every error backbeat_trio raises on purpose."""
+
+
+class ConfigError(BackbeatError, ValueError):
+    """A configuration value breaks a rule; raised before anything connects.
+
+    Attributes:
+        field: the name of the offending field.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class InvalidStatusClaim(BackbeatError, ValueError):
+    """A status claim breaks the wire contract; raised before anything is sent."""
+
+
+class WireError(BackbeatError, ValueError):
+    """A message received from the wire could not be decoded or broke the contract."""
+
+
+class BeatBudgetExceeded(BackbeatError, TimeoutError):
+    """A :meth:`Client.fail_after_beats` budget ran out before the work finished."""
+
+    def __init__(self, beats: float, message: str | None = None) -> None:
+        super().__init__(message or f"beat budget of {beats:g} beat(s) exceeded")
+        self.beats = beats
+
+
+class NotConnected(BackbeatError, ConnectionError):
+    """The client is not connected (or could not connect), or its outbox is full."""
+
+
+class SignatureError(BackbeatError):
+    """A signature or key is missing, malformed, unknown or does not verify.
+
+    Attributes:
+        reason: a short machine-readable cause, for counting rejections: ``"unsigned"``,
+            ``"unknown_agent"``, ``"wrong_key"``, ``"agent_mismatch"``, ``"bad_signature"``,
+            ``"replay"``, ``"malformed"``, ``"insecure_key_file"``; ``None`` when unclassified.
+    """
+
+    def __init__(self, message: str = "", *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -1,0 +1,671 @@
+"""The transport: the only module that touches asyncio and nats-py.
+
+Everything above it is pure trio. The bridge is crossed as rarely as possible:
+
+* **Receive**: nats-py's per-subscription callback (asyncio side) hands each message to trio with
+  ``send_nowait`` on a bounded memory channel — no await crosses the bridge per message.
+* **Publish**: trio appends to a deque and sets an ``asyncio.Event``; one long-lived asyncio task
+  drains the whole deque into nats-py's write buffer, so a burst costs one wake-up, not one
+  crossing per message.
+* **Events** (disconnected, reconnected, closed, error, slow consumer) arrive the same way as
+  messages, on their own channel.
+
+Both worlds run on one thread (trio-asyncio), which is what makes the synchronous hand-offs safe.
+
+:class:`MemoryTransport` is a pure-trio stand-in with the same interface, for deterministic timing
+tests on trio's MockClock; it is never the only proof that something works over NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import msgspec
+import trio
+import trio_asyncio
+
+from ._errors import BackbeatError, NotConnected
+
+if TYPE_CHECKING:
+    from ._config import Config
+
+__all__ = [
+    "ConnEvent",
+    "MemoryBroker",
+    "MemoryTransport",
+    "Message",
+    "NatsTransport",
+    "Subscription",
+    "Transport",
+    "open_nats_transport",
+]
+
+log = logging.getLogger("backbeat_trio.transport")
+
+EventKind = Literal[
+    "connected", "disconnected", "reconnected", "closed", "error", "slow_consumer", "lame_duck"
+]
+
+
+@runtime_checkable
+class Message(Protocol):
+    """What a subscription delivers (nats-py's ``Msg`` and :class:`MemoryMessage` both fit)."""
+
+    subject: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None
+
+
+@dataclass(slots=True)
+class MemoryMessage:
+    """A message of the in-memory transport."""
+
+    subject: str
+    data: bytes
+    reply: str = ""
+    headers: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnEvent:
+    """A connection event, as the transport saw it."""
+
+    kind: EventKind
+    detail: str = ""
+
+
+class Subscription:
+    """A subscription: ``messages`` is a bounded trio channel; overflow is counted in ``dropped``."""
+
+    def __init__(self, subject: str, buffer: int, unsubscribe: Callable[[], Any]) -> None:
+        self.subject = subject
+        self._send, self.messages = trio.open_memory_channel[Message](buffer)
+        self._unsubscribe = unsubscribe
+        self.dropped = 0
+        self.delivered = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Subscription {self.subject!r} delivered={self.delivered} dropped={self.dropped}>"
+        )
+
+    def _deliver(self, msg: Message) -> None:
+        try:
+            self._send.send_nowait(msg)
+            self.delivered += 1
+        except trio.WouldBlock:
+            self.dropped += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def unsubscribe(self) -> None:
+        """Stop the subscription and close its channel."""
+        self._send.close()
+        result = self._unsubscribe()
+        if hasattr(result, "__await__"):
+            await result
+
+
+class Transport(Protocol):
+    """What the client and the services need from a message bus."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]: ...
+
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: dict[str, str] | None = None,
+        reply: str = "",
+    ) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def subscribe(self, subject: str, *, buffer: int = 1024) -> Subscription: ...
+
+    async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes: ...
+
+    def new_inbox(self) -> str: ...
+
+    async def find_stream(self, subject: str) -> str | None: ...
+
+    async def ensure_stream(
+        self, name: str, subjects: Sequence[str], *, duplicate_window: float = 120.0
+    ) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# nats-py over trio-asyncio
+# ------------------------------------------------------------------------------------------------
+class NatsTransport:
+    """nats-py bridged into trio. Build it with :func:`open_nats_transport`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, event_buffer: int = 1024) -> None:
+        self._loop = loop
+        self._nc: Any = None
+        self._js: Any = None
+        self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
+        self._outq: collections.deque[tuple[str, bytes, dict[str, str] | None, str]] = (
+            collections.deque()
+        )
+        self._wake = asyncio.Event()
+        self._drainer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.published = 0
+        self.publish_errors = 0
+        self.events_dropped = 0
+        self.last_error: str | None = None
+
+    def __repr__(self) -> str:
+        url = getattr(self._nc, "connected_url", None)
+        where = url.netloc if url is not None else "-"
+        return (
+            f"<NatsTransport {where} connected={self.connected} published={self.published} "
+            f"queued={len(self._outq)}>"
+        )
+
+    # -- events ---------------------------------------------------------------------------------
+    def _emit(self, kind: EventKind, detail: str = "") -> None:
+        try:
+            self._event_send.send_nowait(ConnEvent(kind, detail))
+        except trio.WouldBlock:
+            self.events_dropped += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def _on_disconnected(self) -> None:
+        self._emit("disconnected")
+
+    async def _on_reconnected(self) -> None:
+        url = getattr(self._nc, "connected_url", None)
+        self._emit("reconnected", url.netloc if url is not None else "")
+        self._wake.set()
+
+    async def _on_closed(self) -> None:
+        self._emit("closed")
+
+    async def _on_error(self, exc: Exception) -> None:
+        import nats.errors
+
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self._emit("slow_consumer", str(exc))
+        else:
+            self._emit("error", self.last_error)
+
+    async def _on_lame_duck(self) -> None:
+        self._emit("lame_duck")
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
+        """Connection events; one consumer (the client's reconnect-supervisor) reads them."""
+        return self._events
+
+    @property
+    def connected(self) -> bool:
+        """True while nats-py has a live connection."""
+        return self._nc is not None and bool(self._nc.is_connected)
+
+    @property
+    def client_id(self) -> int | None:
+        """The server-assigned client id (useful in logs)."""
+        return getattr(self._nc, "client_id", None) if self._nc else None
+
+    # -- connect / close ------------------------------------------------------------------------
+    async def _connect(self, servers: Sequence[str], options: dict[str, Any], attempts: int,
+                       delay: float) -> None:
+        import nats
+        import nats.errors
+
+        last: BaseException | None = None
+        for attempt in range(attempts):
+            if attempt:
+                await trio.sleep(delay)
+            try:
+                self._nc = await trio_asyncio.aio_as_trio(nats.connect)(
+                    servers=list(servers),
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                    error_cb=self._on_error,
+                    lame_duck_mode_cb=self._on_lame_duck,
+                    **options,
+                )
+                break
+            except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+                last = exc
+                log.debug("connect attempt %d/%d failed: %r", attempt + 1, attempts, exc)
+        else:
+            assert last is not None
+            raise NotConnected(_explain_connect_error(servers, last)) from last
+        self._js = self._nc.jetstream()
+        self._drainer = self._loop.create_task(self._drain())
+
+    async def aclose(self) -> None:
+        """Flush what is queued (bounded), then close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.move_on_after(2.0, shield=True):
+            try:
+                await self.flush()
+            except BackbeatError:
+                pass
+            if self._drainer is not None:
+                self._drainer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await trio_asyncio.aio_as_trio(asyncio.wait)({self._drainer}, timeout=1.0)
+            if self._nc is not None and not self._nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await trio_asyncio.aio_as_trio(self._nc.close)()
+        self._event_send.close()
+
+    # -- publish --------------------------------------------------------------------------------
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: dict[str, str] | None = None,
+        reply: str = "",
+    ) -> None:
+        """Queue one message; the asyncio-side drainer writes it with the rest of its batch.
+
+        Raises:
+            NotConnected: the transport is closed.
+        """
+        if self._closed or self._nc is None or self._nc.is_closed:
+            raise NotConnected("the NATS connection is closed")
+        self._outq.append((subject, payload, headers, reply))
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def _drain(self) -> None:
+        # asyncio side: runs for the life of the connection
+        nc = self._nc
+        q = self._outq
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while q:
+                subject, payload, headers, reply = q.popleft()
+                try:
+                    await nc.publish(subject, payload, reply=reply, headers=headers)
+                    self.published += 1
+                except Exception as exc:  # a closed connection, a bad subject: report, go on
+                    self.publish_errors += 1
+                    self.last_error = f"publish {subject}: {type(exc).__name__}: {exc}"
+                    self._emit("error", self.last_error)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far was written and the server answered a PING.
+
+        Raises:
+            NotConnected: not connected, or the server did not answer in time.
+        """
+        if self._nc is None or not self._nc.is_connected:
+            raise NotConnected("not connected: cannot flush")
+
+        async def _flush() -> None:
+            while self._outq:
+                self._wake.set()
+                await asyncio.sleep(0)
+            await self._nc.flush(timeout=5)
+
+        try:
+            await trio_asyncio.aio_as_trio(_flush)()
+        except Exception as exc:
+            raise NotConnected(f"flush failed: {type(exc).__name__}: {exc}") from exc
+
+    # -- subscribe / request --------------------------------------------------------------------
+    async def subscribe(self, subject: str, *, buffer: int = 1024) -> Subscription:
+        """Subscribe; messages arrive on ``Subscription.messages`` (bounded; overflow counted)."""
+        holder: list[Any] = []
+
+        async def unsubscribe() -> None:
+            if holder and not self._nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await trio_asyncio.aio_as_trio(holder[0].unsubscribe)()
+
+        sub = Subscription(subject, buffer, unsubscribe)
+        deliver = sub._deliver
+
+        async def cb(msg: Any) -> None:
+            deliver(msg)
+
+        try:
+            holder.append(
+                await trio_asyncio.aio_as_trio(self._nc.subscribe)(
+                    subject, cb=cb, pending_msgs_limit=max(buffer * 4, 65536)
+                )
+            )
+        except Exception as exc:
+            raise NotConnected(f"subscribe {subject!r} failed: {exc}") from exc
+        return sub
+
+    def new_inbox(self) -> str:
+        """A fresh unique inbox subject."""
+        return str(self._nc.new_inbox())
+
+    async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes:
+        """One request/response (crosses the bridge; not for hot paths).
+
+        Raises:
+            NotConnected: no answer in time or the connection is down.
+        """
+        try:
+            msg = await trio_asyncio.aio_as_trio(self._nc.request)(subject, payload, timeout=timeout)
+        except Exception as exc:
+            raise NotConnected(f"request {subject!r} failed: {type(exc).__name__}: {exc}") from exc
+        return bytes(msg.data)
+
+    # -- JetStream ------------------------------------------------------------------------------
+    async def find_stream(self, subject: str) -> str | None:
+        """The JetStream stream capturing ``subject``, or None (also when JetStream is off)."""
+        try:
+            name = await trio_asyncio.aio_as_trio(self._js.find_stream_name_by_subject)(subject)
+        except Exception:
+            return None
+        return str(name) if name else None
+
+    async def ensure_stream(
+        self, name: str, subjects: Sequence[str], *, duplicate_window: float = 120.0
+    ) -> None:
+        """Create (or keep) a stream capturing ``subjects``.
+
+        Raises:
+            BackbeatError: JetStream refused (not enabled, or subjects overlap another stream).
+        """
+        from nats.js.api import StreamConfig
+
+        async def _ensure() -> None:
+            cfg = StreamConfig(name=name, subjects=list(subjects), duplicate_window=duplicate_window)
+            try:
+                await self._js.stream_info(name)
+            except Exception:
+                await self._js.add_stream(cfg)
+
+        try:
+            await trio_asyncio.aio_as_trio(_ensure)()
+        except Exception as exc:
+            raise BackbeatError(f"cannot create JetStream stream {name!r}: {exc}") from exc
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(nc, js, *args)`` (a coroutine function) on the asyncio side.
+
+        The escape hatch for rare JetStream/KV management calls; translates errors.
+        """
+        try:
+            return await trio_asyncio.aio_as_trio(fn)(self._nc, self._js, *args, **kwargs)
+        except BackbeatError:
+            raise
+        except Exception as exc:
+            raise BackbeatError(f"{getattr(fn, '__name__', fn)} failed: {exc}") from exc
+
+
+def _explain_connect_error(servers: Sequence[str], exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    low = text.lower()
+    where = ", ".join(servers)
+    if "authorization" in low or "auth" in low:
+        return f"NATS at {where} refused the credentials (authorization violation): {text}"
+    if "ssl" in low or "certificate" in low or "tls" in low:
+        return f"TLS handshake with {where} failed: {text}"
+    return f"could not connect to NATS at {where}: {text}"
+
+
+def _nats_options(cfg: Config) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": cfg.name or f"backbeat-trio:{cfg.agent_id}",
+        "allow_reconnect": True,
+        "reconnect_time_wait": cfg.reconnect_delay,
+        "max_reconnect_attempts": cfg.max_reconnects,
+        "connect_timeout": 2,
+        "ping_interval": 5,
+        "max_outstanding_pings": 2,
+    }
+    if cfg.user is not None:
+        opts["user"] = cfg.user
+        opts["password"] = cfg.password
+    if cfg.token is not None:
+        opts["token"] = cfg.token
+    if cfg.creds_file is not None:
+        opts["user_credentials"] = cfg.creds_file
+    if cfg.nkeys_seed is not None:
+        opts["nkeys_seed"] = cfg.nkeys_seed
+    ctx = cfg.ssl_context()
+    if ctx is not None:
+        opts["tls"] = ctx
+    return opts
+
+
+@contextlib.asynccontextmanager
+async def _asyncio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
+    # reuse the caller's trio-asyncio loop when one is open
+    try:
+        loop = trio_asyncio.current_loop.get()
+    except LookupError:
+        loop = None
+    if loop is not None:
+        yield loop
+    else:
+        async with trio_asyncio.open_loop() as new_loop:
+            yield new_loop
+
+
+@contextlib.asynccontextmanager
+async def open_nats_transport(cfg: Config) -> AsyncIterator[NatsTransport]:
+    """Connect to NATS as ``cfg`` says and yield a :class:`NatsTransport`.
+
+    Raises:
+        NotConnected: the first connect failed ``cfg.connect_attempts`` times (the message says
+            why: refused, credentials, TLS).
+    """
+    async with _asyncio_loop() as loop:
+        transport = NatsTransport(loop)
+        await transport._connect(
+            cfg.servers, _nats_options(cfg), cfg.connect_attempts, cfg.reconnect_delay
+        )
+        try:
+            yield transport
+        finally:
+            await transport.aclose()
+
+
+# ------------------------------------------------------------------------------------------------
+# In-memory transport (pure trio) for deterministic tests
+# ------------------------------------------------------------------------------------------------
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching with ``*`` (one token) and ``>`` (the rest)."""
+    p = pattern.split(".")
+    s = subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+@dataclass
+class _MemoryStream:
+    name: str
+    subjects: list[str]
+    messages: list[MemoryMessage] = field(default_factory=list)
+    msg_ids: set[str] = field(default_factory=set)
+
+
+class MemoryBroker:
+    """A tiny in-process NATS look-alike: subjects with wildcards, headers, reply subjects and a
+    JetStream-like stream that acks publishes and drops duplicate ``Nats-Msg-Id`` s.
+
+    ``set_down()`` / ``set_up()`` simulate an outage: transports see disconnected/reconnected
+    events and what is published meanwhile is lost (as bytes in flight are on a real server).
+    """
+
+    def __init__(self) -> None:
+        self._transports: list[MemoryTransport] = []
+        self.streams: dict[str, _MemoryStream] = {}
+        self.up = True
+        self.lost_while_down = 0
+
+    def __repr__(self) -> str:
+        return f"<MemoryBroker up={self.up} transports={len(self._transports)}>"
+
+    def connect(self) -> MemoryTransport:
+        """A new transport attached to this broker."""
+        t = MemoryTransport(self)
+        self._transports.append(t)
+        return t
+
+    def add_stream(self, name: str, subjects: Sequence[str]) -> None:
+        """Create a stream that captures ``subjects``."""
+        self.streams.setdefault(name, _MemoryStream(name, list(subjects)))
+
+    def set_down(self) -> None:
+        """Simulate the server going away."""
+        self.up = False
+        for t in self._transports:
+            t._emit(ConnEvent("disconnected"))
+
+    def set_up(self) -> None:
+        """Simulate the server coming back."""
+        self.up = True
+        for t in self._transports:
+            t._emit(ConnEvent("reconnected", "memory"))
+
+    def _route(self, msg: MemoryMessage) -> None:
+        if not self.up:
+            self.lost_while_down += 1
+            return
+        for stream in self.streams.values():
+            if any(subject_matches(p, msg.subject) for p in stream.subjects):
+                msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+                duplicate = msg_id is not None and msg_id in stream.msg_ids
+                if not duplicate:
+                    stream.messages.append(msg)
+                    if msg_id is not None:
+                        stream.msg_ids.add(msg_id)
+                if msg.reply:
+                    ack = {"stream": stream.name, "seq": len(stream.messages)}
+                    if duplicate:
+                        ack["duplicate"] = True
+                    self._route(MemoryMessage(msg.reply, msgspec.json.encode(ack)))
+                break
+        for t in self._transports:
+            for sub in t._subs:
+                if subject_matches(sub.subject, msg.subject):
+                    sub._deliver(msg)
+
+
+class MemoryTransport:
+    """The :class:`Transport` interface over a :class:`MemoryBroker`; pure trio, deterministic."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self._broker = broker
+        self._subs: list[Subscription] = []
+        self._event_send, self._events = trio.open_memory_channel[ConnEvent](1024)
+        self._closed = False
+        self.published = 0
+
+    def __repr__(self) -> str:
+        return f"<MemoryTransport connected={self.connected} published={self.published}>"
+
+    def _emit(self, ev: ConnEvent) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._event_send.send_nowait(ev)
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker is up and this transport open."""
+        return self._broker.up and not self._closed
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
+        """Connection events."""
+        return self._events
+
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: dict[str, str] | None = None,
+        reply: str = "",
+    ) -> None:
+        """Deliver at once to every matching subscription (and stream)."""
+        if self._closed:
+            raise NotConnected("the transport is closed")
+        self.published += 1
+        self._broker._route(MemoryMessage(subject, bytes(payload), reply, headers))
+
+    async def flush(self) -> None:
+        """Nothing is buffered; checkpoints only."""
+        await trio.lowlevel.checkpoint()
+        if not self.connected:
+            raise NotConnected("not connected: cannot flush")
+
+    async def subscribe(self, subject: str, *, buffer: int = 1024) -> Subscription:
+        """Subscribe to ``subject`` (wildcards allowed)."""
+        await trio.lowlevel.checkpoint()
+
+        def unsubscribe() -> None:
+            if sub in self._subs:
+                self._subs.remove(sub)
+
+        sub = Subscription(subject, buffer, unsubscribe)
+        self._subs.append(sub)
+        return sub
+
+    def new_inbox(self) -> str:
+        """A fresh unique inbox subject."""
+        return f"_INBOX.{secrets.token_hex(8)}"
+
+    async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes:
+        """Publish with a reply inbox and wait for the first answer."""
+        inbox = self.new_inbox()
+        sub = await self.subscribe(inbox, buffer=1)
+        try:
+            self.publish(subject, payload, reply=inbox)
+            with trio.move_on_after(timeout):
+                msg = await sub.messages.receive()
+                return msg.data
+            raise NotConnected(f"request {subject!r}: no answer within {timeout} s")
+        finally:
+            await sub.unsubscribe()
+
+    async def find_stream(self, subject: str) -> str | None:
+        """The stream capturing ``subject``, if any."""
+        await trio.lowlevel.checkpoint()
+        for stream in self._broker.streams.values():
+            if any(subject_matches(p, subject) for p in stream.subjects):
+                return stream.name
+        return None
+
+    async def ensure_stream(
+        self, name: str, subjects: Sequence[str], *, duplicate_window: float = 120.0
+    ) -> None:
+        """Create the stream on the broker."""
+        await trio.lowlevel.checkpoint()
+        self._broker.add_stream(name, subjects)
+
+    async def aclose(self) -> None:
+        """Detach from the broker."""
+        await trio.lowlevel.checkpoint()
+        self._closed = True
+        self._event_send.close()
+        if self in self._broker._transports:
+            self._broker._transports.remove(self)

@@ -78,9 +78,6 @@ class TempoDecision:
     effective_beat: int | None
     reason: str
 
-    def __bool__(self) -> bool:
-        return self.accepted
-
 
 def _check_step(value: object) -> float | None:
     if value is None:
@@ -260,9 +257,6 @@ class PulseSchedule:
                 target += 1
             else:
                 break
-        if self._pending is not None and target > self.next_downbeat:
-            # Only possible when the downbeat was due after ``now``; keep the rule strict anyway.
-            target = self.next_downbeat  # pragma: no cover
         self._cursor = target
         return target - start
 

@@ -146,6 +146,10 @@ class Transport(Protocol):
         self, name: str, subjects: Sequence[str], *, duplicate_window: float = 120.0
     ) -> None: ...
 
+    async def stream_subscribe(
+        self, subject: str, stream: str, *, buffer: int = 65536
+    ) -> Subscription: ...
+
 
 # ------------------------------------------------------------------------------------------------
 # nats-py over trio-asyncio
@@ -403,6 +407,44 @@ class NatsTransport:
         except Exception as exc:
             raise BackbeatError(f"cannot create JetStream stream {name!r}: {exc}") from exc
 
+    async def stream_subscribe(
+        self, subject: str, stream: str, *, buffer: int = 65536
+    ) -> Subscription:
+        """Receive what ``stream`` stores on ``subject`` from now on (an ordered consumer).
+
+        Unlike a core subscription, this sees each ``Nats-Msg-Id`` once: the stream has already
+        dropped re-published duplicates.
+        """
+        from nats.js.api import DeliverPolicy
+
+        holder: list[Any] = []
+
+        async def unsubscribe() -> None:
+            if holder and not self._nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await trio_asyncio.aio_as_trio(holder[0].unsubscribe)()
+
+        sub = Subscription(subject, buffer, unsubscribe)
+        deliver = sub._deliver
+
+        async def cb(msg: Any) -> None:
+            deliver(msg)
+
+        try:
+            holder.append(
+                await trio_asyncio.aio_as_trio(self._js.subscribe)(
+                    subject,
+                    stream=stream,
+                    cb=cb,
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.NEW,
+                    pending_msgs_limit=max(buffer * 4, 65536),
+                )
+            )
+        except Exception as exc:
+            raise NotConnected(f"stream subscribe {stream}/{subject!r} failed: {exc}") from exc
+        return sub
+
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(nc, js, *args)`` (a coroutine function) on the asyncio side.
 
@@ -519,6 +561,7 @@ class MemoryBroker:
     def __init__(self) -> None:
         self._transports: list[MemoryTransport] = []
         self.streams: dict[str, _MemoryStream] = {}
+        self._stream_subs: dict[str, list[Subscription]] = {}
         self.up = True
         self.lost_while_down = 0
 
@@ -559,6 +602,9 @@ class MemoryBroker:
                     stream.messages.append(msg)
                     if msg_id is not None:
                         stream.msg_ids.add(msg_id)
+                    for sub in self._stream_subs.get(stream.name, ()):
+                        if subject_matches(sub.subject, msg.subject):
+                            sub._deliver(msg)
                 if msg.reply:
                     ack = {"stream": stream.name, "seq": len(stream.messages)}
                     if duplicate:
@@ -661,6 +707,19 @@ class MemoryTransport:
         """Create the stream on the broker."""
         await trio.lowlevel.checkpoint()
         self._broker.add_stream(name, subjects)
+
+    async def stream_subscribe(
+        self, subject: str, stream: str, *, buffer: int = 65536
+    ) -> Subscription:
+        """Like :meth:`subscribe`, but only messages ``stream`` stored (duplicates dropped)."""
+        await trio.lowlevel.checkpoint()
+
+        def unsubscribe() -> None:
+            self._broker._stream_subs.get(stream, []).remove(sub)
+
+        sub = Subscription(subject, buffer, unsubscribe)
+        self._broker._stream_subs.setdefault(stream, []).append(sub)
+        return sub
 
     async def aclose(self) -> None:
         """Detach from the broker."""

@@ -1,0 +1,479 @@
+"""The reverb's bar aggregation, sans-IO: claims and beats in, one BarReport per window out.
+
+The I/O layer feeds :meth:`BarAggregator.observe_beat` every beat frame it receives and
+:meth:`BarAggregator.add_claim` every verified claim (and :meth:`BarAggregator.reject` every one
+it dropped), then calls :meth:`BarAggregator.close_window` when it decides a window is complete.
+Times are plain floats in the caller's clock.
+
+Rules SPEC.md leaves open, decided here:
+
+* A claim belongs to the window of its ``beat_index``. A claim naming a window that is already
+  closed (or older) counts only as ``late``, in the next report; it changes nothing else. Claims
+  left in an older window that was never closed (the caller skipped it) count as ``late`` in the
+  report that passes over them. A claim naming a window more than ``max_windows_ahead`` windows
+  beyond the current one is rejected (it would pin memory).
+* Each agent's *latest* claim is ordered by ``(beat_index, hlc, arrival order)``. ``mean_progress``
+  and ``max_beats_left`` are over each reporting agent's latest claim in the window.
+* Agent state persists across windows: ``blocked`` and ``deadlock`` use every tracked agent's latest
+  claim up to and including the window, even if the agent sent nothing new in it. An agent that
+  stays silent is reported ``stalled`` in each of ``forget_after_windows`` consecutive reports,
+  then forgotten (dropping out of ``blocked`` and of the deadlock graph). An agent whose latest
+  claim is ``done`` or ``failed`` has finished; its silence is not a stall.
+* ``failed``: one issue per ``(agent, task)`` with any ``failed`` claim in the window.
+  ``overrun``: one per ``(agent, task)`` whose latest claim in the window has ``beats_left == 0``
+  and a state other than ``done`` or ``failed`` (a failed task is over, and already reported).
+* ``deadlock``: the graph's nodes are tracked agents whose latest claim is ``waiting``; an edge
+  ``a -> b`` is a ``wait_for`` ref exactly ``agent://b``. One issue per strongly connected component
+  that holds a cycle (including a self-wait), so a tangle of cycles is one issue, not an
+  exponential number; the issue's ``agent_id`` is the component's smallest id and the detail names
+  the shortest cycle through it, e.g. ``a -> b -> a``, plus the whole group when it is larger.
+* Issues are ordered deadlock, failed, overrun, stalled, then by agent id and detail. More than
+  100 are cut to 99 plus one ``truncated`` issue saying how many were left out.
+* ``tempo_drift_ms`` averages, per beat, the excess of the observed interval between consecutive
+  received beats over the nominal one (60 / the earlier beat's tempo); a gap of missed beats
+  counts as that many beats. An interval is credited to the window of its later beat.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from ._beats import bar_start, validate_beats_per_bar, validate_id, window_id
+from ._errors import ConfigError, WireError
+from ._hlc import HLCStamp
+from ._wire import CLAIM_STATES, BarIssue, BarReport, BeatFrame, StatusClaim
+
+__all__ = ["MAX_ISSUES", "BarAggregator", "ClaimOutcome", "find_deadlocks"]
+
+MAX_ISSUES: Final = 100
+AGENT_REF_PREFIX: Final = "agent://"
+TERMINAL_STATES: Final = frozenset({"done", "failed"})
+_KIND_ORDER: Final = {"deadlock": 0, "failed": 1, "overrun": 2, "stalled": 3}
+_NOTE_EXCERPT: Final = 200
+
+ClaimOutcome = Literal["counted", "late", "rejected"]
+_Key = tuple[int, tuple[int, int, int], int]
+
+
+def _hlc_key(text: str) -> tuple[int, int, int]:
+    try:
+        return tuple(HLCStamp.parse(text))  # type: ignore[return-value]
+    except WireError:
+        return (-1, -1, -1)
+
+
+@dataclass(slots=True)
+class _Window:
+    claims: int = 0
+    by_state: Counter[str] = field(default_factory=Counter)
+    latest_by_agent: dict[str, tuple[_Key, StatusClaim]] = field(default_factory=dict)
+    latest_by_task: dict[tuple[str, str], tuple[_Key, StatusClaim]] = field(default_factory=dict)
+    failed: dict[tuple[str, str], StatusClaim] = field(default_factory=dict)
+    on_time_reviews: set[str] = field(default_factory=set)
+    drift_excess_s: float = 0.0
+    drift_beats: int = 0
+
+
+@dataclass(slots=True)
+class _Track:
+    key: _Key
+    claim: StatusClaim
+    silent_windows: int = 0
+
+
+def find_deadlocks(wait_for: Mapping[str, Iterable[str]]) -> list[list[str]]:
+    """Find the deadlocked groups of a wait-for graph.
+
+    Args:
+        wait_for: each agent's out-edges (the agents it waits for). Targets that are not keys are
+            ignored (they wait for nothing, so cannot be on a cycle).
+
+    Returns:
+        One cycle per strongly connected component that holds a cycle, as a closed path
+        ``[a, b, ..., a]`` starting at the component's smallest agent and taking the shortest
+        cycle through it (ties broken by agent id); sorted by that first agent.
+    """
+    return [cycle for cycle, _ in _deadlock_groups(wait_for)]
+
+
+def _deadlock_groups(wait_for: Mapping[str, Iterable[str]]) -> list[tuple[list[str], set[str]]]:
+    graph = {a: sorted({b for b in bs if b in wait_for}) for a, bs in wait_for.items()}
+    groups = []
+    for comp in _strongly_connected(graph):
+        start = min(comp)
+        if len(comp) == 1 and start not in graph[start]:
+            continue
+        groups.append((_shortest_cycle(graph, start, comp), comp))
+    groups.sort(key=lambda g: g[0][0])
+    return groups
+
+
+def _strongly_connected(graph: Mapping[str, list[str]]) -> list[set[str]]:
+    # Tarjan's algorithm, iterative so a long wait chain cannot hit the recursion limit.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    comps: list[set[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work: list[tuple[str, int]] = [(root, 0)]
+        while work:
+            node, i = work.pop()
+            if i == 0:
+                index[node] = low[node] = counter
+                counter += 1
+                stack.append(node)
+                on_stack.add(node)
+            succs = graph[node]
+            if i < len(succs):
+                work.append((node, i + 1))
+                nxt = succs[i]
+                if nxt not in index:
+                    work.append((nxt, 0))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            if low[node] == index[node]:
+                comp: set[str] = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    comp.add(member)
+                    if member == node:
+                        break
+                comps.append(comp)
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+    return comps
+
+
+def _shortest_cycle(graph: Mapping[str, list[str]], start: str, comp: set[str]) -> list[str]:
+    # Breadth-first from start inside its component until an edge leads back to start.
+    parent: dict[str, str] = {}
+    frontier = [start]
+    seen = {start}
+    while frontier:
+        nxt_frontier = []
+        for node in frontier:
+            for succ in graph[node]:
+                if succ == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(parent[path[-1]])
+                    return [*reversed(path), start]
+                if succ in comp and succ not in seen:
+                    seen.add(succ)
+                    parent[succ] = node
+                    nxt_frontier.append(succ)
+        frontier = nxt_frontier
+    raise AssertionError(f"no cycle through {start} in its component")  # pragma: no cover
+
+
+class BarAggregator:
+    """Aggregates one cluster's claims and beats into one :class:`BarReport` per window.
+
+    Args:
+        cluster_id: the cluster.
+        beats_per_bar: bar (window) length.
+        forget_after_windows: consecutive silent windows after which an agent is forgotten.
+        max_windows_ahead: claims naming a window further ahead of the current one are rejected.
+
+    Raises:
+        ConfigError: an argument breaks a rule.
+    """
+
+    def __init__(
+        self,
+        cluster_id: str,
+        *,
+        beats_per_bar: int = 4,
+        forget_after_windows: int = 8,
+        max_windows_ahead: int = 16,
+    ) -> None:
+        self.cluster_id = validate_id("cluster_id", cluster_id)
+        self.beats_per_bar = validate_beats_per_bar(beats_per_bar)
+        if forget_after_windows < 1:
+            raise ConfigError("forget_after_windows", f"must be >= 1, got {forget_after_windows}")
+        if max_windows_ahead < 0:
+            raise ConfigError("max_windows_ahead", f"must be >= 0, got {max_windows_ahead}")
+        self.forget_after_windows = forget_after_windows
+        self.max_windows_ahead = max_windows_ahead
+        self._windows: dict[int, _Window] = {}
+        self._agents: dict[str, _Track] = {}
+        self._closed_through: int | None = None
+        self._last_beat: tuple[int, float, int] | None = None  # index, arrival, tempo
+        self._late = 0
+        self._rejected = 0
+        self._seq = 0
+        self.rejection_reasons: Counter[str] = Counter()
+        """Every rejection so far, by reason (cumulative, for metrics)."""
+        self.reports_closed = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<BarAggregator {self.cluster_id} bar={self.beats_per_bar} "
+            f"window={self.current_window_start} closed_through={self._closed_through} "
+            f"open={sorted(self._windows)} agents={len(self._agents)} "
+            f"pending_late={self._late} pending_rejected={self._rejected}>"
+        )
+
+    # --- reading ---------------------------------------------------------------------------------
+    @property
+    def current_window_start(self) -> int | None:
+        """First beat of the window of the latest beat observed, or None before any beat."""
+        if self._last_beat is None:
+            return None
+        return bar_start(self._last_beat[0], self.beats_per_bar)
+
+    @property
+    def last_beat_index(self) -> int | None:
+        """The latest beat index observed, or None."""
+        return None if self._last_beat is None else self._last_beat[0]
+
+    @property
+    def closed_through(self) -> int | None:
+        """First beat of the latest window closed, or None."""
+        return self._closed_through
+
+    @property
+    def tracked_agents(self) -> list[str]:
+        """Agents whose state is remembered across windows, sorted."""
+        return sorted(self._agents)
+
+    def _window(self, start: int) -> _Window:
+        w = self._windows.get(start)
+        if w is None:
+            w = self._windows[start] = _Window()
+        return w
+
+    def _is_closed(self, start: int) -> bool:
+        return self._closed_through is not None and start <= self._closed_through
+
+    # --- input -----------------------------------------------------------------------------------
+    def observe_beat(
+        self, beat: BeatFrame | int, arrival: float, tempo_bpm: int | None = None
+    ) -> int | None:
+        """Record a received beat (for ``tempo_drift_ms`` and the current window).
+
+        Duplicate or out-of-order beats (index not above the last one) are ignored.
+
+        Args:
+            beat: the frame, or a beat index (then ``tempo_bpm`` is required).
+            arrival: when it arrived, in the caller's clock (seconds).
+            tempo_bpm: the frame's tempo, when ``beat`` is an index.
+
+        Returns:
+            The first beat of the window this beat *left*, when it opened a new window (a cue to
+            close that window, now or after a grace period); otherwise None.
+
+        Raises:
+            ValueError: ``beat`` is an index and ``tempo_bpm`` is missing or not positive.
+        """
+        if isinstance(beat, BeatFrame):
+            index, tempo = beat.beat_index, beat.tempo_bpm
+        else:
+            if tempo_bpm is None or tempo_bpm <= 0:
+                raise ValueError("observe_beat(index, ...) needs a positive tempo_bpm")
+            index, tempo = beat, tempo_bpm
+        prev = self._last_beat
+        if prev is not None and index <= prev[0]:
+            return None
+        start = bar_start(index, self.beats_per_bar)
+        if prev is not None and not self._is_closed(start):
+            gap = index - prev[0]
+            w = self._window(start)
+            w.drift_excess_s += (arrival - prev[1]) - gap * 60 / prev[2]
+            w.drift_beats += gap
+        self._last_beat = (index, arrival, tempo)
+        if prev is None:
+            return None
+        left = bar_start(prev[0], self.beats_per_bar)
+        return left if left != start else None
+
+    def add_claim(self, claim: StatusClaim, arrival_beat: int | None = None) -> ClaimOutcome:
+        """Count a verified claim in the window of its ``beat_index``.
+
+        Args:
+            claim: the claim (already decoded and verified).
+            arrival_beat: the beat current when it arrived; defaults to the latest beat observed
+                (or the claim's own beat before any). A ``review``/``done`` claim is an on-time
+                review when this lies inside the claim's window.
+
+        Returns:
+            ``"counted"``, ``"late"`` (its window was already reported; counted in the next
+            report) or ``"rejected"`` (it names a window too far ahead).
+        """
+        bpb = self.beats_per_bar
+        start = bar_start(claim.beat_index, bpb)
+        if self._is_closed(start):
+            self._late += 1
+            return "late"
+        ref = self.current_window_start
+        if ref is None and self._closed_through is not None:
+            ref = self._closed_through + bpb
+        if ref is not None and start > ref + self.max_windows_ahead * bpb:
+            self.reject("claim names a window too far ahead")
+            return "rejected"
+        w = self._window(start)
+        w.claims += 1
+        w.by_state[claim.state] += 1
+        self._seq += 1
+        key: _Key = (claim.beat_index, _hlc_key(claim.hlc), self._seq)
+        agent, task = claim.agent_id, claim.task_id
+        held = w.latest_by_agent.get(agent)
+        if held is None or key > held[0]:
+            w.latest_by_agent[agent] = (key, claim)
+        held = w.latest_by_task.get((agent, task))
+        if held is None or key > held[0]:
+            w.latest_by_task[(agent, task)] = (key, claim)
+        if claim.state == "failed":
+            w.failed.setdefault((agent, task), claim)
+        if arrival_beat is None:
+            arrival_beat = self._last_beat[0] if self._last_beat else claim.beat_index
+        if claim.state in ("review", "done") and start <= arrival_beat < start + bpb:
+            w.on_time_reviews.add(agent)
+        return "counted"
+
+    def reject(self, reason: str) -> None:
+        """Count a claim dropped for a bad signature, bad schema or replay (in the next report).
+
+        Args:
+            reason: a short reason, tallied in :attr:`rejection_reasons`.
+        """
+        self._rejected += 1
+        self.rejection_reasons[reason] += 1
+
+    # --- output ----------------------------------------------------------------------------------
+    def close_window(self, window_first_beat: int, hlc: str) -> BarReport:
+        """Close a window and build its report; later claims naming it count as ``late``.
+
+        Args:
+            window_first_beat: the window's first beat (a multiple of ``beats_per_bar``), after
+                every window closed so far.
+            hlc: the report's HLC stamp (the caller's clock).
+
+        Returns:
+            The report, every SPEC field filled in.
+
+        Raises:
+            ValueError: ``window_first_beat`` is not a bar start or is not after the last window
+                closed.
+        """
+        bpb = self.beats_per_bar
+        start = window_first_beat
+        if start < 0 or start % bpb:
+            raise ValueError(f"{start} is not the first beat of a {bpb}-beat window")
+        if self._is_closed(start):
+            raise ValueError(
+                f"window {start} is not after the last closed one, {self._closed_through}"
+            )
+        w = self._windows.pop(start, None) or _Window()
+        late = self._late + sum(
+            self._windows.pop(s).claims for s in sorted(self._windows) if s < start
+        )
+        rejected = self._rejected
+        self._late = self._rejected = 0
+        self._closed_through = start
+        self.reports_closed += 1
+
+        # Fold this window's claims into the per-agent state, then age the silent agents.
+        reporting = w.latest_by_agent
+        for agent, (key, claim) in reporting.items():
+            track = self._agents.get(agent)
+            if track is None:
+                self._agents[agent] = _Track(key, claim)
+            else:
+                if key > track.key:
+                    track.key, track.claim = key, claim
+                track.silent_windows = 0
+        issues: list[BarIssue] = []
+        for agent, track in self._agents.items():
+            if agent in reporting:
+                continue
+            track.silent_windows += 1
+            if track.claim.state not in TERMINAL_STATES:
+                issues.append(
+                    BarIssue(
+                        agent_id=agent,
+                        kind="stalled",
+                        detail=(
+                            f"no claim for {track.silent_windows} window(s); last claim at beat "
+                            f"{track.claim.beat_index} ({track.claim.state}, "
+                            f"task {track.claim.task_id})"
+                        ),
+                    )
+                )
+
+        for (agent, task), claim in w.failed.items():
+            note = f": {claim.notes[:_NOTE_EXCERPT]}" if claim.notes else ""
+            issues.append(
+                BarIssue(agent_id=agent, kind="failed", detail=f"task {task} failed{note}")
+            )
+        for (agent, task), (_, claim) in w.latest_by_task.items():
+            if claim.beats_left == 0 and claim.state not in TERMINAL_STATES:
+                issues.append(
+                    BarIssue(
+                        agent_id=agent,
+                        kind="overrun",
+                        detail=(
+                            f"task {task} has 0 beats left but is {claim.state} "
+                            f"(progress {claim.progress:.0%})"
+                        ),
+                    )
+                )
+
+        waiting = {a: t.claim for a, t in self._agents.items() if t.claim.state == "waiting"}
+        blocked = sorted(a for a, c in waiting.items() if c.wait_for)
+        graph = {
+            a: [r[len(AGENT_REF_PREFIX) :] for r in c.wait_for if r.startswith(AGENT_REF_PREFIX)]
+            for a, c in waiting.items()
+        }
+        for cycle, group in _deadlock_groups(graph):
+            detail = " -> ".join(cycle)
+            if len(group) > len(cycle) - 1:
+                detail += f" (deadlocked group: {', '.join(sorted(group))})"
+            issues.append(BarIssue(agent_id=cycle[0], kind="deadlock", detail=detail))
+
+        issues.sort(key=lambda i: (_KIND_ORDER.get(i.kind, len(_KIND_ORDER)), i.agent_id, i.detail))
+        if len(issues) > MAX_ISSUES:
+            left_out = len(issues) - (MAX_ISSUES - 1)
+            issues = issues[: MAX_ISSUES - 1]
+            issues.append(
+                BarIssue(
+                    agent_id="", kind="truncated", detail=f"{left_out} more issue(s) not listed"
+                )
+            )
+
+        for agent in [
+            a for a, t in self._agents.items() if t.silent_windows >= self.forget_after_windows
+        ]:
+            del self._agents[agent]
+
+        latest = [claim for _, claim in reporting.values()]
+        by_state = {s: w.by_state[s] for s in CLAIM_STATES if w.by_state[s]}
+        by_state.update({s: n for s, n in sorted(w.by_state.items()) if s not in by_state and n})
+        return BarReport(
+            cluster_id=self.cluster_id,
+            window_id=window_id(self.cluster_id, start, bpb),
+            from_beat=start,
+            to_beat=start + bpb - 1,
+            hlc=hlc,
+            agents_reporting=len(reporting),
+            claims=w.claims,
+            by_state=by_state,
+            on_time_reviews=len(w.on_time_reviews),
+            late=late,
+            rejected=rejected,
+            mean_progress=sum(c.progress for c in latest) / len(latest) if latest else 0.0,
+            max_beats_left=max((c.beats_left for c in latest), default=0),
+            tempo_drift_ms=1000 * w.drift_excess_s / w.drift_beats if w.drift_beats else 0.0,
+            blocked=blocked,
+            issues=issues,
+        )

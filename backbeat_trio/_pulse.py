@@ -1,0 +1,248 @@
+"""The pulse: publishes a cluster's beat frames on an absolute-time schedule.
+
+The schedule itself is the sans-IO :class:`~backbeat_trio._schedule.PulseSchedule`; this module
+only sleeps until each beat is due, stamps it (HLC, wall-clock ``deadline_at``) and publishes it.
+It never buffers beats while disconnected: a beat that cannot go out on time is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import trio
+
+from ._beats import beat_subject, tempo_subject, validate_beats_per_bar, validate_id, validate_tempo
+from ._config import Config
+from ._errors import ConfigError, NotConnected, WireError
+from ._hlc import HLC
+from ._schedule import PulseSchedule, ScheduledBeat, TempoDecision
+from ._transport import Subscription, Transport, open_nats_transport
+from ._wire import BeatFrame, TempoChange, decode, encode
+
+__all__ = ["PulseConfig", "PulseStatus", "run_pulse"]
+
+log = logging.getLogger("backbeat_trio.pulse")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PulseConfig:
+    """Settings of one pulse.
+
+    Args:
+        cluster_id: the cluster it beats for.
+        nats_url: NATS URL(s).
+        tempo_bpm: starting tempo (1..1200).
+        beats_per_bar: bar length.
+        start_index: the first beat index published.
+        pulse_id: its id (HLC node, connection name).
+        max_tempo_step: largest relative tempo step accepted without ``force`` (None: any).
+        allow_forced_tempo: honour ``force`` in a TempoChange's reason (``"force: …"``).
+        token, user, password, tls_ca_file: NATS authentication, as in :class:`Config`.
+    """
+
+    cluster_id: str
+    nats_url: str | tuple[str, ...] | list[str] = "nats://127.0.0.1:4222"
+    tempo_bpm: int = 60
+    beats_per_bar: int = 4
+    start_index: int = 0
+    pulse_id: str = "pulse-1"
+    max_tempo_step: float | None = 0.10
+    allow_forced_tempo: bool = False
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    tls_ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_id("cluster_id", self.cluster_id)
+        validate_id("pulse_id", self.pulse_id)
+        validate_tempo(self.tempo_bpm)
+        validate_beats_per_bar(self.beats_per_bar)
+        if isinstance(self.start_index, bool) or not isinstance(self.start_index, int) or not (
+            0 <= self.start_index < 2**63
+        ):
+            raise ConfigError("start_index", f"must be an int >= 0, got {self.start_index!r}")
+        self.connection_config()  # validates URL and credentials now, not at connect time
+
+    def connection_config(self) -> Config:
+        """The client-level connection settings this pulse connects with."""
+        return Config(
+            cluster_id=self.cluster_id,
+            agent_id=self.pulse_id,
+            nats_url=self.nats_url,
+            token=self.token,
+            user=self.user,
+            password=self.password,
+            tls_ca_file=self.tls_ca_file,
+            name=f"backbeat-pulse:{self.pulse_id}",
+            connect_attempts=3,
+            reconnect_delay=0.25,
+        )
+
+
+@dataclass
+class PulseStatus:
+    """What a running pulse reports (returned by ``nursery.start(run_pulse, cfg)``)."""
+
+    cluster_id: str
+    tempo_bpm: int
+    beats_per_bar: int
+    published: int = 0
+    skipped_disconnected: int = 0
+    skipped_late: int = 0
+    last_beat: int | None = None
+    tempo_changes: int = 0
+    tempo_refusals: list[str] = field(default_factory=list)
+    bad_tempo_messages: int = 0
+    schedule: PulseSchedule | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<PulseStatus {self.cluster_id} beat={self.last_beat} tempo={self.tempo_bpm} "
+            f"published={self.published} skipped={self.skipped_disconnected + self.skipped_late}>"
+        )
+
+
+async def run_pulse(
+    cfg: PulseConfig,
+    *,
+    transport: Transport | None = None,
+    wall_clock: Callable[[], float] = time.time,
+    lead: float = 0.0,
+    task_status: trio.TaskStatus[PulseStatus] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a pulse until cancelled.
+
+    Args:
+        cfg: the pulse's settings.
+        transport: an already-open transport (tests); by default it connects to ``cfg.nats_url``.
+        wall_clock: POSIX seconds for ``deadline_at`` (tests on MockClock pass a virtual one).
+        lead: seconds from start-up to the first beat.
+        task_status: ``nursery.start`` gets a live :class:`PulseStatus` once subscribed.
+
+    Raises:
+        NotConnected: the first connect failed.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if transport is None:
+            transport = await stack.enter_async_context(
+                open_nats_transport(cfg.connection_config())
+            )
+        await _pulse_loop(cfg, transport, wall_clock, lead, task_status)
+
+
+async def _pulse_loop(
+    cfg: PulseConfig,
+    transport: Transport,
+    wall_clock: Callable[[], float],
+    lead: float,
+    task_status: trio.TaskStatus[PulseStatus],
+) -> None:
+    hlc = HLC(cfg.pulse_id)
+    subject = beat_subject(cfg.cluster_id)
+    t0 = trio.current_time() + lead
+    wall0 = wall_clock() + lead  # the pulse's clock: wall time at t0, then trio's monotonic clock
+    schedule = PulseSchedule(
+        cfg.cluster_id,
+        tempo_bpm=cfg.tempo_bpm,
+        beats_per_bar=cfg.beats_per_bar,
+        start_index=cfg.start_index,
+        t0=t0,
+        max_tempo_step=cfg.max_tempo_step,
+    )
+    status = PulseStatus(cfg.cluster_id, cfg.tempo_bpm, cfg.beats_per_bar, schedule=schedule)
+    encoder = msgspec.json.Encoder()
+
+    def to_wall(t: float) -> _dt.datetime:
+        return _dt.datetime.fromtimestamp(wall0 + (t - t0), _dt.UTC)
+
+    async with trio.open_nursery() as nursery:
+        tempo_sub = await transport.subscribe(tempo_subject(cfg.cluster_id), buffer=256)
+        nursery.start_soon(_tempo_listener, cfg, transport, tempo_sub, schedule, hlc, status)
+        task_status.started(status)
+        while True:
+            beat: ScheduledBeat = schedule.next_beat()
+            await trio.sleep_until(beat.due)
+            if trio.current_time() - beat.deadline >= 0:
+                # stalled for a whole beat (suspended process, overloaded box): skip, no burst
+                skipped = schedule.skip_to(trio.current_time()) + 1
+                status.skipped_late += skipped
+                log.warning("pulse fell behind; skipped %d beat(s)", skipped)
+                continue
+            if not transport.connected:
+                status.skipped_disconnected += 1
+                continue
+            frame = BeatFrame(
+                cluster_id=cfg.cluster_id,
+                beat_index=beat.beat_index,
+                downbeat=beat.downbeat,
+                phase=beat.phase,
+                hlc=str(hlc.now()),
+                deadline_at=to_wall(beat.deadline),
+                tempo_bpm=beat.tempo_bpm,
+                window_id=beat.window_id,
+            )
+            try:
+                transport.publish(subject, encoder.encode(frame))
+            except NotConnected:
+                status.skipped_disconnected += 1
+                continue
+            status.published += 1
+            status.last_beat = beat.beat_index
+            status.tempo_bpm = beat.tempo_bpm
+
+
+async def _tempo_listener(
+    cfg: PulseConfig,
+    transport: Transport,
+    sub: Subscription,
+    schedule: PulseSchedule,
+    hlc: HLC,
+    status: PulseStatus,
+) -> None:
+    async for msg in sub.messages:
+        try:
+            change = decode(msg.data, TempoChange)
+            if change.cluster_id != cfg.cluster_id:
+                raise WireError(f"tempo change for cluster {change.cluster_id!r}")
+            if change.hlc:
+                hlc.update(change.hlc)
+        except WireError as exc:
+            status.bad_tempo_messages += 1
+            log.warning("ignored a bad tempo change: %s", exc)
+            _reply(transport, msg.reply, False, str(exc), None)
+            continue
+        force = cfg.allow_forced_tempo and change.reason.startswith("force")
+        decision: TempoDecision = schedule.request_tempo(change.tempo_bpm, force=force)
+        if decision.accepted:
+            status.tempo_changes += 1
+            log.info(
+                "tempo %s -> %s BPM requested by %s: %s",
+                decision.previous_bpm, change.tempo_bpm, change.requested_by or "?", decision.reason,
+            )
+        else:
+            status.tempo_refusals.append(decision.reason)
+            del status.tempo_refusals[:-32]
+            log.warning("refused tempo change from %s: %s", change.requested_by or "?",
+                        decision.reason)
+        _reply(transport, msg.reply, decision.accepted, decision.reason, decision.effective_beat)
+
+
+def _reply(transport: Transport, reply: str, accepted: bool, reason: str,
+           effective_beat: int | None) -> None:
+    if not reply:
+        return
+    with contextlib.suppress(NotConnected):
+        transport.publish(
+            reply,
+            msgspec.json.encode(
+                {"accepted": accepted, "reason": reason, "effective_beat": effective_beat}
+            ),
+        )
+

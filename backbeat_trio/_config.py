@@ -70,7 +70,8 @@ class Config:
         max_reconnects: reconnect attempts after a disconnect, -1 for unlimited (Go default).
         connect_attempts: attempts for the first connect before ``open_client`` fails.
         beats_per_bar: bar length assumed until the pulse's downbeats show it.
-        beat_buffer: size of each ``beats()``/``downbeats()`` channel (oldest frame dropped when full).
+        beat_buffer: size of each ``beats()``/``downbeats()`` channel (when full, the oldest
+            frame is dropped).
         outbox_size: claims held while disconnected or waiting for their ack; a full outbox makes
             ``emit_status`` raise :class:`NotConnected`.
         max_frame_bytes: larger beat-subject payloads are counted and skipped unread.
@@ -168,9 +169,9 @@ class Config:
         shown = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or value == f.default:
-                if f.name not in ("cluster_id", "agent_id", "nats_url"):
-                    continue
+            always = f.name in ("cluster_id", "agent_id", "nats_url")
+            if (value is None or value == f.default) and not always:
+                continue
             if f.name in secret:
                 shown.append(f"{f.name}=<set>")
             else:
@@ -224,7 +225,8 @@ class Config:
 
             kw["signing_key"] = load_signing_key(env["BACKBEAT_SIGNING_KEY"])
         kw.update(overrides)
-        for required, var in (("cluster_id", "BACKBEAT_CLUSTER_ID"), ("agent_id", "BACKBEAT_AGENT_ID")):
+        required_vars = (("cluster_id", "BACKBEAT_CLUSTER_ID"), ("agent_id", "BACKBEAT_AGENT_ID"))
+        for required, var in required_vars:
             if required not in kw:
                 raise ConfigError(required, f"not given and {var} is not set")
         return cls(**kw)

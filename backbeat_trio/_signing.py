@@ -503,7 +503,7 @@ def _check_signature(
 
 
 def verify_claim(
-    body: bytes,
+    body: bytes | bytearray | memoryview,
     headers: Mapping[str, str] | None,
     keyring: Keyring,
     *,
@@ -533,7 +533,8 @@ def verify_claim(
             ``"agent_mismatch"``, ``"unknown_agent"``, ``"wrong_key"``, ``"malformed"``,
             ``"bad_signature"`` or ``"replay"``.
     """
-    body = body if isinstance(body, bytes) else bytes(body)
+    if not isinstance(body, bytes):
+        body = bytes(body)
     claim = decode(body, StatusClaim)
     headers = headers if headers is not None else {}
     sig_b64 = _header(headers, HEADER_SIG)

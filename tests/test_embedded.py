@@ -162,6 +162,22 @@ def test_port_conflict_fails_with_the_log_tail() -> None:
             server.close()
 
 
+def test_an_auto_port_taken_before_start_is_picked_again() -> None:
+    server = NatsServerProcess(jetstream=False, startup_timeout=5)
+    try:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", server.port))
+            holder.listen()
+            taken = server.port
+            server.start()
+            assert server.running
+            assert server.port != taken
+            assert server.start_count == 2
+            assert "address already in use" in server.log_tail()
+    finally:
+        server.close()
+
+
 def test_inconsistent_options_are_refused() -> None:
     with pytest.raises(ConfigError, match="password"):
         NatsServerProcess(user="alice")
@@ -186,6 +202,10 @@ def test_cluster_of_three_forms_and_routes_messages() -> None:
             meta = server.monitor("jsz")["meta_cluster"]
             assert meta["cluster_size"] == 3
             assert meta["leader"] in names
+            # route pooling opens several connections per peer; readiness counts peers
+            assert len(server.monitor("routez")["routes"]) > 2
+            assert NatsCluster._formed(server, 2)
+            assert not NatsCluster._formed(server, 3)
 
         async def across() -> bytes:
             sub_nc = await nats.connect(cluster.urls[0], allow_reconnect=False)

@@ -167,7 +167,7 @@ class HealthStatus(msgspec.Struct, kw_only=True):
     current_tempo: int = 0
     tempo_drift: int = 0
     measured_bpm: float = 0.0
-    errors: list[str] = msgspec.field(default_factory=list)
+    errors: list[str] | None = msgspec.field(default_factory=list)  # Go may send null
     delivery: str = "core"
     metrics: dict[str, int] = msgspec.field(default_factory=dict)
 

@@ -19,6 +19,7 @@ file), ``BACKBEAT_TEMPO_BPM``, ``BACKBEAT_BEATS_PER_BAR``; NATS credentials and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import logging
 import math
@@ -252,7 +253,7 @@ def _format_claim(claim: StatusClaim, headers: dict[str, str] | None) -> str:
     if headers.get(HEADER_SIG):
         key = headers.get(HEADER_KEY, "")
         signer = headers.get(HEADER_AGENT, "?")
-        signed = f"signed by {signer} (key {key[:8]}…)"
+        signed = f"signed as {signer} (key {key[:8]}…, not verified here)"
     else:
         signed = "unsigned"
     parts = [
@@ -578,6 +579,11 @@ async def _cmd_tempo(args: argparse.Namespace) -> int:
         when = answer.get("effective_beat")
         at = f", effective at beat {when}" if accepted and when is not None else ""
         _out(f"tempo {args.bpm} BPM {verdict}{at}: {answer.get('reason', '')}")
+    if not accepted and not args.force:
+        _eprint(
+            "(a larger step needs --force here and --allow-forced-tempo on the pulse, or "
+            "several smaller steps)"
+        )
     return EXIT_OK if accepted else EXIT_FAILURE
 
 
@@ -626,28 +632,38 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
         cluster_id=args.cluster,
     )
     state = DemoState(options)
+    stop: trio.Event = args.stop_requested
     plain = args.plain or (not args.live and not sys.stdout.isatty())
+    view: PlainView | LiveView
     if plain:
-        plain_view = PlainView(sys.stdout)
-        try:
-            await run_demo(options, view=plain_view, state=state)
-        finally:
-            plain_view.summary(state)
-        return EXIT_OK
+        view = PlainView(sys.stdout)
+    else:
+        from rich.console import Console
 
-    from rich.console import Console
-
-    if not args.verbose:
-        # warnings on stderr would tear the live view; the summary says what went wrong
-        logging.getLogger("backbeat_trio").setLevel(logging.ERROR)
-    console = Console(force_terminal=True if args.live else None)
-    live_view = LiveView(console)
+        if not args.verbose:
+            # warnings on stderr would tear the live view; the summary says what went wrong
+            logging.getLogger("backbeat_trio").setLevel(logging.ERROR)
+        view = LiveView(Console(force_terminal=True if args.live else None))
     try:
-        with live_view:
-            await run_demo(options, view=live_view, state=state)
+        with view if isinstance(view, LiveView) else contextlib.nullcontext():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_quiet_when_stopping, stop, args.verbose)
+                await run_demo(options, view=view, state=state, stop=stop)
+                nursery.cancel_scope.cancel()
     finally:
-        live_view.summary(state)
+        view.summary(state)
     return EXIT_OK
+
+
+async def _quiet_when_stopping(stop: trio.Event, verbose: int) -> None:
+    await stop.wait()
+    if not verbose:
+        # the server and the agents going away on Ctrl-C is expected, not worth a warning each
+        logging.getLogger("backbeat_trio").setLevel(logging.CRITICAL)
+
+
+#: Commands that stop by themselves when asked (Ctrl-C/SIGTERM), instead of being cancelled.
+_GRACEFUL: Final[frozenset[Handler]] = frozenset({_cmd_demo})
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -839,6 +855,9 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_tail,
         "print the cluster's beats, claims or bar reports as they come",
         [conn, agent],
+        "Print the cluster's beats, claims or bar reports as they come, human-readable or as "
+        "one JSON object per line. Claim signatures are shown, not verified (the reverb "
+        "verifies them against its keyring).",
     )
     what = p.add_mutually_exclusive_group()
     what.add_argument("--beats", action="store_true", help="beat frames (the default)")
@@ -951,32 +970,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- running -------------------------------------------------------------------------------------
+_STOP_GRACE_S: Final = 5.0
+
+
 async def _supervise(handler: Handler, args: argparse.Namespace) -> int:
-    """Run ``handler`` until it returns or SIGINT/SIGTERM arrives (then cancel it cleanly)."""
+    """Run ``handler`` until it returns or SIGINT/SIGTERM arrives.
+
+    On a signal, a handler in :data:`_GRACEFUL` is asked to stop (``args.stop_requested`` is
+    set) and gets :data:`_STOP_GRACE_S` seconds to wind down; any other is cancelled. Errors
+    raised while a stopped command tears down are reported only with ``-v``: the user asked it
+    to stop.
+    """
     result: list[int] = []
     stopped_by: list[int] = []
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+    args.stop_requested = trio.Event()
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
 
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    stopped_by.append(signum)
-                    # a second Ctrl-C during the (bounded) clean-up kills the process at once
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                async def watch_signals() -> None:
+                    async for signum in signals:
+                        stopped_by.append(signum)
+                        # a second Ctrl-C during the (bounded) clean-up kills the process at once
+                        signal.signal(signal.SIGINT, signal.SIG_DFL)
+                        if handler in _GRACEFUL:
+                            args.stop_requested.set()
+                            nursery.cancel_scope.deadline = trio.current_time() + _STOP_GRACE_S
+                        else:
+                            nursery.cancel_scope.cancel()
+                        return
+
+                async def job() -> None:
+                    result.append(await handler(args))
                     nursery.cancel_scope.cancel()
-                    return
 
-            async def job() -> None:
-                result.append(await handler(args))
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch_signals)
-            nursery.start_soon(job)
-    if result:
-        return result[0]
-    if stopped_by and stopped_by[0] == signal.SIGINT:
-        return EXIT_INTERRUPTED
-    return EXIT_OK
+                nursery.start_soon(watch_signals)
+                nursery.start_soon(job)
+    except BaseException as exc:
+        if not stopped_by or isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        log.info("error while stopping: %r", exc, exc_info=exc)
+    if stopped_by:
+        if stopped_by[0] == signal.SIGINT:
+            return EXIT_INTERRUPTED
+        return result[0] if result else EXIT_OK
+    return result[0]
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

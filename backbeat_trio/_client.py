@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import msgspec
 import trio
@@ -27,7 +27,7 @@ import trio
 from ._beats import beat_subject, phase_for, status_subject, window_id
 from ._channel import DropOldestChannel
 from ._config import Config
-from ._errors import BeatBudgetExceeded, NotConnected, WireError
+from ._errors import BeatBudgetExceeded, InvalidStatusClaim, NotConnected, WireError
 from ._hlc import HLC
 from ._tempo import TempoEstimator
 from ._transport import ConnEvent, Transport, open_nats_transport
@@ -41,6 +41,14 @@ T = TypeVar("T")
 BeatCallback = Callable[[BeatFrame], Any]
 
 _MAX_RECENT_ERRORS = 16
+
+MAX_CLOCK_SKEW = 300.0
+"""Seconds the first beat frame's deadline may be away from the local clock (after one beat):
+further off, it is refused as implausible rather than trusted to calibrate the clock offset."""
+
+RECALIBRATE_AFTER = 8
+"""Consecutive frames refused as stale or implausible after which the clock offset to the pulse
+is measured afresh (a clock was stepped), instead of refusing the pulse for ever."""
 
 
 class UndeliveredClaims(NotConnected):
@@ -67,6 +75,7 @@ class ClientMetrics:
     beats_skipped: int = 0
     dropped: int = 0
     stale: int = 0
+    implausible: int = 0
     duplicate_or_old: int = 0
     malformed: int = 0
     oversized: int = 0
@@ -74,6 +83,8 @@ class ClientMetrics:
     transport_dropped: int = 0
     callback_errors: int = 0
     claims_ok: int = 0
+    claims_confirmed: int = 0
+    claims_unconfirmed: int = 0
     claims_failed: int = 0
     claims_acked: int = 0
     claims_republished: int = 0
@@ -98,7 +109,8 @@ class _Outgoing:
 
 @dataclass
 class _Budget:
-    target: float  # fractional beat position at which the budget ends
+    beats: float  # the budget's length
+    target: float | None  # fractional beat position at which it ends (None: before any beat)
 
 
 class Client:
@@ -141,6 +153,10 @@ class Client:
         self._next_due: float = math.inf  # trio time the next beat is due
         self._degraded = False
         self._pulse_anchor: tuple[int, _dt.datetime] | None = None  # (index, deadline_at)
+        self._timing_refusals = 0  # consecutive frames refused as stale or implausible
+        # (index, trio start) of the last beat the pulse itself timed: while degraded, local
+        # beats are due at anchor + k beats (absolute, no accumulated error)
+        self._local_anchor: tuple[int, float] | None = None
         self._beat_event = trio.Event()
         self._wake_sampler = trio.Event()
         # consumers
@@ -156,9 +172,20 @@ class Client:
         self._ack_prefix = ""
         self._ack_timeout = 2.0
         self._outbox_changed = trio.Event()
+        # JetStream mode: after a reconnect or a refused publish, new claims wait until every
+        # re-published one is acknowledged, so the stream stores claims in the order emitted
+        self._hold_new = False
+        self._resend_all = False
+        # core mode: claims handed to the connection but not yet confirmed by a server PONG;
+        # only these can be lost when the connection drops
+        self._unconfirmed: collections.deque[_Outgoing] = collections.deque()
+        self._confirm_wake = trio.Event()
+        self._confirm_scope: trio.CancelScope | None = None
+        self._conn_generation = 0
         # connection
         self._connected = transport.connected
         self._reconnect_count = 0
+        self._connection_changed = trio.Event()
         self._recent_errors: collections.deque[str] = collections.deque(maxlen=_MAX_RECENT_ERRORS)
         self._nursery: trio.Nursery | None = None
         self._closing = False
@@ -253,6 +280,9 @@ class Client:
 
         When the consumer falls ``buffer`` frames behind, the oldest is dropped and counted.
         The channel ends when the client closes.
+
+        Raises:
+            ValueError: ``buffer`` is given and is not a positive int.
         """
         return self._new_channel(self._channels, buffer, "beats")
 
@@ -263,7 +293,11 @@ class Client:
     def _new_channel(
         self, where: list[DropOldestChannel[BeatFrame]], buffer: int | None, name: str
     ) -> DropOldestChannel[BeatFrame]:
-        chan = DropOldestChannel[BeatFrame](buffer or self.config.beat_buffer, name)
+        if buffer is None:
+            buffer = self.config.beat_buffer
+        elif isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise ValueError(f"{name}(buffer=...) needs a positive int, got {buffer!r}")
+        chan = DropOldestChannel[BeatFrame](buffer, name)
         if self._closing:
             chan.close_send()
         else:
@@ -286,28 +320,66 @@ class Client:
         if self._nursery is None:
             raise NotConnected("the client is not running")
         chan = self.downbeats() if downbeats else self.beats()
-        self._nursery.start_soon(self._run_callback, callback, chan)
-        return chan.close
+        scope = trio.CancelScope()
+        self._nursery.start_soon(self._run_callback, callback, chan, scope)
 
-    async def _run_callback(self, callback: BeatCallback, chan: DropOldestChannel[BeatFrame]) -> None:
-        async for frame in chan:
-            try:
-                result = callback(frame)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
-                self.metrics.callback_errors += 1
-                self._note_error(f"callback {getattr(callback, '__name__', callback)!r}: {exc!r}")
-                log.exception("beat callback %r raised", callback)
+        def remove() -> None:
+            chan.close()
+            scope.cancel()
+
+        return remove
+
+    async def _run_callback(
+        self, callback: BeatCallback, chan: DropOldestChannel[BeatFrame], scope: trio.CancelScope
+    ) -> None:
+        with scope, contextlib.suppress(trio.ClosedResourceError):
+            async for frame in chan:
+                try:
+                    result = callback(frame)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:
+                    self.metrics.callback_errors += 1
+                    name = getattr(callback, "__name__", callback)
+                    self._note_error(f"callback {name!r}: {exc!r}")
+                    log.exception("beat callback %r raised", callback)
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Wait until the client sees its NATS connection up (or, with ``False``, down).
+
+        Returns at once when it already is. Bound the wait with a cancel scope.
+        """
+        await trio.lowlevel.checkpoint()
+        while self._connected != connected:
+            await self._connection_changed.wait()
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self._connected:
+            self._connected = connected
+            event, self._connection_changed = self._connection_changed, trio.Event()
+            event.set()
 
     async def wait_for_beat(self) -> BeatFrame:
-        """Wait for the next beat and return its frame."""
+        """Wait for the next beat and return its frame.
+
+        Raises:
+            NotConnected: the client closed (before or while waiting).
+        """
+        if self._closing:
+            await trio.lowlevel.checkpoint()
+            raise NotConnected("the client is closed: no more beats")
         await self._beat_event.wait()
+        if self._closing:
+            raise NotConnected("the client closed while waiting for a beat")
         assert self._last_frame is not None
         return self._last_frame
 
     async def wait_for_downbeat(self) -> BeatFrame:
-        """Wait for the next downbeat (start of the next bar) and return its frame."""
+        """Wait for the next downbeat (start of the next bar) and return its frame.
+
+        Raises:
+            NotConnected: the client closed (before or while waiting).
+        """
         while True:
             frame = await self.wait_for_beat()
             if frame.downbeat:
@@ -337,15 +409,17 @@ class Client:
         Raises:
             ValueError: ``beats`` is not a positive finite number.
         """
-        if isinstance(beats, bool) or not isinstance(beats, int | float) or not (
-            0 < beats < math.inf
+        if (
+            isinstance(beats, bool)
+            or not isinstance(beats, int | float)
+            or not (0 < beats < math.inf)
         ):
             raise ValueError(f"a beat budget needs a positive number of beats, got {beats!r}")
-        now = trio.current_time()
-        pos = self._position(now)
-        target = (pos if pos is not None else math.nan) + beats
-        scope = trio.CancelScope(deadline=self._deadline_for(target) if pos is not None else math.inf)
-        self._budgets[scope] = _Budget(target if pos is not None else -beats)
+        pos = self._position(trio.current_time())
+        target = None if pos is None else pos + beats
+        deadline = math.inf if target is None else self._deadline_for(target)
+        scope = trio.CancelScope(deadline=deadline)
+        self._budgets[scope] = _Budget(beats, target)
         self.metrics.budgets_created += 1
         if self._closing:
             scope.cancel()
@@ -353,14 +427,21 @@ class Client:
 
     @contextlib.contextmanager
     def fail_after_beats(self, beats: float) -> Iterator[trio.CancelScope]:
-        """Like :meth:`beat_budget`, but raise :class:`BeatBudgetExceeded` when it runs out."""
+        """Like :meth:`beat_budget`, but raise :class:`BeatBudgetExceeded` when it runs out.
+
+        Raises:
+            BeatBudgetExceeded: the budget ran out before the block finished.
+            NotConnected: the client closed before the block finished (that cancels it too).
+        """
         scope = self.beat_budget(beats)
         try:
             with scope:
                 yield scope
         finally:
             self._count_budget(scope)
-        if scope.cancelled_caught and not self._closing:
+        if scope.cancelled_caught:
+            if self._closing:
+                raise NotConnected("the client closed before the beat budget's work finished")
             raise BeatBudgetExceeded(beats)
 
     async def with_beat_budget(
@@ -370,6 +451,7 @@ class Client:
 
         Raises:
             BeatBudgetExceeded: the budget ran out first.
+            NotConnected: the client closed first.
         """
         with self.fail_after_beats(beats):
             return await afn(*args)
@@ -386,9 +468,9 @@ class Client:
         if not self._budgets:
             return
         for scope, budget in list(self._budgets.items()):
-            if budget.target < 0:  # waiting for the first beat: start counting now
+            if budget.target is None:  # made before the first beat: it starts counting now
                 assert self._last_index is not None
-                budget.target = self._last_index + (-budget.target)
+                budget.target = self._last_index + budget.beats
             scope.deadline = self._deadline_for(budget.target)
 
     # ------------------------------------------------------------------ claims out
@@ -411,6 +493,10 @@ class Client:
         """:meth:`emit_status` without the checkpoint (for sync callbacks)."""
         if self._closing and self._nursery is None:
             raise NotConnected("the client is closed")
+        if not isinstance(claim, StatusClaim):
+            raise InvalidStatusClaim(
+                f"emit_status needs a backbeat_trio.StatusClaim, got {type(claim).__name__}"
+            )
         filled = msgspec.structs.replace(
             claim,
             agent_id=self.config.agent_id,
@@ -429,17 +515,26 @@ class Client:
         headers["Nats-Msg-Id"] = f"{filled.agent_id}:{filled.hlc}"
         self._seq += 1
         out = _Outgoing(self._seq, filled, body, headers)
-        if self._mode == "jetstream" or not self._connected:
+        # the transport knows about a dead connection before its event reaches the supervisor:
+        # a claim emitted in between waits in the outbox instead of going into a dead socket
+        connected = self._connected and self._transport.connected
+        if self._mode == "jetstream" or not connected:
             self._outbox[out.seq] = out
             self.metrics.claims_queued += 1
-        if self._connected:
+        if connected and not self._hold_new:
             self._send(out)
         return filled
 
     def _send(self, out: _Outgoing) -> None:
+        if not self._transport.connected:
+            # known dead (its event may still be on the way): keep it for the reconnect
+            self._outbox.setdefault(out.seq, out)
+            return
         reply = f"{self._ack_prefix}.{out.seq}" if self._mode == "jetstream" else ""
         try:
-            self._transport.publish(self._status_subject, out.body, headers=out.headers, reply=reply)
+            self._transport.publish(
+                self._status_subject, out.body, headers=out.headers, reply=reply
+            )
         except NotConnected:
             self._outbox.setdefault(out.seq, out)
             return
@@ -447,6 +542,11 @@ class Client:
         if self._mode == "core":
             self._outbox.pop(out.seq, None)
             self.metrics.claims_ok += 1
+            if len(self._unconfirmed) >= self.config.outbox_size:
+                self._unconfirmed.popleft()
+                self.metrics.claims_unconfirmed += 1
+            self._unconfirmed.append(out)
+            self._confirm_wake.set()
             self._outbox_changed.set()
 
     def _republish_all(self) -> None:
@@ -456,20 +556,39 @@ class Client:
             self._send(out)
 
     async def flush_claims(self) -> None:
-        """Wait until every claim emitted so far is delivered (acked in JetStream mode).
+        """Wait until every claim emitted so far is delivered: acknowledged by JetStream, or (core
+        mode) confirmed received by the server. Wrap it in a cancel scope to bound the wait.
 
-        Wrap it in a cancel scope to bound the wait.
+        In core mode a claim that was on its way when the connection dropped is not waited for:
+        it is counted in ``metrics.claims_unconfirmed`` (it may be lost; see :attr:`delivery_mode`).
         """
-        while self._outbox:
+        while self._outbox or self._unconfirmed:
             self._outbox_changed = trio.Event()
             await self._outbox_changed.wait()
         if self._connected:
             with contextlib.suppress(NotConnected):
                 await self._transport.flush()
+        else:
+            await trio.lowlevel.checkpoint()
 
     def undelivered(self) -> list[StatusClaim]:
         """Claims not yet delivered (queued, or unacknowledged in JetStream mode), oldest first."""
         return [o.claim for o in self._outbox.values()]
+
+    def _forget_unconfirmed(self, why: str) -> None:
+        """Core mode: claims the server never confirmed are written off as possibly lost."""
+        if not self._unconfirmed:
+            return
+        n = len(self._unconfirmed)
+        self._unconfirmed.clear()
+        self.metrics.claims_unconfirmed += n
+        self._note_error(
+            f"{n} claim(s) sent {why} were not confirmed by the server and may be lost "
+            f"(core NATS is at-most-once; a JetStream stream on {self._status_subject} makes "
+            f"claims at-least-once)"
+        )
+        log.warning("%d claim(s) possibly lost (%s)", n, why)
+        self._outbox_changed.set()
 
     # ------------------------------------------------------------------ frames in
     def _note_error(self, text: str) -> None:
@@ -484,27 +603,56 @@ class Client:
             return
         try:
             frame = decode(data, BeatFrame)
-        except WireError as exc:
+        except (WireError, UnicodeDecodeError) as exc:
+            # UnicodeDecodeError: invalid UTF-8 inside a JSON string gets past _wire.decode
             self.metrics.malformed += 1
-            self._note_error(str(exc)[:200])
+            text = str(exc) if isinstance(exc, WireError) else f"invalid BeatFrame: {exc!r}"
+            self._note_error(text[:200])
             return
         if frame.cluster_id != self.config.cluster_id:
             self.metrics.wrong_cluster += 1
             self._note_error(f"beat frame for cluster {frame.cluster_id!r}")
             return
-        wall = self._wall()
         self._hlc.update(frame.hlc)
-        deadline_ts = frame.deadline_at.timestamp()
+        last = self._last_index
+        # While degraded, the pulse's frame for the beat we synthesised is how it comes back;
+        # anything else at or below the last delivered index is a duplicate, a replay or a
+        # restarted pulse, and must neither be delivered nor move our schedule.
+        if last is not None and (
+            frame.beat_index < last or (frame.beat_index == last and not self._degraded)
+        ):
+            self.metrics.duplicate_or_old += 1
+            self._note_error(f"beat {frame.beat_index} is not after beat {last}: discarded")
+            return
+        wall = self._wall()
         duration = 60.0 / frame.tempo_bpm
-        start_ts = deadline_ts - duration
+        jitter = self.config.jitter_tolerance
+        start_ts = frame.deadline_at.timestamp() - duration
+        # Judge the frame against the clock offset the *previous* frames established: a frame
+        # must not vouch for its own timing (it would make any deadline look on time). The
+        # first frame calibrates the offset, within a plausible clock skew.
+        raw_offset = wall - start_ts
+        if self._estimator.samples:
+            lateness = raw_offset - self._estimator.clock_offset  # >= 0 up to jitter
+        elif abs(raw_offset) <= MAX_CLOCK_SKEW + duration:
+            lateness = 0.0
+        else:
+            lateness = -math.inf
+        if lateness < -(duration + jitter):
+            self._refuse_timing(
+                "implausible",
+                f"beat {frame.beat_index} starts {-lateness:.3f} s after now (pulse clock)",
+            )
+            return
+        if lateness - duration > jitter:
+            self._refuse_timing(
+                "stale", f"stale beat {frame.beat_index} ({lateness - duration:.3f} s late)"
+            )
+            return
+        self._timing_refusals = 0
         self._estimator.observe(
             frame.beat_index, now, frame.tempo_bpm, wall_arrival=wall, scheduled_start=start_ts
         )
-        lateness = (wall - self._estimator.clock_offset) - start_ts  # >= 0 up to jitter
-        if lateness - duration > self.config.jitter_tolerance:
-            self.metrics.stale += 1
-            self._note_error(f"stale beat {frame.beat_index} ({lateness - duration:.3f} s late)")
-            return
         # the pulse is alive: anchor the local schedule on its clock
         self._pulse_anchor = (frame.beat_index, frame.deadline_at)
         start_local = now - max(0.0, lateness)
@@ -512,21 +660,41 @@ class Client:
             self._degraded = False
             self.metrics.resyncs += 1
             log.info("pulse is back at beat %d; resynchronised", frame.beat_index)
-        if self._last_index is not None and frame.beat_index <= self._last_index:
-            self.metrics.duplicate_or_old += 1
-            if frame.beat_index == self._last_index:
-                # same beat as the one we synthesised: adopt the pulse's timing
-                self._last_start = start_local
-                self._next_due = start_local + duration
-                self._wake_sampler.set()
-            return
-        if self._last_index is not None and frame.beat_index > self._last_index + 1:
-            self.metrics.forward_jumps += 1
-            self.metrics.beats_skipped += frame.beat_index - self._last_index - 1
         self._last_wall = wall
+        if frame.beat_index == last:
+            # the beat we synthesised: adopt the pulse's frame and timing, deliver nothing
+            self._last_frame = frame
+            self._tempo_bpm = frame.tempo_bpm
+            self._set_timing(frame.beat_index, start_local, duration)
+            self._reproject_budgets()
+            return
+        if last is not None and frame.beat_index > last + 1:
+            self.metrics.forward_jumps += 1
+            self.metrics.beats_skipped += frame.beat_index - last - 1
         self._deliver(frame, start_local)
 
-    def _deliver(self, frame: BeatFrame, start_local: float) -> None:
+    def _refuse_timing(self, metric: Literal["stale", "implausible"], text: str) -> None:
+        setattr(self.metrics, metric, getattr(self.metrics, metric) + 1)
+        self._note_error(text)
+        self._timing_refusals += 1
+        if self._timing_refusals >= RECALIBRATE_AFTER:
+            # that many refusals in a row with no frame on time: more likely a clock was stepped
+            # (NTP, a new pulse host) than an attack; measure the offset afresh
+            self._timing_refusals = 0
+            self._estimator.reset()
+            self._note_error(
+                f"{RECALIBRATE_AFTER} beat frames in a row refused for their timing: "
+                f"re-calibrating the clock offset to the pulse"
+            )
+            log.warning("beat frames keep arriving off time; re-calibrating the clock offset")
+
+    def _set_timing(self, index: int, start_local: float, duration: float) -> None:
+        self._local_anchor = (index, start_local)
+        self._last_start = start_local
+        self._next_due = start_local + duration
+        self._wake_sampler.set()
+
+    def _deliver(self, frame: BeatFrame, start_local: float, *, synthetic: bool = False) -> None:
         if self._last_index is not None and frame.beat_index != self._last_index + 1:
             self._bar_contiguous = False
         if frame.downbeat:
@@ -539,9 +707,16 @@ class Client:
             self._beats_since_downbeat += 1
         self._last_frame = frame
         self._last_index = frame.beat_index
-        self._last_start = start_local
         self._tempo_bpm = frame.tempo_bpm
-        self._next_due = start_local + 60.0 / frame.tempo_bpm
+        duration = 60.0 / frame.tempo_bpm
+        if synthetic:
+            self._last_start = start_local
+            self._next_due = start_local + duration
+            if self._local_anchor is not None:
+                anchor_index, anchor_start = self._local_anchor
+                self._next_due = anchor_start + (frame.beat_index + 1 - anchor_index) * duration
+        else:
+            self._set_timing(frame.beat_index, start_local, duration)
         self.metrics.beats += 1
         if frame.downbeat:
             self.metrics.downbeats += 1
@@ -565,14 +740,17 @@ class Client:
 
     def _synthesise(self, due: float) -> None:
         """Deliver the next beat from the local schedule (the pulse is silent)."""
-        assert self._last_index is not None and self._last_frame is not None
+        assert self._last_index is not None
         index = self._last_index + 1
         bpb = self._beats_per_bar
         duration = 60.0 / self._tempo_bpm
+        deadline: _dt.datetime | None = None
         if self._pulse_anchor is not None:
             anchor_index, anchor_deadline = self._pulse_anchor
-            deadline = anchor_deadline + _dt.timedelta(seconds=(index - anchor_index) * duration)
-        else:
+            with contextlib.suppress(OverflowError):  # the pulse's timeline ends in year 9999
+                step = _dt.timedelta(seconds=(index - anchor_index) * duration)
+                deadline = anchor_deadline + step
+        if deadline is None:
             deadline = _dt.datetime.fromtimestamp(self._wall() + duration, _dt.UTC)
         frame = BeatFrame(
             cluster_id=self.config.cluster_id,
@@ -586,7 +764,7 @@ class Client:
         )
         self.metrics.degraded_beats += 1
         self._last_wall = self._wall()
-        self._deliver(frame, due)
+        self._deliver(frame, due, synthetic=True)
 
     # ------------------------------------------------------------------ tasks
     async def _run_subscriber(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -624,7 +802,9 @@ class Client:
                 self._degraded = True
                 self.metrics.degraded_episodes += 1
                 self._note_error(f"no beat after {self._last_index}: keeping time locally")
-                log.warning("pulse silent after beat %s; degrading to local beats", self._last_index)
+                log.warning(
+                    "pulse silent after beat %s; degrading to local beats", self._last_index
+                )
             self._synthesise(due)
 
     async def _run_supervisor(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -635,17 +815,24 @@ class Client:
 
     def _on_event(self, event: ConnEvent) -> None:
         if event.kind == "disconnected":
-            self._connected = False
+            self._set_connected(False)
+            self._conn_generation += 1
+            if self._confirm_scope is not None:
+                self._confirm_scope.cancel()
             self.metrics.disconnects += 1
             self._note_error("disconnected from NATS")
+            self._forget_unconfirmed("just before the connection dropped")
         elif event.kind == "reconnected":
-            self._connected = True
+            self._set_connected(True)
             self._reconnect_count += 1
             self.metrics.reconnects += 1
             log.info("reconnected (%s); re-publishing %d claim(s)", event.detail, len(self._outbox))
+            if self._mode == "jetstream" and self._outbox:
+                self._hold_new = True
             self._republish_all()
+            self._confirm_wake.set()
         elif event.kind == "closed":
-            self._connected = False
+            self._set_connected(False)
             if not self._closing:
                 self._note_error("NATS connection closed (reconnect attempts exhausted)")
         elif event.kind == "slow_consumer":
@@ -654,7 +841,38 @@ class Client:
         elif event.kind == "error":
             self._note_error(event.detail)
         elif event.kind == "connected":
-            self._connected = True
+            self._set_connected(True)
+            self._confirm_wake.set()
+
+    async def _run_confirmer(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Core mode: a PING/PONG after each batch of claims confirms the server has them.
+
+        Without it nobody could tell which claims a dying connection swallowed; with it the
+        possible loss is bounded by, and counted as, the claims still unconfirmed at a disconnect.
+        """
+        task_status.started()
+        while True:
+            while not (self._unconfirmed and self._connected):
+                self._confirm_wake = trio.Event()
+                await self._confirm_wake.wait()
+            generation = self._conn_generation
+            batch = len(self._unconfirmed)
+            confirmed = False
+            with trio.move_on_after(self._ack_timeout) as scope:
+                self._confirm_scope = scope
+                try:
+                    await self._transport.flush()
+                    confirmed = True
+                except NotConnected:
+                    pass
+            self._confirm_scope = None
+            if confirmed and generation == self._conn_generation:
+                for _ in range(min(batch, len(self._unconfirmed))):
+                    self._unconfirmed.popleft()
+                self.metrics.claims_confirmed += batch
+                self._outbox_changed.set()
+            elif not confirmed:
+                await trio.sleep(self._ack_timeout / 8)  # back off; the disconnect event follows
 
     async def _run_ack_listener(self, *, task_status: trio.TaskStatus[None]) -> None:
         """JetStream mode: PubAcks arrive on one wildcard inbox; unacked claims are retried."""
@@ -663,10 +881,11 @@ class Client:
         prefix_len = len(self._ack_prefix) + 1
         try:
             while True:
+                # retry on a fixed period: a steady flow of acks must not starve the retries
                 with trio.move_on_after(self._ack_timeout / 2):
-                    msg = await sub.messages.receive()
-                    self._on_ack(msg.subject[prefix_len:], msg.data)
-                    continue
+                    async for msg in sub.messages:
+                        self._on_ack(msg.subject[prefix_len:], msg.data)
+                    return  # the subscription ended: the client is closing
                 self._retry_unacked()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
@@ -675,28 +894,45 @@ class Client:
     def _on_ack(self, token: str, data: bytes) -> None:
         try:
             seq = int(token)
-            ack = msgspec.json.decode(data)
-        except (ValueError, msgspec.DecodeError):
-            self._note_error(f"unreadable PubAck {data[:80]!r}")
+        except ValueError:
+            self._note_error(f"PubAck on an unexpected subject token {token!r}")
             return
+        ack: Any = None
+        if data:
+            with contextlib.suppress(msgspec.DecodeError):
+                ack = msgspec.json.decode(data)
         if not isinstance(ack, dict) or "error" in ack or "stream" not in ack:
-            # e.g. a 503 no-responders status (empty body) or a JetStream error: retried later
-            self._note_error(f"claim {seq} not acknowledged: {data[:120]!r}")
+            # a 503 (no JetStream responder: a stream still recovering or moving) or an error:
+            # go back and re-publish every unacknowledged claim in order, holding new ones
+            why = "no JetStream responder" if not data else repr(data[:120])
+            self._note_error(f"claim {seq} not acknowledged ({why}); re-publishing in order")
+            if seq in self._outbox:
+                self._hold_new = self._resend_all = True
             return
-        if self._outbox.pop(seq, None) is not None:
-            self.metrics.claims_acked += 1
-            self.metrics.claims_ok += 1
-            self._outbox_changed.set()
+        if self._outbox.pop(seq, None) is None:
+            return  # a duplicate ack (we re-published a claim the stream already had)
+        self.metrics.claims_acked += 1
+        self.metrics.claims_ok += 1
+        self._outbox_changed.set()
+        if self._hold_new and all(o.sent_at is None for o in self._outbox.values()):
+            # every re-published claim is in: release the held ones, in order
+            self._hold_new = False
+            for out in list(self._outbox.values()):
+                self._send(out)
 
     def _retry_unacked(self) -> None:
         if not self._connected or not self._outbox:
             return
-        cutoff = trio.current_time() - self._ack_timeout
+        if self._hold_new and all(o.sent_at is None for o in self._outbox.values()):
+            self._hold_new = False  # nothing in flight to wait for (its publish never went out)
+        cutoff = math.inf if self._resend_all else trio.current_time() - self._ack_timeout
+        self._resend_all = False
         for out in list(self._outbox.values()):
-            if out.sent_at is None or out.sent_at <= cutoff:
-                if out.sent_at is not None:
-                    self.metrics.claims_republished += 1
+            if out.sent_at is not None and out.sent_at <= cutoff:
+                self.metrics.claims_republished += 1
                 self._send(out)
+            elif out.sent_at is None and not self._hold_new:
+                self._send(out)  # queued while the transport was down
 
     async def _detect_mode(self) -> None:
         want = self.config.jetstream
@@ -715,14 +951,22 @@ class Client:
         self._mode = "jetstream"
         self._ack_prefix = f"{self._transport.new_inbox()}.ack"
 
-    async def _drain_on_close(self) -> None:
-        """Give queued claims a bounded grace to be delivered, then give up loudly."""
-        if not self._outbox:
-            return
-        with trio.move_on_after(self.config.close_grace):
-            if self._connected:
-                self._retry_unacked()
-            await self.flush_claims()
+    async def _shutdown(self) -> None:
+        """Leave the block: deliver what is queued (bounded), then end budgets, channels, waits."""
+        if self._outbox or self._unconfirmed:
+            with trio.move_on_after(self.config.close_grace):
+                if self._connected:
+                    self._retry_unacked()
+                await self.flush_claims()
+        self._forget_unconfirmed("as the client closed")
+        self._closing = True
+        for scope in list(self._budgets):
+            scope.cancel()
+        for chan in self._channels + self._downbeat_channels:
+            chan.close_send()
+        self._channels.clear()
+        self._downbeat_channels.clear()
+        self._beat_event.set()  # wakes wait_for_beat(), which then raises NotConnected
 
 
 @contextlib.asynccontextmanager
@@ -734,6 +978,9 @@ async def open_client(
 ) -> AsyncIterator[Client]:
     """Connect to NATS and run a BACKBEAT client for the duration of the block.
 
+    On the way out, queued claims get ``config.close_grace`` seconds to be delivered (shielded
+    from cancellation), then every task, budget, channel and wait of the client ends.
+
     Args:
         config: a validated :class:`Config`.
         transport: use this transport instead of connecting with nats-py (tests: a
@@ -742,7 +989,8 @@ async def open_client(
 
     Raises:
         NotConnected: the first connect failed, or the block ended with claims undelivered
-            (:class:`UndeliveredClaims`) — unless the block itself raised, which wins.
+            (:class:`UndeliveredClaims`) — unless the block itself raised, which wins (the
+            undelivered claims are then logged and noted on that exception).
     """
     if not isinstance(config, Config):
         raise TypeError(f"open_client needs a backbeat_trio.Config, got {type(config).__name__}")
@@ -758,6 +1006,8 @@ async def open_client(
                 await nursery.start(client._run_supervisor)
                 if client._mode == "jetstream":
                     await nursery.start(client._run_ack_listener)
+                else:
+                    await nursery.start(client._run_confirmer)
                 await nursery.start(client._run_subscriber)
                 await nursery.start(client._run_tempo_sampler)
                 try:
@@ -767,35 +1017,68 @@ async def open_client(
                     raise
                 finally:
                     with trio.CancelScope(shield=True):
-                        if user_exc is None:
-                            await client._drain_on_close()
-                        client._closing = True
-                        for scope in list(client._budgets):
-                            scope.cancel()
-                        for chan in client._channels + client._downbeat_channels:
-                            chan.close_send()
-                        nursery.cancel_scope.cancel()
-            client._nursery = None
+                        await client._shutdown()
+                    nursery.cancel_scope.cancel()
+                    client._nursery = None
+                    left = client.undelivered()
+                    if left:
+                        log.error("%d claim(s) undelivered when the client closed", len(left))
+                        if user_exc is not None and not isinstance(user_exc, trio.Cancelled):
+                            user_exc.add_note(
+                                f"backbeat_trio: {len(left)} status claim(s) were not delivered "
+                                f"before the client closed"
+                            )
             left = client.undelivered()
-            if left and user_exc is None:
-                raise UndeliveredClaims(left)
             if left:
-                log.error("%d claim(s) undelivered at close", len(left))
+                raise UndeliveredClaims(left)
     except BaseExceptionGroup as group:
-        if user_exc is not None:
-            raise user_exc from None
-        leaves = _leaves(group)
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1:
-            raise real[0] from None
-        raise
+        chosen = _exception_to_raise(group, user_exc)
+        if chosen is None:
+            raise
+        _reraise(chosen)
 
 
-def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+def _exception_to_raise(
+    group: BaseExceptionGroup[Any], user_exc: BaseException | None
+) -> BaseException | None:
+    """What leaves ``open_client`` when its nursery raised ``group`` (None: the whole group).
+
+    The user's own exception wins over internal cancellation and over internal failures (those
+    are logged); otherwise a single internal failure is raised on its own, not wrapped.
+    """
+    internal = _leaves(group, skip=user_exc)
+    real = [e for e in internal if not isinstance(e, trio.Cancelled)]
+    if user_exc is not None and not isinstance(user_exc, trio.Cancelled):
+        for exc in real:
+            log.error("client task failed while the block raised", exc_info=exc)
+        return user_exc
+    if len(real) == 1:
+        return real[0]
+    if not real:
+        return user_exc if user_exc is not None else (internal[0] if internal else None)
+    return None
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    # Raising inside `except` would set exc.__context__ to the group that wrapped it; keep the
+    # user's own context (trio does the same when it unwraps).
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc
+
+
+def _leaves(
+    group: BaseExceptionGroup[Any], skip: BaseException | None = None
+) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
+        if exc is skip:
+            continue
         if isinstance(exc, BaseExceptionGroup):
-            out.extend(_leaves(exc))
+            out.extend(_leaves(exc, skip))
         else:
             out.append(exc)
     return out

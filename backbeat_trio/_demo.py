@@ -32,7 +32,7 @@ from nacl.signing import SigningKey
 
 from ._beats import validate_beats_per_bar, validate_id, validate_tempo
 from ._channel import DropOldestChannel
-from ._client import Client, open_client
+from ._client import Client, UndeliveredClaims, open_client
 from ._config import Config
 from ._embedded import open_embedded_nats
 from ._errors import BeatBudgetExceeded, ConfigError
@@ -71,6 +71,7 @@ _NAMES: Final = ("ada", "bob", "cyd", "dot", "eno", "fay", "gus", "hal", "ivy", 
 _IMPOSTOR_ID: Final = "mallory"
 _MAX_AGENTS: Final = 64
 _PULSE_LEAD_S: Final = 0.1
+_AGENT_GRACE_S: Final = 3.0
 
 
 # --- one simulated agent -------------------------------------------------------------------------
@@ -128,7 +129,8 @@ class AgentView:
         beats_seen: beats it received.
         last_beat: the beat index of its last claim.
         budget_exceeded: it caught :class:`~backbeat_trio.BeatBudgetExceeded`.
-        finished: its life is over (it returned).
+        finished: its life came to its end (not stopped or cancelled on the way).
+        undelivered: claims its client could not deliver as it closed (demo only).
     """
 
     agent_id: str
@@ -142,6 +144,7 @@ class AgentView:
     last_beat: int | None = None
     budget_exceeded: bool = False
     finished: bool = False
+    undelivered: int = 0
 
 
 class _LifeOver(Exception):
@@ -283,11 +286,15 @@ async def simulate_agent(
     *,
     view: AgentView | None = None,
     max_beats: int | None = None,
+    stop: trio.Event | None = None,
     task_status: trio.TaskStatus[AgentView] = trio.TASK_STATUS_IGNORED,
 ) -> AgentView:
     """Connect as ``config.agent_id`` and live ``life``, one step per beat, emitting real claims.
 
-    ``waiter`` and ``staller`` lives never end on their own: cancel them, or pass ``max_beats``.
+    ``waiter`` and ``staller`` lives never end on their own: set ``stop``, pass ``max_beats``,
+    or cancel the task. ``stop`` is the gentle way: the life ends where it is, and the client
+    closes normally, delivering the claims it has queued (cancelling from outside cuts that
+    delivery short).
 
     Args:
         config: the client's configuration (its ``agent_id`` should be ``life.agent_id``; give it
@@ -295,6 +302,7 @@ async def simulate_agent(
         life: what the agent does.
         view: the :class:`AgentView` to keep up to date (a new one by default).
         max_beats: end the life after this many beats, whatever it was doing.
+        stop: end the life as soon as this event is set.
         task_status: ``nursery.start`` gets the view once the client is connected and
             subscribed, so no beat is missed from then on.
 
@@ -309,10 +317,19 @@ async def simulate_agent(
     async with open_client(config) as client:
         agent = _Agent(client, client.beats(), life, view, max_beats)
         task_status.started(view)
-        with contextlib.suppress(_LifeOver):
-            await _LIVES[life.role](agent)
-        view.finished = True
+        async with trio.open_nursery() as nursery:
+            if stop is not None:
+                nursery.start_soon(_cancel_when_set, stop, nursery.cancel_scope)
+            with contextlib.suppress(_LifeOver):
+                await _LIVES[life.role](agent)
+            view.finished = True
+            nursery.cancel_scope.cancel()
     return view
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def demo_cast(agents: int = 5) -> list[AgentLife]:
@@ -453,6 +470,7 @@ async def run_demo(
     *,
     view: DemoView | None = None,
     state: DemoState | None = None,
+    stop: trio.Event | None = None,
 ) -> DemoState:
     """Run the demo cluster: embedded nats-server, pulse, signing reverb and simulated agents.
 
@@ -460,10 +478,11 @@ async def run_demo(
         options: how to run (defaults: 4 bars at 240 BPM, 5 agents).
         view: told about start-up, every beat and every bar report.
         state: the state to fill in (pass one to read it even if the demo is cancelled).
+        stop: end the demo early, as cleanly as at the end (``state.completed`` stays False).
 
     Returns:
-        The state, with ``completed`` set, once ``options.bars`` bar reports have arrived.
-        With ``bars=None`` it runs until cancelled.
+        The state, with ``completed`` set, once ``options.bars`` bar reports have arrived (with
+        ``bars=None``: once ``stop`` is set).
 
     Raises:
         EmbeddedServerError: the nats-server did not start.
@@ -479,22 +498,21 @@ async def run_demo(
     cluster = options.cluster_id
     bpb = options.beats_per_bar
 
-    async with open_embedded_nats() as url, trio.open_nursery() as nursery:
+    def agent_config(agent_id: str, key: SigningKey) -> Config:
+        return Config(
+            cluster_id=cluster,
+            agent_id=agent_id,
+            nats_url=state.nats_url,
+            signing_key=key,
+            beats_per_bar=bpb,
+        )
+
+    async with open_embedded_nats() as url, trio.open_nursery() as services:
         state.nats_url = url
-        state.reverb = await nursery.start(
+        state.reverb = await services.start(
             run_reverb,
             ReverbConfig(cluster_id=cluster, nats_url=url, keyring=keyring, beats_per_bar=bpb),
         )
-
-        def agent_config(agent_id: str, key: SigningKey) -> Config:
-            return Config(
-                cluster_id=cluster,
-                agent_id=agent_id,
-                nats_url=url,
-                signing_key=key,
-                beats_per_bar=bpb,
-            )
-
         observer_cfg = Config(
             cluster_id=cluster,
             agent_id="demo-view",
@@ -505,38 +523,73 @@ async def run_demo(
         async with open_client(observer_cfg) as observer:
             state.observer = observer
             beats = observer.beats()
-            async with trio.open_nursery() as connecting:
-                for life, agent_view in zip(cast, state.agents, strict=True):
-                    cfg = agent_config(life.agent_id, keys[life.agent_id])
-                    connecting.start_soon(_start, nursery, cfg, life, agent_view)
-                if options.impostor:
-                    life = AgentLife(agent_id=_IMPOSTOR_ID, role="impostor")
-                    state.impostor = AgentView(life.agent_id, life.role)
-                    cfg = agent_config(life.agent_id, generate_signing_key())  # not on the keyring
-                    connecting.start_soon(_start, nursery, cfg, life, state.impostor)
-            pulse_cfg = PulseConfig(
-                cluster_id=cluster,
-                nats_url=url,
-                tempo_bpm=options.tempo_bpm,
-                beats_per_bar=bpb,
-                pulse_id="demo-pulse",
-            )
-            state.pulse = await nursery.start(
-                functools.partial(run_pulse, pulse_cfg, lead=_PULSE_LEAD_S)
-            )
-            if view is not None:
-                view.started(state)
-            done = trio.Event()
-            nursery.start_soon(_follow_beats, beats, state, view)
-            nursery.start_soon(_follow_reports, state, view, done)
-            await done.wait()
-            state.completed = True
-            nursery.cancel_scope.cancel()
+            agents_stop = trio.Event()
+            async with trio.open_nursery() as agents:
+                async with trio.open_nursery() as connecting:
+                    for life, agent_view in zip(cast, state.agents, strict=True):
+                        cfg = agent_config(life.agent_id, keys[life.agent_id])
+                        connecting.start_soon(_start, agents, cfg, life, agent_view, agents_stop)
+                    if options.impostor:
+                        life = AgentLife(agent_id=_IMPOSTOR_ID, role="impostor")
+                        state.impostor = AgentView(life.agent_id, life.role)
+                        cfg = agent_config(life.agent_id, generate_signing_key())  # not trusted
+                        connecting.start_soon(
+                            _start, agents, cfg, life, state.impostor, agents_stop
+                        )
+                pulse_cfg = PulseConfig(
+                    cluster_id=cluster,
+                    nats_url=url,
+                    tempo_bpm=options.tempo_bpm,
+                    beats_per_bar=bpb,
+                    pulse_id="demo-pulse",
+                )
+                state.pulse = await services.start(
+                    functools.partial(run_pulse, pulse_cfg, lead=_PULSE_LEAD_S)
+                )
+                if view is not None:
+                    view.started(state)
+                finish = trio.Event()
+                services.start_soon(_follow_beats, beats, state, view)
+                services.start_soon(_follow_reports, state, view, finish)
+                if stop is not None:
+                    services.start_soon(_set_when_set, stop, finish)
+                await finish.wait()
+                state.completed = stop is None or not stop.is_set()
+                # Agents end at their next step and close normally (delivering what they
+                # queued) while the pulse still beats; the bound is for a stuck one.
+                agents_stop.set()
+                agents.cancel_scope.deadline = trio.current_time() + _AGENT_GRACE_S
+            services.cancel_scope.cancel()
     return state
 
 
-async def _start(nursery: trio.Nursery, config: Config, life: AgentLife, view: AgentView) -> None:
-    await nursery.start(functools.partial(simulate_agent, config, life, view=view))
+async def _set_when_set(source: trio.Event, target: trio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+async def _start(
+    nursery: trio.Nursery, config: Config, life: AgentLife, view: AgentView, stop: trio.Event
+) -> None:
+    await nursery.start(functools.partial(_run_agent, config, life, view, stop))
+
+
+async def _run_agent(
+    config: Config,
+    life: AgentLife,
+    view: AgentView,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[AgentView] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await simulate_agent(config, life, view=view, stop=stop, task_status=task_status)
+    except UndeliveredClaims as exc:
+        # Stopping with the server gone (a terminal's Ctrl-C reaches it too) loses the last
+        # claims; that is no failure of the demo. Before the stop it is one.
+        view.undelivered = len(exc.claims)
+        if not stop.is_set():
+            raise
 
 
 async def _follow_beats(
@@ -646,6 +699,8 @@ def format_summary(state: DemoState) -> list[str]:
     lines.append("agents:")
     for a in state.agents:
         extra = " [beat budget exceeded]" if a.budget_exceeded else ""
+        if a.undelivered:
+            extra += f" [{a.undelivered} claim(s) undelivered at the stop]"
         lines.append(
             f"  {a.agent_id:<8} {a.role:<10} {a.state:<9} {_percent(a.progress):>4}  "
             f"{a.claims_sent} claims  {a.notes}{extra}".rstrip()
@@ -781,7 +836,7 @@ class LiveView:
             bpb = opts.beats_per_bar
             head.append(f"bar {state.bar_of(frame.beat_index)}", style="bold")
             head.append(f"  beat {frame.beat_index % bpb + 1}/{bpb}", style="bold")
-            head.append(f"  ({frame.beat_index})  phase ")
+            head.append(f"  (#{frame.beat_index})  phase ")
             head.append(frame.phase, style="bold cyan")
             head.append(f"   tempo {frame.tempo_bpm} BPM")
             if state.measured_bpm:
@@ -799,31 +854,28 @@ class LiveView:
         )
 
         agents = Table(box=box.SIMPLE_HEAD, expand=True)
-        for name, kw in (
-            ("agent", {"no_wrap": True}),
-            ("life", {"no_wrap": True}),
-            ("state", {"no_wrap": True}),
-            ("progress", {"width": 28, "no_wrap": True}),
-            ("beats left", {"justify": "right"}),
-            ("claims", {"justify": "right"}),
-            ("notes", {"ratio": 1}),
-        ):
-            agents.add_column(name, **kw)
+        agents.add_column("agent", no_wrap=True)
+        agents.add_column("life", no_wrap=True)
+        agents.add_column("state", no_wrap=True)
+        agents.add_column("progress", no_wrap=True)
+        agents.add_column("left", justify="right", no_wrap=True)
+        agents.add_column("claims", justify="right", no_wrap=True)
+        agents.add_column("notes", ratio=1, no_wrap=True, overflow="ellipsis", min_width=12)
         for a in state.agents:
-            bar = Table.grid(padding=(0, 1))
-            bar.add_row(
-                ProgressBar(total=1.0, completed=a.progress, width=20),
+            progress = Table.grid(padding=(0, 1))
+            progress.add_row(
+                ProgressBar(total=1.0, completed=a.progress, width=12),
                 Text(_percent(a.progress), justify="right"),
             )
             notes = a.notes + (" [budget exceeded]" if a.budget_exceeded else "")
             agents.add_row(
-                a.agent_id,
+                Text(a.agent_id),
                 a.role,
                 Text(a.state, style=_STATE_STYLE.get(a.state, "")),
-                bar,
+                progress,
                 str(a.beats_left) if a.claims_sent else "",
                 str(a.claims_sent),
-                notes,
+                Text(notes),
             )
 
         issues = Table(box=box.SIMPLE_HEAD, expand=True, title_justify="left")
@@ -840,8 +892,8 @@ class LiveView:
         for issue in report.issues if report is not None else []:
             issues.add_row(
                 Text(issue.kind, style=_ISSUE_STYLE.get(issue.kind, "")),
-                issue.agent_id,
-                issue.detail,
+                Text(issue.agent_id),
+                Text(issue.detail),
             )
         if report is not None and not report.issues:
             issues.add_row(Text("none", style="green"), "", "")

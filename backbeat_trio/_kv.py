@@ -8,8 +8,8 @@ halves are :mod:`backbeat_trio._ha` (the pulse lease) and :mod:`backbeat_trio._h
 reports).
 
 The functions return plain values (ints, bytes, tuples), never nats-py objects, so nothing from
-the asyncio world leaks across the bridge. Each takes a ``timeout`` and builds a JetStream context
-with it, so one slow call cannot hold a caller past its own bound.
+the asyncio world leaks across the bridge. Each takes an ``op_timeout`` and builds a JetStream
+context with it, so one slow call cannot hold a caller past its own bound.
 
 Outcomes that callers must tell apart are *returned*, not raised: a compare-and-set that lost
 (``None`` from :func:`kv_write`) is a definite answer, while an exception (timeout, no responders,
@@ -91,7 +91,7 @@ async def kv_ensure_bucket(
     replicas: int,
     history: int = 1,
     description: str = "",
-    timeout: float = 5.0,
+    op_timeout: float = 5.0,
 ) -> int:
     """Create the KV bucket ``bucket`` unless it exists; several callers may race safely.
 
@@ -100,12 +100,12 @@ async def kv_ensure_bucket(
 
     Args:
         nc: nats-py connection (passed by ``NatsTransport.call``).
-        js: its JetStream context (unused; a context with ``timeout`` is built instead).
+        js: its JetStream context (unused; a context with ``op_timeout`` is built instead).
         bucket: the bucket name (``[A-Za-z0-9_-]+``).
         replicas: wanted replica count.
         history: values kept per key.
         description: stream description.
-        timeout: seconds per JetStream API request.
+        op_timeout: seconds per JetStream API request.
 
     Returns:
         The bucket's replica count.
@@ -113,7 +113,7 @@ async def kv_ensure_bucket(
     import nats.js.errors
     from nats.js.api import KeyValueConfig
 
-    jsx = nc.jetstream(timeout=timeout)
+    jsx = nc.jetstream(timeout=op_timeout)
     stream = _kv_stream(bucket)
     try:
         return await _replicas_of(jsx, stream)
@@ -139,7 +139,7 @@ async def kv_ensure_bucket(
 
 
 async def kv_read(
-    nc: Any, js: Any, bucket: str, key: str, *, timeout: float = 5.0
+    nc: Any, js: Any, bucket: str, key: str, *, op_timeout: float = 5.0
 ) -> tuple[int, bytes | None] | None:
     """Read a key's latest revision from the stream leader (never a possibly stale replica).
 
@@ -149,7 +149,7 @@ async def kv_read(
     """
     import nats.js.errors
 
-    jsx = nc.jetstream(timeout=timeout)
+    jsx = nc.jetstream(timeout=op_timeout)
     try:
         msg = await jsx.get_msg(_kv_stream(bucket), subject=_kv_subject(bucket, key), direct=False)
     except nats.js.errors.NotFoundError:
@@ -168,7 +168,7 @@ async def kv_write(
     value: bytes,
     *,
     last: int,
-    timeout: float = 5.0,
+    op_timeout: float = 5.0,
 ) -> int | None:
     """Compare-and-set: store ``value`` only if the key's latest revision is ``last``.
 
@@ -184,12 +184,12 @@ async def kv_write(
     """
     import nats.js.errors
 
-    jsx = nc.jetstream(timeout=timeout)
+    jsx = nc.jetstream(timeout=op_timeout)
     try:
         ack = await jsx.publish(
             _kv_subject(bucket, key),
             value,
-            timeout=timeout,
+            timeout=op_timeout,
             headers={_EXPECTED_LAST_SUBJECT_SEQ: str(int(last))},
         )
     except nats.js.errors.APIError as exc:
@@ -211,7 +211,7 @@ async def stream_ensure(
     max_age: float | None = None,
     duplicate_window: float = 120.0,
     description: str = "",
-    timeout: float = 5.0,
+    op_timeout: float = 5.0,
 ) -> int:
     """Create a stream unless it exists (an existing one is left as it is).
 
@@ -223,7 +223,7 @@ async def stream_ensure(
     import nats.js.errors
     from nats.js.api import StreamConfig
 
-    jsx = nc.jetstream(timeout=timeout)
+    jsx = nc.jetstream(timeout=op_timeout)
     try:
         return await _replicas_of(jsx, name)
     except nats.js.errors.NotFoundError:
@@ -253,12 +253,12 @@ async def stream_ensure(
 
 
 async def stream_summary(
-    nc: Any, js: Any, name: str, *, timeout: float = 5.0
+    nc: Any, js: Any, name: str, *, op_timeout: float = 5.0
 ) -> StreamSummary | None:
     """The stream's bounds, size, replica count and current leader; None when it does not exist."""
     import nats.js.errors
 
-    jsx = nc.jetstream(timeout=timeout)
+    jsx = nc.jetstream(timeout=op_timeout)
     try:
         info = await jsx.stream_info(name)
     except nats.js.errors.NotFoundError:
@@ -287,12 +287,12 @@ def _stored(msg: Any) -> StoredMessage:
 
 
 async def stream_last(
-    nc: Any, js: Any, name: str, subject: str, *, timeout: float = 5.0
+    nc: Any, js: Any, name: str, subject: str, *, op_timeout: float = 5.0
 ) -> StoredMessage | None:
     """The last message ``name`` stores on ``subject``; None when there is none (or no stream)."""
     import nats.js.errors
 
-    jsx = nc.jetstream(timeout=timeout)
+    jsx = nc.jetstream(timeout=op_timeout)
     try:
         msg = await jsx.get_msg(name, subject=subject, direct=False)
     except nats.js.errors.NotFoundError:
@@ -301,12 +301,12 @@ async def stream_last(
 
 
 async def stream_find_seq(
-    nc: Any, js: Any, name: str, subject: str, seq: int, *, timeout: float = 5.0
+    nc: Any, js: Any, name: str, subject: str, seq: int, *, op_timeout: float = 5.0
 ) -> StoredMessage | None:
     """The first message on ``subject`` at or after sequence ``seq``; None when there is none."""
     import nats.js.errors
 
-    jsx = nc.jetstream(timeout=timeout)
+    jsx = nc.jetstream(timeout=op_timeout)
     try:
         msg = await jsx.get_msg(name, seq=max(1, seq), subject=subject, next=True, direct=False)
     except nats.js.errors.NotFoundError:
@@ -324,7 +324,7 @@ async def stream_read(
     max_msgs: int,
     stop_seq: int | None = None,
     batch: int = 256,
-    timeout: float = 5.0,
+    op_timeout: float = 5.0,
 ) -> list[StoredMessage]:
     """Read up to ``max_msgs`` messages on ``subject`` from ``start_seq`` on, in stream order.
 
@@ -337,7 +337,7 @@ async def stream_read(
     import nats.js.errors
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    jsx = nc.jetstream(timeout=timeout)
+    jsx = nc.jetstream(timeout=op_timeout)
     if max_msgs <= 0:
         return []
     if stop_seq is None:
@@ -352,7 +352,7 @@ async def stream_read(
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=max(1, start_seq),
         ack_policy=AckPolicy.NONE,
-        inactive_threshold=max(5.0, 2 * timeout),
+        inactive_threshold=max(5.0, 2 * op_timeout),
         mem_storage=True,
         num_replicas=1,
     )
@@ -364,7 +364,7 @@ async def stream_read(
             if want <= 0:
                 break
             try:
-                msgs = await psub.fetch(want, timeout=timeout)
+                msgs = await psub.fetch(want, timeout=op_timeout)
             except (nats.errors.TimeoutError, TimeoutError):
                 break
             done = False

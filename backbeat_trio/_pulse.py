@@ -23,7 +23,7 @@ from ._errors import ConfigError, NotConnected, WireError
 from ._hlc import HLC
 from ._schedule import PulseSchedule, ScheduledBeat, TempoDecision
 from ._transport import Subscription, Transport, open_nats_transport
-from ._wire import BeatFrame, TempoChange, decode, encode
+from ._wire import BeatFrame, TempoChange, decode
 
 __all__ = ["PulseConfig", "PulseStatus", "run_pulse"]
 
@@ -64,8 +64,10 @@ class PulseConfig:
         validate_id("pulse_id", self.pulse_id)
         validate_tempo(self.tempo_bpm)
         validate_beats_per_bar(self.beats_per_bar)
-        if isinstance(self.start_index, bool) or not isinstance(self.start_index, int) or not (
-            0 <= self.start_index < 2**63
+        if (
+            isinstance(self.start_index, bool)
+            or not isinstance(self.start_index, int)
+            or not (0 <= self.start_index < 2**63)
         ):
             raise ConfigError("start_index", f"must be an int >= 0, got {self.start_index!r}")
         self.connection_config()  # validates URL and credentials now, not at connect time
@@ -224,18 +226,23 @@ async def _tempo_listener(
             status.tempo_changes += 1
             log.info(
                 "tempo %s -> %s BPM requested by %s: %s",
-                decision.previous_bpm, change.tempo_bpm, change.requested_by or "?", decision.reason,
+                decision.previous_bpm,
+                change.tempo_bpm,
+                change.requested_by or "?",
+                decision.reason,
             )
         else:
             status.tempo_refusals.append(decision.reason)
             del status.tempo_refusals[:-32]
-            log.warning("refused tempo change from %s: %s", change.requested_by or "?",
-                        decision.reason)
+            log.warning(
+                "refused tempo change from %s: %s", change.requested_by or "?", decision.reason
+            )
         _reply(transport, msg.reply, decision.accepted, decision.reason, decision.effective_beat)
 
 
-def _reply(transport: Transport, reply: str, accepted: bool, reason: str,
-           effective_beat: int | None) -> None:
+def _reply(
+    transport: Transport, reply: str, accepted: bool, reason: str, effective_beat: int | None
+) -> None:
     if not reply:
         return
     with contextlib.suppress(NotConnected):
@@ -245,4 +252,3 @@ def _reply(transport: Transport, reply: str, accepted: bool, reason: str,
                 {"accepted": accepted, "reason": reason, "effective_beat": effective_beat}
             ),
         )
-

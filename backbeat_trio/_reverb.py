@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 import trio
 
 from ._aggregate import BarAggregator
-from ._beats import bar_subject, status_stream_name, status_subject, validate_beats_per_bar, validate_id
+from ._beats import (
+    bar_subject,
+    status_stream_name,
+    status_subject,
+    validate_beats_per_bar,
+    validate_id,
+)
 from ._client import open_client
 from ._config import Config
 from ._errors import NotConnected, SignatureError, WireError
@@ -216,7 +222,8 @@ async def _claims_loop(
             status.rejected += 1
             log.info("rejected claim: %s", exc)
             continue
-        except WireError as exc:
+        except (WireError, UnicodeDecodeError) as exc:
+            # UnicodeDecodeError: invalid UTF-8 inside a JSON string gets past _wire.decode
             aggregator.reject("schema")
             status.rejected += 1
             log.info("rejected claim: %s", exc)

@@ -83,7 +83,8 @@ class ConnEvent:
 
 
 class Subscription:
-    """A subscription: ``messages`` is a bounded trio channel; overflow is counted in ``dropped``."""
+    """A subscription: ``messages`` is a bounded trio channel; overflow is counted in
+    ``dropped``."""
 
     def __init__(self, subject: str, buffer: int, unsubscribe: Callable[[], Any]) -> None:
         self.subject = subject
@@ -93,9 +94,7 @@ class Subscription:
         self.delivered = 0
 
     def __repr__(self) -> str:
-        return (
-            f"<Subscription {self.subject!r} delivered={self.delivered} dropped={self.dropped}>"
-        )
+        return f"<Subscription {self.subject!r} delivered={self.delivered} dropped={self.dropped}>"
 
     def _deliver(self, msg: Message) -> None:
         try:
@@ -136,7 +135,7 @@ class Transport(Protocol):
 
     async def subscribe(self, subject: str, *, buffer: int = 1024) -> Subscription: ...
 
-    async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes: ...
+    async def request(self, subject: str, payload: bytes) -> bytes: ...
 
     def new_inbox(self) -> str: ...
 
@@ -168,6 +167,7 @@ class NatsTransport:
         self._wake = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
         self._closed = False
+        self._ready = False  # events of failed first-connect attempts are not reported
         self.published = 0
         self.publish_errors = 0
         self.events_dropped = 0
@@ -183,6 +183,8 @@ class NatsTransport:
 
     # -- events ---------------------------------------------------------------------------------
     def _emit(self, kind: EventKind, detail: str = "") -> None:
+        if not self._ready:
+            return
         try:
             self._event_send.send_nowait(ConnEvent(kind, detail))
         except trio.WouldBlock:
@@ -229,32 +231,53 @@ class NatsTransport:
         return getattr(self._nc, "client_id", None) if self._nc else None
 
     # -- connect / close ------------------------------------------------------------------------
-    async def _connect(self, servers: Sequence[str], options: dict[str, Any], attempts: int,
-                       delay: float) -> None:
-        import nats
+    async def _connect(
+        self, servers: Sequence[str], options: dict[str, Any], attempts: int, delay: float
+    ) -> None:
+        import nats.aio.client
         import nats.errors
 
+        # nats-py retries a failing *first* connect forever when max_reconnect_attempts is -1
+        # (and loops over the pool even with allow_reconnect=False), so a wrong port or a bad
+        # token would hang open_client. The first connect therefore runs with reconnects off and
+        # a bounded, immediate retry (nats-py tries each server max_reconnect_attempts + 1 times);
+        # our own loop does the `attempts`, and the real reconnect policy is installed afterwards.
+        first_connect = {
+            **options,
+            "allow_reconnect": False,
+            "max_reconnect_attempts": 1,
+            "reconnect_time_wait": 0,
+        }
         last: BaseException | None = None
         for attempt in range(attempts):
             if attempt:
                 await trio.sleep(delay)
+            nc = nats.aio.client.Client()
             try:
-                self._nc = await trio_asyncio.aio_as_trio(nats.connect)(
+                await trio_asyncio.aio_as_trio(nc.connect)(
                     servers=list(servers),
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     closed_cb=self._on_closed,
                     error_cb=self._on_error,
                     lame_duck_mode_cb=self._on_lame_duck,
-                    **options,
+                    **first_connect,
                 )
-                break
-            except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+            except (TimeoutError, OSError, nats.errors.Error) as exc:
                 last = exc
                 log.debug("connect attempt %d/%d failed: %r", attempt + 1, attempts, exc)
+                # a refused handshake (bad credentials) leaves nats-py's socket open
+                with contextlib.suppress(Exception):
+                    await trio_asyncio.aio_as_trio(nc.close)()
+                continue
+            for key in ("allow_reconnect", "max_reconnect_attempts", "reconnect_time_wait"):
+                nc.options[key] = options.get(key, nc.options[key])
+            self._nc = nc
+            break
         else:
             assert last is not None
-            raise NotConnected(_explain_connect_error(servers, last)) from last
+            raise NotConnected(_explain_connect_error(servers, last, self.last_error)) from last
+        self._ready = True
         self._js = self._nc.jetstream()
         self._drainer = self._loop.create_task(self._drain())
 
@@ -264,10 +287,8 @@ class NatsTransport:
             return
         self._closed = True
         with trio.move_on_after(2.0, shield=True):
-            try:
+            with contextlib.suppress(BackbeatError):
                 await self.flush()
-            except BackbeatError:
-                pass
             if self._drainer is not None:
                 self._drainer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -323,14 +344,23 @@ class NatsTransport:
         if self._nc is None or not self._nc.is_connected:
             raise NotConnected("not connected: cannot flush")
 
+        nc = self._nc
+
         async def _flush() -> None:
             while self._outq:
                 self._wake.set()
                 await asyncio.sleep(0)
-            await self._nc.flush(timeout=5)
+            pongs = getattr(nc, "_pongs_received", None)
+            await nc.flush(timeout=5)
+            # nats-py's flush returns at once, without any PONG, when its read loop has already
+            # died with the connection; only a PONG proves the server has what was written
+            if not nc.is_connected or (pongs is not None and nc._pongs_received == pongs):
+                raise NotConnected("the connection dropped before the server answered")
 
         try:
             await trio_asyncio.aio_as_trio(_flush)()
+        except NotConnected:
+            raise
         except Exception as exc:
             raise NotConnected(f"flush failed: {type(exc).__name__}: {exc}") from exc
 
@@ -364,16 +394,22 @@ class NatsTransport:
         """A fresh unique inbox subject."""
         return str(self._nc.new_inbox())
 
-    async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes:
-        """One request/response (crosses the bridge; not for hot paths).
+    async def request(self, subject: str, payload: bytes) -> bytes:
+        """One request/response; bound the wait with a cancel scope (not for hot paths).
 
         Raises:
-            NotConnected: no answer in time or the connection is down.
+            NotConnected: nobody answers on ``subject`` (NATS 503) or the connection is down.
         """
+        inbox = self.new_inbox()
+        sub = await self.subscribe(inbox, buffer=1)
         try:
-            msg = await trio_asyncio.aio_as_trio(self._nc.request)(subject, payload, timeout=timeout)
-        except Exception as exc:
-            raise NotConnected(f"request {subject!r} failed: {type(exc).__name__}: {exc}") from exc
+            self.publish(subject, payload, reply=inbox)
+            msg = await sub.messages.receive()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await sub.unsubscribe()
+        if not msg.data and (msg.headers or {}).get("Status") == "503":
+            raise NotConnected(f"request {subject!r}: no responders")
         return bytes(msg.data)
 
     # -- JetStream ------------------------------------------------------------------------------
@@ -396,7 +432,9 @@ class NatsTransport:
         from nats.js.api import StreamConfig
 
         async def _ensure() -> None:
-            cfg = StreamConfig(name=name, subjects=list(subjects), duplicate_window=duplicate_window)
+            cfg = StreamConfig(
+                name=name, subjects=list(subjects), duplicate_window=duplicate_window
+            )
             try:
                 await self._js.stream_info(name)
             except Exception:
@@ -458,8 +496,13 @@ class NatsTransport:
             raise BackbeatError(f"{getattr(fn, '__name__', fn)} failed: {exc}") from exc
 
 
-def _explain_connect_error(servers: Sequence[str], exc: BaseException) -> str:
+def _explain_connect_error(
+    servers: Sequence[str], exc: BaseException, cause: str | None = None
+) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
+    if cause and cause not in text:
+        # nats-py reports "no servers available"; the error callback saw the reason
+        text = f"{cause} ({text})"
     low = text.lower()
     where = ", ".join(servers)
     if "authorization" in low or "auth" in low:
@@ -564,6 +607,11 @@ class MemoryBroker:
         self._stream_subs: dict[str, list[Subscription]] = {}
         self.up = True
         self.lost_while_down = 0
+        self.lost_in_flight = 0
+        self._lose_next = 0
+        self.jetstream_available = True
+        """False: streams store nothing and answer publishes with an empty 503 reply, as a
+        JetStream that is recovering or electing a leader does."""
 
     def __repr__(self) -> str:
         return f"<MemoryBroker up={self.up} transports={len(self._transports)}>"
@@ -584,20 +632,36 @@ class MemoryBroker:
         for t in self._transports:
             t._emit(ConnEvent("disconnected"))
 
+    def lose_next(self, count: int = 1) -> None:
+        """The next ``count`` messages vanish in flight with no event at all (a connection dying
+        under a publish), so only acknowledgements can tell."""
+        self._lose_next += count
+
     def set_up(self) -> None:
         """Simulate the server coming back."""
         self.up = True
         for t in self._transports:
             t._emit(ConnEvent("reconnected", "memory"))
 
-    def _route(self, msg: MemoryMessage) -> None:
+    def _route(self, msg: MemoryMessage) -> int:
+        """Deliver ``msg``; returns how many subscriptions (and streams) took it."""
         if not self.up:
             self.lost_while_down += 1
-            return
+            return 0
+        if self._lose_next:
+            self._lose_next -= 1
+            self.lost_in_flight += 1
+            return 0
+        taken = 0
         for stream in self.streams.values():
             if any(subject_matches(p, msg.subject) for p in stream.subjects):
+                if not self.jetstream_available:
+                    if msg.reply:
+                        self._route(MemoryMessage(msg.reply, b"", headers={"Status": "503"}))
+                    break
                 msg_id = (msg.headers or {}).get("Nats-Msg-Id")
                 duplicate = msg_id is not None and msg_id in stream.msg_ids
+                taken += 1
                 if not duplicate:
                     stream.messages.append(msg)
                     if msg_id is not None:
@@ -615,6 +679,8 @@ class MemoryBroker:
             for sub in t._subs:
                 if subject_matches(sub.subject, msg.subject):
                     sub._deliver(msg)
+                    taken += 1
+        return taken
 
 
 class MemoryTransport:
@@ -680,16 +746,20 @@ class MemoryTransport:
         """A fresh unique inbox subject."""
         return f"_INBOX.{secrets.token_hex(8)}"
 
-    async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes:
-        """Publish with a reply inbox and wait for the first answer."""
+    async def request(self, subject: str, payload: bytes) -> bytes:
+        """Publish with a reply inbox and wait for the first answer (bound it with a cancel scope).
+
+        Raises:
+            NotConnected: nobody subscribes to ``subject`` (NATS would answer 503).
+        """
         inbox = self.new_inbox()
         sub = await self.subscribe(inbox, buffer=1)
         try:
-            self.publish(subject, payload, reply=inbox)
-            with trio.move_on_after(timeout):
-                msg = await sub.messages.receive()
-                return msg.data
-            raise NotConnected(f"request {subject!r}: no answer within {timeout} s")
+            if not self._broker._route(MemoryMessage(subject, bytes(payload), inbox)):
+                raise NotConnected(f"request {subject!r}: no responders")
+            self.published += 1
+            msg = await sub.messages.receive()
+            return msg.data
         finally:
             await sub.unsubscribe()
 
@@ -722,9 +792,12 @@ class MemoryTransport:
         return sub
 
     async def aclose(self) -> None:
-        """Detach from the broker."""
-        await trio.lowlevel.checkpoint()
+        """Detach from the broker (also when called in a cancelled scope)."""
         self._closed = True
         self._event_send.close()
+        for sub in self._subs:
+            sub._send.close()
+        self._subs.clear()
         if self in self._broker._transports:
             self._broker._transports.remove(self)
+        await trio.lowlevel.checkpoint()

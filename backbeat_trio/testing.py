@@ -92,9 +92,27 @@ class FakeCluster:
             await transport.aclose()
 
     async def start_pulse(self, **changes: Any) -> PulseStatus:
-        """(Re)start the pulse; keyword arguments change its :class:`PulseConfig`."""
+        """(Re)start the pulse; keyword arguments change its :class:`PulseConfig`.
+
+        A restarted pulse resumes its old schedule, as a pulse with state hand-over does: its first
+        beat is the one due next on the old timeline (same index, same time, tempo in force).
+        Pass ``start_index`` to start elsewhere instead (e.g. a forward jump, or a pulse that lost
+        its state and starts again from 0).
+        """
         if self._pulse_scope is not None:
             raise RuntimeError("the pulse is already running")
+        lead = 0.0
+        previous = self.pulse.schedule if self.pulse is not None else None
+        if previous is not None and "start_index" not in changes:
+            now = trio.current_time()
+            previous.skip_to(now)
+            while previous.next_due < now:
+                previous.next_beat()
+            tempo = previous.tempo_bpm
+            if previous.pending_tempo is not None and previous.next_index == previous.next_downbeat:
+                tempo = previous.pending_tempo
+            changes = {"start_index": previous.next_index, "tempo_bpm": tempo, **changes}
+            lead = previous.next_due - now
         if changes:
             fields = {k: getattr(self._pulse_cfg, k) for k in self._pulse_cfg.__dataclass_fields__}
             fields.update(changes)
@@ -109,6 +127,7 @@ class FakeCluster:
                         self._pulse_cfg,
                         transport=transport,
                         wall_clock=virtual_wall_clock,
+                        lead=lead,
                         task_status=task_status,
                     )
                 finally:
@@ -128,17 +147,23 @@ class FakeCluster:
         """Inject raw bytes on the beat subject (or ``subject``): hostile-input tests."""
         self._bus.publish(subject or beat_subject(self.cluster_id), payload)
 
-    def request_tempo(self, tempo_bpm: int, *, requested_by: str = "test", reason: str = "") -> None:
+    def request_tempo(
+        self, tempo_bpm: int, *, requested_by: str = "test", reason: str = ""
+    ) -> None:
         """Publish a TempoChange for the pulse."""
         change = TempoChange(
-            cluster_id=self.cluster_id, tempo_bpm=tempo_bpm, requested_by=requested_by,
+            cluster_id=self.cluster_id,
+            tempo_bpm=tempo_bpm,
+            requested_by=requested_by,
             reason=reason,
         )
         self._bus.publish(tempo_subject(self.cluster_id), encode(change))
 
     def enable_jetstream(self) -> None:
         """Create the status stream, so clients opened afterwards deliver claims with acks."""
-        self.broker.add_stream(status_stream_name(self.cluster_id), [status_subject(self.cluster_id)])
+        self.broker.add_stream(
+            status_stream_name(self.cluster_id), [status_subject(self.cluster_id)]
+        )
 
     async def _collect_claims(self, task_status: trio.TaskStatus[None]) -> None:
         sub = await self._bus.subscribe(status_subject(self.cluster_id), buffer=1_000_000)

@@ -1,0 +1,377 @@
+"""Worker: backbeat_trio clients (``open_client``) in their own process.
+
+Roles (argv JSON ``role``):
+
+* ``beats``: for each ``sub`` command, a fresh client on the given cluster; the consumer of
+  ``beats()`` notes ``time.time()`` as each frame comes out of the channel. Frames from the pulse
+  give the beat latency; after the pulse stops, the locally synthesised frames give the degraded
+  schedule error.
+* ``claims``: signed/unsigned/JetStream ``emit_status`` throughput from one client.
+* ``scale``: N clients in this one process; CPU per agent-beat, RSS per client, latency.
+* ``recovery``: a JetStream-mode client (that also consumes beats) and a core-mode client emitting
+  claims while the orchestrator kills and restarts nats-server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import time
+from typing import Any
+
+import trio
+import trio_asyncio
+
+from backbeat_trio import Config, StatusClaim, UndeliveredClaims, generate_signing_key, open_client
+from backbeat_trio._beats import status_stream_name, status_subject
+from backbeat_trio._hlc import node_id_for
+from backbeat_trio._transport import open_nats_transport
+from benchmarks._proto import args, log, read_command, send
+from benchmarks._stats import percentile
+
+PULSE_NODE = node_id_for("bench-pulse")
+
+CLAIM = StatusClaim(
+    task_id="task:bench", state="executing", beats_left=3, progress=0.5, notes="benchmark"
+)
+
+
+def _is_pulse_frame(hlc: str) -> bool:
+    return int(hlc.rsplit(":", 1)[-1], 16) == PULSE_NODE
+
+
+async def _reader(chan: trio.MemorySendChannel[dict[str, Any]]) -> None:
+    async with chan:
+        while True:
+            cmd = await trio.to_thread.run_sync(read_command, abandon_on_cancel=True)
+            await chan.send(cmd)
+            if cmd["cmd"] == "exit":
+                return
+
+
+# --------------------------------------------------------------------------------------- beats
+async def _beats_once(url: str, cmd: dict[str, Any]) -> None:
+    cluster = str(cmd["cluster"])
+    n_real = int(cmd["n_real"])
+    n_degraded = int(cmd["n_degraded"])
+    tempo = int(cmd["tempo"])
+    duration = 60.0 / tempo
+    last_index = n_real + n_degraded - 1
+    cfg = Config(cluster_id=cluster, agent_id="bench-bb", nats_url=url, jetstream=False)
+    recs: list[tuple[float, int, float, bool]] = []
+    async with open_client(cfg) as bb:
+        chan = bb.beats(buffer=256)
+        await trio.sleep(0.05)  # let the SUB reach the server before the pulse is told to go
+        send({"event": "ready"})
+        with trio.move_on_after((n_real + n_degraded) * duration + 20.0):
+            async for frame in chan:
+                wall = time.time()
+                deadline = frame.deadline_at.timestamp()
+                recs.append((wall, frame.beat_index, deadline, _is_pulse_frame(frame.hlc)))
+                if frame.beat_index >= last_index:
+                    break
+        metrics = bb.metrics
+    real = [r for r in recs if r[3]]
+    latencies = [wall - (deadline - duration) for wall, _, deadline, _ in real]
+    degraded_errors: list[float] = []
+    degraded_indices: list[int] = []
+    if real:
+        _, idx_last, deadline_last, _ = real[-1]
+        start_last = deadline_last - duration
+        for wall, idx, _, is_real in recs:
+            if not is_real and idx > idx_last:
+                degraded_indices.append(idx)
+                degraded_errors.append(wall - (start_last + (idx - idx_last) * duration))
+    send(
+        {
+            "event": "result",
+            "latencies": latencies,
+            "degraded_errors": degraded_errors,
+            "degraded_indices": degraded_indices,
+            "real_frames": len(real),
+            "real_indices": [idx for _, idx, _, _ in real],
+            "real_walls": [wall for wall, _, _, _ in real],
+            "metrics": {
+                "stale": metrics.stale,
+                "dropped": metrics.dropped,
+                "degraded_beats": metrics.degraded_beats,
+                "transport_dropped": metrics.transport_dropped,
+            },
+        }
+    )
+
+
+async def _role_beats(url: str, cmds: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+    async for cmd in cmds:
+        if cmd["cmd"] == "exit":
+            return
+        if cmd["cmd"] == "sub":
+            await _beats_once(url, cmd)
+
+
+# -------------------------------------------------------------------------------------- claims
+async def _claims_once(url: str, cmd: dict[str, Any]) -> dict[str, Any]:
+    mode = str(cmd["mode"])
+    count = int(cmd["count"])
+    reps = int(cmd["reps"])
+    cluster = str(cmd["cluster"])
+    jetstream = mode == "js"
+    if jetstream:
+        admin = Config(cluster_id=cluster, agent_id="bench-admin", nats_url=url)
+        async with open_nats_transport(admin) as t:
+            await t.ensure_stream(status_stream_name(cluster), [status_subject(cluster)])
+    cfg = Config(
+        cluster_id=cluster,
+        agent_id="bench-claims",
+        nats_url=url,
+        signing_key=None if mode == "unsigned" else generate_signing_key(),
+        jetstream=jetstream,
+        outbox_size=max(10_000, 2 * count),
+    )
+    rates: list[float] = []
+    emit_rates: list[float] = []
+    cpu_per_claim: list[float] = []
+    async with open_client(cfg) as bb:
+        emit = bb.emit_status
+        for _ in range(reps):
+            gc.collect()
+            await trio.sleep(0.1)
+            acked0 = bb.metrics.claims_ok
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            for _ in range(count):
+                await emit(CLAIM)
+            t_emit = time.perf_counter()
+            with trio.move_on_after(120.0):
+                await bb.flush_claims()
+            t1 = time.perf_counter()
+            c1 = time.process_time()
+            done = bb.metrics.claims_ok - acked0
+            if done < count:
+                log(f"claims {mode}: only {done}/{count} delivered")
+            rates.append(done / (t1 - t0))
+            emit_rates.append(count / (t_emit - t0))
+            cpu_per_claim.append((c1 - c0) / count)
+        metrics = bb.metrics
+    return {
+        "event": "result",
+        "rates": rates,
+        "emit_rates": emit_rates,
+        "cpu_per_claim": cpu_per_claim,
+        "republished": metrics.claims_republished,
+        "mode": bb.delivery_mode,
+    }
+
+
+async def _role_claims(url: str, cmds: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+    async for cmd in cmds:
+        if cmd["cmd"] == "exit":
+            return
+        if cmd["cmd"] == "run":
+            send(await _claims_once(url, cmd))
+
+
+# --------------------------------------------------------------------------------------- scale
+async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+    import psutil
+
+    url = str(a["url"])
+    cluster = str(a["cluster"])
+    n = int(a["n"])
+    windows = int(a["windows"])
+    window_beats = int(a["window_beats"])
+    tempo = int(a["tempo"])
+    duration = 60.0 / tempo
+    proc = psutil.Process()
+    while (await cmds.receive())["cmd"] != "go":
+        pass
+    gc.collect()
+    rss0 = proc.memory_info().rss
+    recs: list[tuple[float, float]] = []  # (arrival wall, scheduled start)
+    clients: list[Any] = []
+    all_ready = trio.Event()
+    stop = trio.Event()
+
+    async def agent(i: int) -> None:
+        cfg = Config(
+            cluster_id=cluster,
+            agent_id=f"agent-{i}",
+            nats_url=url,
+            jetstream=False,
+            connect_attempts=3,
+        )
+        async with open_client(cfg) as bb:
+            chan = bb.beats(buffer=64)
+            clients.append(bb)
+            if len(clients) == n:
+                all_ready.set()
+            async with trio.open_nursery() as nursery:
+
+                async def consume() -> None:
+                    async for frame in chan:
+                        recs.append(
+                            (time.time(), frame.deadline_at.timestamp() - 60.0 / frame.tempo_bpm)
+                        )
+
+                nursery.start_soon(consume)
+                await stop.wait()
+                nursery.cancel_scope.cancel()
+
+    result: dict[str, Any] = {"event": "result"}
+    async with trio.open_nursery() as nursery:
+        t_connect = time.perf_counter()
+        for i in range(n):
+            nursery.start_soon(agent, i)
+        with trio.fail_after(120.0):
+            await all_ready.wait()
+        t_connect = time.perf_counter() - t_connect
+        await trio.sleep(0.2)
+        gc.collect()
+        rss1 = proc.memory_info().rss
+        send({"event": "ready", "connect_s": t_connect})
+        # the orchestrator starts the pulse now; settle on a few beats first
+        with trio.fail_after(30.0):
+            while clients[0].metrics.beats < 3:
+                await clients[0].wait_for_beat()
+        cpu_us: list[float] = []
+        p99: list[float] = []
+        p50: list[float] = []
+        delivered: list[int] = []
+        for _ in range(windows):
+            beats0 = sum(c.metrics.beats for c in clients)
+            start = len(recs)
+            c0 = time.process_time()
+            await trio.sleep(window_beats * duration)
+            c1 = time.process_time()
+            beats1 = sum(c.metrics.beats for c in clients)
+            lat = [w - s for w, s in recs[start:]]
+            agent_beats = beats1 - beats0
+            delivered.append(agent_beats)
+            cpu_us.append((c1 - c0) / max(1, agent_beats) * 1e6)
+            p99.append(percentile(lat, 99))
+            p50.append(percentile(lat, 50))
+        gc.collect()
+        rss2 = proc.memory_info().rss
+        result.update(
+            {
+                "cpu_us_per_agent_beat": cpu_us,
+                "latency_p99": p99,
+                "latency_p50": p50,
+                "agent_beats": delivered,
+                "expected_agent_beats": n * window_beats,
+                "rss_per_client_connected": (rss1 - rss0) / n,
+                "rss_per_client_running": (rss2 - rss0) / n,
+                "rss0": rss0,
+                "connect_s": t_connect,
+                "stale": sum(c.metrics.stale for c in clients),
+                "dropped": sum(c.metrics.dropped for c in clients),
+                "degraded_beats": sum(c.metrics.degraded_beats for c in clients),
+            }
+        )
+        send(result)
+        async for cmd in cmds:
+            if cmd["cmd"] == "exit":
+                break
+        stop.set()
+
+
+# ------------------------------------------------------------------------------------ recovery
+async def _recovery_rep(
+    url: str, cmd: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[str, Any]]
+) -> None:
+    cj, cc = str(cmd["cluster_js"]), str(cmd["cluster_core"])
+    period = float(cmd["period"])
+    admin = Config(cluster_id=cj, agent_id="bench-admin", nats_url=url)
+    async with open_nats_transport(admin) as t:
+        for c in (cj, cc):
+            await t.ensure_stream(status_stream_name(c), [status_subject(c)])
+    common: dict[str, Any] = {"nats_url": url, "close_grace": 15.0}
+    cfg_js = Config(cluster_id=cj, agent_id="bench-js", jetstream=True, **common)
+    cfg_core = Config(cluster_id=cc, agent_id="bench-core", jetstream=False, **common)
+    beats: list[tuple[float, int, bool]] = []
+    emitted = {"js": 0, "core": 0}
+    failed = {"js": 0, "core": 0}
+    result: dict[str, Any] = {"event": "result"}
+    with contextlib.suppress(UndeliveredClaims):
+        async with open_client(cfg_js) as bj, open_client(cfg_core) as bc:
+            stop = trio.Event()
+
+            async def consume() -> None:
+                async for frame in bj.beats(buffer=256):
+                    beats.append((time.time(), frame.beat_index, _is_pulse_frame(frame.hlc)))
+
+            async def emitter(bb: Any, key: str) -> None:
+                while not stop.is_set():
+                    try:
+                        await bb.emit_status(CLAIM)
+                        emitted[key] += 1
+                    except Exception as exc:
+                        failed[key] += 1
+                        log(f"emit {key}: {exc!r}")
+                    await trio.sleep(period)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                send({"event": "ready"})
+                await cmds.receive()  # start
+                nursery.start_soon(emitter, bj, "js")
+                nursery.start_soon(emitter, bc, "core")
+                send({"event": "emitting"})
+                await cmds.receive()  # stop
+                stop.set()
+                await trio.sleep(period * 2)
+                with trio.move_on_after(20.0):
+                    await bj.flush_claims()
+                with trio.move_on_after(5.0):
+                    await bc.flush_claims()
+                nursery.cancel_scope.cancel()
+            result.update(
+                {
+                    "emitted": emitted,
+                    "failed": failed,
+                    "undelivered": {"js": bj.pending_claims, "core": bc.pending_claims},
+                    "republished": {
+                        "js": bj.metrics.claims_republished,
+                        "core": bc.metrics.claims_republished,
+                    },
+                    "modes": {"js": bj.delivery_mode, "core": bc.delivery_mode},
+                    "beats": beats,
+                    "reconnects": bj.metrics.reconnects,
+                    "degraded_beats": bj.metrics.degraded_beats,
+                }
+            )
+    send(result)
+
+
+async def _role_recovery(url: str, cmds: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+    async for cmd in cmds:
+        if cmd["cmd"] == "exit":
+            return
+        if cmd["cmd"] == "setup":
+            await _recovery_rep(url, cmd, cmds)
+
+
+async def _main() -> None:
+    a = args()
+    role = str(a["role"])
+    url = str(a["url"])
+    cmd_send, cmds = trio.open_memory_channel[dict[str, Any]](math.inf)
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        nursery.start_soon(_reader, cmd_send)
+        send({"event": "hello"})
+        if role == "beats":
+            await _role_beats(url, cmds)
+        elif role == "claims":
+            await _role_claims(url, cmds)
+        elif role == "scale":
+            await _role_scale(a, cmds)
+        elif role == "recovery":
+            await _role_recovery(url, cmds)
+        else:
+            raise SystemExit(f"unknown role {role!r}")
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    trio.run(_main)

@@ -1,0 +1,956 @@
+"""HA pulse: the lease election core, failover on MockClock, and a real 3-node NATS cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backbeat_trio._beats import beat_subject, status_stream_name, status_subject, tempo_subject
+from backbeat_trio._client import open_client
+from backbeat_trio._config import Config
+from backbeat_trio._embedded import NatsCluster, NatsServerProcess, open_embedded_nats_cluster
+from backbeat_trio._errors import ConfigError
+from backbeat_trio._ha import (
+    HAPulseConfig,
+    HAPulseStatus,
+    LeaseElection,
+    LeaseRecord,
+    LeaseStore,
+    LeaseTimings,
+    MemoryLeaseStore,
+    NatsLeaseStore,
+    ScheduleSnapshot,
+    decode_lease,
+    encode_lease,
+    lease_bucket_name,
+    run_ha_pulse,
+    run_local_cluster,
+)
+from backbeat_trio._hlc import HLCStamp, node_id_for
+from backbeat_trio._kv import stream_ensure, stream_read, stream_summary
+from backbeat_trio._schedule import PulseSchedule
+from backbeat_trio._transport import (
+    MemoryBroker,
+    NatsTransport,
+    Transport,
+    _asyncio_loop,
+    _nats_options,
+    open_nats_transport,
+)
+from backbeat_trio._wire import BeatFrame, StatusClaim, TempoChange, decode, encode
+from backbeat_trio.testing import virtual_wall_clock
+
+CLUSTER = "ha"
+TEMPO = 300  # 0.2 s beats
+BEAT = 60 / TEMPO
+
+
+def timings(**changes: float) -> LeaseTimings:
+    values = {
+        "ttl": 1.0,
+        "guard": 0.05,
+        "clock_drift": 0.001,
+        "poll_interval": 0.05,
+        "renew_interval": 0.5,
+        "op_timeout": 0.3,
+    }
+    values.update(changes)
+    return LeaseTimings(**values)
+
+
+def record(
+    holder: str = "other",
+    *,
+    instance: str = "x",
+    seq: int = 1,
+    ttl: float = 1.0,
+    released: bool = False,
+) -> LeaseRecord:
+    return LeaseRecord(holder=holder, instance=instance, seq=seq, ttl=ttl, released=released)
+
+
+def role_of(e: LeaseElection) -> str:
+    return e.role
+
+
+# --- the sans-IO election ---------------------------------------------------------------------
+def test_follower_waits_a_full_ttl_from_the_first_sight_of_a_revision() -> None:
+    e = LeaseElection("p1", timings())
+    assert not e.may_acquire(0.0)  # nothing read yet
+    assert e.expires_at() == math.inf
+    e.observe(7, record(), now=10.0)
+    assert e.expires_at() == 11.0
+    e.observe(7, record(), now=10.9)  # the same revision again: the timer keeps running
+    assert not e.may_acquire(10.99)
+    assert e.may_acquire(11.0)
+    e.observe(8, record(seq=2), now=10.95)  # renewed: the timer restarts
+    assert not e.may_acquire(11.5)
+    assert e.may_acquire(11.95)
+    assert e.expected_last() == 8
+
+
+def test_an_older_answer_never_moves_the_view_back() -> None:
+    e = LeaseElection("p1", timings())
+    e.observe(8, record(seq=2), now=1.0)
+    e.observe(7, record(seq=1), now=2.0)
+    assert (e.revision, e.seen_at) == (8, 1.0)
+
+
+def test_a_holder_with_a_longer_ttl_is_waited_out_in_full() -> None:
+    e = LeaseElection("p1", timings(ttl=1.0))
+    e.observe(3, record(ttl=5.0), now=0.0)
+    assert not e.may_acquire(4.99)
+    assert e.may_acquire(5.0)
+
+
+@pytest.mark.parametrize(
+    ("revision", "rec"),
+    [
+        (None, None),  # no key at all
+        (4, record(released=True)),  # the holder released it
+        (4, record(holder="p1", instance="me")),  # our own record (a previous term of ours)
+    ],
+)
+def test_immediate_takeover_cases(revision: int | None, rec: LeaseRecord | None) -> None:
+    e = LeaseElection("p1", timings(), instance="me")
+    e.observe(revision, rec, now=5.0)
+    assert e.may_acquire(5.0)
+    assert e.expected_last() == (revision or 0)
+
+
+def test_an_unreadable_revision_is_waited_out_like_any_other() -> None:
+    e = LeaseElection("p1", timings())
+    e.observe(4, None, now=5.0)
+    assert not e.may_acquire(5.5)
+    assert e.may_acquire(6.0)
+
+
+def test_leader_validity_counts_from_the_send_time() -> None:
+    t = timings()
+    e = LeaseElection("p1", t, instance="me")
+    e.observe(None, None, now=0.0)
+    seq, last = e.prepare_write(now=1.0)
+    assert last == 0
+    mine = record("p1", instance="me", seq=seq)
+    e.write_succeeded(seq, 1, mine, now=1.4)  # the ack took 0.4 s: validity still from 1.0
+    assert e.role == "leader"
+    assert e.terms == 1
+    assert e.valid_until == pytest.approx(1.0 + t.lease_span)
+    assert t.lease_span == pytest.approx(1.0 * (1 - 0.002) - 0.05)
+    assert e.may_publish(1.0 + t.lease_span - 1e-9)
+    assert not e.may_publish(1.0 + t.lease_span)
+    assert e.check(1.5)
+    assert not e.check(1.0 + t.lease_span)
+    assert role_of(e) == "follower"
+    assert "ran out" in e.lost_reason
+
+
+def test_a_lost_cas_ends_leadership_at_once() -> None:
+    e = LeaseElection("p1", timings(), instance="me")
+    e.observe(None, None, now=0.0)
+    seq, _ = e.prepare_write(now=0.0)
+    e.write_succeeded(seq, 1, record("p1", instance="me", seq=seq), now=0.1)
+    e.prepare_write(now=0.2)
+    e.write_conflicted(now=0.3)
+    assert e.role == "follower"
+    assert not e.may_publish(0.3)
+    assert e.needs_read
+
+
+def test_unknown_outcome_confirmed_by_a_read_of_our_own_write() -> None:
+    t = timings()
+    e = LeaseElection("p1", t, instance="me")
+    e.observe(None, None, now=0.0)
+    seq1, _ = e.prepare_write(now=0.0)
+    e.write_succeeded(seq1, 1, record("p1", instance="me", seq=seq1), now=0.01)
+    seq2, last = e.prepare_write(now=0.4)
+    assert last == 1
+    e.write_unknown(now=0.7)
+    assert e.needs_read
+    assert e.may_publish(0.7)  # still inside the lease of the first write
+    e.observe(2, record("p1", instance="me", seq=seq2), now=0.8)
+    assert e.role == "leader"
+    assert e.valid_until == pytest.approx(0.4 + t.lease_span)  # from the *send* of write 2
+    assert e.expected_last() == 2
+
+
+def test_reading_someone_elses_record_ends_leadership() -> None:
+    e = LeaseElection("p1", timings(), instance="me")
+    e.observe(None, None, now=0.0)
+    seq, _ = e.prepare_write(now=0.0)
+    e.write_succeeded(seq, 1, record("p1", instance="me", seq=seq), now=0.0)
+    e.observe(2, record("p2", instance="them"), now=0.3)
+    assert e.role == "follower"
+    assert "p2" in e.lost_reason
+    assert not e.may_acquire(0.3 + 0.99)
+
+
+def test_a_write_the_election_no_longer_tracks_is_not_trusted() -> None:
+    e = LeaseElection("p1", timings(), instance="me")
+    e.observe(None, None, now=0.0)
+    e.write_succeeded(99, 1, record("p1", instance="me", seq=99), now=0.0)
+    assert e.role == "follower"
+    assert e.needs_read
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ttl=st.floats(0.2, 120.0),
+    guard_frac=st.floats(0.0, 0.4),
+    drift=st.floats(0.0, 0.01),
+    leader_rate=st.floats(-1.0, 1.0),
+    follower_rate=st.floats(-1.0, 1.0),
+    store_delay=st.floats(0.0, 5.0),
+    read_delay=st.floats(0.0, 5.0),
+)
+def test_the_old_leader_stops_a_guard_before_any_successor_can_start(
+    ttl: float,
+    guard_frac: float,
+    drift: float,
+    leader_rate: float,
+    follower_rate: float,
+    store_delay: float,
+    read_delay: float,
+) -> None:
+    # Real time r; each pulse's clock runs at (1 + rate * drift) times real time.
+    guard = guard_frac * ttl
+    t = timings(ttl=ttl, guard=guard, clock_drift=drift)
+    rl, rf = 1 + leader_rate * drift, 1 + follower_rate * drift
+    leader = LeaseElection("p1", t, instance="L")
+    follower = LeaseElection("p2", t, instance="F")
+    leader.observe(None, None, now=0.0)
+    send_real = 1.0
+    seq, _ = leader.prepare_write(now=send_real * rl)
+    stored_real = send_real + store_delay
+    rec = record("p1", instance="L", seq=seq, ttl=ttl)
+    leader.write_succeeded(seq, 1, rec, now=(stored_real + 0.001) * rl)
+    seen_real = stored_real + read_delay
+    follower.observe(1, rec, now=seen_real * rf)
+    last_publish_real = leader.valid_until / rl  # the leader publishes strictly before this
+    takeover_real = follower.expires_at() / rf  # the follower may try from here on
+    assert leader.may_publish(leader.valid_until - 1e-9 * ttl)
+    assert last_publish_real + guard <= takeover_real + 1e-9 * ttl
+
+
+# --- the lease value ---------------------------------------------------------------------------
+@settings(max_examples=100, deadline=None)
+@given(
+    tempo=st.integers(1, 1200),
+    bpb=st.integers(1, 8),
+    start=st.integers(0, 2**40),
+    advance=st.integers(0, 50),
+    t0=st.floats(0, 1e5),
+    to_wall=st.floats(1.6e9, 1.8e9),
+    later_offset=st.floats(-1e5, 1e5),
+)
+def test_a_snapshot_continues_the_schedule_in_another_clock(
+    tempo: int, bpb: int, start: int, advance: int, t0: float, to_wall: float, later_offset: float
+) -> None:
+    sched = PulseSchedule(CLUSTER, tempo_bpm=tempo, beats_per_bar=bpb, start_index=start, t0=t0)
+    for _ in range(advance):
+        sched.next_beat()
+    snap = decode_lease(
+        encode_lease(
+            LeaseRecord(
+                holder="p",
+                instance="i",
+                seq=1,
+                ttl=1.0,
+                schedule=ScheduleSnapshot.of(sched, to_wall),
+            )
+        )
+    )
+    assert snap is not None
+    assert snap.schedule is not None
+    # the successor's local clock = wall + later_offset
+    successor = snap.schedule.to_schedule(later_offset, max_tempo_step=0.1)
+    assert successor.next_index == sched.next_index
+    for _ in range(3):
+        a, b = sched.next_beat(), successor.next_beat()
+        assert a.beat_index == b.beat_index
+        assert a.window_id == b.window_id
+        assert b.due == pytest.approx(a.due + to_wall + later_offset, abs=1e-5)
+
+
+BAD_SCHEDULE = (
+    b'{"holder":"p","instance":"i","seq":1,"ttl":1.0,"schedule":{"cluster_id":"ha",'
+    b'"beat_index":3,"due":1.0,"tempo_bpm":5000,"beats_per_bar":4,"anchor_index":3,'
+    b'"anchor_time":1.0}}'
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"{}", b"not json", b'{"holder":"p","instance":"i","seq":1,"ttl":0}', None, BAD_SCHEDULE],
+)
+def test_unreadable_lease_values_decode_to_none(data: bytes | None) -> None:
+    assert decode_lease(data) is None
+
+
+def test_config_defaults_and_validation() -> None:
+    cfg = HAPulseConfig(cluster_id=CLUSTER, tempo_bpm=60)
+    t = cfg.timings()
+    assert t.ttl == pytest.approx(2.05)
+    assert t.poll_interval == pytest.approx(0.25)
+    assert t.renew_interval == pytest.approx(t.ttl / 2)
+    assert t.op_timeout == pytest.approx(t.ttl / 3)
+    assert lease_bucket_name("prod") == "BACKBEAT_HA_prod"
+    assert cfg.connection_config().name == "backbeat-ha-pulse:pulse-1"
+    with pytest.raises(ConfigError, match="lease_ttl"):
+        HAPulseConfig(cluster_id=CLUSTER, lease_ttl=0.1, jitter_tolerance=0.05)
+    with pytest.raises(ConfigError, match="lease_ttl"):
+        HAPulseConfig(cluster_id=CLUSTER, lease_ttl=-1.0)
+    with pytest.raises(ConfigError, match="lease_replicas"):
+        HAPulseConfig(cluster_id=CLUSTER, lease_replicas=0)
+    with pytest.raises(ConfigError, match="pulse_id"):
+        HAPulseConfig(cluster_id=CLUSTER, pulse_id="a.b")
+    with pytest.raises(ConfigError, match="clock_drift"):
+        HAPulseConfig(cluster_id=CLUSTER, clock_drift=0.5)
+
+
+# --- the I/O loop on MockClock -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Seen:
+    at: float
+    index: int
+    node: int
+    frame: BeatFrame
+
+
+def node_of(pulse_id: str) -> int:
+    return node_id_for(pulse_id)
+
+
+async def collect_beats(
+    transport: Transport, seen: list[Seen], *, task_status: trio.TaskStatus[None]
+) -> None:
+    sub = await transport.subscribe(beat_subject(CLUSTER), buffer=65536)
+    task_status.started()
+    async for msg in sub.messages:
+        frame = decode(msg.data, BeatFrame)
+        seen.append(
+            Seen(trio.current_time(), frame.beat_index, HLCStamp.parse(frame.hlc).node, frame)
+        )
+
+
+def assert_one_publisher_at_a_time(seen: list[Seen], *, max_switches: int) -> list[int]:
+    """Indices strictly increase and each pulse's frames form contiguous runs.
+
+    Returns the position of every switch from one pulse to another.
+    """
+    assert seen, "no beats observed"
+    indices = [s.index for s in seen]
+    assert all(b > a for a, b in itertools.pairwise(indices)), indices
+    switches = [i for i in range(1, len(seen)) if seen[i].node != seen[i - 1].node]
+    assert len(switches) <= max_switches, [(seen[i - 1].node, seen[i].node) for i in switches]
+    return switches
+
+
+def assert_same_grid(seen: list[Seen]) -> None:
+    """Every frame's deadline sits on one grid: the successor continued the schedule."""
+    base = [s.frame.deadline_at.timestamp() - (s.index + 1) * BEAT for s in seen]
+    assert max(base) - min(base) < 1e-3
+
+
+class MemoryHA:
+    """HA pulses on a memory bus and a memory lease store, each stoppable on its own."""
+
+    def __init__(self, nursery: trio.Nursery, *, latency: float = 0.0) -> None:
+        self.nursery = nursery
+        self.broker = MemoryBroker()
+        self.store = MemoryLeaseStore(latency=latency)
+        self.handles: dict[str, MemoryLeaseStore] = {}
+        self.scopes: dict[str, trio.CancelScope] = {}
+        self.status: dict[str, HAPulseStatus] = {}
+        self.every_status: list[HAPulseStatus] = []
+        self.seen: list[Seen] = []
+
+    async def watch(self) -> None:
+        await self.nursery.start(collect_beats, self.broker.connect(), self.seen)
+
+    def cfg(self, pulse_id: str, **changes: object) -> HAPulseConfig:
+        values: dict[str, object] = {
+            "cluster_id": CLUSTER,
+            "pulse_id": pulse_id,
+            "tempo_bpm": TEMPO,
+            "lease_ttl": 1.0,
+            "release_on_exit": False,
+        }
+        values.update(changes)
+        return HAPulseConfig(**values)  # type: ignore[arg-type]
+
+    async def start(self, pulse_id: str, **changes: object) -> HAPulseStatus:
+        cfg = self.cfg(pulse_id, **changes)
+        handle = self.store.handle()
+        handle.latency = self.store.latency
+        self.handles[pulse_id] = handle
+        scope = trio.CancelScope()
+        self.scopes[pulse_id] = scope
+        transport = self.broker.connect()
+
+        async def run(task_status: trio.TaskStatus[HAPulseStatus]) -> None:
+            with scope:
+                await run_ha_pulse(
+                    cfg,
+                    transport=transport,
+                    store=handle,
+                    wall_clock=virtual_wall_clock,
+                    task_status=task_status,
+                )
+
+        status: HAPulseStatus = await self.nursery.start(run)
+        self.status[pulse_id] = status
+        self.every_status.append(status)
+        return status
+
+    def leaders(self) -> list[str]:
+        return [p for p, s in self.status.items() if s.leading and not self.scopes[p].cancel_called]
+
+    async def wait_beats(self, count: int, *, node: int | None = None) -> None:
+        start = len(self.seen)
+        for _ in range(int(60 / BEAT) * 4):
+            if sum(1 for s in self.seen[start:] if node is None or s.node == node) >= count:
+                return
+            await trio.sleep(BEAT / 4)
+        raise AssertionError(f"fewer than {count} beats in 60 s: {self.seen[start:][-5:]}")
+
+
+async def test_three_pulses_elect_exactly_one_leader(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        ha = MemoryHA(nursery)
+        await ha.watch()
+        for p in ("p1", "p2", "p3"):
+            nursery.start_soon(ha.start, p)  # concurrently: all three race for the empty key
+        await ha.wait_beats(50)
+        assert len(ha.leaders()) == 1
+        leader = ha.leaders()[0]
+        assert_one_publisher_at_a_time(ha.seen, max_switches=0)
+        assert ha.seen[0].node == node_of(leader)
+        assert [s.index for s in ha.seen] == list(range(len(ha.seen)))  # no beat lost
+        assert sum(s.terms for s in ha.status.values()) == 1
+        assert ha.store.conflicts >= 2  # the two losers did race
+        followers = [s for p, s in ha.status.items() if p != leader]
+        assert all(s.holder == leader and s.pulse.published == 0 for s in followers)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_crashed_leader_is_replaced_within_the_ttl(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        ha = MemoryHA(nursery)
+        await ha.watch()
+        for p in ("p1", "p2", "p3"):
+            await ha.start(p)
+        await ha.wait_beats(20)
+        old = ha.leaders()[0]
+        ha.scopes[old].cancel()  # a crash: no release
+        await ha.wait_beats(20)
+        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
+        assert len(switches) == 1
+        before, after = ha.seen[switches[0] - 1], ha.seen[switches[0]]
+        assert before.node == node_of(old)
+        assert after.node != node_of(old)
+        t = ha.status[old].timings
+        gap = after.at - before.at
+        assert gap <= t.ttl + t.poll_interval + BEAT + 0.01, gap
+        assert gap >= t.ttl - t.poll_interval - BEAT
+        assert_same_grid(ha.seen)
+        new = [p for p in ha.leaders() if p != old]
+        assert len(new) == 1
+        change = ha.status[new[0]].changes[-1]
+        assert change.role == "leader"
+        assert change.next_beat is not None
+        assert before.index < change.next_beat <= after.index
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_released_lease_hands_over_within_a_poll(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        ha = MemoryHA(nursery)
+        await ha.watch()
+        await ha.start("p1", release_on_exit=True)
+        await ha.wait_beats(10)
+        await ha.start("p2")
+        ha.scopes["p1"].cancel()
+        await ha.wait_beats(10, node=node_of("p2"))
+        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
+        gap = ha.seen[switches[0]].at - ha.seen[switches[0] - 1].at
+        assert gap <= 2 * BEAT + ha.status["p2"].timings.poll_interval + 1e-6
+        assert ha.seen[switches[0]].index - ha.seen[switches[0] - 1].index <= 2
+        assert_same_grid(ha.seen)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_leader_cut_off_from_the_lease_stops_before_a_successor_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        ha = MemoryHA(nursery)
+        await ha.watch()
+        await ha.start("p1")
+        await ha.wait_beats(5)
+        await ha.start("p2")
+        await ha.wait_beats(5)
+        ha.handles["p1"].partitioned = True  # it still publishes beats fine; only the KV is gone
+        await ha.wait_beats(10, node=node_of("p2"))
+        old = ha.status["p1"]
+        assert old.role == "follower"
+        assert "ran out" in old.changes[-1].reason
+        ha.handles["p1"].partitioned = False
+        await ha.wait_beats(10)
+        assert old.role == "follower"
+        assert old.holder == "p2"
+        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
+        last_old, first_new = ha.seen[switches[0] - 1], ha.seen[switches[0]]
+        assert last_old.node == node_of("p1")
+        assert first_new.at - last_old.at >= old.timings.guard
+        assert_same_grid(ha.seen)
+        nursery.cancel_scope.cancel()
+
+
+async def test_chaos_with_a_slow_store_never_shows_two_publishers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Five pulses, store latency near a quarter of the op bound, the leader crashed or cut off
+    # again and again: every observed beat index is new and publishers never interleave.
+    pulses = [f"p{i}" for i in range(1, 6)]
+    assert len({node_of(p) for p in pulses}) == len(pulses)
+    acquisitions = 0
+    async with trio.open_nursery() as nursery:
+        ha = MemoryHA(nursery, latency=0.04)
+        await ha.watch()
+        for p in pulses:
+            nursery.start_soon(ha.start, p)
+        await ha.wait_beats(5)
+        for round_ in range(12):
+            leaders = ha.leaders()
+            assert len(leaders) <= 1
+            if leaders:
+                victim = leaders[0]
+                if round_ % 2:
+                    ha.scopes[victim].cancel()
+                    await ha.wait_beats(3)
+                    await ha.start(victim)  # comes back as a new instance
+                else:
+                    ha.handles[victim].partitioned = True
+                    await ha.wait_beats(3)
+                    ha.handles[victim].partitioned = False
+            await ha.wait_beats(3)
+        acquisitions = sum(s.terms for s in ha.every_status)
+        nursery.cancel_scope.cancel()
+    switches = assert_one_publisher_at_a_time(ha.seen, max_switches=acquisitions)
+    assert len(switches) >= 6
+    guard = ha.every_status[0].timings.guard
+    assert all(ha.seen[i].at - ha.seen[i - 1].at >= guard for i in switches)
+    assert_same_grid(ha.seen)
+
+
+async def test_a_tempo_change_survives_a_failover(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        ha = MemoryHA(nursery)
+        await ha.watch()
+        await ha.start("p1")
+        await ha.start("p2")
+        await ha.wait_beats(4)
+        requester = ha.broker.connect()
+        answer = await requester.request(
+            tempo_subject(CLUSTER),
+            encode(TempoChange(cluster_id=CLUSTER, tempo_bpm=330, requested_by="test")),
+        )
+        assert b'"accepted":true' in answer
+        await ha.wait_beats(8)
+        assert ha.seen[-1].frame.tempo_bpm == 330
+        leader = ha.leaders()[0]
+        ha.scopes[leader].cancel()
+        await ha.wait_beats(8, node=node_of("p2" if leader == "p1" else "p1"))
+        assert ha.seen[-1].frame.tempo_bpm == 330
+        assert_one_publisher_at_a_time(ha.seen, max_switches=1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_cluster_continues_the_recorded_indices(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        ha = MemoryHA(nursery)
+        await ha.watch()
+        await ha.start("p1")
+        await ha.wait_beats(10)
+        last = ha.seen[-1].index
+        ha.scopes["p1"].cancel()
+        await trio.sleep(5.0)  # every pulse down for a while
+        await ha.start("p1")  # a new process: a new instance, waits the old lease out
+        await ha.wait_beats(5)
+        fresh = [s for s in ha.seen if s.index > last]
+        assert fresh
+        assert fresh[0].index > last + 5 / BEAT - 1  # indices kept counting with time
+        assert_one_publisher_at_a_time(ha.seen, max_switches=0)
+        assert_same_grid(ha.seen)
+        nursery.cancel_scope.cancel()
+
+
+class SlowClaimStore:
+    """Delays the acknowledgement of the write that claims beat ``claim`` (stored at once)."""
+
+    def __init__(self, inner: LeaseStore, *, claim: int, ack_delay: float) -> None:
+        self.inner = inner
+        self.claim = claim
+        self.ack_delay = ack_delay
+        self.delayed = 0
+
+    async def ensure(self) -> None:
+        await self.inner.ensure()
+
+    async def read(self) -> tuple[int, bytes | None] | None:
+        return await self.inner.read()
+
+    async def write(self, value: bytes, *, last: int) -> int | None:
+        revision = await self.inner.write(value, last=last)
+        rec = decode_lease(value)
+        claims = (
+            rec is not None and rec.schedule is not None and rec.schedule.beat_index == self.claim
+        )
+        if claims and not self.delayed:
+            self.delayed += 1
+            await trio.sleep(self.ack_delay)
+        return revision
+
+
+async def test_a_beat_whose_claim_is_confirmed_too_late_is_not_published(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 1 BPM with a 1 s lease: the leader renews every half second between beats. The claim of
+    # beat 1 is stored but acknowledged only after the lease span: beat 1 must not go out.
+    async with trio.open_nursery() as nursery:
+        broker = MemoryBroker()
+        seen: list[Seen] = []
+        await nursery.start(collect_beats, broker.connect(), seen)
+        store = SlowClaimStore(MemoryLeaseStore(), claim=2, ack_delay=1.2)
+        cfg = HAPulseConfig(
+            cluster_id=CLUSTER, pulse_id="p1", tempo_bpm=1, lease_ttl=1.0, op_timeout=2.0
+        )
+        status: HAPulseStatus = await nursery.start(
+            lambda task_status: run_ha_pulse(
+                cfg,
+                transport=broker.connect(),
+                store=store,
+                wall_clock=virtual_wall_clock,
+                task_status=task_status,
+            )
+        )
+        await trio.sleep(125.0)
+        assert store.delayed == 1
+        assert [s.index for s in seen] == [0, 2]  # beats at 0 s, (60 s), 120 s
+        assert status.skipped_no_lease == 1
+        assert status.terms == 2  # it stepped down after the late ack, then took its lease back
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_ha_pulse_needs_a_store_for_a_memory_transport() -> None:
+    cfg = HAPulseConfig(cluster_id=CLUSTER)
+    with pytest.raises(ConfigError, match="store"):
+        await run_ha_pulse(cfg, transport=MemoryBroker().connect())
+
+
+# --- a real NATS server and a real 3-node cluster ------------------------------------------------
+@contextlib.asynccontextmanager
+async def open_pinned_transport(cfg: Config) -> AsyncIterator[NatsTransport]:
+    """A NATS transport that connects to ``cfg``'s first URL first (no server shuffling)."""
+    async with _asyncio_loop() as loop:
+        transport = NatsTransport(loop)
+        options = {**_nats_options(cfg), "dont_randomize": True}
+        await transport._connect(cfg.servers, options, cfg.connect_attempts, cfg.reconnect_delay)
+        try:
+            yield transport
+        finally:
+            await transport.aclose()
+
+
+def conn(agent_id: str, urls: list[str] | str, **changes: object) -> Config:
+    values: dict[str, object] = {
+        "cluster_id": CLUSTER,
+        "agent_id": agent_id,
+        "nats_url": urls,
+        "reconnect_delay": 0.25,
+        "connect_attempts": 3,
+    }
+    values.update(changes)
+    return Config(**values)  # type: ignore[arg-type]
+
+
+class CuttableStore:
+    """Wraps a lease store; while ``cut`` every call hangs (until the caller's bound)."""
+
+    def __init__(self, inner: LeaseStore) -> None:
+        self.inner = inner
+        self.cut = False
+
+    async def _gate(self) -> None:
+        if self.cut:
+            await trio.sleep_forever()
+
+    async def ensure(self) -> None:
+        await self._gate()
+        await self.inner.ensure()
+
+    async def read(self) -> tuple[int, bytes | None] | None:
+        await self._gate()
+        return await self.inner.read()
+
+    async def write(self, value: bytes, *, last: int) -> int | None:
+        await self._gate()
+        return await self.inner.write(value, last=last)
+
+
+class NatsHA:
+    """HA pulses on a real cluster, each with its own connection (all URLs) and cancel scope."""
+
+    def __init__(self, nursery: trio.Nursery, urls: list[str], **changes: object) -> None:
+        self.nursery = nursery
+        self.urls = urls
+        self.changes = changes
+        self.scopes: dict[str, trio.CancelScope] = {}
+        self.status: dict[str, HAPulseStatus] = {}
+        self.stores: dict[str, CuttableStore] = {}
+        self.seen: list[Seen] = []
+
+    async def watch(self) -> None:
+        async def watcher(task_status: trio.TaskStatus[None]) -> None:
+            async with open_nats_transport(conn("watch", self.urls)) as transport:
+                await collect_beats(transport, self.seen, task_status=task_status)
+
+        await self.nursery.start(watcher)
+
+    async def start(self, pulse_id: str, rotate: int = 0) -> HAPulseStatus:
+        urls = self.urls[rotate:] + self.urls[:rotate]
+        values: dict[str, object] = {
+            "cluster_id": CLUSTER,
+            "pulse_id": pulse_id,
+            "nats_url": urls,
+            "tempo_bpm": TEMPO,
+            "lease_ttl": 1.2,
+            "jitter_tolerance": 0.1,
+            "release_on_exit": False,
+        }
+        values.update(self.changes)
+        cfg = HAPulseConfig(**values)  # type: ignore[arg-type]
+        scope = trio.CancelScope()
+        self.scopes[pulse_id] = scope
+
+        async def run(task_status: trio.TaskStatus[HAPulseStatus]) -> None:
+            with scope:
+                async with open_nats_transport(cfg.connection_config()) as transport:
+                    store = CuttableStore(
+                        NatsLeaseStore(
+                            transport, CLUSTER, replicas=3, op_timeout=cfg.timings().op_timeout
+                        )
+                    )
+                    self.stores[pulse_id] = store
+                    await run_ha_pulse(
+                        cfg, transport=transport, store=store, task_status=task_status
+                    )
+
+        status: HAPulseStatus = await self.nursery.start(run)
+        self.status[pulse_id] = status
+        return status
+
+    def leader(self) -> str | None:
+        live = [p for p, s in self.status.items() if s.leading and not self.scopes[p].cancel_called]
+        assert len(live) <= 1, live
+        return live[0] if live else None
+
+    async def wait_beats(
+        self, count: int, *, where: Callable[[Seen], bool] | None = None, bound: float = 30.0
+    ) -> None:
+        start = len(self.seen)
+        for _ in range(int(bound / (BEAT / 2))):
+            if sum(1 for s in self.seen[start:] if where is None or where(s)) >= count:
+                return
+            await trio.sleep(BEAT / 2)
+        raise AssertionError(f"fewer than {count} beats in {bound} s: {self.seen[start:][-5:]}")
+
+
+def server_of(nats: NatsCluster, connection_name: str) -> NatsServerProcess:
+    for server in nats.servers:
+        if not server.running:
+            continue
+        names = [c.get("name") for c in server.monitor("connz").get("connections") or []]
+        if connection_name in names:
+            return server
+    raise AssertionError(f"no server holds a connection named {connection_name!r}")
+
+
+@pytest.mark.nats
+async def test_nats_lease_store_compare_and_set(nats_url: str) -> None:
+    async with open_nats_transport(conn("kv", nats_url)) as transport:
+        store = NatsLeaseStore(transport, "kvtest", replicas=3, op_timeout=2.0)
+        await store.ensure()
+        assert store.replicas == 1  # a single server: the bucket fell back to one replica
+        await store.ensure()  # idempotent
+        assert await store.read() is None
+        rev1 = await store.write(b"a", last=0)
+        assert rev1 is not None
+        assert await store.write(b"b", last=0) is None  # create on an existing key loses
+        assert await store.write(b"b", last=rev1 + 5) is None  # a wrong revision loses
+        rev2 = await store.write(b"b", last=rev1)
+        assert rev2 is not None
+        assert rev2 > rev1
+        assert await store.read() == (rev2, b"b")
+        assert await store.write(b"c", last=rev1) is None  # the old revision is gone
+
+
+@pytest.mark.nats
+async def test_split_brain_attempt_on_a_three_node_cluster() -> None:
+    # Three pulses start at the same moment (a create race), then the leader is cut off from
+    # the KV while it can still publish beats: the successor must not start until it stopped.
+    async with open_embedded_nats_cluster(3) as nats, trio.open_nursery() as nursery:
+        ha = NatsHA(nursery, nats.urls)
+        await ha.watch()
+        async with trio.open_nursery() as starters:
+            for i, p in enumerate(("p1", "p2", "p3")):
+                starters.start_soon(ha.start, p, i)
+        await ha.wait_beats(10)
+        old = ha.leader()
+        assert old is not None
+        ha.stores[old].cut = True
+        await ha.wait_beats(10, where=lambda s: s.node != node_of(old))
+        ha.stores[old].cut = False
+        await ha.wait_beats(10)
+        assert ha.status[old].role == "follower"
+        assert ha.status[old].holder not in (None, old)
+        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
+        assert len(switches) == 1
+        last_old, first_new = ha.seen[switches[0] - 1], ha.seen[switches[0]]
+        assert last_old.node == node_of(old)
+        assert first_new.at - last_old.at > 0.1
+        assert_same_grid(ha.seen)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.nats
+async def test_failover_on_a_three_node_cluster() -> None:
+    # Kill the server the leader uses (a client pinned to it must fail over, and no acknowledged
+    # claim may be lost from the replicated status stream), then crash the leading pulse itself.
+    agent = "agent-1"
+    emitted: list[StatusClaim] = []
+    async with open_embedded_nats_cluster(3) as nats:
+        urls = nats.urls
+        async with open_nats_transport(conn("setup", urls)) as admin:
+            await admin.call(
+                stream_ensure,
+                status_stream_name(CLUSTER),
+                [status_subject(CLUSTER)],
+                replicas=3,
+                op_timeout=5.0,
+            )
+            summary = await admin.call(stream_summary, status_stream_name(CLUSTER))
+            assert summary.replicas == 3
+        async with trio.open_nursery() as nursery:
+            ha = NatsHA(nursery, urls)
+            await ha.watch()
+            for i, p in enumerate(("p1", "p2", "p3")):
+                await ha.start(p, i)
+            await ha.wait_beats(10)
+            leader = ha.leader()
+            assert leader is not None
+            doomed = server_of(nats, f"backbeat-ha-pulse:{leader}")
+            pinned = [doomed.url] + [u for u in urls if u != doomed.url]
+            async with (
+                open_pinned_transport(conn(agent, pinned)) as agent_transport,
+                open_client(conn(agent, pinned), transport=agent_transport) as client,
+            ):
+                assert client.delivery_mode == "jetstream"
+                assert server_of(nats, f"backbeat-trio:{agent}") is doomed
+
+                async def emit_each_beat() -> None:
+                    async for frame in client.beats():
+                        claim = StatusClaim(state="executing", notes=f"at {frame.beat_index}")
+                        emitted.append(client.emit_status_nowait(claim))
+
+                nursery.start_soon(emit_each_beat)
+                await ha.wait_beats(5)
+                await trio.to_thread.run_sync(doomed.kill)
+                killed_at = trio.current_time()
+                await ha.wait_beats(10, where=lambda s: s.at > killed_at)
+                assert server_of(nats, f"backbeat-trio:{agent}") is not doomed
+                assert client.health().reconnect_count >= 1
+
+                crashed = ha.leader()
+                assert crashed is not None
+                ha.scopes[crashed].cancel()
+                await ha.wait_beats(
+                    10, where=lambda s: s.node != node_of(crashed) and s.at > killed_at
+                )
+                assert client.current_beat is not None
+                assert client.current_beat >= ha.seen[-1].index - 2  # it follows the successor
+                with trio.fail_after(10):
+                    await client.flush_claims()
+                assert client.pending_claims == 0  # every claim was acknowledged
+            nursery.cancel_scope.cancel()
+
+        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=3)
+        crash_switch = [i for i in switches if ha.seen[i - 1].node == node_of(crashed)][-1]
+        t = ha.status[crashed].timings
+        gap = ha.seen[crash_switch].at - ha.seen[crash_switch - 1].at
+        assert gap <= t.ttl + t.poll_interval + BEAT + 1.0, gap
+        assert_same_grid(ha.seen)
+
+        # every acknowledged claim is in the replicated stream, exactly once
+        survivors = [u for u in urls if u != doomed.url]
+        async with open_nats_transport(conn("check", survivors)) as check:
+            stored = await check.call(
+                stream_read,
+                status_stream_name(CLUSTER),
+                status_subject(CLUSTER),
+                1,
+                max_msgs=100_000,
+            )
+        ids = [(m.headers or {}).get("Nats-Msg-Id") for m in stored]
+        assert len(ids) == len(set(ids))
+        wanted = {f"{agent}:{c.hlc}" for c in emitted}
+        assert len(wanted) >= 20
+        assert wanted <= set(ids), sorted(wanted - set(ids))[:5]
+
+
+@pytest.mark.nats
+async def test_run_local_cluster_shows_a_failover() -> None:
+    lines: list[str] = []
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            local = await nursery.start(
+                lambda task_status: run_local_cluster(
+                    pulses=2,
+                    servers=3,
+                    cluster_id="demo",
+                    tempo_bpm=TEMPO,
+                    lease_ttl=1.0,
+                    failover_every=2.0,
+                    restart_after=0.5,
+                    out=lines.append,
+                    task_status=task_status,
+                )
+            )
+            assert len(local.urls) == 3
+            for _ in range(300):
+                if any("took over" in line for line in lines):
+                    break
+                await trio.sleep(0.1)
+            assert local.failovers >= 1
+            nursery.cancel_scope.cancel()
+    assert any("leads" in line for line in lines)
+    assert any("crashing the leader" in line for line in lines)
+    assert lines[0].startswith("NATS cluster of 3 up")

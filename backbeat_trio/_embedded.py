@@ -399,6 +399,9 @@ class NatsServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
+                # own session: a terminal's Ctrl-C reaches us, not the server, so we can shut
+                # down in order (agents flush their claims before the server stops)
+                start_new_session=True,
             )
         self.start_count += 1
         _live.add(self)

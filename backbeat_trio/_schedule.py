@@ -240,6 +240,8 @@ class PulseSchedule:
             How many beats were skipped (0 when not behind by a whole beat).
         """
         start = self._cursor
+        # a change pending for the beat at the cursor sets that beat's duration
+        self._apply_pending()
         if self._due(self._cursor + 1) > now:
             return 0
         if self._pending is not None:

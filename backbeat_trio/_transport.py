@@ -49,6 +49,8 @@ __all__ = [
 
 log = logging.getLogger("backbeat_trio.transport")
 
+_FAILED_CLOSE_BOUND = 0.25  # seconds to let nats-py close a connection whose handshake failed
+
 EventKind = Literal[
     "connected", "disconnected", "reconnected", "closed", "error", "slow_consumer", "lame_duck"
 ]
@@ -266,8 +268,10 @@ class NatsTransport:
             except (TimeoutError, OSError, nats.errors.Error) as exc:
                 last = exc
                 log.debug("connect attempt %d/%d failed: %r", attempt + 1, attempts, exc)
-                # a refused handshake (bad credentials) leaves nats-py's socket open
-                with contextlib.suppress(Exception):
+                # A refused handshake (bad credentials) leaves nats-py's socket open: close it.
+                # Bounded: after a failed TLS upgrade nats-py's close() closes the socket, then
+                # waits for ever on the stream that start_tls replaced (nats-py 2.16).
+                with contextlib.suppress(Exception), trio.move_on_after(_FAILED_CLOSE_BOUND):
                     await trio_asyncio.aio_as_trio(nc.close)()
                 continue
             for key in ("allow_reconnect", "max_reconnect_attempts", "reconnect_time_wait"):

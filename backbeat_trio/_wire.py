@@ -214,7 +214,7 @@ def decode(data: bytes | bytearray | memoryview | str, type_: type[T]) -> T:
     """
     try:
         msg = _decoders[type_].decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise WireError(f"invalid {type_.__name__}: {exc}") from exc
     if type_ is StatusClaim:
         _check_claim_identity(msg)

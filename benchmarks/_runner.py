@@ -436,9 +436,13 @@ async def bench_beats(p: Params, out: Outcome, logdir: Path) -> None:
         )
     )
     first = [x[0] * ms if x else math.nan for x in deg_err]
+    min_lat = median([min(x) * ms for x in lat_ours if x])
     out.notes.append(
         "Beats: " + "; ".join(extras) + ". The first local beat is delivered "
-        f"`jitter_tolerance` (50 ms) after it was due by design (median {median(first):.1f} ms)."
+        f"`jitter_tolerance` (50 ms) after it was due by design (median {median(first):.1f} ms). "
+        f"Smallest pulse-beat latency the client saw (median over reps): {min_lat:.2f} ms — the "
+        "client's tempo estimator takes this minimum as the clock offset to the pulse, so its "
+        "local schedule continues from the pulse's schedule shifted by it."
     )
 
 
@@ -596,6 +600,34 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
                     None,
                 )
             )
+            want_w = n * p.scale_window_beats
+            out.rows.append(
+                Row(
+                    bench,
+                    f"N={n}: agent-beats delivered per window",
+                    "% of N × beats",
+                    [100.0 * v / want_w for v in res["agent_beats"]],
+                    [100.0 * v / want_w for v in base["agent_beats"]],
+                    label,
+                    "(info)",
+                    None,
+                )
+            )
+            out.rows.append(
+                Row(
+                    bench,
+                    f"N={n}: beats synthesised locally (client fell behind the pulse)",
+                    "%",
+                    [
+                        100.0 * lb / max(1, ab)
+                        for lb, ab in zip(res["local_beats"], res["agent_beats"], strict=True)
+                    ],
+                    None,
+                    "",
+                    "(info)",
+                    None,
+                )
+            )
             got = sum(res["agent_beats"])
             want = res["expected_agent_beats"] * p.scale_windows
             out.notes.append(
@@ -625,19 +657,20 @@ async def bench_recovery(p: Params, out: Outcome, logdir: Path) -> None:
     extras: list[str] = []
     async with open_server(jetstream=True) as server, contextlib.AsyncExitStack() as stack:
         url = server.url
-        pulse = await stack.enter_async_context(
-            open_worker("pulse-recovery", "benchmarks._w_pulse", {"url": url}, logdir)
+        workers = await start_workers(
+            stack,
+            {
+                "pulse": ("pulse-recovery", "benchmarks._w_pulse", {"url": url}),
+                "bb": ("bb-recovery", "benchmarks._w_client", {"role": "recovery", "url": url}),
+                "plain": (
+                    "plain-recovery",
+                    "benchmarks._w_plain",
+                    {"role": "recovery", "url": url},
+                ),
+            },
+            logdir,
         )
-        bbw = await stack.enter_async_context(
-            open_worker(
-                "bb-recovery", "benchmarks._w_client", {"role": "recovery", "url": url}, logdir
-            )
-        )
-        plain = await stack.enter_async_context(
-            open_worker(
-                "plain-recovery", "benchmarks._w_plain", {"role": "recovery", "url": url}, logdir
-            )
-        )
+        pulse, bbw, plain = workers["pulse"], workers["bb"], workers["plain"]
         for rep in range(p.recovery_reps):
             cj, cc, cp = f"rec{rep}js", f"rec{rep}core", f"rec{rep}plain"
             await bbw.send(

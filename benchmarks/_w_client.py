@@ -238,13 +238,16 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
         p99: list[float] = []
         p50: list[float] = []
         delivered: list[int] = []
+        local: list[int] = []
         for _ in range(windows):
             beats0 = sum(c.metrics.beats for c in clients)
+            local0 = sum(c.metrics.degraded_beats for c in clients)
             start = len(recs)
             c0 = time.process_time()
             await trio.sleep(window_beats * duration)
             c1 = time.process_time()
             beats1 = sum(c.metrics.beats for c in clients)
+            local.append(sum(c.metrics.degraded_beats for c in clients) - local0)
             lat = [w - s for w, s in recs[start:]]
             agent_beats = beats1 - beats0
             delivered.append(agent_beats)
@@ -259,6 +262,7 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
                 "latency_p99": p99,
                 "latency_p50": p50,
                 "agent_beats": delivered,
+                "local_beats": local,
                 "expected_agent_beats": n * window_beats,
                 "rss_per_client_connected": (rss1 - rss0) / n,
                 "rss_per_client_running": (rss2 - rss0) / n,

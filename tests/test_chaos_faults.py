@@ -275,6 +275,7 @@ outage_plans = st.lists(
 
 
 async def _memory_outages(plan: list[tuple[float, float]], claims_per_second: float) -> None:
+    completed = False
     async with open_fake_cluster("mem-chaos", tempo_bpm=240, jetstream=True) as cluster:
         emitted: list[bb3.StatusClaim] = []
         delivered: list[int] = []
@@ -320,6 +321,9 @@ async def _memory_outages(plan: list[tuple[float, float]], claims_per_second: fl
         assert metrics.degraded_episodes >= long_outages
         assert metrics.resyncs == metrics.degraded_episodes
         assert not bb.degraded
+        completed = True
+    # an error swallowed on the way out (a Cancelled absorbed by the cluster's scope) ends early
+    assert completed
 
 
 def test_memory_broker_outages_keep_claims_exactly_once(soak: bool) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,6 +25,7 @@ from nacl.signing import VerifyKey
 import backbeat_trio as bb3
 from backbeat_trio._embedded import NatsServerProcess, free_port
 from backbeat_trio._hlc import node_id_for
+from backbeat_trio._transport import _nats_options, open_nats_transport
 from backbeat_trio._wire import encode
 
 pytestmark = pytest.mark.nats
@@ -116,9 +119,46 @@ async def test_credentials_and_server_lists_pass_through() -> None:
                 assert bb.health().delivery == "core"
 
 
-async def test_transport_reuses_the_callers_loop_batches_and_translates(nats_url: str) -> None:
-    from backbeat_trio._transport import open_nats_transport
+async def test_user_and_password_pass_through() -> None:
+    async with bb3.open_embedded_nats(jetstream=False, user="alice", password="pw") as url:
+        wrong = bb3.Config(cluster_id="c", agent_id="a", nats_url=url, user="alice", password="x")
+        with trio.fail_after(10), pytest.raises(bb3.NotConnected, match="credentials"):
+            async with bb3.open_client(wrong):
+                pass  # pragma: no cover
+        right = wrong.replace(password="pw")
+        with trio.fail_after(10):
+            async with bb3.open_client(right) as bb:
+                assert bb.health().connected
 
+
+def test_creds_nkeys_and_tls_options_reach_nats_py(tmp_path: Path) -> None:
+    creds = tmp_path / "user.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\n")
+    tls = ssl.create_default_context()
+    cfg = bb3.Config(
+        cluster_id="c",
+        agent_id="a",
+        nats_url="tls://127.0.0.1:4222,tls://127.0.0.1:4223",
+        creds_file=str(creds),
+        nkeys_seed="SUAEXAMPLE",
+        tls=tls,
+        reconnect_delay=0.5,
+        max_reconnects=7,
+    )
+    opts = _nats_options(cfg)
+    assert opts["user_credentials"] == str(creds)
+    assert opts["nkeys_seed"] == "SUAEXAMPLE"
+    assert opts["tls"] is tls
+    assert opts["reconnect_time_wait"] == 0.5
+    assert opts["max_reconnect_attempts"] == 7
+    assert opts["name"] == "backbeat-trio:a"
+    assert cfg.servers == ("tls://127.0.0.1:4222", "tls://127.0.0.1:4223")
+    token = _nats_options(bb3.Config(cluster_id="c", agent_id="a", token="t"))
+    assert token["token"] == "t"
+    assert "tls" not in token
+
+
+async def test_transport_reuses_the_callers_loop_batches_and_translates(nats_url: str) -> None:
     cfg = client_config(nats_url, "tr")
     async with trio_asyncio.open_loop() as loop, open_nats_transport(cfg) as transport:
         assert transport._loop is loop

@@ -191,20 +191,21 @@ async def test_junk_on_the_subject_is_skipped(nats_url: str) -> None:
 @pytest.mark.nats
 async def test_a_long_history_replays_in_pages(nats_url: str) -> None:
     cluster = "h-long"
-    count = 3000
+    count, kept = 1500, 1200  # several 256-message pages, and the oldest 300 dropped
     async with open_nats_transport(conn(nats_url, cluster)) as transport:
-        await ensure_bar_stream(transport, cluster, max_reports=2500)
+        await ensure_bar_stream(transport, cluster, max_reports=kept)
         await publish_reports(transport, [report(cluster, BPB * i) for i in range(count)])
-        summary = await wait_stored(transport, cluster, 2500, last_seq=count)
-        assert summary.messages == 2500  # the oldest 500 were dropped by the limit
-        assert summary.first_seq == 501
+        summary = await wait_stored(transport, cluster, kept, last_seq=count)
+        assert summary.messages == kept
+        assert summary.first_seq == count - kept + 1
         with trio.fail_after(20):
             everything = await replay_bars(transport, cluster, limit=100_000)
-            tail = await replay_bars(transport, cluster, since_beat=BPB * 2990 + 1)
+            tail = await replay_bars(transport, cluster, since_beat=BPB * (count - 10) + 1)
             early = await replay_bars(transport, cluster, since_beat=1, limit=5)
-        assert [r.from_beat for r in everything] == [BPB * i for i in range(500, count)]
-        assert [r.from_beat for r in tail] == [BPB * i for i in range(2990, count)]
-        assert [r.from_beat for r in early] == [BPB * i for i in range(500, 505)]
+        dropped = count - kept
+        assert [r.from_beat for r in everything] == [BPB * i for i in range(dropped, count)]
+        assert [r.from_beat for r in tail] == [BPB * i for i in range(count - 10, count)]
+        assert [r.from_beat for r in early] == [BPB * i for i in range(dropped, dropped + 5)]
 
 
 @pytest.mark.nats

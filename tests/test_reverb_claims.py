@@ -356,6 +356,8 @@ async def _one_reverb(
             await wait_for_reports(
                 status, lambda: "agent-2" in status.latest_claims, "the last valid claim"
             )
+            with trio.fail_after(10):  # rejection_reasons is refreshed with each report
+                await status.wait_for_report()
             nursery.cancel_scope.cancel()
     return status
 

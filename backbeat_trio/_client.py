@@ -951,6 +951,25 @@ class Client:
         self._mode = "jetstream"
         self._ack_prefix = f"{self._transport.new_inbox()}.ack"
 
+    async def _run_services(self, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        """Run the client's tasks in a shielded scope that only ``open_client`` cancels.
+
+        Cancelling the block that holds the client must not kill the ack-listener before the
+        shielded shutdown has had its chance to deliver queued claims; so the tasks live behind a
+        shield, and leave when ``open_client`` cancels this scope after the shutdown.
+        """
+        with trio.CancelScope(shield=True) as scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self._run_supervisor)
+                if self._mode == "jetstream":
+                    await nursery.start(self._run_ack_listener)
+                else:
+                    await nursery.start(self._run_confirmer)
+                await nursery.start(self._run_subscriber)
+                await nursery.start(self._run_tempo_sampler)
+                task_status.started(scope)
+
     async def _shutdown(self) -> None:
         """Leave the block: deliver what is queued (bounded), then end budgets, channels, waits."""
         if self._outbox or self._unconfirmed:
@@ -1002,14 +1021,7 @@ async def open_client(
             client = Client(config, transport, wall_clock=wall_clock)
             await client._detect_mode()
             async with trio.open_nursery() as nursery:
-                client._nursery = nursery
-                await nursery.start(client._run_supervisor)
-                if client._mode == "jetstream":
-                    await nursery.start(client._run_ack_listener)
-                else:
-                    await nursery.start(client._run_confirmer)
-                await nursery.start(client._run_subscriber)
-                await nursery.start(client._run_tempo_sampler)
+                services = await nursery.start(client._run_services)
                 try:
                     yield client
                 except BaseException as exc:
@@ -1018,7 +1030,7 @@ async def open_client(
                 finally:
                     with trio.CancelScope(shield=True):
                         await client._shutdown()
-                    nursery.cancel_scope.cancel()
+                    services.cancel()
                     client._nursery = None
                     left = client.undelivered()
                     if left:

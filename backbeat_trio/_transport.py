@@ -298,7 +298,9 @@ class NatsTransport:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await trio_asyncio.aio_as_trio(asyncio.wait)({self._drainer}, timeout=1.0)
             if self._nc is not None and not self._nc.is_closed:
-                with contextlib.suppress(Exception):
+                # when the grace runs out mid-close, trio-asyncio surfaces asyncio's own
+                # CancelledError (not an Exception subclass): it must not escape aclose
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await trio_asyncio.aio_as_trio(self._nc.close)()
         self._event_send.close()
 

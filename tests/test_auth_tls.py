@@ -8,22 +8,47 @@ test session with the ``cryptography`` package, or with the ``openssl`` CLI when
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import ipaddress
 import shutil
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import pytest
 import trio
 
 import backbeat_trio as bb3
 from backbeat_trio._embedded import NatsServerProcess
+
+P = ParamSpec("P")
+
+
+def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
+    that surfaces as a bare cancellation would go unseen. Make that a failure."""
+
+    @functools.wraps(test)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            await test(*args, **kwargs)
+        except BaseException as exc:
+            cancelled_only = isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+            )
+            if cancelled_only:
+                raise AssertionError(
+                    "the test ended in a bare Cancelled: an error was lost"
+                ) from exc
+            raise
+
+    return guarded
+
 
 pytestmark = pytest.mark.nats
 
@@ -214,12 +239,14 @@ async def refused(url: str, **options: Any) -> tuple[bb3.NotConnected, float]:
 
 
 # --- token and user/password ---------------------------------------------------------------------
+@fail_on_bare_cancel
 async def test_the_right_token_connects(token_server: NatsServerProcess) -> None:
     health = await beat_together(token_server.url, "auth-token", token=TOKEN)
     assert health.connected
     assert health.last_beat >= 2
 
 
+@fail_on_bare_cancel
 async def test_the_right_user_and_password_connect(userpass_server: NatsServerProcess) -> None:
     health = await beat_together(userpass_server.url, "auth-user", user=USER, password=PASSWORD)
     assert health.connected
@@ -234,6 +261,7 @@ async def test_the_right_user_and_password_connect(userpass_server: NatsServerPr
         pytest.param({"user": USER, "password": "nope"}, id="user-instead-of-token"),
     ],
 )
+@fail_on_bare_cancel
 async def test_a_wrong_token_is_refused_fast_and_clearly(
     token_server: NatsServerProcess, credentials: dict[str, str]
 ) -> None:
@@ -254,6 +282,7 @@ async def test_a_wrong_token_is_refused_fast_and_clearly(
         pytest.param({"token": TOKEN}, id="token-instead-of-user"),
     ],
 )
+@fail_on_bare_cancel
 async def test_a_wrong_user_or_password_is_refused_fast_and_clearly(
     userpass_server: NatsServerProcess, credentials: dict[str, str]
 ) -> None:
@@ -264,6 +293,7 @@ async def test_a_wrong_user_or_password_is_refused_fast_and_clearly(
 
 
 # --- TLS -----------------------------------------------------------------------------------------
+@fail_on_bare_cancel
 async def test_tls_with_the_right_ca_connects(tls_server: NatsServerProcess, pki: Pki) -> None:
     assert tls_server.url.startswith("tls://")
     health = await beat_together(tls_server.url, "auth-tls", tls_ca_file=str(pki.ca))
@@ -290,6 +320,7 @@ _TLS_HANG = pytest.mark.xfail(
         pytest.param("nats", False, id="plain-url-to-a-tls-server", marks=_TLS_HANG),
     ],
 )
+@fail_on_bare_cancel
 async def test_tls_with_an_untrusted_certificate_fails_fast_and_clearly(
     tls_server: NatsServerProcess, pki: Pki, scheme: str, use_wrong_ca: bool
 ) -> None:

@@ -13,11 +13,14 @@ must surface as that failure, never as a silent cancellation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import math
 import random
 import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import ParamSpec
 
 import nats
 import pytest
@@ -33,6 +36,29 @@ from backbeat_trio._client import UndeliveredClaims
 from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio._transport import MemoryBroker, open_nats_transport
 from backbeat_trio.testing import open_fake_cluster, virtual_wall_clock
+
+P = ParamSpec("P")
+
+
+def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
+    that surfaces as a bare cancellation would go unseen. Make that a failure."""
+
+    @functools.wraps(test)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            await test(*args, **kwargs)
+        except BaseException as exc:
+            cancelled_only = isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+            )
+            if cancelled_only:
+                raise AssertionError(
+                    "the test ended in a bare Cancelled: an error was lost"
+                ) from exc
+            raise
+
+    return guarded
 
 
 # --- in memory, under hypothesis -----------------------------------------------------------------
@@ -218,6 +244,7 @@ async def _stream_hlcs(url: str, cluster: str) -> set[str]:
 
 @pytest.mark.chaos
 @pytest.mark.nats
+@fail_on_bare_cancel
 async def test_cancel_a_client_at_random_points_over_nats(soak: bool) -> None:
     rng = random.Random(20261126)
     runs = 40 if soak else 6

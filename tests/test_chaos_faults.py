@@ -12,9 +12,11 @@ CI runs these bounded (a few seconds each); ``--soak`` runs more claims and more
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec
 
 import nats
 import pytest
@@ -30,6 +32,30 @@ from backbeat_trio._client import UndeliveredClaims
 from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio._transport import open_nats_transport
 from backbeat_trio.testing import open_fake_cluster
+
+P = ParamSpec("P")
+
+
+def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
+    that surfaces as a bare cancellation would go unseen. Make that a failure."""
+
+    @functools.wraps(test)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            await test(*args, **kwargs)
+        except BaseException as exc:
+            cancelled_only = isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+            )
+            if cancelled_only:
+                raise AssertionError(
+                    "the test ended in a bare Cancelled: an error was lost"
+                ) from exc
+            raise
+
+    return guarded
+
 
 pytestmark = pytest.mark.chaos
 
@@ -77,6 +103,7 @@ def strictly_increasing(xs: list[int]) -> bool:
 
 
 # --- SIGKILL + restart under load ----------------------------------------------------------------
+@fail_on_bare_cancel
 async def test_sigkill_and_restart_keeps_claims_exactly_once_and_beats_monotonic(
     soak: bool,
 ) -> None:
@@ -191,6 +218,7 @@ async def test_sigkill_and_restart_keeps_claims_exactly_once_and_beats_monotonic
 
 # --- a server that never comes back --------------------------------------------------------------
 @pytest.mark.parametrize("delivery", ["jetstream", "core"])
+@fail_on_bare_cancel
 async def test_server_that_never_comes_back(delivery: str) -> None:
     cluster = f"chaos-dead-{delivery}"
     outbox_size = 40

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import functools
 import gc
 import itertools
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec
 
 import msgspec
 import psutil
@@ -26,6 +28,30 @@ import backbeat_trio as bb3
 from backbeat_trio._beats import beat_subject, phase_for, window_id
 from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio._transport import NatsTransport, open_nats_transport
+
+P = ParamSpec("P")
+
+
+def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
+    that surfaces as a bare cancellation would go unseen. Make that a failure."""
+
+    @functools.wraps(test)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            await test(*args, **kwargs)
+        except BaseException as exc:
+            cancelled_only = isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+            )
+            if cancelled_only:
+                raise AssertionError(
+                    "the test ended in a bare Cancelled: an error was lost"
+                ) from exc
+            raise
+
+    return guarded
+
 
 pytestmark = [pytest.mark.chaos, pytest.mark.nats]
 
@@ -86,6 +112,7 @@ def accounted(m: bb3.ClientMetrics) -> int:
     )
 
 
+@fail_on_bare_cancel
 async def test_a_flood_at_a_sleeping_consumer_keeps_memory_bounded_and_the_newest_beats(
     nats_server: NatsServerProcess, nats_url: str, soak: bool
 ) -> None:
@@ -184,6 +211,7 @@ async def test_a_flood_at_a_sleeping_consumer_keeps_memory_bounded_and_the_newes
     assert received[-1] == newest == delivered[-1]
 
 
+@fail_on_bare_cancel
 async def test_nats_slow_consumer_errors_surface_in_health_not_as_exceptions(
     nats_server: NatsServerProcess, nats_url: str
 ) -> None:

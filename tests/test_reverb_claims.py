@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec
 
 import msgspec
 import pytest
@@ -27,6 +29,30 @@ from backbeat_trio._hlc import HLC, HLCStamp, node_id_for
 from backbeat_trio._signing import HEADER_AGENT, HEADER_KEY, HEADER_SIG, sign_headers
 from backbeat_trio._transport import NatsTransport, open_nats_transport
 from backbeat_trio._wire import encode_claim
+
+P = ParamSpec("P")
+
+
+def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
+    that surfaces as a bare cancellation would go unseen. Make that a failure."""
+
+    @functools.wraps(test)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            await test(*args, **kwargs)
+        except BaseException as exc:
+            cancelled_only = isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+            )
+            if cancelled_only:
+                raise AssertionError(
+                    "the test ended in a bare Cancelled: an error was lost"
+                ) from exc
+            raise
+
+    return guarded
+
 
 pytestmark = pytest.mark.nats
 
@@ -241,6 +267,7 @@ async def wait_for_reports(
     assert predicate(), f"timed out waiting for {what}: {status!r}"
 
 
+@fail_on_bare_cancel
 async def test_reverb_rejects_every_bad_claim_and_accepts_every_valid_one(
     nats_server: NatsServerProcess, nats_url: str
 ) -> None:
@@ -362,6 +389,7 @@ async def _one_reverb(
     return status
 
 
+@fail_on_bare_cancel
 async def test_a_replay_under_the_same_message_id_is_absorbed_by_the_stream(
     nats_server: NatsServerProcess, nats_url: str
 ) -> None:
@@ -386,6 +414,7 @@ async def test_a_replay_under_the_same_message_id_is_absorbed_by_the_stream(
     ),
     strict=True,
 )
+@fail_on_bare_cancel
 async def test_a_claim_with_invalid_utf8_is_rejected_and_the_reverb_goes_on(
     nats_server: NatsServerProcess, nats_url: str
 ) -> None:

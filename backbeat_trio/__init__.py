@@ -37,6 +37,13 @@ from ._errors import InvalidStatusClaim as InvalidStatusClaim
 from ._errors import NotConnected as NotConnected
 from ._errors import SignatureError as SignatureError
 from ._errors import WireError as WireError
+from ._ha import HAPulseConfig as HAPulseConfig
+from ._ha import HAPulseStatus as HAPulseStatus
+from ._ha import run_ha_pulse as run_ha_pulse
+from ._ha import run_local_cluster as run_local_cluster
+from ._history import ensure_bar_stream as ensure_bar_stream
+from ._history import last_reported_window as last_reported_window
+from ._history import replay_bars as replay_bars
 from ._hlc import HLC as HLC
 from ._hlc import HLCStamp as HLCStamp
 from ._pulse import PulseConfig as PulseConfig
@@ -75,6 +82,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DropOldestChannel",
+    "HAPulseConfig",
+    "HAPulseStatus",
     "HLCStamp",
     "HealthStatus",
     "InvalidStatusClaim",
@@ -95,14 +104,19 @@ __all__ = [
     "WireError",
     "bar_start",
     "beat_duration",
+    "ensure_bar_stream",
     "from_legacy",
     "generate_signing_key",
     "is_downbeat",
+    "last_reported_window",
     "load_signing_key",
     "open_client",
     "open_embedded_nats",
     "phase_for",
     "public_key_b64",
+    "replay_bars",
+    "run_ha_pulse",
+    "run_local_cluster",
     "run_pulse",
     "run_reverb",
     "save_signing_key",

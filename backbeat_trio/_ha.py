@@ -51,7 +51,7 @@ from ._embedded import NatsCluster, open_embedded_nats_cluster
 from ._errors import BackbeatError, ConfigError, NotConnected, WireError
 from ._hlc import HLC, HLCStamp, node_id_for
 from ._kv import kv_ensure_bucket, kv_read, kv_write
-from ._pulse import PulseConfig, PulseStatus, _tempo_listener
+from ._pulse import PulseConfig, PulseStatus, make_beat_frame, tempo_listener
 from ._schedule import PulseSchedule, ScheduledBeat
 from ._transport import NatsTransport, Subscription, Transport, open_nats_transport
 from ._wire import BeatFrame, decode
@@ -1022,7 +1022,7 @@ class _HAPulse:
                 log.warning("%s leads without tempo requests: %s", self.cfg.pulse_id, exc)
             if tempo_sub is not None:
                 nursery.start_soon(
-                    _tempo_listener,
+                    tempo_listener,
                     self.pulse_cfg,
                     self.transport,
                     tempo_sub,
@@ -1086,15 +1086,11 @@ class _HAPulse:
         if not self.transport.connected:
             st.skipped_disconnected += 1
             return
-        frame = BeatFrame(
-            cluster_id=self.cfg.cluster_id,
-            beat_index=beat.beat_index,
-            downbeat=beat.downbeat,
-            phase=beat.phase,
-            hlc=str(self.hlc.now()),
-            deadline_at=_dt.datetime.fromtimestamp(beat.deadline + self.to_wall, _dt.UTC),
-            tempo_bpm=beat.tempo_bpm,
-            window_id=beat.window_id,
+        frame = make_beat_frame(
+            self.cfg.cluster_id,
+            beat,
+            str(self.hlc.now()),
+            _dt.datetime.fromtimestamp(beat.deadline + self.to_wall, _dt.UTC),
         )
         try:
             self.transport.publish(self.subject, self.encoder.encode(frame))

@@ -25,7 +25,7 @@ from ._schedule import PulseSchedule, ScheduledBeat, TempoDecision
 from ._transport import Subscription, Transport, open_nats_transport
 from ._wire import BeatFrame, TempoChange, decode
 
-__all__ = ["PulseConfig", "PulseStatus", "run_pulse"]
+__all__ = ["PulseConfig", "PulseStatus", "make_beat_frame", "run_pulse", "tempo_listener"]
 
 log = logging.getLogger("backbeat_trio.pulse")
 
@@ -166,7 +166,7 @@ async def _pulse_loop(
 
     async with trio.open_nursery() as nursery:
         tempo_sub = await transport.subscribe(tempo_subject(cfg.cluster_id), buffer=256)
-        nursery.start_soon(_tempo_listener, cfg, transport, tempo_sub, schedule, hlc, status)
+        nursery.start_soon(tempo_listener, cfg, transport, tempo_sub, schedule, hlc, status)
         task_status.started(status)
         while True:
             beat: ScheduledBeat = schedule.next_beat()
@@ -180,16 +180,7 @@ async def _pulse_loop(
             if not transport.connected:
                 status.skipped_disconnected += 1
                 continue
-            frame = BeatFrame(
-                cluster_id=cfg.cluster_id,
-                beat_index=beat.beat_index,
-                downbeat=beat.downbeat,
-                phase=beat.phase,
-                hlc=str(hlc.now()),
-                deadline_at=to_wall(beat.deadline),
-                tempo_bpm=beat.tempo_bpm,
-                window_id=beat.window_id,
-            )
+            frame = make_beat_frame(cfg.cluster_id, beat, str(hlc.now()), to_wall(beat.deadline))
             try:
                 transport.publish(subject, encoder.encode(frame))
             except NotConnected:
@@ -200,7 +191,23 @@ async def _pulse_loop(
             status.tempo_bpm = beat.tempo_bpm
 
 
-async def _tempo_listener(
+def make_beat_frame(
+    cluster_id: str, beat: ScheduledBeat, hlc: str, deadline_at: _dt.datetime
+) -> BeatFrame:
+    """The frame a pulse publishes for a scheduled beat (``deadline_at`` on the pulse's clock)."""
+    return BeatFrame(
+        cluster_id=cluster_id,
+        beat_index=beat.beat_index,
+        downbeat=beat.downbeat,
+        phase=beat.phase,
+        hlc=hlc,
+        deadline_at=deadline_at,
+        tempo_bpm=beat.tempo_bpm,
+        window_id=beat.window_id,
+    )
+
+
+async def tempo_listener(
     cfg: PulseConfig,
     transport: Transport,
     sub: Subscription,

@@ -28,7 +28,13 @@ from ._beats import (
 )
 from ._client import open_client
 from ._config import Config
-from ._errors import NotConnected, SignatureError, WireError
+from ._errors import BackbeatError, NotConnected, SignatureError, WireError
+from ._history import (
+    already_reported,
+    bar_report_headers,
+    ensure_bar_stream,
+    last_reported_window,
+)
 from ._hlc import HLC
 from ._signing import Keyring, ReplayCache, verify_claim
 from ._transport import Subscription, Transport, open_nats_transport
@@ -37,6 +43,8 @@ from ._wire import BarReport, StatusClaim, encode
 __all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
 
 log = logging.getLogger("backbeat_trio.reverb")
+
+_RESUME_WINDOWS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +171,12 @@ async def _reverb_loop(
     if cfg.create_stream:
         with contextlib.suppress(Exception):
             await transport.ensure_stream(stream, [subject], duplicate_window=cfg.duplicate_window)
+        with contextlib.suppress(Exception):
+            await ensure_bar_stream(transport, cfg.cluster_id)
+    try:
+        resume_after = await last_reported_window(transport, cfg.cluster_id)
+    except BackbeatError:
+        resume_after = None
     found = await transport.find_stream(subject)
     status.stream = found
     if found is not None:
@@ -190,8 +204,12 @@ async def _reverb_loop(
             if left is None:
                 continue
             report = aggregator.close_window(left, str(hlc.now()))
+            if _resumed_duplicate(report, resume_after, cfg.beats_per_bar):
+                log.info("window %d was reported before this reverb restarted", left)
+                continue
+            resume_after = None  # past the restart point: nothing else can be a repeat
             try:
-                transport.publish(out_subject, encode(report))
+                transport.publish(out_subject, encode(report), headers=bar_report_headers(report))
             except NotConnected:
                 log.warning("bar report for window %s not published: disconnected", left)
             status.reports += 1
@@ -201,6 +219,16 @@ async def _reverb_loop(
             event, status.report_event = status.report_event, trio.Event()
             event.set()
         nursery.cancel_scope.cancel()
+
+
+def _resumed_duplicate(report: BarReport, last: int | None, beats_per_bar: int) -> bool:
+    # A restarted reverb first closes the window in progress, which its predecessor may already
+    # have reported. Only windows just behind the stored one count as repeats: a window far
+    # behind it means the pulse started a new timeline, whose reports must go out.
+    if not already_reported(report, last):
+        return False
+    assert last is not None
+    return last - report.from_beat <= _RESUME_WINDOWS * beats_per_bar
 
 
 async def _claims_loop(

@@ -1060,7 +1060,7 @@ def _exception_to_raise(
     """
     internal = _leaves(group, skip=user_exc)
     real = [e for e in internal if not isinstance(e, trio.Cancelled)]
-    if user_exc is not None and not isinstance(user_exc, trio.Cancelled):
+    if user_exc is not None and not _only_cancelled(user_exc):
         for exc in real:
             log.error("client task failed while the block raised", exc_info=exc)
         return user_exc
@@ -1069,6 +1069,14 @@ def _exception_to_raise(
     if not real:
         return user_exc if user_exc is not None else (internal[0] if internal else None)
     return None
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    # A nursery inside the block, cancelled because a client task failed, raises a group of
+    # Cancelled: that is our cancellation echoing back, not the user's own exception.
+    if isinstance(exc, BaseExceptionGroup):
+        return all(isinstance(e, trio.Cancelled) for e in _leaves(exc))
+    return isinstance(exc, trio.Cancelled)
 
 
 def _reraise(exc: BaseException) -> NoReturn:

@@ -29,7 +29,7 @@ import sys
 import tomllib
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import msgspec
 import trio
@@ -77,6 +77,10 @@ from ._wire import (
     encode_claim,
 )
 
+if TYPE_CHECKING:
+    from ._ha import LeadershipChange
+    from ._pulse import PulseStatus
+
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
@@ -96,6 +100,8 @@ EXIT_NOT_CONNECTED: Final = 3
 EXIT_INTERRUPTED: Final = 130
 
 PROG: Final = "backbeat-trio"
+#: ``tail --bars --since`` replays at most this many stored reports unless ``--limit`` says.
+_REPLAY_LIMIT: Final = 10_000
 DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 DEFAULT_CLUSTER: Final = "default"
 
@@ -158,6 +164,23 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _positive_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _beat_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -309,6 +332,10 @@ async def _cmd_server(args: argparse.Namespace) -> int:
 async def _cmd_pulse(args: argparse.Namespace) -> int:
     from ._pulse import PulseConfig, run_pulse
 
+    if args.ha:
+        return await _run_ha_pulse(args)
+    if args.lease_ttl is not None:
+        raise UsageError("--lease-ttl needs --ha")
     cfg = PulseConfig(
         cluster_id=args.cluster,
         nats_url=args.nats_url,
@@ -334,11 +361,75 @@ async def _cmd_pulse(args: argparse.Namespace) -> int:
             if args.quiet or beat is None or beat == printed:
                 continue
             printed = beat
-            bpb = cfg.beats_per_bar
+            _out(_pulse_beat_line(status, cfg.beats_per_bar, beat))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _pulse_beat_line(status: PulseStatus, beats_per_bar: int, beat: int, skipped: int = 0) -> str:
+    skipped += status.skipped_disconnected + status.skipped_late
+    return (
+        f"beat {beat:>6}  bar {beat // beats_per_bar + 1} {beat % beats_per_bar + 1}/"
+        f"{beats_per_bar}  {status.tempo_bpm} BPM  published {status.published}  "
+        f"skipped {skipped}"
+    )
+
+
+def _format_role_change(change: LeadershipChange) -> str:
+    if change.role == "leader":
+        start = f" from beat {change.next_beat}" if change.next_beat is not None else ""
+        return f"role leader: {change.pulse_id} leads{start} ({change.reason})"
+    holder = f"; lease held by {change.holder}" if change.holder else ""
+    return f"role follower: {change.pulse_id} stopped leading ({change.reason}){holder}"
+
+
+async def _run_ha_pulse(args: argparse.Namespace) -> int:
+    """``pulse --ha``: one instance of an HA pulse; it publishes only while it holds the lease."""
+    from ._ha import HAPulseConfig, lease_bucket_name, run_ha_pulse
+
+    cfg = HAPulseConfig(
+        cluster_id=args.cluster,
+        nats_url=args.nats_url,
+        tempo_bpm=args.tempo,
+        beats_per_bar=args.beats_per_bar,
+        start_index=args.start_index,
+        pulse_id=args.pulse_id,
+        max_tempo_step=None if args.any_tempo_step else args.max_tempo_step,
+        allow_forced_tempo=args.allow_forced_tempo,
+        lease_ttl=args.lease_ttl,
+        **_auth_kwargs(),
+    )
+    async with trio.open_nursery() as nursery:
+        status = await nursery.start(run_ha_pulse, cfg)
+        _eprint(
+            f"pulse {cfg.pulse_id} (HA, lease TTL {status.timings.ttl:g} s in KV bucket "
+            f"{lease_bucket_name(cfg.cluster_id)}): cluster {cfg.cluster_id!r}, "
+            f"{cfg.tempo_bpm} BPM and {cfg.beats_per_bar} beats per bar unless the lease holds "
+            f"a running schedule; beats on {beat_subject(cfg.cluster_id)} while it leads"
+        )
+        if not status.leading:
+            holder = f" (held by {status.holder})" if status.holder else ""
+            _out(f"role follower: {cfg.pulse_id} waits for the lease{holder}")
+        printed: int | None = None
+        last_change: LeadershipChange | None = None
+        while True:
+            await trio.sleep(min(0.25, 30.0 / status.pulse.tempo_bpm))
+            changes = list(status.changes)
+            # the deque is bounded: what follows the last change printed is new (all, if evicted)
+            fresh = next(
+                (changes[i + 1 :] for i, c in enumerate(changes) if c is last_change), changes
+            )
+            for change in fresh:
+                _out(_format_role_change(change))
+            if changes:
+                last_change = changes[-1]
+            beat = status.pulse.last_beat
+            if args.quiet or beat is None or beat == printed:
+                continue
+            printed = beat
             _out(
-                f"beat {beat:>6}  bar {beat // bpb + 1} {beat % bpb + 1}/{bpb}  "
-                f"{status.tempo_bpm} BPM  published {status.published}  "
-                f"skipped {status.skipped_disconnected + status.skipped_late}"
+                _pulse_beat_line(
+                    status.pulse, status.pulse.beats_per_bar, beat, status.skipped_no_lease
+                )
             )
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -387,8 +478,14 @@ async def _cmd_reverb(args: argparse.Namespace) -> int:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _tail_line(kind: str, msg: Message, as_json: bool) -> str | list[str]:
-    """Decode one message for ``tail``. Raises WireError when it breaks the contract."""
+def _tail_line(
+    kind: str, msg: Message, as_json: bool, replayed_up_to: int = -1
+) -> str | list[str] | None:
+    """Decode one message for ``tail``; None for a bar report the replay printed already.
+
+    Raises:
+        WireError: the message breaks the contract.
+    """
     if kind == "beats":
         frame = decode(msg.data, BeatFrame)
         return _compact_json(msg.data) if as_json else _format_beat(frame)
@@ -396,35 +493,69 @@ def _tail_line(kind: str, msg: Message, as_json: bool) -> str | list[str]:
         claim = decode(msg.data, StatusClaim)
         return _compact_json(msg.data) if as_json else _format_claim(claim, msg.headers)
     report = decode(msg.data, BarReport)
+    if report.from_beat <= replayed_up_to:
+        return None
     return _compact_json(msg.data) if as_json else _format_report(report)
+
+
+def _report_lines(report: BarReport, as_json: bool) -> list[str]:
+    return [encode(report).decode()] if as_json else _format_report(report)
 
 
 async def _cmd_tail(args: argparse.Namespace) -> int:
     kind = "claims" if args.claims else "bars" if args.bars else "beats"
+    if args.since is None and args.limit is not None:
+        raise UsageError("--limit needs --since")
+    if args.since is not None and kind != "bars":
+        raise UsageError("--since replays stored bar reports: it needs --bars")
     subject = {"beats": beat_subject, "claims": status_subject, "bars": bar_subject}[kind](
         args.cluster
     )
     cfg = _client_config(args, args.agent or "backbeat-tail")
     wanted = args.count
     received = bad = 0
+    # a live report of a window the replay already printed is skipped (it may be in both)
+    replayed_up_to = -1
     async with open_nats_transport(cfg) as transport:
         sub = await transport.subscribe(subject, buffer=4096)
         await transport.flush()  # the server has the subscription: nothing sent from now is missed
-        until = f", exiting after {wanted}" if wanted else ""
-        _eprint(f"listening on {subject}{until}")
         with trio.move_on_after(args.timeout if args.timeout else math.inf) as scope:
-            async for msg in sub.messages:
-                try:
-                    text = _tail_line(kind, msg, args.json)
-                except (WireError, msgspec.DecodeError) as exc:
-                    bad += 1
-                    _eprint(f"skipped a malformed message on {msg.subject}: {exc}")
-                    continue
-                for line in [text] if isinstance(text, str) else text:
-                    _out(line)
-                received += 1
-                if wanted and received >= wanted:
-                    break
+            if args.since is not None:
+                from ._history import bar_stream_name, replay_bars
+
+                stored = await replay_bars(
+                    transport,
+                    args.cluster,
+                    since_beat=args.since,
+                    limit=min(args.limit or _REPLAY_LIMIT, wanted or _REPLAY_LIMIT),
+                )
+                _eprint(
+                    f"{len(stored)} stored bar report(s) from {bar_stream_name(args.cluster)} "
+                    f"for windows ending at or after beat {args.since}"
+                )
+                for report in stored:
+                    for line in _report_lines(report, args.json):
+                        _out(line)
+                    received += 1
+                    replayed_up_to = max(replayed_up_to, report.from_beat)
+            if not (wanted and received >= wanted):
+                more = " more" if received else ""
+                until = f", exiting after {wanted - received}{more}" if wanted else ""
+                _eprint(f"listening on {subject}{until}")
+                async for msg in sub.messages:
+                    try:
+                        text = _tail_line(kind, msg, args.json, replayed_up_to)
+                    except (WireError, msgspec.DecodeError) as exc:
+                        bad += 1
+                        _eprint(f"skipped a malformed message on {msg.subject}: {exc}")
+                        continue
+                    if text is None:
+                        continue
+                    for line in [text] if isinstance(text, str) else text:
+                        _out(line)
+                    received += 1
+                    if wanted and received >= wanted:
+                        break
     if scope.cancelled_caught:
         got = f"{received} of {wanted}" if wanted else f"{received}"
         _eprint(f"{PROG} tail: timed out after {args.timeout:g} s with {got} message(s)")
@@ -622,6 +753,39 @@ async def _cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _cmd_cluster(args: argparse.Namespace) -> int:
+    from ._ha import run_local_cluster
+
+    leadership = 0
+
+    def out(line: str) -> None:
+        nonlocal leadership
+        if line.startswith("beat "):  # "beat N: pulse-1 leads" / "... took over ..."
+            leadership += 1
+        _out(line)
+
+    if args.restart_after is not None and args.failover_every is None:
+        raise UsageError("--restart-after needs --failover-every")
+    # SIGINT/SIGTERM cancel it: the pulses stop first, then the servers (shielded clean-up)
+    await run_local_cluster(
+        pulses=args.pulses,
+        servers=args.servers,
+        cluster_id=args.cluster,
+        tempo_bpm=args.tempo,
+        beats_per_bar=args.beats_per_bar,
+        lease_ttl=args.lease_ttl,
+        failover_every=args.failover_every,
+        restart_after=args.restart_after,
+        duration=args.duration,
+        out=out,
+    )
+    if leadership == 0:
+        _eprint(f"{PROG} cluster: no beat was seen within --duration {args.duration:g} s")
+        return EXIT_FAILURE
+    _eprint(f"{PROG} cluster: stopped after {args.duration:g} s")
+    return EXIT_OK
+
+
 async def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import DemoOptions, DemoState, LiveView, PlainView, run_demo
 
@@ -770,6 +934,64 @@ def build_parser() -> argparse.ArgumentParser:
         "--live", action="store_true", help="the live view even when stdout is not a terminal"
     )
 
+    # cluster
+    p = add(
+        "cluster",
+        _cmd_cluster,
+        "run a local NATS cluster with HA pulses and watch leadership (and failovers)",
+        [],
+        "Start a local NATS cluster (loopback only, clustered JetStream) with several HA pulses "
+        "that elect one leader through a lease, and print one line per leadership change seen "
+        "on the beat subject. With --failover-every it crashes the leader that often (no lease "
+        "release) and restarts it later, so you can watch the failovers. Runs until Ctrl-C or "
+        "SIGTERM, or for --duration seconds (exit 1 if no beat was seen by then).",
+    )
+    p.add_argument("--pulses", type=int, default=3, metavar="N", help="HA pulses, 1..9")
+    p.add_argument("--servers", type=int, default=3, metavar="N", help="nats-servers, 1..5")
+    p.add_argument(
+        "-c",
+        "--cluster-id",
+        "--cluster",
+        dest="cluster",
+        default="local",
+        metavar="ID",
+        help="BACKBEAT cluster id",
+    )
+    p.add_argument("--tempo", type=int, default=60, metavar="BPM", help="tempo, 1..1200")
+    p.add_argument(
+        "--bpb",
+        "--beats-per-bar",
+        dest="beats_per_bar",
+        type=int,
+        default=4,
+        metavar="N",
+        help="beats per bar",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=_seconds,
+        metavar="SECONDS",
+        help="lease TTL (default: two beats plus 50 ms)",
+    )
+    p.add_argument(
+        "--failover-every",
+        type=_seconds,
+        metavar="SECONDS",
+        help="crash the leading pulse this often (default: never)",
+    )
+    p.add_argument(
+        "--restart-after",
+        type=_seconds,
+        metavar="SECONDS",
+        help="restart a crashed pulse after this long (default: the lease TTL)",
+    )
+    p.add_argument(
+        "--duration",
+        type=_seconds,
+        metavar="SECONDS",
+        help="stop after this long (exit 0; 1 when no beat was seen)",
+    )
+
     # server
     p = add(
         "server",
@@ -821,6 +1043,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept larger steps when the request's reason starts with 'force'",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no line per beat")
+    ha = p.add_argument_group("high availability")
+    ha.add_argument(
+        "--ha",
+        action="store_true",
+        help="run as one of several HA pulse instances (give each its own --pulse-id): only "
+        "the holder of the lease in the JetStream KV bucket BACKBEAT_HA_<cluster> publishes; "
+        "prints role changes",
+    )
+    ha.add_argument(
+        "--lease-ttl",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --ha: lease TTL; a crashed leader is replaced within about this long "
+        "(default: two beats plus 50 ms)",
+    )
 
     # reverb
     p = add(
@@ -865,6 +1102,19 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--bars", action="store_true", help="bar reports")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("-n", "--count", type=_count, metavar="N", help="exit 0 after N messages")
+    p.add_argument(
+        "--since",
+        type=_beat_index,
+        metavar="BEAT",
+        help="with --bars: first print the stored reports (stream BACKBEAT_BARS_<cluster>) of "
+        "the windows ending at or after this beat, oldest first, then follow live",
+    )
+    p.add_argument(
+        "--limit",
+        type=_count,
+        metavar="N",
+        help=f"with --since: replay at most N stored reports (default {_REPLAY_LIMIT})",
+    )
     p.add_argument(
         "--timeout",
         type=_positive_float,

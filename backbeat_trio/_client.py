@@ -29,11 +29,15 @@ from ._channel import DropOldestChannel
 from ._config import Config
 from ._errors import BeatBudgetExceeded, InvalidStatusClaim, NotConnected, WireError
 from ._hlc import HLC
+from ._sleep import SPIN_S, precise_clock
 from ._tempo import TempoEstimator
 from ._transport import ConnEvent, Transport, open_nats_transport
 from ._wire import BeatFrame, HealthStatus, StatusClaim, decode, encode_claim
 
 __all__ = ["Client", "ClientMetrics", "UndeliveredClaims", "open_client"]
+
+#: emit_status yields to other tasks at most this often (seconds): bursts go out in batches.
+EMIT_YIELD_INTERVAL_S = 0.001
 
 log = logging.getLogger("backbeat_trio.client")
 
@@ -188,6 +192,7 @@ class Client:
         self._connection_changed = trio.Event()
         self._recent_errors: collections.deque[str] = collections.deque(maxlen=_MAX_RECENT_ERRORS)
         self._nursery: trio.Nursery | None = None
+        self._last_emit_yield = -math.inf
         self._closing = False
 
     def __repr__(self) -> str:
@@ -486,8 +491,15 @@ class Client:
             InvalidStatusClaim: the claim breaks the contract; nothing was sent.
             NotConnected: the outbox is full (``config.outbox_size``) or the client is closed.
         """
-        await trio.lowlevel.checkpoint()
-        return self.emit_status_nowait(claim)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sent = self.emit_status_nowait(claim)
+        # Yield at most once a millisecond: a burst of claims then reaches the transport's
+        # drainer as one batch instead of one socket write per claim.
+        now = trio.current_time()
+        if now - self._last_emit_yield >= EMIT_YIELD_INTERVAL_S:
+            self._last_emit_yield = now
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return sent
 
     def emit_status_nowait(self, claim: StatusClaim) -> StatusClaim:
         """:meth:`emit_status` without the checkpoint (for sync callbacks)."""
@@ -655,7 +667,11 @@ class Client:
         )
         # the pulse is alive: anchor the local schedule on its clock
         self._pulse_anchor = (frame.beat_index, frame.deadline_at)
-        start_local = now - max(0.0, lateness)
+        # Clocks that agree within the tolerance are trusted as they are: the local schedule is
+        # then anchored on the pulse's own beat start, not on the fastest arrival seen.
+        offset = self._estimator.clock_offset
+        since_start = min(raw_offset, duration) if abs(offset) <= jitter else lateness
+        start_local = now - max(0.0, since_start)
         if self._degraded:
             self._degraded = False
             self.metrics.resyncs += 1
@@ -785,6 +801,7 @@ class Client:
         """The local metronome: notices a silent pulse and keeps time alone (degradation)."""
         task_status.started()
         jitter = self.config.jitter_tolerance
+        precise = precise_clock()
         while True:
             self._wake_sampler = trio.Event()
             if self._last_index is None:
@@ -793,10 +810,14 @@ class Client:
             # a healthy pulse gets one beat + jitter; once degraded we keep the exact schedule
             due = self._next_due
             alarm = due if self._degraded else due + jitter
-            with trio.move_on_at(alarm):
-                await self._wake_sampler.wait()
+            wake = self._wake_sampler
+            with trio.move_on_at(alarm - SPIN_S if precise else alarm):
+                await wake.wait()
                 continue  # a frame came in: the schedule moved
-            if self._next_due != due:
+            # the last stretch: yield until the alarm (trio's sleeps wake ~1 ms late)
+            while precise and trio.current_time() < alarm and not wake.is_set():
+                await trio.lowlevel.checkpoint()
+            if wake.is_set() or self._next_due != due:
                 continue
             if not self._degraded:
                 self._degraded = True

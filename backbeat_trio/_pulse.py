@@ -22,6 +22,7 @@ from ._config import Config
 from ._errors import ConfigError, NotConnected, WireError
 from ._hlc import HLC
 from ._schedule import PulseSchedule, ScheduledBeat, TempoDecision
+from ._sleep import sleep_until_precise
 from ._transport import Subscription, Transport, open_nats_transport
 from ._wire import BeatFrame, TempoChange, decode
 
@@ -170,7 +171,7 @@ async def _pulse_loop(
         task_status.started(status)
         while True:
             beat: ScheduledBeat = schedule.next_beat()
-            await trio.sleep_until(beat.due)
+            await sleep_until_precise(beat.due)
             if trio.current_time() - beat.deadline >= 0:
                 # stalled for a whole beat (suspended process, overloaded box): skip, no burst
                 skipped = schedule.skip_to(trio.current_time()) + 1

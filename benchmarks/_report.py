@@ -129,7 +129,7 @@ def _cpu_model() -> str:
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks", *(shlex.quote(a) for a in sys.argv[1:])]),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "os": platform.platform(),
@@ -215,23 +215,30 @@ METHODOLOGY = """\
 4. **Degraded beats** — the same runs: after the pulse's last beat the pulse stops and the client
    keeps time alone; each local beat's delivery wall time (out of `beats()`) is compared with the
    ideal continuation of the pulse's schedule (last pulse beat's scheduled start + *k* beats).
-5. **Claims** — one process per (mode, implementation), fresh connection, `n` claims per
-   repetition, timed from the first emit until the server answered a PING after the last (core) or
-   until every PubAck arrived (JetStream). *Ours:* `await bb.emit_status(claim)` in a loop, then
-   `bb.flush_claims()`. *Baseline:* a plain asyncio loop doing the same work without the SDK
-   (stamp an HLC string, msgspec-encode the claim, Ed25519-sign with libsodium via PyNaCl, base64,
-   `await nc.publish(...)` with the same four headers; JetStream: reply inbox per claim on one
-   wildcard subscription, as the SDK does). The SDK additionally validates each claim
-   (`encode_claim`), keeps an outbox and counts metrics.
+   The goal row is the error of the last local beat; the accumulated-drift row compares the
+   median error of the last 50 local beats with that of the first 50 (after the first two, which
+   are late by `jitter_tolerance` by design).
+5. **Claims** — one process per implementation (started together, run one after the other), a
+   fresh connection per mode, `n` claims per repetition, timed from the first emit until the
+   server answered a PING after the last (core) or until every PubAck arrived (JetStream).
+   *Ours:* `await bb.emit_status(claim)` in a loop, then `bb.flush_claims()`. *Baseline:* a plain
+   asyncio loop doing the same work without the SDK (stamp an HLC string, msgspec-encode the
+   claim, Ed25519-sign with libsodium via PyNaCl, base64, `await nc.publish(...)` with the same
+   four headers; JetStream: reply inbox per claim on one wildcard subscription, as the SDK does).
+   The SDK additionally validates each claim (`encode_claim`), keeps an outbox and counts metrics.
 6. **Scale** — N backbeat_trio clients (N connections, one trio-asyncio loop) in **one process**,
    each with a `beats()` consumer; the pulse (600 BPM) in another process. Per window of beats:
-   process CPU time ÷ agent-beats delivered, beat latency p99 over all agent-beats. RSS per client =
-   (RSS after the windows − RSS before the first client) ÷ N.
+   process CPU time ÷ agent-beats delivered, beat latency p99 over all agent-beats. The
+   repetitions are consecutive windows with the same N clients connected; RSS per client =
+   (RSS after the windows − RSS before the first client) ÷ N, measured once. Baseline: N plain
+   nats-py connections in one asyncio process, each decoding the frame in its callback. Beats the
+   client synthesised locally (it fell behind the pulse) count as delivered and are shown apart.
 7. **Recovery** — nats-server SIGKILLed while a pulse (1200 BPM), a JetStream-mode client, a
    core-mode client and a plain nats-py publisher (claims every 5 ms each, separate streams to
    count them) run; restarted on the same port and store. Time to the first *pulse* beat (told
    apart from local beats by the HLC node id) after the restarted server is ready; claims lost =
-   emitted − stored in the stream (`/jsz`), duplicates dropped by `Nats-Msg-Id`.
+   emitted − stored in the stream (`/jsz`), duplicates dropped by `Nats-Msg-Id`. One restart per
+   repetition.
 """
 
 
@@ -262,6 +269,11 @@ def write_results(
         "## Results",
         "",
         markdown_table(rows),
+        "",
+    ]
+    lines += [
+        "Causes of the goals missed (profiles) and proposed fixes, as of 2026-11-26: "
+        "[ANALYSIS.md](ANALYSIS.md).",
         "",
     ]
     if failures:

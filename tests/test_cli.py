@@ -32,7 +32,18 @@ from backbeat_trio._embedded import NatsServerProcess, free_port
 pytestmark = pytest.mark.nats
 
 CLI = [sys.executable, "-m", "backbeat_trio"]
-COMMANDS = ("demo", "server", "pulse", "reverb", "tail", "emit", "keygen", "tempo", "health")
+COMMANDS = (
+    "demo",
+    "cluster",
+    "server",
+    "pulse",
+    "reverb",
+    "tail",
+    "emit",
+    "keygen",
+    "tempo",
+    "health",
+)
 PULSE_TEMPO = 600  # 0.1 s beats: fast enough for quick tests, slow enough for a loaded box
 
 
@@ -205,10 +216,28 @@ def pulse(nats_server: NatsServerProcess) -> Iterator[tuple[str, str]]:
 def test_help_for_every_command() -> None:
     expected = {
         "demo": ["--bars", "--forever", "--plain", "--tempo", "--agents"],
+        "cluster": [
+            "--pulses",
+            "--servers",
+            "--cluster-id",
+            "--tempo",
+            "--bpb",
+            "--lease-ttl",
+            "--failover-every",
+            "--restart-after",
+            "--duration",
+        ],
         "server": ["--port", "--no-jetstream"],
-        "pulse": ["--tempo", "--beats-per-bar", "--max-tempo-step", "BACKBEAT_NATS_URL"],
+        "pulse": [
+            "--tempo",
+            "--beats-per-bar",
+            "--max-tempo-step",
+            "BACKBEAT_NATS_URL",
+            "--ha",
+            "--lease-ttl",
+        ],
         "reverb": ["--keyring", "--allow-unsigned", "BACKBEAT_KEYRING"],
-        "tail": ["--beats", "--claims", "--bars", "--json", "--count"],
+        "tail": ["--beats", "--claims", "--bars", "--json", "--count", "--since", "--limit"],
         "emit": ["--state", "--progress", "--beats-left", "--notes", "--wait-for", "--key"],
         "keygen": ["--agent", "--out", "--keyring", "--force"],
         "tempo": ["bpm", "--reason", "--timeout"],
@@ -444,8 +473,16 @@ def test_bad_configuration_exits_2_with_a_clear_message(tmp_path: Path) -> None:
         (["emit", "--cluster", "c"], "--agent"),
         (["emit", "--agent", "loose", "--key", str(loose_key)], "chmod 600"),
         (["pulse", "--tempo", "5000"], "tempo_bpm"),
+        (["pulse", "--lease-ttl", "1"], "--ha"),
+        (["pulse", "--ha", "--lease-ttl", "0"], "must be > 0"),
+        (["cluster", "--pulses", "0"], "pulses"),
+        (["cluster", "--tempo", "0", "--duration", "1"], "tempo_bpm"),
+        (["cluster", "--restart-after", "1"], "--failover-every"),
         (["reverb"], "--allow-unsigned"),
         (["tail", "--nats-url", "http://example"], "not a NATS URL"),
+        (["tail", "--since", "0"], "--bars"),
+        (["tail", "--bars", "--limit", "3"], "--since"),
+        (["tail", "--bars", "--since", "-1"], "must be >= 0"),
         (["tempo", "0"], "[1, 1200]"),
         (["demo", "--agents", "3"], "5..64 agents"),
         (["keygen", "--agent", "bad id", "--out", str(tmp_path / "bad.key")], "agent"),
@@ -465,9 +502,149 @@ def test_unreachable_server_exits_3() -> None:
         ["emit", "-s", url, "-c", "c", "--agent", "a", "--beat-timeout", "0"],
         ["tempo", "60", "-s", url, "-c", "c"],
         ["pulse", "-s", url, "-c", "c"],
+        ["pulse", "--ha", "-s", url, "-c", "c"],
     ]
     for args, result in zip(commands, run_many(commands), strict=True):
         assert result.returncode == 3, (args, result.returncode, result.stderr)
         assert "cannot connect" in result.stderr, (args, result.stderr)
         assert url in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr, args
+
+
+# --- cluster (local NATS cluster + HA pulses) ---------------------------------------------------
+def _ports_of(urls_line: str) -> list[int]:
+    # "NATS cluster of 3 up: nats://127.0.0.1:1,nats://127.0.0.1:2,..."
+    urls = urls_line.split(": ", 1)[1].split(",")
+    return [int(url.rsplit(":", 1)[1]) for url in urls]
+
+
+def test_cluster_runs_for_a_duration_and_survives_failovers() -> None:
+    # Two clusters at once (start-up dominates): one for a fixed --duration, one crashing its
+    # leader every second until a takeover is seen, then stopped with SIGTERM.
+    with Background(
+        "cluster", "--servers", "3", "--pulses", "3", "--tempo", "300",
+        "--failover-every", "1", "--cluster-id", new_cluster(),
+    ) as failing:  # fmt: skip
+        timed = run_cli(
+            "cluster", "--servers", "3", "--pulses", "2", "--tempo", "300", "--duration", "4",
+            "--cluster-id", new_cluster(), timeout=25,
+        )  # fmt: skip
+        up = failing.wait_line(
+            lambda line: line.startswith("NATS cluster of 3 up:"), stream="stdout"
+        )
+        failing.wait_line(lambda line: " leads" in line, stream="stdout", timeout=20)
+        failing.wait_line(lambda line: line.startswith("crashing the leader"), stream="stdout")
+        takeover = failing.wait_line(lambda line: "took over" in line, stream="stdout")
+        assert failing.stop(signal.SIGTERM) == 0
+        _, _, err = failing.finish()
+        assert "Traceback" not in err
+    assert timed.returncode == 0, timed.stderr
+    lines = timed.stdout.splitlines()
+    assert lines[0].startswith("NATS cluster of 3 up: nats://127.0.0.1:")
+    assert "2 HA pulse(s), 300 BPM" in timed.stdout
+    leads = [line for line in lines if line.startswith("beat ") and line.endswith(" leads")]
+    assert leads, timed.stdout  # e.g. "beat 0: pulse-1 leads"
+    assert "stopped after 4 s" in timed.stderr
+    assert "Traceback" not in timed.stderr
+    # "beat 9: pulse-2 took over after a 0.446 s gap (previous beat 7)": no beat index repeats
+    words = takeover.split()
+    new_beat, previous = int(words[1].rstrip(":")), int(words[-1].rstrip(")"))
+    assert new_beat > previous
+    for port in _ports_of(up):  # the servers are gone
+        with (
+            pytest.raises(ConnectionRefusedError),
+            socket.create_connection(("127.0.0.1", port), timeout=2),
+        ):
+            pass
+
+
+def test_cluster_ctrl_c_exits_130() -> None:
+    with Background("cluster", "--servers", "2", "--pulses", "1", "--tempo", "300") as proc:
+        proc.wait_line(lambda line: " leads" in line, stream="stdout", timeout=20)
+        assert proc.stop(signal.SIGINT) == 130
+        _, _, err = proc.finish()
+        assert "Traceback" not in err
+
+
+# --- pulse --ha ---------------------------------------------------------------------------------
+def test_ha_pulses_hand_over_and_tail_sees_their_beats(nats_url: str) -> None:
+    cluster = new_cluster()
+    where = ("-s", nats_url, "-c", cluster)
+    ha = ("pulse", "--ha", "--tempo", str(PULSE_TEMPO), "--lease-ttl", "1", *where)
+    with Background(*ha, "--pulse-id", "ha-1") as first:
+        first.wait_line(lambda line: line.startswith("pulse ha-1 (HA, lease TTL 1 s"))
+        first.wait_line(
+            lambda line: line.startswith("role leader: ha-1 leads from beat 0"), stream="stdout"
+        )
+        seen = run_cli("tail", "--beats", "--count", "3", "--json", *where, timeout=15)
+        assert seen.returncode == 0, seen.stderr
+        frames = [json.loads(line) for line in seen.stdout.splitlines()]
+        indices = [f["beat_index"] for f in frames]
+        assert indices == list(range(indices[0], indices[0] + 3))
+        assert {f["cluster_id"] for f in frames} == {cluster}
+
+        with Background(*ha, "--pulse-id", "ha-2", "--quiet") as second:
+            second.wait_line(
+                lambda line: line == "role follower: ha-2 waits for the lease", stream="stdout"
+            )
+            # the leader stops and releases the lease: the follower takes over without a TTL wait
+            assert first.stop(signal.SIGTERM) == 0
+            took = second.wait_line(
+                lambda line: line.startswith("role leader: ha-2"), stream="stdout"
+            )
+            assert "leads from beat" in took
+            after = run_cli("tail", "--beats", "--count", "3", "--json", *where, timeout=15)
+            assert after.returncode == 0, after.stderr
+            later = [json.loads(line)["beat_index"] for line in after.stdout.splitlines()]
+            assert later == list(range(later[0], later[0] + 3))
+            assert later[0] > indices[-1]  # the schedule continued, it did not restart at 0
+            assert second.stop(signal.SIGINT) == 130
+            assert not [line for line in second.seen["stdout"] if line.startswith("beat ")]
+
+
+# --- tail --bars --since ------------------------------------------------------------------------
+def test_tail_bars_since_replays_stored_reports_then_follows(nats_url: str) -> None:
+    cluster = new_cluster()
+    where = ("-s", nats_url, "-c", cluster)
+    with (
+        Background("pulse", "--tempo", str(PULSE_TEMPO), "--quiet", *where) as pulse_proc,
+        Background("reverb", "--allow-unsigned", "--json", *where) as reverb,
+    ):
+        published = [
+            json.loads(reverb.wait_line(lambda line: line.startswith("{"), stream="stdout"))
+            for _ in range(3)
+        ]
+        second_ends = str(published[1]["to_beat"])
+        replay, since, across = run_many(
+            [
+                ["tail", "--bars", "--since", "0", "--count", "2", "--json", *where],
+                # the window that contains the second report's last beat, and the ones after it
+                ["tail", "--bars", "--since", second_ends, "--count", "1", "--json", *where],
+                # one stored report, then live ones: --count counts both
+                ["tail", "--bars", "--since", "0", "--limit", "1", "--count", "2", *where],
+            ],
+            timeout=20,
+        )
+        assert pulse_proc.stop(signal.SIGTERM) == 0
+        assert reverb.stop(signal.SIGTERM) == 0
+    assert replay.returncode == 0, replay.stderr
+    stored = [json.loads(line) for line in replay.stdout.splitlines()]
+    assert len(stored) == 2
+    assert "stored bar report(s) from BACKBEAT_BARS_" in replay.stderr
+    # the earliest report the reverb published and stored comes first, then the next window
+    assert stored[0]["window_id"] == published[0]["window_id"]
+    assert stored[0]["from_beat"] == published[0]["from_beat"]
+    assert stored[1]["from_beat"] == stored[0]["to_beat"] + 1
+    assert {r["type"] for r in stored} == {"backbeat.barreport.v1"}
+
+    assert since.returncode == 0, since.stderr
+    assert json.loads(since.stdout)["window_id"] == published[1]["window_id"]
+
+    assert across.returncode == 0, across.stderr
+    assert "1 stored bar report(s)" in across.stderr
+    assert "exiting after 1 more" in across.stderr
+    reports = [line for line in across.stdout.splitlines() if line.startswith("bar report")]
+    assert len(reports) == 2
+    first_beats = [int(line.split()[3].split("-")[0]) for line in reports]
+    assert first_beats[0] == published[0]["from_beat"]
+    assert first_beats[1] > first_beats[0]  # a live report, not the replayed one again

@@ -581,8 +581,10 @@ class NatsCluster:
                     client_ports[i],
                     jetstream=jetstream,
                     token=token,
-                    cluster_name=name,
-                    cluster_port=route_ports[i],
+                    # one server is a cluster of one: clustered JetStream would refuse to
+                    # start without routes, so it runs plain
+                    cluster_name=name if size > 1 else None,
+                    cluster_port=route_ports[i] if size > 1 else None,
                     routes=[
                         f"nats-route://{HOST}:{p}" for j, p in enumerate(route_ports) if j != i
                     ],

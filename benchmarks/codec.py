@@ -368,8 +368,8 @@ def evidence(n: int) -> dict[str, float]:
         "stdlib BeatFrame": _best_us(beat_decode_stdlib, frame_bytes, n),
         "StatusClaim `decode()`": _best_us(lambda b: decode(b, StatusClaim), claim_bytes, n),
         "StatusClaim without its 2 patterns": _best_us(claim_no_re.decode, claim_bytes, n),
-        "of which `_check_claim_identity`": _best_us(
-            _wire._check_claim_identity, decode(claim_bytes, StatusClaim), n
+        "of which `_check_claim` (identity + patterns)": _best_us(
+            _wire._check_claim, decode(claim_bytes, StatusClaim), n
         ),
         "stdlib StatusClaim": _best_us(claim_decode_stdlib, claim_bytes, n),
     }

@@ -42,9 +42,7 @@ import trio
 from ._beats import (
     beat_subject,
     tempo_subject,
-    validate_beats_per_bar,
     validate_id,
-    validate_tempo,
 )
 from ._config import Config
 from ._embedded import NatsCluster, open_embedded_nats_cluster
@@ -657,16 +655,9 @@ class HAPulseConfig:
     lead: float = 0.0
 
     def __post_init__(self) -> None:
-        validate_id("cluster_id", self.cluster_id)
-        validate_id("pulse_id", self.pulse_id)
-        validate_tempo(self.tempo_bpm)
-        validate_beats_per_bar(self.beats_per_bar)
-        if (
-            isinstance(self.start_index, bool)
-            or not isinstance(self.start_index, int)
-            or not (0 <= self.start_index < 2**63)
-        ):
-            raise ConfigError("start_index", f"must be an int >= 0, got {self.start_index!r}")
+        # the fields it shares with PulseConfig (ids, tempo, bar, start index, URL, credentials)
+        # are checked by building that PulseConfig
+        self.pulse_config()
         _finite_positive("jitter_tolerance", self.jitter_tolerance, allow_zero=True)
         _finite_positive("lead", self.lead, allow_zero=True)
         drift = _finite_positive("clock_drift", self.clock_drift, allow_zero=True)
@@ -688,8 +679,6 @@ class HAPulseConfig:
                 f"{t.ttl:g} s is too short for jitter_tolerance {t.guard:g} s: a leader must keep "
                 "at least half the TTL to publish in (ttl > 2 x jitter_tolerance + drift margin)",
             )
-        self.connection_config()
-        self.pulse_config()
 
     @property
     def beat_duration(self) -> float:
@@ -717,18 +706,11 @@ class HAPulseConfig:
         )
 
     def connection_config(self) -> Config:
-        """The client-level connection settings."""
-        return Config(
-            cluster_id=self.cluster_id,
-            agent_id=self.pulse_id,
-            nats_url=self.nats_url,
-            token=self.token,
-            user=self.user,
-            password=self.password,
-            tls_ca_file=self.tls_ca_file,
-            name=f"backbeat-ha-pulse:{self.pulse_id}",
-            connect_attempts=3,
-            reconnect_delay=0.25,
+        """The client-level connection settings (a single pulse's, under another name)."""
+        return (
+            self.pulse_config()
+            .connection_config()
+            .replace(name=f"backbeat-ha-pulse:{self.pulse_id}")
         )
 
     def pulse_config(self) -> PulseConfig:

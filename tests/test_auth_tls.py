@@ -301,23 +301,12 @@ async def test_tls_with_the_right_ca_connects(tls_server: NatsServerProcess, pki
     assert health.last_beat >= 2
 
 
-_TLS_HANG = pytest.mark.xfail(
-    reason=(
-        "BUG: _transport.NatsTransport._connect awaits nats-py's Client.close() without a bound "
-        "after a failed first connect; after a failed TLS handshake nats-py 2.16's close() never "
-        "returns (Client._close awaits StreamWriter.wait_closed() on the plain transport that "
-        "start_tls replaced), so open_client hangs instead of raising"
-    ),
-    strict=True,
-)
-
-
 @pytest.mark.parametrize(
     ("scheme", "use_wrong_ca"),
     [
-        pytest.param("tls", True, id="wrong-ca", marks=_TLS_HANG),
-        pytest.param("tls", False, id="system-cas", marks=_TLS_HANG),
-        pytest.param("nats", False, id="plain-url-to-a-tls-server", marks=_TLS_HANG),
+        pytest.param("tls", True, id="wrong-ca"),
+        pytest.param("tls", False, id="system-cas"),
+        pytest.param("nats", False, id="plain-url-to-a-tls-server"),
     ],
 )
 @fail_on_bare_cancel

@@ -194,19 +194,7 @@ async def _block_with(body: str) -> None:
     "body",
     [
         "sleep",
-        pytest.param(
-            "nursery",
-            marks=pytest.mark.xfail(
-                reason=(
-                    "BUG: _client._exception_to_raise treats the block's BaseExceptionGroup of "
-                    "trio.Cancelled (what a nursery in the block raises when the client's "
-                    "nursery cancels it) as the user's own exception: it logs the real failure "
-                    "and re-raises the Cancelled group, which an enclosing cancelled scope "
-                    "(open_fake_cluster's, pytest-trio's) then swallows silently"
-                ),
-                strict=True,
-            ),
-        ),
+        "nursery",
     ],
 )
 async def test_an_internal_failure_surfaces_instead_of_a_cancellation(

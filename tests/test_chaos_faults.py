@@ -91,11 +91,11 @@ async def read_stream(url: str, stream: str) -> list[tuple[dict[str, str], bytes
 
 async def wait_until(client: bb3.Client, predicate: Callable[[], bool], what: str) -> None:
     """Wait, beat by beat (the client beats locally even while disconnected), for ``predicate``."""
-    with trio.fail_after(30):
+    with trio.move_on_after(30):
         while not predicate():
             with trio.move_on_after(1.0):  # re-check at least once a second
                 await client.wait_for_beat()
-    assert predicate(), what
+    assert predicate(), f"timed out waiting for {what}: {client!r}"
 
 
 def strictly_increasing(xs: list[int]) -> bool:
@@ -130,7 +130,6 @@ async def test_sigkill_and_restart_keeps_claims_exactly_once_and_beats_monotonic
             pulse_cfg = bb3.PulseConfig(cluster_id=cluster, nats_url=server.url, tempo_bpm=600)
             emitted: list[bb3.StatusClaim] = []
             delivered: list[int] = []
-            kill_times: list[float] = []
             async with trio.open_nursery() as nursery:
                 await nursery.start(bb3.run_pulse, pulse_cfg)
                 async with bb3.open_client(cfg) as bb:
@@ -147,7 +146,6 @@ async def test_sigkill_and_restart_keeps_claims_exactly_once_and_beats_monotonic
                     async def chaos_monkey() -> None:
                         for k in range(kills):
                             await trio.sleep_until(t0 + (k + 1) * emit_seconds / (kills + 1))
-                            kill_times.append(time.monotonic())
                             await trio.to_thread.run_sync(server.kill)
                             await trio.sleep(0.4)  # down for several beats (600 BPM: 0.1 s)
                             await trio.to_thread.run_sync(server.start)
@@ -183,7 +181,6 @@ async def test_sigkill_and_restart_keeps_claims_exactly_once_and_beats_monotonic
     finally:
         await trio.to_thread.run_sync(server.close)
 
-    assert len(kill_times) == kills
     # exactly once in the stream: every claim, no duplicate, nothing else
     ids = [headers.get("Nats-Msg-Id") for headers, _ in stored]
     want = [f"agent-1:{c.hlc}" for c in emitted]
@@ -213,7 +210,7 @@ async def test_sigkill_and_restart_keeps_claims_exactly_once_and_beats_monotonic
     assert health.connected
     assert not health.local_degradation
     assert health.delivery == "jetstream"
-    assert any("disconnected" in e or "keeping time locally" in e for e in health.errors)
+    assert m["errors"] >= 2 * kills  # each outage noted: the disconnect, the silent pulse
 
 
 # --- a server that never comes back --------------------------------------------------------------
@@ -332,8 +329,9 @@ async def _memory_outages(plan: list[tuple[float, float]], claims_per_second: fl
                     await trio.sleep(down)
                     cluster.broker.set_up()
                     # the pulse skips what fell in the outage; a beat and a tolerance of silence
-                    # (0.25 s + 50 ms at 240 BPM) is what it takes to degrade
-                    long_outages += down > 0.25 + 0.05 + 0.25
+                    # (0.25 s + 50 ms at 240 BPM) is what it takes to degrade, and two beats up
+                    # before it make sure the client had resynchronised from the previous one
+                    long_outages += down > 0.25 + 0.05 + 0.25 and up >= 0.5
                 await trio.sleep(2.0)
                 nursery.cancel_scope.cancel()
             with trio.fail_after(10):

@@ -22,7 +22,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ParamSpec
 
@@ -69,8 +69,7 @@ CLUSTER = "hostile"
 TEMPO = 120  # the fake pulse's tempo: 0.5 s beats
 TAG = "backbeat.beatframe.v1"
 MAX_FRAME = bb3.Config(cluster_id="x", agent_id="y").max_frame_bytes
-# Where a client counts a frame it refuses. "implausible" does not exist yet: it is the name
-# suggested for the fix of far-future deadlines (read with a default, so either choice adds up).
+# Where a client counts a frame it refuses.
 FRAME_REJECTIONS = (
     "malformed",
     "oversized",
@@ -94,7 +93,7 @@ def rfc3339(ts: float) -> str:
 
 
 def rejected_frames(metrics: dict[str, int]) -> int:
-    return sum(metrics.get(name, 0) for name in FRAME_REJECTIONS)
+    return sum(metrics[name] for name in FRAME_REJECTIONS)
 
 
 # --- hostile payload recipes ---------------------------------------------------------------------
@@ -103,7 +102,7 @@ class Hostile:
     """One hostile payload, rendered at injection time against the client's last beat.
 
     ``expect`` is where the client must count it: ``malformed``, ``oversized``, ``wrong_cluster``
-    or ``old`` (``stale`` or ``duplicate_or_old``, or ``implausible`` once that exists).
+    or ``old`` (``stale``, ``implausible`` or ``duplicate_or_old``).
     """
 
     kind: str
@@ -265,11 +264,8 @@ valid_hlc = st.tuples(
 any_tempo = st.integers(min_value=1, max_value=1200)
 
 
-def hostile_payloads(
-    *, with_bug_blocked: bool = False, largest: int = 1 << 20
-) -> st.SearchStrategy[Hostile]:
-    """Every kind of bad beat payload; ``with_bug_blocked`` adds the kinds the client mishandles
-    today (see the xfail tests below). Oversized ones are mostly just over ``max_frame_bytes``,
+def hostile_payloads(*, largest: int = 1 << 20) -> st.SearchStrategy[Hostile]:
+    """Every kind of bad beat payload. Oversized ones are mostly just over ``max_frame_bytes``,
     sometimes about ``largest`` bytes."""
     oversize = st.one_of(st.integers(MAX_FRAME + 1, MAX_FRAME + 4096), st.just(largest - 1024))
     malformed = st.one_of(
@@ -330,41 +326,33 @@ def hostile_payloads(
             )
         ),
     )
-    kinds = [malformed, oversized, wrong_cluster, old]
-    if with_bug_blocked:
-        kinds += [
-            st.tuples(
-                st.sampled_from(STRING_FIELDS),
-                st.text("abc", max_size=3),
-                st.sampled_from(INVALID_UTF8),
-            ).map(
-                lambda fpb: Hostile(
-                    "invalid-utf8",
-                    "malformed",
-                    splice=(fpb[0], b'"' + fpb[1].encode() + fpb[2] + b'"'),
-                )
-            ),
-            st.tuples(st.integers(1, 10_000), far_shift).map(
-                lambda ds: Hostile(
-                    "future-deadline", "old", index_delta=ds[0], deadline="shift", shift=ds[1]
-                )
-            ),
-            st.tuples(st.integers(1, 40), far_shift).map(
-                lambda ds: Hostile(
-                    "past-deadline-ahead", "old", index_delta=ds[0], deadline="shift", shift=-ds[1]
-                )
-            ),
-            st.tuples(st.integers(1, 40), far_shift, any_tempo.filter(lambda t: t != TEMPO)).map(
-                lambda dst: Hostile(
-                    "past-deadline-other-tempo",
-                    "old",
-                    index_delta=dst[0],
-                    deadline="shift",
-                    shift=-dst[1],
-                    tempo=dst[2],
-                )
-            ),
-        ]
+    invalid_utf8 = st.tuples(
+        st.sampled_from(STRING_FIELDS), st.text("abc", max_size=3), st.sampled_from(INVALID_UTF8)
+    ).map(
+        lambda fpb: Hostile(
+            "invalid-utf8", "malformed", splice=(fpb[0], b'"' + fpb[1].encode() + fpb[2] + b'"')
+        )
+    )
+    bad_timing = st.one_of(
+        # after the last beat, but an hour or more (up to year 9999) ahead of the pulse's clock
+        st.tuples(st.integers(1, 10_000), far_shift).map(
+            lambda ds: Hostile(
+                "future-deadline", "old", index_delta=ds[0], deadline="shift", shift=ds[1]
+            )
+        ),
+        # after the last beat, an hour or more in the past, at the pulse's tempo or another
+        st.tuples(st.integers(1, 40), far_shift, any_tempo).map(
+            lambda dst: Hostile(
+                "past-deadline-ahead",
+                "old",
+                index_delta=dst[0],
+                deadline="shift",
+                shift=-dst[1],
+                tempo=dst[2],
+            )
+        ),
+    )
+    kinds = [malformed, invalid_utf8, oversized, wrong_cluster, old, bad_timing]
     return st.one_of(*kinds)
 
 
@@ -407,8 +395,8 @@ async def _hostile_run(batch: list[tuple[Hostile, float]]) -> None:
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
         metrics = bb.health().metrics
-        # the client still works: it signs nothing here, but it emits
-        claim: bb3.StatusClaim | None = await bb.emit_status(bb3.StatusClaim(notes="still alive"))
+        # and the client still works
+        claim = await bb.emit_status(bb3.StatusClaim(notes="still alive"))
 
     kinds = collections.Counter(h.kind for h, _ in batch)
     # (an internal failure that is swallowed on the way out would end the block early)
@@ -418,8 +406,7 @@ async def _hostile_run(batch: list[tuple[Hostile, float]]) -> None:
     assert metrics["oversized"] == expected["oversized"], (metrics, kinds)
     assert metrics["wrong_cluster"] == expected["wrong_cluster"], (metrics, kinds)
     assert (
-        metrics["stale"] + metrics["duplicate_or_old"] + metrics.get("implausible", 0)
-        == expected["old"]
+        metrics["stale"] + metrics["duplicate_or_old"] + metrics["implausible"] == expected["old"]
     ), (metrics, kinds)
     # every real beat, once, in order, on time, and nothing else
     assert metrics["degraded_beats"] == 0, (metrics, kinds)
@@ -435,12 +422,10 @@ async def _hostile_run(batch: list[tuple[Hostile, float]]) -> None:
         assert abs(frame.deadline_at.timestamp() - scheduled) < 1e-5, (frame, kinds)
         assert abs(arrived - frame.started_at.timestamp()) < 1e-3, (frame, kinds)
         assert HLCStamp.parse(frame.hlc).node == node_id_for("fake-pulse")
-    assert claim.notes == "still alive"
 
 
-def _run_batches(batches: Iterable[list[tuple[Hostile, float]]]) -> None:
-    for batch in batches:
-        trio.run(_hostile_run, batch, clock=trio.testing.MockClock(autojump_threshold=0))
+def _run_batch(batch: list[tuple[Hostile, float]]) -> None:
+    trio.run(_hostile_run, batch, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 BATCH = 50
@@ -459,67 +444,22 @@ def test_ten_thousand_hostile_frames_in_memory(soak: bool) -> None:
     @given(batch=st.lists(st.tuples(hostile_payloads(), delays), min_size=BATCH, max_size=BATCH))
     def run(batch: list[tuple[Hostile, float]]) -> None:
         seen.update(h.kind for h, _ in batch)
-        _run_batches([batch])
+        _run_batch(batch)
 
     run()
     assert sum(seen.values()) >= examples * BATCH >= 10_000
     # every kind was exercised, not just the cheap ones
     assert {"garbage-bytes", "json-junk", "oversized-bytes", "oversized-frame"} <= set(seen)
     assert {"wrong-cluster", "old-index", "past-deadline", "truncated"} <= set(seen)
+    assert {"invalid-utf8", "future-deadline", "past-deadline-ahead"} <= set(seen)
     families = collections.Counter(k.split("-")[0] for k in seen.elements())
     assert min(families[f] for f in ("bad", "missing", "number", "garbage", "oversized")) > 300
     assert {f"bad-{f}" for f in FIELDS} | {f"missing-{f}" for f in FIELDS[1:]} <= set(seen)
     print(f"\nhostile frames (in memory): {sum(seen.values())} payloads, {dict(seen)}")
 
 
-@pytest.mark.chaos
-@pytest.mark.xfail(
-    reason=(
-        "BUG: invalid UTF-8 in a string field raises UnicodeDecodeError out of _wire.decode "
-        "(kills the client); a frame with a far-future deadline, or a stale one with another "
-        "tempo, is delivered (_client.Client._intake observes the estimator before the "
-        "staleness check)"
-    ),
-    strict=True,
-)
-def test_hostile_frames_in_memory_including_kinds_mishandled_today() -> None:
-    @settings(
-        max_examples=60,
-        deadline=None,
-        phases=[Phase.explicit, Phase.generate],  # no shrinking: the reproducers are below
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-    @given(
-        batch=st.lists(
-            st.tuples(hostile_payloads(with_bug_blocked=True), delays),
-            min_size=BATCH,
-            max_size=BATCH,
-        )
-    )
-    def run(batch: list[tuple[Hostile, float]]) -> None:
-        _run_batches([batch])
-
-    run()
-
-
-# --- minimal reproducers of what the client mishandles -------------------------------------------
-_UTF8_BUG = pytest.mark.xfail(
-    reason=(
-        "BUG: _wire.decode catches msgspec.DecodeError only; invalid UTF-8 inside a JSON string "
-        "raises UnicodeDecodeError, which escapes Client._intake and kills the subscriber task"
-    ),
-    strict=True,
-)
-
-
-@pytest.mark.parametrize(
-    "field",
-    [
-        # msgspec parses a deadline as bytes, so that one is refused cleanly already
-        pytest.param(f, marks=() if f == "deadline_at" else _UTF8_BUG)
-        for f in STRING_FIELDS
-    ],
-)
+# --- one hostile frame at a time: regression tests for what the client once mishandled --------
+@pytest.mark.parametrize("field", STRING_FIELDS)
 @fail_on_bare_cancel
 async def test_invalid_utf8_in_a_string_field_is_counted_as_malformed(
     autojump_clock: trio.testing.MockClock, field: str
@@ -538,42 +478,20 @@ async def test_invalid_utf8_in_a_string_field_is_counted_as_malformed(
         pytest.param(
             Hostile("future-next-index", "old", index_delta=1, deadline="shift", shift=3600.0),
             id="far-future-deadline-next-index",
-            marks=pytest.mark.xfail(
-                reason="BUG: _client.Client._intake delivers a frame whose deadline is an hour "
-                "ahead (no plausibility bound on the future side; the frame's own sample sets "
-                "the clock offset it is checked against)",
-                strict=True,
-            ),
         ),
         pytest.param(
             Hostile("future-far-index", "old", index_delta=1000, deadline="shift", shift=1e11),
             id="year-9999-deadline-far-index",
-            marks=pytest.mark.xfail(
-                reason="BUG: _client.Client._intake delivers a year-9999 frame as a forward jump; "
-                "every real beat after it is discarded as old",
-                strict=True,
-            ),
         ),
         pytest.param(
             Hostile(
                 "past-other-tempo", "old", index_delta=1, deadline="shift", shift=-3600.0, tempo=60
             ),
             id="hour-old-deadline-other-tempo",
-            marks=pytest.mark.xfail(
-                reason="BUG: _client.Client._intake calls TempoEstimator.observe before the "
-                "staleness check; a tempo change clears the samples, so the stale frame's own "
-                "offset becomes clock_offset and it passes as on time",
-                strict=True,
-            ),
         ),
         pytest.param(
             Hostile("past-gap", "old", index_delta=3, deadline="shift", shift=-3600.0, tempo=60),
             id="hour-old-deadline-index-gap",
-            marks=pytest.mark.xfail(
-                reason="BUG: as hour-old-deadline-other-tempo (estimator observed before the "
-                "staleness check): delivered as a forward jump",
-                strict=True,
-            ),
         ),
     ],
 )
@@ -588,14 +506,6 @@ async def _one_hostile_frame_then_beats(hostile: Hostile) -> None:
     await _hostile_run([(hostile, 0.3)])
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: _client.Client._intake observes a frame in the TempoEstimator before the staleness "
-        "check; the first stale frame (a higher index) makes observe() of the next one clear the "
-        "samples, so the second calibrates clock_offset on itself and is delivered early"
-    ),
-    strict=True,
-)
 @fail_on_bare_cancel
 async def test_two_stale_frames_in_a_row_are_both_refused(
     autojump_clock: trio.testing.MockClock,
@@ -605,18 +515,11 @@ async def test_two_stale_frames_in_a_row_are_both_refused(
     await _hostile_run([(ahead_5, 0.3), (ahead_1, 0.02)])
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: a year-9999 deadline is delivered (no future bound in Client._intake) and becomes "
-        "the _pulse_anchor; when the pulse then goes silent, Client._synthesise adds a timedelta "
-        "to it and raises OverflowError, which kills the client"
-    ),
-    strict=True,
-)
 @fail_on_bare_cancel
 async def test_a_year_9999_frame_then_silence_does_not_kill_the_client(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    completed = False
     async with (
         open_fake_cluster(CLUSTER, tempo_bpm=TEMPO) as cluster,
         cluster.open_client("agent-1") as bb,
@@ -631,6 +534,8 @@ async def test_a_year_9999_frame_then_silence_does_not_kill_the_client(
                 await bb.wait_for_beat()
         assert bb.degraded
         assert rejected_frames(bb.health().metrics) == 1
+        completed = True
+    assert completed  # the cluster's scope would swallow a Cancelled from a dying client
 
 
 # --- hostile tempo requests do not stop the pulse -------------------------------------------------
@@ -662,14 +567,6 @@ TEMPO_INVALID_UTF8 = [
         pytest.param(
             TEMPO_INVALID_UTF8,
             id="invalid-utf8",
-            marks=pytest.mark.xfail(
-                reason=(
-                    "BUG: _pulse._tempo_listener catches WireError only; _wire.decode lets "
-                    "UnicodeDecodeError escape for invalid UTF-8 inside a JSON string, so one "
-                    "such TempoChange kills the pulse"
-                ),
-                strict=True,
-            ),
         ),
     ],
 )
@@ -789,7 +686,9 @@ async def _hostile_over_nats(url: str, recipes: list[Hostile]) -> None:
     assert metrics["malformed"] == expected["malformed"]
     assert metrics["oversized"] == expected["oversized"] >= 5
     assert metrics["wrong_cluster"] == expected["wrong_cluster"]
-    assert metrics["stale"] + metrics["duplicate_or_old"] == expected["old"]
+    assert (
+        metrics["stale"] + metrics["duplicate_or_old"] + metrics["implausible"] == expected["old"]
+    )
     assert metrics["transport_dropped"] == 0
     # beats kept flowing: one per chunk at least, and only the pulse's frames were delivered
     assert metrics["beats"] - beats_before >= len(recipes) // 100

@@ -328,6 +328,8 @@ async def test_reverb_rejects_every_bad_claim_and_accepts_every_valid_one(
                     for r, s in ((STRICT, strict), (LENIENT, lenient))
                 ):
                     await reports.changed.wait()
+            # (a reverb already woken by a beat may still publish one more report after this)
+            reports_made = {STRICT: strict.reports, LENIENT: lenient.reports}
             nursery.cancel_scope.cancel()
 
     for reverb_id, status, verdict in ((STRICT, strict, "strict"), (LENIENT, lenient, "lenient")):
@@ -342,7 +344,7 @@ async def test_reverb_rejects_every_bad_claim_and_accepts_every_valid_one(
         assert status.rejection_reasons == dict(expected), where
         # and the published reports say so
         published = reports.of(reverb_id)
-        assert len(published) == status.reports
+        assert len(published) >= reports_made[reverb_id] > 2
         assert sum(r.rejected for r in published) == rejected, where
         assert sum(r.claims + r.late for r in published) == accepted, where
         states = set().union(*(set(r.by_state) for r in published))
@@ -406,14 +408,6 @@ async def test_a_replay_under_the_same_message_id_is_absorbed_by_the_stream(
     assert status.latest_claims["agent-1"].notes == "once"
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: _wire.decode lets UnicodeDecodeError escape for invalid UTF-8 inside a JSON string; "
-        "verify_claim passes it on, _reverb._claims_loop catches only SignatureError/WireError, "
-        "so one such claim kills the reverb"
-    ),
-    strict=True,
-)
 @fail_on_bare_cancel
 async def test_a_claim_with_invalid_utf8_is_rejected_and_the_reverb_goes_on(
     nats_server: NatsServerProcess, nats_url: str

@@ -13,20 +13,18 @@ must surface as that failure, never as a silent cancellation.
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import math
 import random
 import warnings
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import ParamSpec
 
 import nats
 import pytest
 import trio
 import trio.testing
 import trio_asyncio
+from _guards import fail_on_bare_cancel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,29 +34,6 @@ from backbeat_trio._client import UndeliveredClaims
 from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio._transport import MemoryBroker, open_nats_transport
 from backbeat_trio.testing import open_fake_cluster, virtual_wall_clock
-
-P = ParamSpec("P")
-
-
-def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
-    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
-    that surfaces as a bare cancellation would go unseen. Make that a failure."""
-
-    @functools.wraps(test)
-    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            await test(*args, **kwargs)
-        except BaseException as exc:
-            cancelled_only = isinstance(exc, trio.Cancelled) or (
-                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
-            )
-            if cancelled_only:
-                raise AssertionError(
-                    "the test ended in a bare Cancelled: an error was lost"
-                ) from exc
-            raise
-
-    return guarded
 
 
 # --- in memory, under hypothesis -----------------------------------------------------------------

@@ -12,17 +12,16 @@ CI runs these bounded (a few seconds each); ``--soak`` runs more claims and more
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec
+from collections.abc import Callable
 
 import nats
 import pytest
 import trio
 import trio.testing
 import trio_asyncio
+from _guards import fail_on_bare_cancel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,30 +31,6 @@ from backbeat_trio._client import UndeliveredClaims
 from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio._transport import open_nats_transport
 from backbeat_trio.testing import open_fake_cluster
-
-P = ParamSpec("P")
-
-
-def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
-    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
-    that surfaces as a bare cancellation would go unseen. Make that a failure."""
-
-    @functools.wraps(test)
-    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            await test(*args, **kwargs)
-        except BaseException as exc:
-            cancelled_only = isinstance(exc, trio.Cancelled) or (
-                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
-            )
-            if cancelled_only:
-                raise AssertionError(
-                    "the test ended in a bare Cancelled: an error was lost"
-                ) from exc
-            raise
-
-    return guarded
-
 
 pytestmark = pytest.mark.chaos
 

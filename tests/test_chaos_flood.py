@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import functools
 import gc
 import itertools
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec
+from typing import Any
 
 import msgspec
 import psutil
@@ -23,35 +21,12 @@ import pytest
 import trio
 import trio.lowlevel
 import trio_asyncio
+from _guards import fail_on_bare_cancel
 
 import backbeat_trio as bb3
 from backbeat_trio._beats import beat_subject, phase_for, window_id
 from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio._transport import NatsTransport, open_nats_transport
-
-P = ParamSpec("P")
-
-
-def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
-    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
-    that surfaces as a bare cancellation would go unseen. Make that a failure."""
-
-    @functools.wraps(test)
-    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            await test(*args, **kwargs)
-        except BaseException as exc:
-            cancelled_only = isinstance(exc, trio.Cancelled) or (
-                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
-            )
-            if cancelled_only:
-                raise AssertionError(
-                    "the test ended in a bare Cancelled: an error was lost"
-                ) from exc
-            raise
-
-    return guarded
-
 
 pytestmark = [pytest.mark.chaos, pytest.mark.nats]
 

@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
-import functools
 import itertools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ParamSpec
+from typing import Annotated, Any
 
 import msgspec
 import pytest
 import trio
 import trio.testing
 import trio_asyncio
+from _guards import fail_on_bare_cancel
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -40,30 +39,6 @@ from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio._hlc import HLCStamp, node_id_for
 from backbeat_trio._transport import open_nats_transport
 from backbeat_trio.testing import open_fake_cluster, virtual_wall_clock
-
-P = ParamSpec("P")
-
-
-def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
-    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
-    that surfaces as a bare cancellation would go unseen. Make that a failure."""
-
-    @functools.wraps(test)
-    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            await test(*args, **kwargs)
-        except BaseException as exc:
-            cancelled_only = isinstance(exc, trio.Cancelled) or (
-                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
-            )
-            if cancelled_only:
-                raise AssertionError(
-                    "the test ended in a bare Cancelled: an error was lost"
-                ) from exc
-            raise
-
-    return guarded
-
 
 CLUSTER = "hostile"
 TEMPO = 120  # the fake pulse's tempo: 0.5 s beats

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import base64
 import collections
-import functools
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ParamSpec
 
 import msgspec
 import pytest
 import trio
 import trio_asyncio
+from _guards import fail_on_bare_cancel
 from nacl.signing import SigningKey
 
 import backbeat_trio as bb3
@@ -29,30 +28,6 @@ from backbeat_trio._hlc import HLC, HLCStamp, node_id_for
 from backbeat_trio._signing import HEADER_AGENT, HEADER_KEY, HEADER_SIG, sign_headers
 from backbeat_trio._transport import NatsTransport, open_nats_transport
 from backbeat_trio._wire import encode_claim
-
-P = ParamSpec("P")
-
-
-def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
-    """pytest-trio absorbs a Cancelled that escapes a test, which then *passes*; a client error
-    that surfaces as a bare cancellation would go unseen. Make that a failure."""
-
-    @functools.wraps(test)
-    async def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            await test(*args, **kwargs)
-        except BaseException as exc:
-            cancelled_only = isinstance(exc, trio.Cancelled) or (
-                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
-            )
-            if cancelled_only:
-                raise AssertionError(
-                    "the test ended in a bare Cancelled: an error was lost"
-                ) from exc
-            raise
-
-    return guarded
-
 
 pytestmark = pytest.mark.nats
 

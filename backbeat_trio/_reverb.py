@@ -45,6 +45,8 @@ __all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
 log = logging.getLogger("backbeat_trio.reverb")
 
 _RESUME_WINDOWS = 4
+#: ReverbStatus.latest_claims keeps at most this many agents (the least recently heard go first).
+MAX_TRACKED_AGENTS = 10_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +115,7 @@ class ReverbStatus:
     reports: int = 0
     claims_counted: int = 0
     claims_late: int = 0
+    claims_dropped: int = 0  # lost to a full subscription buffer before they could be verified
     rejected: int = 0
     rejection_reasons: dict[str, int] = field(default_factory=dict)
     latest: BarReport | None = None
@@ -241,6 +244,10 @@ async def _claims_loop(
     status: ReverbStatus,
 ) -> None:
     async for msg in sub.messages:
+        if sub.dropped:
+            status.claims_dropped += sub.dropped
+            log.warning("%d claim(s) dropped: the reverb fell behind its claim stream", sub.dropped)
+            sub.dropped = 0
         try:
             claim = verify_claim(
                 msg.data, msg.headers, keyring, allow_unsigned=allow_unsigned, replay_cache=replay
@@ -261,7 +268,11 @@ async def _claims_loop(
         outcome = aggregator.add_claim(claim)
         if outcome == "counted":
             status.claims_counted += 1
-            status.latest_claims[claim.agent_id] = claim
+            latest = status.latest_claims
+            latest.pop(claim.agent_id, None)  # re-insert: the dict stays oldest-first
+            latest[claim.agent_id] = claim
+            if len(latest) > MAX_TRACKED_AGENTS:
+                del latest[next(iter(latest))]
         elif outcome == "late":
             status.claims_late += 1
         else:

@@ -371,8 +371,11 @@ class NatsTransport:
             raise NotConnected(f"flush failed: {type(exc).__name__}: {exc}") from exc
 
     # -- subscribe / request --------------------------------------------------------------------
-    async def subscribe(self, subject: str, *, buffer: int = 1024) -> Subscription:
-        """Subscribe; messages arrive on ``Subscription.messages`` (bounded; overflow counted)."""
+    async def _bridged(
+        self, subject: str, buffer: int, what: str, subscribe: Callable[..., Any], **options: Any
+    ) -> Subscription:
+        # One nats-py subscription whose callback hands each message to trio without awaiting
+        # anything across the bridge (see the module docstring).
         holder: list[Any] = []
 
         async def unsubscribe() -> None:
@@ -388,13 +391,17 @@ class NatsTransport:
 
         try:
             holder.append(
-                await trio_asyncio.aio_as_trio(self._nc.subscribe)(
-                    subject, cb=cb, pending_msgs_limit=max(buffer * 4, 65536)
+                await trio_asyncio.aio_as_trio(subscribe)(
+                    subject, cb=cb, pending_msgs_limit=max(buffer * 4, 65536), **options
                 )
             )
         except Exception as exc:
-            raise NotConnected(f"subscribe {subject!r} failed: {exc}") from exc
+            raise NotConnected(f"{what} {subject!r} failed: {exc}") from exc
         return sub
+
+    async def subscribe(self, subject: str, *, buffer: int = 1024) -> Subscription:
+        """Subscribe; messages arrive on ``Subscription.messages`` (bounded; overflow counted)."""
+        return await self._bridged(subject, buffer, "subscribe", self._nc.subscribe)
 
     def new_inbox(self) -> str:
         """A fresh unique inbox subject."""
@@ -461,33 +468,15 @@ class NatsTransport:
         """
         from nats.js.api import DeliverPolicy
 
-        holder: list[Any] = []
-
-        async def unsubscribe() -> None:
-            if holder and not self._nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await trio_asyncio.aio_as_trio(holder[0].unsubscribe)()
-
-        sub = Subscription(subject, buffer, unsubscribe)
-        deliver = sub._deliver
-
-        async def cb(msg: Any) -> None:
-            deliver(msg)
-
-        try:
-            holder.append(
-                await trio_asyncio.aio_as_trio(self._js.subscribe)(
-                    subject,
-                    stream=stream,
-                    cb=cb,
-                    ordered_consumer=True,
-                    deliver_policy=DeliverPolicy.NEW,
-                    pending_msgs_limit=max(buffer * 4, 65536),
-                )
-            )
-        except Exception as exc:
-            raise NotConnected(f"stream subscribe {stream}/{subject!r} failed: {exc}") from exc
-        return sub
+        return await self._bridged(
+            subject,
+            buffer,
+            f"stream subscribe {stream}/",
+            self._js.subscribe,
+            stream=stream,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+        )
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(nc, js, *args)`` (a coroutine function) on the asyncio side.

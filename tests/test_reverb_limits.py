@@ -1,0 +1,81 @@
+"""The reverb's own bounds: its live view of agents, and claims lost to a full buffer."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+import backbeat_trio as bb3
+from backbeat_trio import _reverb
+from backbeat_trio._beats import status_subject
+from backbeat_trio._hlc import HLC
+from backbeat_trio._wire import encode_claim
+from backbeat_trio.testing import open_fake_cluster, virtual_wall_clock
+
+
+def _claim(agent: str, hlc: HLC) -> bytes:
+    return encode_claim(
+        bb3.StatusClaim(agent_id=agent, task_id="task:00000001", hlc=str(hlc.now()))
+    )
+
+
+async def test_latest_claims_keeps_the_most_recent_agents_only(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_reverb, "MAX_TRACKED_AGENTS", 50)
+    async with open_fake_cluster("limits", tempo_bpm=600) as cluster:
+        cfg = bb3.ReverbConfig(cluster_id="limits", allow_unsigned=True)
+        transport = cluster.broker.connect()
+        async with trio.open_nursery() as nursery:
+            status = await nursery.start(
+                lambda task_status: _reverb.run_reverb(
+                    cfg,
+                    transport=transport,
+                    wall_clock=virtual_wall_clock,
+                    task_status=task_status,
+                )
+            )
+            hlc = HLC("sender")
+            for i in range(60):
+                cluster.publish_raw(_claim(f"agent-{i}", hlc), status_subject("limits"))
+            # one agent heard again moves to the newest end and survives the cut
+            cluster.publish_raw(_claim("agent-3", hlc), status_subject("limits"))
+            await trio.testing.wait_all_tasks_blocked()  # the reverb has read every claim
+            assert status.claims_counted == 61
+            nursery.cancel_scope.cancel()
+    kept = list(status.latest_claims)
+    assert len(kept) == 50
+    assert kept[-1] == "agent-3"
+    assert "agent-0" not in kept
+    assert "agent-59" in kept
+
+
+async def test_claims_lost_to_a_full_buffer_are_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_fake_cluster("flooded", tempo_bpm=600) as cluster:
+        cfg = bb3.ReverbConfig(cluster_id="flooded", allow_unsigned=True)
+        transport = cluster.broker.connect()
+        async with trio.open_nursery() as nursery:
+            status = await nursery.start(
+                lambda task_status: _reverb.run_reverb(
+                    cfg,
+                    transport=transport,
+                    wall_clock=virtual_wall_clock,
+                    task_status=task_status,
+                )
+            )
+            hlc = HLC("flooder")
+            body = _claim("flooder", hlc)
+            sent = 65_536 + 100  # one more burst than the claim buffer holds, without yielding
+            for _ in range(sent):
+                cluster.publish_raw(body, status_subject("flooded"))
+            cluster.publish_raw(_claim("flooder", hlc), status_subject("flooded"))
+            await trio.testing.wait_all_tasks_blocked()  # the reverb has read what it kept
+            nursery.cancel_scope.cancel()
+    # the buffer held the first 65,536 (one counted, the identical rest refused as replays);
+    # everything after them, the fresh last claim included, was dropped and counted as such
+    assert status.claims_dropped == sent + 1 - 65_536
+    assert status.claims_counted == 1
+    assert status.rejected == 65_535

@@ -553,13 +553,18 @@ class Client:
         out.sent_at = trio.current_time()
         if self._mode == "core":
             self._outbox.pop(out.seq, None)
-            self.metrics.claims_ok += 1
             if len(self._unconfirmed) >= self.config.outbox_size:
                 self._unconfirmed.popleft()
                 self.metrics.claims_unconfirmed += 1
             self._unconfirmed.append(out)
             self._confirm_wake.set()
-            self._outbox_changed.set()
+            self._notify_outbox()
+
+    def _notify_outbox(self) -> None:
+        # Swap, then set: every waiter (flush_claims may be awaited by several tasks) wakes and
+        # re-checks; waiters never replace the event themselves, or one could strand another.
+        event, self._outbox_changed = self._outbox_changed, trio.Event()
+        event.set()
 
     def _republish_all(self) -> None:
         for out in list(self._outbox.values()):
@@ -575,7 +580,6 @@ class Client:
         it is counted in ``metrics.claims_unconfirmed`` (it may be lost; see :attr:`delivery_mode`).
         """
         while self._outbox or self._unconfirmed:
-            self._outbox_changed = trio.Event()
             await self._outbox_changed.wait()
         if self._connected:
             with contextlib.suppress(NotConnected):
@@ -600,7 +604,7 @@ class Client:
             f"claims at-least-once)"
         )
         log.warning("%d claim(s) possibly lost (%s)", n, why)
-        self._outbox_changed.set()
+        self._notify_outbox()
 
     # ------------------------------------------------------------------ frames in
     def _note_error(self, text: str) -> None:
@@ -888,10 +892,12 @@ class Client:
                     pass
             self._confirm_scope = None
             if confirmed and generation == self._conn_generation:
-                for _ in range(min(batch, len(self._unconfirmed))):
+                done = min(batch, len(self._unconfirmed))
+                for _ in range(done):
                     self._unconfirmed.popleft()
-                self.metrics.claims_confirmed += batch
-                self._outbox_changed.set()
+                self.metrics.claims_confirmed += done
+                self.metrics.claims_ok += done
+                self._notify_outbox()
             elif not confirmed:
                 await trio.sleep(self._ack_timeout / 8)  # back off; the disconnect event follows
 
@@ -934,7 +940,7 @@ class Client:
             return  # a duplicate ack (we re-published a claim the stream already had)
         self.metrics.claims_acked += 1
         self.metrics.claims_ok += 1
-        self._outbox_changed.set()
+        self._notify_outbox()
         if self._hold_new and all(o.sent_at is None for o in self._outbox.values()):
             # every re-published claim is in: release the held ones, in order
             self._hold_new = False
@@ -998,7 +1004,12 @@ class Client:
                 if self._connected:
                     self._retry_unacked()
                 await self.flush_claims()
-        self._forget_unconfirmed("as the client closed")
+        # Core-mode claims the server never confirmed are not written off quietly at close:
+        # they go back to the outbox, so undelivered() lists them and open_client raises.
+        for out in self._unconfirmed:
+            self._outbox[out.seq] = out
+        self._unconfirmed.clear()
+        self._outbox = collections.OrderedDict(sorted(self._outbox.items()))
         self._closing = True
         for scope in list(self._budgets):
             scope.cancel()

@@ -51,6 +51,9 @@ log = logging.getLogger("backbeat_trio.transport")
 
 _FAILED_CLOSE_BOUND = 0.25  # seconds to let nats-py close a connection whose handshake failed
 
+#: Messages the trio side may queue for the asyncio drainer before publish() refuses.
+MAX_QUEUED_PUBLISHES = 65_536
+
 EventKind = Literal[
     "connected", "disconnected", "reconnected", "closed", "error", "slow_consumer", "lame_duck"
 ]
@@ -167,6 +170,9 @@ class NatsTransport:
             collections.deque()
         )
         self._wake = asyncio.Event()
+        # set while the drainer has nothing queued or in hand (what flush() waits for)
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._drainer: asyncio.Task[None] | None = None
         self._closed = False
         self._ready = False  # events of failed first-connect attempts are not reported
@@ -290,9 +296,11 @@ class NatsTransport:
         if self._closed:
             return
         self._closed = True
-        with trio.move_on_after(2.0, shield=True):
-            with contextlib.suppress(BackbeatError):
-                await self.flush()
+        # the flush has its own bound: a flush that cannot finish (a stalled server) must not
+        # use up the time the connection needs to be closed
+        with trio.move_on_after(1.5, shield=True), contextlib.suppress(BackbeatError):
+            await self.flush()
+        with trio.move_on_after(1.5, shield=True):
             if self._drainer is not None:
                 self._drainer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -321,6 +329,14 @@ class NatsTransport:
         if self._closed or self._nc is None or self._nc.is_closed:
             raise NotConnected("the NATS connection is closed")
         self._outq.append((subject, payload, headers, reply))
+        if len(self._outq) >= MAX_QUEUED_PUBLISHES:
+            # the drainer is stuck (a stalled server blocks nats-py's writes): refuse rather than
+            # grow without bound; the client keeps the claim in its outbox for later
+            raise NotConnected(
+                f"{len(self._outq)} messages already wait to be written: the server is not "
+                "taking them"
+            )
+        self._idle.clear()
         if not self._wake.is_set():
             self._wake.set()
 
@@ -340,6 +356,7 @@ class NatsTransport:
                     self.publish_errors += 1
                     self.last_error = f"publish {subject}: {type(exc).__name__}: {exc}"
                     self._emit("error", self.last_error)
+            self._idle.set()
 
     async def flush(self) -> None:
         """Wait until everything queued so far was written and the server answered a PING.
@@ -353,9 +370,8 @@ class NatsTransport:
         nc = self._nc
 
         async def _flush() -> None:
-            while self._outq:
-                self._wake.set()
-                await asyncio.sleep(0)
+            self._wake.set()
+            await self._idle.wait()  # everything queued so far is in nats-py's buffer
             pongs = getattr(nc, "_pongs_received", None)
             await nc.flush(timeout=5)
             # nats-py's flush returns at once, without any PONG, when its read loop has already

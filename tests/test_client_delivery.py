@@ -67,3 +67,25 @@ async def test_core_claims_never_confirmed_are_reported_at_close(
         assert ok_before_close == [0]  # published, but nobody confirmed it
         sent = seen[0]
         assert [c.hlc for c in caught.value.claims] == [sent.hlc]
+
+
+async def test_a_stuck_drainer_makes_publish_refuse_instead_of_growing(nats_url: str) -> None:
+    from backbeat_trio._transport import MAX_QUEUED_PUBLISHES, open_nats_transport
+
+    cfg = bb3.Config(cluster_id=CLUSTER, agent_id="stuck", nats_url=nats_url)
+    async with open_nats_transport(cfg) as transport:
+        drainer = transport._drainer
+        assert drainer is not None
+        drainer.cancel()  # as if nats-py's write were blocked by a stalled server
+        await trio.sleep(0.05)
+        refused = None
+        for i in range(MAX_QUEUED_PUBLISHES + 10):
+            try:
+                transport.publish("backbeat.test.stuck", b"x")
+            except bb3.NotConnected as exc:
+                refused = (i, str(exc))
+                break
+        assert refused is not None
+        assert "not taking them" in refused[1]
+        assert len(transport._outq) == MAX_QUEUED_PUBLISHES  # bounded, not growing
+        transport._outq.clear()

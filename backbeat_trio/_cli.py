@@ -329,14 +329,9 @@ async def _cmd_server(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-async def _cmd_pulse(args: argparse.Namespace) -> int:
-    from ._pulse import PulseConfig, run_pulse
-
-    if args.ha:
-        return await _run_ha_pulse(args)
-    if args.lease_ttl is not None:
-        raise UsageError("--lease-ttl needs --ha")
-    cfg = PulseConfig(
+def _pulse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings ``pulse`` and ``pulse --ha`` share (PulseConfig's fields)."""
+    return dict(
         cluster_id=args.cluster,
         nats_url=args.nats_url,
         tempo_bpm=args.tempo,
@@ -347,6 +342,16 @@ async def _cmd_pulse(args: argparse.Namespace) -> int:
         allow_forced_tempo=args.allow_forced_tempo,
         **_auth_kwargs(),
     )
+
+
+async def _cmd_pulse(args: argparse.Namespace) -> int:
+    from ._pulse import PulseConfig, run_pulse
+
+    if args.ha:
+        return await _run_ha_pulse(args)
+    if args.lease_ttl is not None:
+        raise UsageError("--lease-ttl needs --ha")
+    cfg = PulseConfig(**_pulse_kwargs(args))
     async with trio.open_nursery() as nursery:
         status = await nursery.start(run_pulse, cfg)
         _eprint(
@@ -386,18 +391,7 @@ async def _run_ha_pulse(args: argparse.Namespace) -> int:
     """``pulse --ha``: one instance of an HA pulse; it publishes only while it holds the lease."""
     from ._ha import HAPulseConfig, lease_bucket_name, run_ha_pulse
 
-    cfg = HAPulseConfig(
-        cluster_id=args.cluster,
-        nats_url=args.nats_url,
-        tempo_bpm=args.tempo,
-        beats_per_bar=args.beats_per_bar,
-        start_index=args.start_index,
-        pulse_id=args.pulse_id,
-        max_tempo_step=None if args.any_tempo_step else args.max_tempo_step,
-        allow_forced_tempo=args.allow_forced_tempo,
-        lease_ttl=args.lease_ttl,
-        **_auth_kwargs(),
-    )
+    cfg = HAPulseConfig(**_pulse_kwargs(args), lease_ttl=args.lease_ttl)
     async with trio.open_nursery() as nursery:
         status = await nursery.start(run_ha_pulse, cfg)
         _eprint(

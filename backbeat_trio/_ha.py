@@ -549,23 +549,28 @@ class MemoryLeaseStore:
     async def read(self) -> tuple[int, bytes | None] | None:
         """The current revision and value."""
         await self._delay()
-        result = None if self.key_revision is None else (self.key_revision, self.value)
+        result = self._read_now()
         await self._delay()
         return result
 
     async def write(self, value: bytes, *, last: int) -> int | None:
         """Compare-and-set."""
         await self._delay()
-        if (self.key_revision or 0) != last:
-            self.conflicts += 1
-            result = None
-        else:
-            self.revision += 1
-            self.writes += 1
-            self.key_revision, self.value = self.revision, bytes(value)
-            result = self.revision
+        result = self._write_now(value, last)
         await self._delay()
         return result
+
+    def _read_now(self) -> tuple[int, bytes | None] | None:
+        return None if self.key_revision is None else (self.key_revision, self.value)
+
+    def _write_now(self, value: bytes, last: int) -> int | None:
+        if (self.key_revision or 0) != last:
+            self.conflicts += 1
+            return None
+        self.revision += 1
+        self.writes += 1
+        self.key_revision, self.value = self.revision, bytes(value)
+        return self.revision
 
 
 class _MemoryLeaseHandle(MemoryLeaseStore):
@@ -576,26 +581,12 @@ class _MemoryLeaseHandle(MemoryLeaseStore):
     def __repr__(self) -> str:
         return f"<MemoryLeaseStore view partitioned={self.partitioned} of {self._backend!r}>"
 
-    async def read(self) -> tuple[int, bytes | None] | None:
-        await self._delay()
-        b = self._backend
-        result = None if b.key_revision is None else (b.key_revision, b.value)
-        await self._delay()
-        return result
+    # the view's own delays (and partition), the shared backend's state
+    def _read_now(self) -> tuple[int, bytes | None] | None:
+        return self._backend._read_now()
 
-    async def write(self, value: bytes, *, last: int) -> int | None:
-        await self._delay()
-        b = self._backend
-        if (b.key_revision or 0) != last:
-            b.conflicts += 1
-            result = None
-        else:
-            b.revision += 1
-            b.writes += 1
-            b.key_revision, b.value = b.revision, bytes(value)
-            result = b.revision
-        await self._delay()
-        return result
+    def _write_now(self, value: bytes, last: int) -> int | None:
+        return self._backend._write_now(value, last)
 
 
 # --- configuration and status ---------------------------------------------------------------------

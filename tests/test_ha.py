@@ -876,10 +876,13 @@ async def test_failover_on_a_three_node_cluster() -> None:
                 assert client.delivery_mode == "jetstream"
                 assert server_of(nats, f"backbeat-trio:{agent}") is doomed
 
+                emitting = trio.CancelScope()
+
                 async def emit_each_beat() -> None:
-                    async for frame in client.beats():
-                        claim = StatusClaim(state="executing", notes=f"at {frame.beat_index}")
-                        emitted.append(client.emit_status_nowait(claim))
+                    with emitting:
+                        async for frame in client.beats():
+                            claim = StatusClaim(state="executing", notes=f"at {frame.beat_index}")
+                            emitted.append(client.emit_status_nowait(claim))
 
                 nursery.start_soon(emit_each_beat)
                 await ha.wait_beats(5)
@@ -897,6 +900,8 @@ async def test_failover_on_a_three_node_cluster() -> None:
                 )
                 assert client.current_beat is not None
                 assert client.current_beat >= ha.seen[-1].index - 2  # it follows the successor
+                # stop emitting first: a beat during the flush would add a claim after it
+                emitting.cancel()
                 with trio.fail_after(10):
                     await client.flush_claims()
                 assert client.pending_claims == 0  # every claim was acknowledged

@@ -309,7 +309,7 @@ class NatsTransport:
                 # when the grace runs out mid-close, trio-asyncio surfaces asyncio's own
                 # CancelledError (not an Exception subclass): it must not escape aclose
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await trio_asyncio.aio_as_trio(self._nc.close)()
+                    await trio_asyncio.aio_as_trio(_close_nats)(self._nc)
         self._event_send.close()
 
     # -- publish --------------------------------------------------------------------------------
@@ -505,6 +505,42 @@ class NatsTransport:
             raise
         except Exception as exc:
             raise BackbeatError(f"{getattr(fn, '__name__', fn)} failed: {exc}") from exc
+
+
+async def _close_nats(nc: Any) -> None:
+    """Close a nats-py client and make sure none of its asyncio tasks outlive it.
+
+    nats-py 2.16's ``close()`` writes its reconnect buffer into the old socket before it cancels
+    the subscriptions' tasks; while disconnected that write raises ``ConnectionResetError`` and
+    the tasks are left pending for ever (seen as a leaked ``Subscription._wait_for_msgs``). So a
+    client that is not connected drops that buffer first (its bytes could not reach a server
+    anyway: claims are still held by the client's outbox), and whatever happens inside
+    ``close()``, a sweep afterwards cancels what is left and closes the socket.
+    """
+    try:
+        if not nc.is_connected:
+            nc._pending = []
+            nc._pending_data_size = 0
+        await nc.close()
+    finally:
+        nc._status = nc.CLOSED
+        current = asyncio.current_task()
+        tasks = [
+            nc._reading_task,
+            nc._ping_interval_task,
+            nc._flusher_task,
+            nc._reconnection_task,
+            *(sub._wait_for_msgs_task for sub in nc._subs.values()),
+        ]
+        left = [t for t in tasks if t is not None and t is not current and not t.done()]
+        for task in left:
+            task.cancel()
+        nc._subs.clear()
+        if nc._transport is not None:
+            with contextlib.suppress(Exception):
+                nc._transport.close()
+        if left:
+            await asyncio.wait(left, timeout=0.5)
 
 
 def _explain_connect_error(

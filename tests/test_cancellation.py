@@ -284,3 +284,35 @@ async def test_cancel_a_client_at_random_points_over_nats(soak: bool) -> None:
                     assert left, "with the server gone, the client must still hold its claims"
     finally:
         await trio.to_thread.run_sync(server.close)
+
+
+@pytest.mark.nats
+@fail_on_bare_cancel
+async def test_closing_while_the_server_is_gone_leaves_no_asyncio_task() -> None:
+    # nats-py 2.16's close() raises ConnectionResetError when it holds a reconnect buffer for a
+    # dead server, before it cancels its subscriptions' tasks; the transport must still end them
+    # all. Repeated, because whether the buffer is flushed into a dead socket depends on timing.
+    server = NatsServerProcess(jetstream=False)
+    async with trio_asyncio.open_loop() as loop:
+        for attempt in range(6):
+            await trio.to_thread.run_sync(server.start)
+            try:
+                before = {t for t in asyncio.all_tasks(loop) if not t.done()}
+                cfg = bb3.Config(
+                    cluster_id="close-down", agent_id="a", nats_url=server.url, reconnect_delay=0.1
+                )
+                async with open_nats_transport(cfg) as transport:
+                    sub = await transport.subscribe("close.down.x")
+                    transport.publish("close.down.x", b"1")
+                    await transport.flush()
+                    await sub.messages.receive()
+                    await trio.to_thread.run_sync(server.kill)
+                    await trio.sleep(0.02 * (attempt % 3))
+                    for i in range(20):  # lands in nats-py's reconnect buffer
+                        transport.publish("close.down.x", b"x" * 100)
+                    await trio.sleep(0.03 * (attempt % 2))
+                left = {t for t in asyncio.all_tasks(loop) if not t.done()} - before
+                assert not left, (attempt, left)
+            finally:
+                if server.running:
+                    await trio.to_thread.run_sync(server.kill)

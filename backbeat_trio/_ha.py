@@ -48,19 +48,28 @@ from ._config import Config
 from ._embedded import NatsCluster, open_embedded_nats_cluster
 from ._errors import BackbeatError, ConfigError, NotConnected, WireError
 from ._hlc import HLC, HLCStamp, node_id_for
-from ._kv import kv_ensure_bucket, kv_read, kv_write
+from ._kv import KV_OPERATION_HEADER, kv_ensure_bucket, kv_read, kv_stream, kv_subject, kv_write
 from ._pulse import PulseConfig, PulseStatus, make_beat_frame, tempo_listener
 from ._schedule import PulseSchedule, ScheduledBeat
-from ._transport import NatsTransport, Subscription, Transport, open_nats_transport
+from ._transport import (
+    MemoryMessage,
+    Message,
+    NatsTransport,
+    Subscription,
+    Transport,
+    open_nats_transport,
+)
 from ._wire import BeatFrame, decode
 
 __all__ = [
     "LEASE_KEY",
+    "REVERB_LEASE_KEY",
     "HAPulseConfig",
     "HAPulseStatus",
     "LeadershipChange",
     "LeaseElection",
     "LeaseRecord",
+    "LeaseStatus",
     "LeaseStore",
     "LeaseTimings",
     "LocalCluster",
@@ -77,9 +86,14 @@ __all__ = [
 log = logging.getLogger("backbeat_trio.ha")
 
 LEASE_KEY: Final = "pulse-lease"
+#: The HA reverbs' lease, in the same bucket as the pulses'.
+REVERB_LEASE_KEY: Final = "reverb-lease"
 RECORD_VERSION: Final = 1
 _INFLIGHT_KEPT: Final = 16
 _CHANGES_KEPT: Final = 256
+#: Lease revisions a watch may hold before the oldest unread ones are dropped (a follower reads
+#: them as they come; the sparse reads catch anything dropped).
+_WATCH_BUFFER: Final = 256
 
 Role = Literal["follower", "leader"]
 WriteOutcome = Literal["ok", "conflict", "unknown"]
@@ -452,6 +466,17 @@ class LeaseStore(Protocol):
         """Store ``value`` if the latest revision is ``last`` (0: no key); the new revision."""
         ...
 
+    async def watch(self) -> Subscription:
+        """A subscription to the key's stored revisions, the latest first (see :meth:`entry`).
+
+        Optional: a store without ``watch``/``entry`` is polled every ``poll_interval``.
+        """
+        ...
+
+    def entry(self, msg: Message) -> tuple[int, bytes | None]:
+        """``(revision, value)`` of a message from :meth:`watch`; value None for a delete."""
+        ...
+
 
 class NatsLeaseStore:
     """The lease in a JetStream KV bucket, through :meth:`NatsTransport.call`.
@@ -510,6 +535,25 @@ class NatsLeaseStore:
         )
         return None if got is None else int(got)
 
+    async def watch(self) -> Subscription:
+        """An ordered JetStream consumer on the key: its latest revision, then every new one.
+
+        Only *stored* writes arrive (a lost compare-and-set never does), each with its revision.
+        """
+        return await self.transport.stream_subscribe(
+            kv_subject(self.bucket, self.key),
+            kv_stream(self.bucket),
+            buffer=_WATCH_BUFFER,
+            deliver="last_per_subject",
+        )
+
+    def entry(self, msg: Message) -> tuple[int, bytes | None]:
+        """The revision (stream sequence) and value of a watched message."""
+        revision = int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
+        if (msg.headers or {}).get(KV_OPERATION_HEADER) in ("DEL", "PURGE"):
+            return revision, None
+        return revision, bytes(msg.data)
+
 
 class MemoryLeaseStore:
     """A pure-trio lease store for deterministic tests (shared by every pulse of a test).
@@ -526,6 +570,7 @@ class MemoryLeaseStore:
         self.writes = 0
         self.conflicts = 0
         self.partitioned = False
+        self._watchers: list[tuple[MemoryLeaseStore, Subscription]] = []
 
     def __repr__(self) -> str:
         return f"<MemoryLeaseStore rev={self.key_revision} writes={self.writes}>"
@@ -560,6 +605,30 @@ class MemoryLeaseStore:
         await self._delay()
         return result
 
+    async def watch(self) -> Subscription:
+        """The current revision (if any), then every stored write, while not partitioned."""
+        await self._delay()
+        return self._watch_now(self)
+
+    def entry(self, msg: Message) -> tuple[int, bytes | None]:
+        """``(revision, value)`` of a watched message."""
+        return int((msg.headers or {})["Revision"]), msg.data
+
+    def _watch_now(self, view: MemoryLeaseStore) -> Subscription:
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._watchers.remove((view, sub))
+
+        sub = Subscription(LEASE_KEY, _WATCH_BUFFER, unsubscribe)
+        self._watchers.append((view, sub))
+        if self.key_revision is not None:
+            sub._deliver(self._entry_message(self.key_revision, self.value))
+        return sub
+
+    @staticmethod
+    def _entry_message(revision: int, value: bytes | None) -> MemoryMessage:
+        return MemoryMessage(LEASE_KEY, value or b"", headers={"Revision": str(revision)})
+
     def _read_now(self) -> tuple[int, bytes | None] | None:
         return None if self.key_revision is None else (self.key_revision, self.value)
 
@@ -570,6 +639,9 @@ class MemoryLeaseStore:
         self.revision += 1
         self.writes += 1
         self.key_revision, self.value = self.revision, bytes(value)
+        for view, sub in self._watchers:
+            if not view.partitioned:
+                sub._deliver(self._entry_message(self.revision, self.value))
         return self.revision
 
 
@@ -587,6 +659,9 @@ class _MemoryLeaseHandle(MemoryLeaseStore):
 
     def _write_now(self, value: bytes, last: int) -> int | None:
         return self._backend._write_now(value, last)
+
+    def _watch_now(self, view: MemoryLeaseStore) -> Subscription:
+        return self._backend._watch_now(view)
 
 
 # --- configuration and status ---------------------------------------------------------------------
@@ -745,15 +820,28 @@ class LeadershipChange:
     reason: str
 
 
-@dataclass
-class HAPulseStatus:
-    """A running HA pulse's live view (returned by ``nursery.start(run_ha_pulse, cfg)``)."""
+@dataclass(kw_only=True)
+class LeaseStatus:
+    """One lease holder's live view of the election (an HA pulse's or an HA reverb's).
 
-    cluster_id: str
-    pulse_id: str
+    Attributes:
+        owner_id: the instance's id (a pulse id, a reverb id).
+        instance: its process's random id (a restarted instance is a new one).
+        timings: the lease's timing parameters.
+        role: ``"leader"`` or ``"follower"``.
+        holder: the holder named in the latest record seen.
+        lease_revision: the latest revision of the key seen.
+        terms: how many times this instance became leader.
+        kv_reads, kv_writes, kv_conflicts, kv_errors: KV requests made, CAS writes stored, CAS
+            writes lost, requests failed or timed out.
+        kv_watched: revisions that arrived through the watch (no read needed).
+        watching: the key is watched (else it is polled every ``poll_interval``).
+        changes: the latest role changes, oldest first.
+    """
+
+    owner_id: str
     instance: str
     timings: LeaseTimings
-    pulse: PulseStatus
     role: Role = "follower"
     holder: str | None = None
     lease_revision: int | None = None
@@ -762,11 +850,38 @@ class HAPulseStatus:
     kv_writes: int = 0
     kv_conflicts: int = 0
     kv_errors: int = 0
-    skipped_no_lease: int = 0
-    reconnects: int = 0
+    kv_watched: int = 0
+    watching: bool = False
     last_error: str | None = None
     changes: deque[LeadershipChange] = field(default_factory=lambda: deque(maxlen=_CHANGES_KEPT))
     role_event: trio.Event = field(default_factory=trio.Event)
+
+    def __repr__(self) -> str:
+        return (
+            f"<LeaseStatus {self.owner_id} {self.role} holder={self.holder} "
+            f"rev={self.lease_revision} terms={self.terms}>"
+        )
+
+    @property
+    def leading(self) -> bool:
+        """True while this instance leads."""
+        return self.role == "leader"
+
+    async def wait_for_role(self, role: Role) -> None:
+        """Return once this instance has ``role`` (bounded by the caller's cancel scope)."""
+        while self.role != role:
+            await self.role_event.wait()
+
+
+@dataclass(kw_only=True, repr=False)
+class HAPulseStatus(LeaseStatus):
+    """A running HA pulse's live view (returned by ``nursery.start(run_ha_pulse, cfg)``)."""
+
+    cluster_id: str
+    pulse_id: str
+    pulse: PulseStatus
+    skipped_no_lease: int = 0
+    reconnects: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -774,18 +889,265 @@ class HAPulseStatus:
             f"terms={self.terms} published={self.pulse.published} last={self.pulse.last_beat}>"
         )
 
-    @property
-    def leading(self) -> bool:
-        """True while this pulse leads."""
-        return self.role == "leader"
-
-    async def wait_for_role(self, role: Role) -> None:
-        """Return once this pulse has ``role`` (bounded by the caller's cancel scope)."""
-        while self.role != role:
-            await self.role_event.wait()
-
 
 # --- the I/O loop ---------------------------------------------------------------------------------
+class LeaseKeeper:
+    """The I/O half of one lease holder: bounded reads and CAS writes, following, release.
+
+    Shared by the HA pulse (which also claims each beat with a write) and the HA reverb (which
+    only renews). A follower *watches* the key (an ordered JetStream consumer delivers each
+    stored revision as it is written) and reads it only rarely as a safety net; a store that
+    cannot watch is polled every ``poll_interval``.
+
+    Args:
+        owner_id: the instance's id (the record's ``holder``).
+        timings: the lease's timing parameters.
+        store: where the lease lives.
+        status: the live view this keeper updates.
+        election: the sans-IO election core.
+        wall_clock: POSIX seconds (for the record's informational times).
+    """
+
+    def __init__(
+        self,
+        owner_id: str,
+        timings: LeaseTimings,
+        store: LeaseStore,
+        status: LeaseStatus,
+        election: LeaseElection,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.owner_id = owner_id
+        self.t = timings
+        self.store = store
+        self.status = status
+        self.election = election
+        self.wall_clock = wall_clock
+        self.watch: Subscription | None = None
+        self._next_read = -math.inf
+
+    def __repr__(self) -> str:
+        return (
+            f"<LeaseKeeper {self.owner_id} {self.election.role} watching={self.watch is not None}>"
+        )
+
+    @property
+    def read_interval(self) -> float:
+        """How often a follower reads the key: ``poll_interval``, or the TTL while watching."""
+        return self.t.poll_interval if self.watch is None else max(self.t.ttl, self.t.poll_interval)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def sync_status(self, reason: str = "") -> None:
+        """Copy the election's state into the status; record a role change."""
+        e, st = self.election, self.status
+        st.holder = e.holder
+        st.lease_revision = e.revision
+        st.terms = e.terms
+        if e.role != st.role:
+            st.role = e.role
+            why = reason or e.lost_reason
+            record = e.record
+            nxt = None
+            if e.role == "leader" and record is not None and record.schedule is not None:
+                nxt = record.schedule.beat_index
+            st.changes.append(
+                LeadershipChange(
+                    trio.current_time(),
+                    self.wall_clock(),
+                    self.owner_id,
+                    e.role,
+                    e.holder,
+                    nxt,
+                    why,
+                )
+            )
+            log.info("%s is now %s (%s)", self.owner_id, e.role, why)
+            event, st.role_event = st.role_event, trio.Event()
+            event.set()
+
+    def _kv_error(self, what: str) -> None:
+        self.status.kv_errors += 1
+        self.status.last_error = what
+        log.debug("%s: %s", self.owner_id, what)
+
+    # -- watch -------------------------------------------------------------------------------------
+    async def open_watch(self) -> None:
+        """Start watching the key; on failure (or a store without ``watch``) keep polling."""
+        watch = getattr(self.store, "watch", None)
+        if watch is None:
+            return
+        with trio.move_on_after(self.t.op_timeout + 0.5) as scope:
+            try:
+                self.watch = await watch()
+            except BackbeatError as exc:
+                log.warning("%s polls the lease (cannot watch it: %s)", self.owner_id, exc)
+        if scope.cancelled_caught:
+            log.warning("%s polls the lease (watching it timed out)", self.owner_id)
+        self.status.watching = self.watch is not None
+
+    async def close_watch(self) -> None:
+        """Stop watching (bounded)."""
+        watch, self.watch = self.watch, None
+        self.status.watching = False
+        if watch is not None:
+            with trio.move_on_after(1.0, shield=True):
+                await watch.unsubscribe()
+
+    def _observe_entry(self, msg: Message) -> None:
+        try:
+            revision, value = self.store.entry(msg)
+        except (KeyError, ValueError, AttributeError, TypeError) as exc:
+            self._kv_error(f"unreadable lease watch message: {exc!r}")
+            self.election.needs_read = True
+            return
+        self.status.kv_watched += 1
+        self.election.observe(revision, decode_lease(value), trio.current_time())
+        self.sync_status()
+
+    # -- store calls, bounded in time ------------------------------------------------------------
+    async def read(self) -> bool:
+        """Read the key (bounded); False when the read failed or timed out."""
+        got: tuple[int, bytes | None] | None = None
+        with trio.move_on_after(self.t.op_timeout + 0.5) as scope:
+            try:
+                got = await self.store.read()
+            except BackbeatError as exc:
+                self._kv_error(f"lease read failed: {exc}")
+                return False
+        if scope.cancelled_caught:
+            self._kv_error("lease read timed out")
+            return False
+        self.status.kv_reads += 1
+        now = trio.current_time()
+        if got is None:
+            self.election.observe(None, None, now)
+        else:
+            revision, value = got
+            record = decode_lease(value)
+            if record is None:
+                log.warning("%s: lease revision %d is not a lease record", self.owner_id, revision)
+            self.election.observe(revision, record, now)
+        self.sync_status()
+        return True
+
+    async def write(
+        self, snapshot: ScheduleSnapshot | None, *, released: bool = False
+    ) -> WriteOutcome:
+        """One CAS write of this instance's record (bounded)."""
+        e = self.election
+        now = trio.current_time()
+        seq, last = e.prepare_write(now)
+        wall = self.wall_clock()
+        record = LeaseRecord(
+            holder=self.owner_id,
+            instance=e.instance,
+            seq=seq,
+            ttl=self.t.ttl,
+            written_at=wall,
+            expires_at=wall if released else wall + self.t.ttl,
+            released=released,
+            schedule=snapshot,
+        )
+        revision: int | None = None
+        with trio.move_on_after(self.t.op_timeout + 0.5) as scope:
+            try:
+                revision = await self.store.write(encode_lease(record), last=last)
+            except BackbeatError as exc:
+                self._kv_error(f"lease write failed: {exc}")
+                e.write_unknown(trio.current_time())
+                return "unknown"
+        if scope.cancelled_caught:
+            self._kv_error("lease write timed out")
+            e.write_unknown(trio.current_time())
+            return "unknown"
+        if revision is None:
+            self.status.kv_conflicts += 1
+            e.write_conflicted(trio.current_time())
+            self.sync_status()
+            return "conflict"
+        self.status.kv_writes += 1
+        e.write_succeeded(seq, revision, record, trio.current_time())
+        self.sync_status("took over the lease" if e.terms > self.status.terms else "")
+        return "ok"
+
+    # -- roles -----------------------------------------------------------------------------------
+    async def follow(self, acquisition_snapshot: Callable[[], ScheduleSnapshot | None]) -> None:
+        """Follow until this instance acquired the lease (a CAS write succeeded)."""
+        e = self.election
+        while True:
+            now = trio.current_time()
+            if e.needs_read or now >= self._next_read:
+                ok = await self.read()
+                self._next_read = trio.current_time() + self.read_interval
+                if not ok:
+                    await trio.sleep(self.t.poll_interval)
+                    continue
+                now = trio.current_time()
+            if e.may_acquire(now):
+                if await self.write(acquisition_snapshot()) == "ok":
+                    return
+                continue  # lost the race or unknown: needs_read is set
+            wake = max(min(self._next_read, e.expires_at()), now)
+            if self.watch is None:
+                await trio.sleep_until(wake)
+                continue
+            with trio.move_on_at(wake):
+                msg = await self.watch.messages.receive()
+                self._observe_entry(msg)
+
+    async def renew_while_leading(self) -> None:
+        """Lead without a schedule: renew every ``renew_interval``; return when leadership ends."""
+        e, t = self.election, self.t
+        while True:
+            now = trio.current_time()
+            if not e.check(now):
+                self.sync_status()
+                return
+            if e.needs_read:
+                if await self.read():
+                    if e.role != "leader":
+                        return
+                    continue
+                await trio.sleep(min(t.poll_interval, max(0.0, e.valid_until - now)))
+                continue
+            renew_at = e.last_confirmed_send + t.renew_interval
+            if now < min(renew_at, e.valid_until):
+                await trio.sleep_until(min(renew_at, e.valid_until))
+                continue
+            if await self.write(None) == "conflict":
+                return
+
+    async def release(self, snapshot: ScheduleSnapshot | None) -> None:
+        """Stop leading, then mark the lease released so a follower takes over at once."""
+        e = self.election
+        if e.role != "leader":
+            return
+        e.step_down(trio.current_time(), "released the lease")
+        self.sync_status()
+        seq, last = e.prepare_write(trio.current_time())
+        wall = self.wall_clock()
+        record = LeaseRecord(
+            holder=self.owner_id,
+            instance=e.instance,
+            seq=seq,
+            ttl=self.t.ttl,
+            written_at=wall,
+            expires_at=wall,
+            released=True,
+            schedule=snapshot,
+        )
+        try:
+            revision = await self.store.write(encode_lease(record), last=last)
+        except BackbeatError as exc:
+            self._kv_error(f"lease release failed: {exc}")
+            return
+        log.info(
+            "%s released the lease%s",
+            self.owner_id,
+            "" if revision is not None else " (too late: another instance wrote it first)",
+        )
+
+
 class _HAPulse:
     def __init__(
         self,
@@ -807,112 +1169,16 @@ class _HAPulse:
         self.schedule: PulseSchedule | None = None
         self.to_wall = 0.0
         self.status = HAPulseStatus(
-            cfg.cluster_id,
-            cfg.pulse_id,
-            self.election.instance,
-            self.t,
-            PulseStatus(cfg.cluster_id, cfg.tempo_bpm, cfg.beats_per_bar),
+            owner_id=cfg.pulse_id,
+            instance=self.election.instance,
+            timings=self.t,
+            cluster_id=cfg.cluster_id,
+            pulse_id=cfg.pulse_id,
+            pulse=PulseStatus(cfg.cluster_id, cfg.tempo_bpm, cfg.beats_per_bar),
         )
-        self._next_poll = -math.inf
-
-    # -- bookkeeping -----------------------------------------------------------------------------
-    def _sync_status(self, reason: str = "") -> None:
-        e, st = self.election, self.status
-        st.holder = e.holder
-        st.lease_revision = e.revision
-        st.terms = e.terms
-        if e.role != st.role:
-            st.role = e.role
-            why = reason or e.lost_reason
-            record = e.record
-            nxt = None
-            if e.role == "leader" and record is not None and record.schedule is not None:
-                nxt = record.schedule.beat_index
-            st.changes.append(
-                LeadershipChange(
-                    trio.current_time(),
-                    self.wall_clock(),
-                    self.cfg.pulse_id,
-                    e.role,
-                    e.holder,
-                    nxt,
-                    why,
-                )
-            )
-            log.info("%s is now %s (%s)", self.cfg.pulse_id, e.role, why)
-            event, st.role_event = st.role_event, trio.Event()
-            event.set()
-
-    def _kv_error(self, what: str) -> None:
-        self.status.kv_errors += 1
-        self.status.last_error = what
-        log.debug("%s: %s", self.cfg.pulse_id, what)
-
-    # -- store calls, bounded in time ------------------------------------------------------------
-    async def _read(self) -> bool:
-        got: tuple[int, bytes | None] | None = None
-        with trio.move_on_after(self.t.op_timeout + 0.5) as scope:
-            try:
-                got = await self.store.read()
-            except BackbeatError as exc:
-                self._kv_error(f"lease read failed: {exc}")
-                return False
-        if scope.cancelled_caught:
-            self._kv_error("lease read timed out")
-            return False
-        self.status.kv_reads += 1
-        now = trio.current_time()
-        if got is None:
-            self.election.observe(None, None, now)
-        else:
-            revision, value = got
-            record = decode_lease(value)
-            if record is None:
-                log.warning(
-                    "%s: lease revision %d is not a lease record", self.cfg.pulse_id, revision
-                )
-            self.election.observe(revision, record, now)
-        self._sync_status()
-        return True
-
-    async def _write(
-        self, snapshot: ScheduleSnapshot | None, *, released: bool = False
-    ) -> WriteOutcome:
-        e = self.election
-        now = trio.current_time()
-        seq, last = e.prepare_write(now)
-        wall = self.wall_clock()
-        record = LeaseRecord(
-            holder=self.cfg.pulse_id,
-            instance=e.instance,
-            seq=seq,
-            ttl=self.t.ttl,
-            written_at=wall,
-            expires_at=wall + self.t.ttl,
-            released=released,
-            schedule=snapshot,
+        self.lease = LeaseKeeper(
+            cfg.pulse_id, self.t, store, self.status, self.election, wall_clock
         )
-        revision: int | None = None
-        with trio.move_on_after(self.t.op_timeout + 0.5) as scope:
-            try:
-                revision = await self.store.write(encode_lease(record), last=last)
-            except BackbeatError as exc:
-                self._kv_error(f"lease write failed: {exc}")
-                e.write_unknown(trio.current_time())
-                return "unknown"
-        if scope.cancelled_caught:
-            self._kv_error("lease write timed out")
-            e.write_unknown(trio.current_time())
-            return "unknown"
-        if revision is None:
-            self.status.kv_conflicts += 1
-            e.write_conflicted(trio.current_time())
-            self._sync_status()
-            return "conflict"
-        self.status.kv_writes += 1
-        e.write_succeeded(seq, revision, record, trio.current_time())
-        self._sync_status("took over the lease" if e.terms > self.status.terms else "")
-        return "ok"
 
     # -- schedule ---------------------------------------------------------------------------------
     def _acquisition_snapshot(self) -> ScheduleSnapshot:
@@ -955,28 +1221,13 @@ class _HAPulse:
 
     # -- roles -----------------------------------------------------------------------------------
     async def run(self) -> None:
-        for _ in itertools.count():  # one iteration per term; ends only by cancellation
-            await self._follow()
-            await self._lead()
-
-    async def _follow(self) -> None:
-        e, t = self.election, self.t
-        while True:
-            now = trio.current_time()
-            if e.needs_read or now >= self._next_poll:
-                ok = await self._read()
-                self._next_poll = trio.current_time() + t.poll_interval
-                if not ok:
-                    await trio.sleep(t.poll_interval)
-                    continue
-                now = trio.current_time()
-            if e.may_acquire(now):
-                outcome = await self._write(self._acquisition_snapshot())
-                if outcome == "ok":
-                    return
-                continue  # lost the race or unknown: needs_read is set
-            wake = min(self._next_poll, e.expires_at())
-            await trio.sleep_until(max(wake, now))
+        await self.lease.open_watch()
+        try:
+            for _ in itertools.count():  # one iteration per term; ends only by cancellation
+                await self.lease.follow(self._acquisition_snapshot)
+                await self._lead()
+        finally:
+            await self.lease.close_watch()
 
     async def _lead(self) -> None:
         e = self.election
@@ -984,7 +1235,7 @@ class _HAPulse:
         assert record is not None
         assert record.schedule is not None
         schedule = self._take_schedule(record.schedule)
-        self._sync_status()
+        self.lease.sync_status()
         async with trio.open_nursery() as nursery:
             tempo_sub: Subscription | None = None
             try:
@@ -1010,7 +1261,7 @@ class _HAPulse:
                 if tempo_sub is not None:
                     with trio.move_on_after(1.0, shield=True):
                         await tempo_sub.unsubscribe()
-        self._sync_status()
+        self.lease.sync_status()
 
     async def _lead_loop(self, schedule: PulseSchedule) -> None:
         e, t, st = self.election, self.t, self.status
@@ -1019,7 +1270,7 @@ class _HAPulse:
             if not e.check(now):
                 return
             if e.needs_read:
-                if await self._read():
+                if await self.lease.read():
                     if e.role != "leader":
                         return
                     continue
@@ -1034,11 +1285,14 @@ class _HAPulse:
                 await trio.sleep_until(min(claim_at, renew_at, e.valid_until))
                 continue
             if now < claim_at:  # renew only
-                if await self._write(ScheduleSnapshot.of(schedule, self.to_wall)) == "conflict":
+                if (
+                    await self.lease.write(ScheduleSnapshot.of(schedule, self.to_wall))
+                    == "conflict"
+                ):
                     return
                 continue
             beat = schedule.next_beat()
-            outcome = await self._write(ScheduleSnapshot.of(schedule, self.to_wall))
+            outcome = await self.lease.write(ScheduleSnapshot.of(schedule, self.to_wall))
             if outcome == "conflict":
                 return
             if outcome == "unknown":
@@ -1076,33 +1330,8 @@ class _HAPulse:
 
     async def release(self) -> None:
         """Stop leading, then mark the lease released so a follower takes over at once."""
-        e = self.election
-        if e.role != "leader" or self.schedule is None:
-            return
-        e.step_down(trio.current_time(), "released the lease")
-        self._sync_status()
-        seq, last = e.prepare_write(trio.current_time())
-        wall = self.wall_clock()
-        record = LeaseRecord(
-            holder=self.cfg.pulse_id,
-            instance=e.instance,
-            seq=seq,
-            ttl=self.t.ttl,
-            written_at=wall,
-            expires_at=wall,
-            released=True,
-            schedule=ScheduleSnapshot.of(self.schedule, self.to_wall),
-        )
-        try:
-            revision = await self.store.write(encode_lease(record), last=last)
-        except BackbeatError as exc:
-            self._kv_error(f"lease release failed: {exc}")
-            return
-        log.info(
-            "%s released the lease%s",
-            self.cfg.pulse_id,
-            "" if revision is not None else " (too late: another pulse wrote it first)",
-        )
+        if self.schedule is not None:
+            await self.lease.release(ScheduleSnapshot.of(self.schedule, self.to_wall))
 
     async def watch_events(self) -> None:
         async for event in self.transport.events:

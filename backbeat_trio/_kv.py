@@ -21,10 +21,13 @@ from __future__ import annotations
 from typing import Any, Final, NamedTuple
 
 __all__ = [
+    "KV_OPERATION_HEADER",
     "StoredMessage",
     "StreamSummary",
     "kv_ensure_bucket",
     "kv_read",
+    "kv_stream",
+    "kv_subject",
     "kv_write",
     "stream_ensure",
     "stream_find_seq",
@@ -40,7 +43,8 @@ _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
 #: insufficient resources): a request for replicas > 1 falls back to 1 on these.
 _NO_REPLICAS: Final = frozenset({10074, 10005, 10023})
 _EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
-_KV_OPERATION: Final = "KV-Operation"
+#: Header marking a KV delete or purge entry.
+KV_OPERATION_HEADER: Final = "KV-Operation"
 
 
 class StoredMessage(NamedTuple):
@@ -64,11 +68,13 @@ class StreamSummary(NamedTuple):
     subjects: tuple[str, ...]
 
 
-def _kv_stream(bucket: str) -> str:
+def kv_stream(bucket: str) -> str:
+    """The stream behind KV bucket ``bucket``."""
     return f"KV_{bucket}"
 
 
-def _kv_subject(bucket: str, key: str) -> str:
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a KV key's writes are published on."""
     return f"$KV.{bucket}.{key}"
 
 
@@ -114,7 +120,7 @@ async def kv_ensure_bucket(
     from nats.js.api import KeyValueConfig
 
     jsx = nc.jetstream(timeout=op_timeout)
-    stream = _kv_stream(bucket)
+    stream = kv_stream(bucket)
     try:
         return await _replicas_of(jsx, stream)
     except nats.js.errors.NotFoundError:
@@ -151,11 +157,11 @@ async def kv_read(
 
     jsx = nc.jetstream(timeout=op_timeout)
     try:
-        msg = await jsx.get_msg(_kv_stream(bucket), subject=_kv_subject(bucket, key), direct=False)
+        msg = await jsx.get_msg(kv_stream(bucket), subject=kv_subject(bucket, key), direct=False)
     except nats.js.errors.NotFoundError:
         return None
     headers = msg.headers or {}
-    if headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
+    if headers.get(KV_OPERATION_HEADER) in ("DEL", "PURGE"):
         return int(msg.seq), None
     return int(msg.seq), bytes(msg.data or b"")
 
@@ -187,7 +193,7 @@ async def kv_write(
     jsx = nc.jetstream(timeout=op_timeout)
     try:
         ack = await jsx.publish(
-            _kv_subject(bucket, key),
+            kv_subject(bucket, key),
             value,
             timeout=op_timeout,
             headers={_EXPECTED_LAST_SUBJECT_SEQ: str(int(last))},

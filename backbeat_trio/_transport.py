@@ -147,11 +147,21 @@ class Transport(Protocol):
     async def find_stream(self, subject: str) -> str | None: ...
 
     async def ensure_stream(
-        self, name: str, subjects: Sequence[str], *, duplicate_window: float = 120.0
-    ) -> None: ...
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        duplicate_window: float = 120.0,
+        replicas: int = 1,
+    ) -> int: ...
 
     async def stream_subscribe(
-        self, subject: str, stream: str, *, buffer: int = 65536
+        self,
+        subject: str,
+        stream: str,
+        *,
+        buffer: int = 65536,
+        deliver: Literal["new", "last_per_subject"] = "new",
     ) -> Subscription: ...
 
 
@@ -451,39 +461,58 @@ class NatsTransport:
         return str(name) if name else None
 
     async def ensure_stream(
-        self, name: str, subjects: Sequence[str], *, duplicate_window: float = 120.0
-    ) -> None:
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        duplicate_window: float = 120.0,
+        replicas: int = 1,
+    ) -> int:
         """Create (or keep) a stream capturing ``subjects``.
+
+        An existing stream is left as it is. ``replicas`` > 1 asks for a replicated stream on a
+        NATS cluster; where it cannot be placed (a single server, too few peers) the stream gets
+        one replica.
+
+        Returns:
+            The stream's replica count.
 
         Raises:
             BackbeatError: JetStream refused (not enabled, or subjects overlap another stream).
         """
-        from nats.js.api import StreamConfig
-
-        async def _ensure() -> None:
-            cfg = StreamConfig(
-                name=name, subjects=list(subjects), duplicate_window=duplicate_window
-            )
-            try:
-                await self._js.stream_info(name)
-            except Exception:
-                await self._js.add_stream(cfg)
+        from ._kv import stream_ensure
 
         try:
-            await trio_asyncio.aio_as_trio(_ensure)()
-        except Exception as exc:
+            return int(
+                await self.call(
+                    stream_ensure,
+                    name,
+                    list(subjects),
+                    replicas=replicas,
+                    duplicate_window=duplicate_window,
+                )
+            )
+        except BackbeatError as exc:
             raise BackbeatError(f"cannot create JetStream stream {name!r}: {exc}") from exc
 
     async def stream_subscribe(
-        self, subject: str, stream: str, *, buffer: int = 65536
+        self,
+        subject: str,
+        stream: str,
+        *,
+        buffer: int = 65536,
+        deliver: Literal["new", "last_per_subject"] = "new",
     ) -> Subscription:
         """Receive what ``stream`` stores on ``subject`` from now on (an ordered consumer).
 
         Unlike a core subscription, this sees each ``Nats-Msg-Id`` once: the stream has already
-        dropped re-published duplicates.
+        dropped re-published duplicates. ``deliver="last_per_subject"`` starts with the latest
+        stored message of each matching subject (a key/value watch). Each message's
+        ``metadata.sequence.stream`` is its stream sequence (a KV key's revision).
         """
         from nats.js.api import DeliverPolicy
 
+        policy = DeliverPolicy.NEW if deliver == "new" else DeliverPolicy.LAST_PER_SUBJECT
         return await self._bridged(
             subject,
             buffer,
@@ -491,7 +520,7 @@ class NatsTransport:
             self._js.subscribe,
             stream=stream,
             ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW,
+            deliver_policy=policy,
         )
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -819,14 +848,25 @@ class MemoryTransport:
         return None
 
     async def ensure_stream(
-        self, name: str, subjects: Sequence[str], *, duplicate_window: float = 120.0
-    ) -> None:
-        """Create the stream on the broker."""
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        duplicate_window: float = 120.0,
+        replicas: int = 1,
+    ) -> int:
+        """Create the stream on the broker (one replica: the broker is one process)."""
         await trio.lowlevel.checkpoint()
         self._broker.add_stream(name, subjects)
+        return 1
 
     async def stream_subscribe(
-        self, subject: str, stream: str, *, buffer: int = 65536
+        self,
+        subject: str,
+        stream: str,
+        *,
+        buffer: int = 65536,
+        deliver: Literal["new", "last_per_subject"] = "new",
     ) -> Subscription:
         """Like :meth:`subscribe`, but only messages ``stream`` stored (duplicates dropped)."""
         await trio.lowlevel.checkpoint()

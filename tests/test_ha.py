@@ -40,7 +40,9 @@ from backbeat_trio._kv import stream_ensure, stream_read, stream_summary
 from backbeat_trio._schedule import PulseSchedule
 from backbeat_trio._transport import (
     MemoryBroker,
+    Message,
     NatsTransport,
+    Subscription,
     Transport,
     _asyncio_loop,
     _nats_options,
@@ -476,6 +478,80 @@ async def test_a_crashed_leader_is_replaced_within_the_ttl(
         nursery.cancel_scope.cancel()
 
 
+class PollOnlyStore:
+    """A lease store without ``watch``: the pulse must fall back to polling."""
+
+    def __init__(self, inner: MemoryLeaseStore) -> None:
+        self.inner = inner
+
+    async def ensure(self) -> None:
+        await self.inner.ensure()
+
+    async def read(self) -> tuple[int, bytes | None] | None:
+        return await self.inner.read()
+
+    async def write(self, value: bytes, *, last: int) -> int | None:
+        return await self.inner.write(value, last=last)
+
+
+@pytest.mark.parametrize("watch", [True, False])
+async def test_followers_watch_the_lease_instead_of_polling_it(
+    autojump_clock: trio.testing.MockClock, watch: bool
+) -> None:
+    async with trio.open_nursery() as nursery:
+        ha = MemoryHA(nursery)
+        await ha.watch()
+        stores: dict[str, LeaseStore] = {}
+        statuses: dict[str, HAPulseStatus] = {}
+        for p in ("p1", "p2", "p3"):
+            handle = ha.store.handle()
+            stores[p] = handle if watch else PollOnlyStore(handle)
+            scope = trio.CancelScope()
+            ha.scopes[p] = scope
+
+            async def run(
+                task_status: trio.TaskStatus[HAPulseStatus],
+                cfg: HAPulseConfig = ha.cfg(p),
+                store: LeaseStore = stores[p],
+                scope: trio.CancelScope = scope,
+            ) -> None:
+                with scope:
+                    await run_ha_pulse(
+                        cfg,
+                        transport=ha.broker.connect(),
+                        store=store,
+                        wall_clock=virtual_wall_clock,
+                        task_status=task_status,
+                    )
+
+            statuses[p] = ha.status[p] = await nursery.start(run)
+        start = trio.current_time()
+        await ha.wait_beats(40)
+        elapsed = trio.current_time() - start
+        leader = ha.leaders()[0]
+        followers = [s for p, s in statuses.items() if p != leader]
+        t = followers[0].timings
+        for f in followers:
+            assert f.watching is watch
+            if watch:
+                # a read per TTL as a safety net; every revision the leader stored arrived
+                assert f.kv_reads <= elapsed / t.ttl + 3, (f.kv_reads, elapsed)
+                assert f.kv_watched >= statuses[leader].kv_writes - 2
+                assert f.lease_revision == ha.store.key_revision
+            else:
+                assert f.kv_watched == 0
+                assert f.kv_reads >= elapsed / t.poll_interval / 2, (f.kv_reads, elapsed)
+        # and the watching followers still take over within the TTL when the leader crashes
+        ha.scopes[leader].cancel()
+        await ha.wait_beats(10, node=None)
+        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
+        assert len(switches) == 1
+        gap = ha.seen[switches[0]].at - ha.seen[switches[0] - 1].at
+        assert gap <= t.ttl + t.poll_interval + BEAT + 0.01, gap
+        assert_same_grid(ha.seen)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_released_lease_hands_over_within_a_poll(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -715,6 +791,15 @@ class CuttableStore:
         await self._gate()
         return await self.inner.write(value, last=last)
 
+    async def watch(self) -> Subscription:
+        await self._gate()
+        return await self.inner.watch()
+
+    def entry(self, msg: Message) -> tuple[int, bytes | None]:
+        if self.cut:  # cut off from the KV: what the watch still delivers is not trusted
+            raise ValueError("cut off")
+        return self.inner.entry(msg)
+
 
 class NatsHA:
     """HA pulses on a real cluster, each with its own connection (all URLs) and cancel scope."""
@@ -898,6 +983,12 @@ async def test_failover_on_a_three_node_cluster() -> None:
                 await ha.wait_beats(
                     10, where=lambda s: s.node != node_of(crashed) and s.at > killed_at
                 )
+                successor = ha.leader()
+                assert successor is not None
+                # it followed through the watch (an ordered JetStream consumer on the key)
+                assert ha.status[successor].watching
+                assert ha.status[successor].kv_watched > 0
+                assert ha.status[successor].kv_reads < ha.status[successor].kv_watched
                 assert client.current_beat is not None
                 assert client.current_beat >= ha.seen[-1].index - 2  # it follows the successor
                 # stop emitting first: a beat during the flush would add a claim after it

@@ -445,21 +445,36 @@ async def _cmd_reverb(args: argparse.Namespace) -> int:
         beats_per_bar=args.beats_per_bar,
         reverb_id=args.reverb_id,
         create_stream=not args.no_stream,
+        replicas=args.replicas,
+        ha=args.ha,
+        lease_ttl=args.lease_ttl,
         **_auth_kwargs(),
     )
     async with trio.open_nursery() as nursery:
         status = await nursery.start(run_reverb, cfg)
         trusted = f"{len(keyring)} trusted key(s)" if keyring is not None else "no keyring"
+        ha = f"; HA, lease TTL {cfg.lease_ttl:g} s" if cfg.ha else ""
         _eprint(
             f"reverb {cfg.reverb_id}: cluster {cfg.cluster_id!r}, {trusted}"
             f"{', unsigned claims accepted' if cfg.allow_unsigned else ''}; claims from "
             f"{status.stream or status_subject(cfg.cluster_id)}; reports on "
-            f"{bar_subject(cfg.cluster_id)}"
+            f"{bar_subject(cfg.cluster_id)}{ha}"
         )
         handled = 0
+        shown: tuple[str, str | None] = ("", None)
         while True:
+            lease = status.lease
+            if lease is not None and lease.holder and (lease.role, lease.holder) != shown:
+                shown = (lease.role, lease.holder)
+                _eprint(
+                    f"reverb {cfg.reverb_id}: publishing (holds the reverb lease)"
+                    if lease.leading
+                    else f"reverb {cfg.reverb_id}: standby (reports are aggregated, not published;"
+                    f" holder {lease.holder})"
+                )
             if status.reports == handled:
-                await status.wait_for_report()
+                with trio.move_on_after(0.5 if status.lease is not None else math.inf):
+                    await status.wait_for_report()
                 continue
             fresh = min(status.reports - handled, len(status.history))
             handled = status.reports
@@ -1077,6 +1092,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reverb-id", default="reverb-1", metavar="ID", help="this reverb's id")
     p.add_argument(
         "--no-stream", action="store_true", help="don't create the JetStream status stream"
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="replicas of the streams it creates (3 on a NATS cluster; 1 where not placeable)",
+    )
+    p.add_argument(
+        "--ha",
+        action="store_true",
+        help="one of several reverbs: only the holder of the reverb lease publishes",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="with --ha: lease TTL; the longest a report is delayed by a crash (default 2)",
     )
     p.add_argument("--json", action="store_true", help="print each report as one JSON line")
 

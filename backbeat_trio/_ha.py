@@ -78,6 +78,7 @@ __all__ = [
     "ScheduleSnapshot",
     "decode_lease",
     "encode_lease",
+    "ensure_lease_store",
     "lease_bucket_name",
     "run_ha_pulse",
     "run_local_cluster",
@@ -1382,7 +1383,7 @@ async def run_ha_pulse(
                 op_timeout=cfg.timings().op_timeout,
             )
         pulse = _HAPulse(cfg, transport, store, wall_clock)
-        await _ensure_store(store, cfg.timings().op_timeout)
+        await ensure_lease_store(store, cfg.timings().op_timeout)
         try:
             async with trio.open_nursery() as nursery:
                 if owned:
@@ -1395,7 +1396,8 @@ async def run_ha_pulse(
                     await pulse.release()
 
 
-async def _ensure_store(store: LeaseStore, op_timeout: float, attempts: int = 10) -> None:
+async def ensure_lease_store(store: LeaseStore, op_timeout: float, attempts: int = 10) -> None:
+    """Create the lease bucket, retrying while JetStream is still electing (bounded)."""
     # JetStream may still be electing a meta leader right after a cluster starts.
     last: BackbeatError | None = None
     for attempt in range(attempts):

@@ -5,6 +5,11 @@ beat as an ordinary client (so it keeps time locally when the pulse goes quiet) 
 window when the next one starts, i.e. when the window's last beat ends. It also creates the
 JetStream stream that makes claims durable, and reads claims *from that stream*, so a claim an
 agent re-published after a reconnect is counted once, not rejected as a replay.
+
+With ``ha=True`` several reverbs run per cluster: all of them aggregate, but only the holder of the
+``reverb-lease`` key (the HA pulse's election, :class:`~backbeat_trio._ha.LeaseKeeper`) publishes.
+A reverb that takes over first publishes the windows it aggregated as a standby that the bar
+stream does not hold yet, so a failover delays a report but does not lose it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,17 @@ from ._beats import (
 )
 from ._client import open_client
 from ._config import Config
-from ._errors import BackbeatError, NotConnected, SignatureError, WireError
+from ._errors import BackbeatError, ConfigError, NotConnected, SignatureError, WireError
+from ._ha import (
+    REVERB_LEASE_KEY,
+    LeaseElection,
+    LeaseKeeper,
+    LeaseStatus,
+    LeaseStore,
+    LeaseTimings,
+    NatsLeaseStore,
+    ensure_lease_store,
+)
 from ._history import (
     already_reported,
     bar_report_headers,
@@ -37,7 +52,7 @@ from ._history import (
 )
 from ._hlc import HLC
 from ._signing import Keyring, ReplayCache, verify_claim
-from ._transport import Subscription, Transport, open_nats_transport
+from ._transport import NatsTransport, Subscription, Transport, open_nats_transport
 from ._wire import BarReport, StatusClaim, encode
 
 __all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
@@ -45,6 +60,8 @@ __all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
 log = logging.getLogger("backbeat_trio.reverb")
 
 _RESUME_WINDOWS = 4
+#: Reports an HA standby keeps for the catch-up when it takes over.
+_STANDBY_KEPT = 16
 #: ReverbStatus.latest_claims keeps at most this many agents (the least recently heard go first).
 MAX_TRACKED_AGENTS = 10_000
 
@@ -64,6 +81,12 @@ class ReverbConfig:
         create_stream: create ``BACKBEAT_STATUS_<cluster_id>`` if missing.
         duplicate_window: the stream's de-duplication window, seconds.
         token, user, password, tls_ca_file: NATS authentication.
+        replicas: replica count of the streams (and lease bucket) it creates; 3 on a NATS
+            cluster, falls back to 1 where it cannot be placed.
+        ha: one of several reverbs of the cluster: only the holder of the reverb lease publishes.
+        lease_ttl: the reverb lease's TTL in seconds (``ha`` only): the longest a window's report
+            is delayed when the publishing reverb dies.
+        release_on_exit: a publishing reverb that is stopped hands the lease over at once.
     """
 
     cluster_id: str
@@ -79,12 +102,39 @@ class ReverbConfig:
     user: str | None = None
     password: str | None = None
     tls_ca_file: str | None = None
+    replicas: int = 1
+    ha: bool = False
+    lease_ttl: float = 2.0
+    release_on_exit: bool = True
 
     def __post_init__(self) -> None:
         validate_id("cluster_id", self.cluster_id)
         validate_id("reverb_id", self.reverb_id)
         validate_beats_per_bar(self.beats_per_bar)
+        if isinstance(self.replicas, bool) or self.replicas not in range(1, 6):
+            raise ConfigError("replicas", f"must be in 1..5, got {self.replicas!r}")
+        ttl = self.lease_ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < 3600:
+            raise ConfigError("lease_ttl", f"must be in (0, 3600) seconds, got {ttl!r}")
+        if self.lease_timings().lease_span < ttl / 2:
+            raise ConfigError(
+                "lease_ttl",
+                f"{ttl:g} s is too short for jitter_tolerance {self.jitter_tolerance:g} s "
+                "(ttl > 2 x jitter_tolerance + drift margin)",
+            )
         self.connection_config()
+
+    def lease_timings(self) -> LeaseTimings:
+        """The reverb lease's timing parameters (``ha``)."""
+        ttl = float(self.lease_ttl)
+        return LeaseTimings(
+            ttl=ttl,
+            guard=float(self.jitter_tolerance),
+            clock_drift=1e-3,
+            poll_interval=max(0.02, ttl / 8),
+            renew_interval=ttl / 2,
+            op_timeout=max(0.1, min(ttl / 3, 2.0)),
+        )
 
     def connection_config(self) -> Config:
         """The client-level settings the reverb connects and follows the beat with."""
@@ -122,12 +172,22 @@ class ReverbStatus:
     history: deque[BarReport] = field(default_factory=lambda: deque(maxlen=64))
     latest_claims: dict[str, StatusClaim] = field(default_factory=dict)
     report_event: trio.Event = field(default_factory=trio.Event)
+    lease: LeaseStatus | None = None  # ``ha`` only: the reverb lease's election
+    reports_standby: int = 0  # windows aggregated while another reverb published (``ha``)
+    reports_caught_up: int = 0  # standby windows published after taking over (``ha``)
+    standby: deque[BarReport] = field(default_factory=lambda: deque(maxlen=_STANDBY_KEPT))
 
     def __repr__(self) -> str:
+        role = "" if self.lease is None else f" {self.lease.role}"
         return (
-            f"<ReverbStatus {self.cluster_id} reports={self.reports} "
+            f"<ReverbStatus {self.cluster_id}{role} reports={self.reports} "
             f"claims={self.claims_counted} rejected={self.rejected} stream={self.stream}>"
         )
+
+    @property
+    def publishing(self) -> bool:
+        """True unless this is an HA reverb on standby."""
+        return self.lease is None or self.lease.leading
 
     async def wait_for_report(self) -> BarReport:
         """Wait for the next bar report and return it."""
@@ -140,6 +200,7 @@ async def run_reverb(
     cfg: ReverbConfig,
     *,
     transport: Transport | None = None,
+    lease_store: LeaseStore | None = None,
     wall_clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[ReverbStatus] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -148,34 +209,79 @@ async def run_reverb(
     Args:
         cfg: its settings.
         transport: an already-open transport (tests); by default it connects.
+        lease_store: where the reverb lease lives (``cfg.ha``); by default the KV bucket
+            ``BACKBEAT_HA_<cluster_id>`` on ``transport``, which must then be a NATS transport.
         wall_clock: POSIX seconds (tests on MockClock pass a virtual one).
         task_status: ``nursery.start`` gets a live :class:`ReverbStatus` once it is subscribed.
 
     Raises:
         NotConnected: the first connect failed.
+        ConfigError: ``cfg.ha`` without a lease store on a non-NATS transport.
+        BackbeatError: the lease bucket could not be created (``cfg.ha``).
     """
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
             transport = await stack.enter_async_context(
                 open_nats_transport(cfg.connection_config())
             )
-        await _reverb_loop(cfg, transport, wall_clock, task_status)
+        keeper: LeaseKeeper | None = None
+        if cfg.ha:
+            timings = cfg.lease_timings()
+            if lease_store is None:
+                if not isinstance(transport, NatsTransport):
+                    raise ConfigError("lease_store", "ha needs a lease store on this transport")
+                lease_store = NatsLeaseStore(
+                    transport,
+                    cfg.cluster_id,
+                    replicas=cfg.replicas,
+                    op_timeout=timings.op_timeout,
+                    key=REVERB_LEASE_KEY,
+                )
+            await ensure_lease_store(lease_store, timings.op_timeout)
+            election = LeaseElection(cfg.reverb_id, timings)
+            keeper = LeaseKeeper(
+                cfg.reverb_id,
+                timings,
+                lease_store,
+                LeaseStatus(owner_id=cfg.reverb_id, instance=election.instance, timings=timings),
+                election,
+                wall_clock,
+            )
+        await _reverb_loop(cfg, transport, keeper, wall_clock, task_status)
+
+
+async def _hold_lease(keeper: LeaseKeeper, release_on_exit: bool) -> None:
+    await keeper.open_watch()
+    try:
+        while True:
+            await keeper.follow(lambda: None)
+            await keeper.renew_while_leading()
+    finally:
+        if release_on_exit:
+            with trio.move_on_after(keeper.t.op_timeout + 0.5, shield=True):
+                await keeper.release(None)
+        await keeper.close_watch()
 
 
 async def _reverb_loop(
     cfg: ReverbConfig,
     transport: Transport,
+    keeper: LeaseKeeper | None,
     wall_clock: Callable[[], float],
     task_status: trio.TaskStatus[ReverbStatus],
 ) -> None:
     status = ReverbStatus(cfg.cluster_id)
+    if keeper is not None:
+        status.lease = keeper.status
     subject = status_subject(cfg.cluster_id)
     stream = status_stream_name(cfg.cluster_id)
     if cfg.create_stream:
         with contextlib.suppress(Exception):
-            await transport.ensure_stream(stream, [subject], duplicate_window=cfg.duplicate_window)
+            await transport.ensure_stream(
+                stream, [subject], duplicate_window=cfg.duplicate_window, replicas=cfg.replicas
+            )
         with contextlib.suppress(Exception):
-            await ensure_bar_stream(transport, cfg.cluster_id)
+            await ensure_bar_stream(transport, cfg.cluster_id, replicas=cfg.replicas)
     try:
         resume_after = await last_reported_window(transport, cfg.cluster_id)
     except BackbeatError:
@@ -201,7 +307,18 @@ async def _reverb_loop(
         nursery.start_soon(
             _claims_loop, claims_sub, aggregator, keyring, cfg.allow_unsigned, replay, hlc, status
         )
+        if keeper is not None:
+            nursery.start_soon(_hold_lease, keeper, cfg.release_on_exit)
         task_status.started(status)
+
+        def publish(report: BarReport) -> None:
+            try:
+                transport.publish(out_subject, encode(report), headers=bar_report_headers(report))
+            except NotConnected:
+                log.warning(
+                    "bar report for window %s not published: disconnected", report.window_id
+                )
+
         async for frame in beats:
             left = aggregator.observe_beat(frame, trio.current_time())
             if left is None:
@@ -211,10 +328,13 @@ async def _reverb_loop(
                 log.info("window %d was reported before this reverb restarted", left)
                 continue
             resume_after = None  # past the restart point: nothing else can be a repeat
-            try:
-                transport.publish(out_subject, encode(report), headers=bar_report_headers(report))
-            except NotConnected:
-                log.warning("bar report for window %s not published: disconnected", left)
+            if keeper is None or keeper.election.may_publish(trio.current_time()):
+                if status.standby:
+                    await _catch_up(transport, cfg.cluster_id, status, publish)
+                publish(report)
+            else:
+                status.reports_standby += 1
+                status.standby.append(report)
             status.reports += 1
             status.latest = report
             status.history.append(report)
@@ -222,6 +342,30 @@ async def _reverb_loop(
             event, status.report_event = status.report_event, trio.Event()
             event.set()
         nursery.cancel_scope.cancel()
+
+
+async def _catch_up(
+    transport: Transport,
+    cluster_id: str,
+    status: ReverbStatus,
+    publish: Callable[[BarReport], None],
+) -> None:
+    # Just took over: publish what this reverb aggregated on standby that the bar stream lacks
+    # (the previous publisher died before it reported those windows). Without the stored history
+    # nothing is re-sent: a report twice on the bar subject is worse than a late one missing.
+    try:
+        with trio.fail_after(2.0):
+            last = await last_reported_window(transport, cluster_id)
+    except (BackbeatError, trio.TooSlowError) as exc:
+        log.warning("after taking over: bar history unreadable (%s); standby windows dropped", exc)
+        status.standby.clear()
+        return
+    while status.standby:
+        report = status.standby.popleft()
+        if not already_reported(report, last):
+            publish(report)
+            status.reports_caught_up += 1
+            log.info("took over: published window %s, missed while on standby", report.window_id)
 
 
 def _resumed_duplicate(report: BarReport, last: int | None, beats_per_bar: int) -> bool:

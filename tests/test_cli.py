@@ -403,6 +403,19 @@ def test_reverb_counts_signed_claims_and_rejects_unsigned(
     assert "disk full" in failed[0]["detail"]
 
 
+def test_two_ha_reverbs_one_publishes_and_the_other_takes_over(pulse: tuple[str, str]) -> None:
+    url, cluster = pulse
+    common = ("reverb", "-s", url, "-c", cluster, "--allow-unsigned", "--ha", "--lease-ttl", "1")
+    with Background(*common, "--reverb-id", "rv-1") as first:
+        first.wait_line(lambda line: "publishing (holds the reverb lease)" in line)
+        with Background(*common, "--reverb-id", "rv-2") as second:
+            line = second.wait_line(lambda line: "standby" in line)
+            assert "holder rv-1" in line
+            assert first.stop(signal.SIGKILL) == -signal.SIGKILL  # a crash: no release
+            second.wait_line(lambda line: "publishing (holds the reverb lease)" in line)
+            assert second.stop(signal.SIGTERM) == 0
+
+
 # --- tempo --------------------------------------------------------------------------------------
 def test_tempo_gets_the_pulses_answer(pulse: tuple[str, str], nats_url: str) -> None:
     url, cluster = pulse

@@ -1,0 +1,182 @@
+"""HA reverb: several reverbs per cluster, exactly one publishing each window's report.
+
+Over a real nats-server: two reverbs share the ``reverb-lease`` key; the publishing one is crashed
+(no release) right after a report; every window is then reported exactly once, in order, with no
+window missing -- the successor publishes what it aggregated on standby that the bar stream lacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from backbeat_trio._beats import bar_subject
+from backbeat_trio._config import Config
+from backbeat_trio._errors import ConfigError
+from backbeat_trio._history import bar_stream_name
+from backbeat_trio._kv import stream_read
+from backbeat_trio._pulse import PulseConfig, run_pulse
+from backbeat_trio._reverb import ReverbConfig, ReverbStatus, run_reverb
+from backbeat_trio._transport import MemoryBroker, open_nats_transport
+from backbeat_trio._wire import BarReport, decode
+
+TEMPO = 600  # 100 ms beats
+BPB = 4  # 400 ms windows
+
+
+async def collect_bars(
+    url: str,
+    cluster: str,
+    seen: list[tuple[float, BarReport]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    conn = Config(cluster_id=cluster, agent_id="bar-watch", nats_url=url)
+    async with open_nats_transport(conn) as transport:
+        sub = await transport.subscribe(bar_subject(cluster), buffer=4096)
+        task_status.started()
+        async for msg in sub.messages:
+            seen.append((trio.current_time(), decode(msg.data, BarReport)))
+
+
+async def wait_until(predicate: Callable[[], bool], bound: float = 20.0) -> None:
+    for _ in range(int(bound / 0.02)):
+        if predicate():
+            return
+        await trio.sleep(0.02)
+    raise AssertionError(f"not true within {bound} s")
+
+
+@pytest.mark.nats
+async def test_ha_reverbs_report_every_window_once_across_a_crash(nats_url: str) -> None:
+    cluster = "rha-crash"
+    seen: list[tuple[float, BarReport]] = []
+    statuses: dict[str, ReverbStatus] = {}
+    scopes: dict[str, trio.CancelScope] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(collect_bars, nats_url, cluster, seen)
+        for rid in ("r1", "r2"):
+            cfg = ReverbConfig(
+                cluster_id=cluster,
+                nats_url=nats_url,
+                reverb_id=rid,
+                beats_per_bar=BPB,
+                allow_unsigned=True,
+                ha=True,
+                lease_ttl=1.0,  # > a window: the first window after the crash has no publisher
+                release_on_exit=False,  # a crash
+            )
+            scope = scopes[rid] = trio.CancelScope()
+
+            async def run(
+                task_status: trio.TaskStatus[ReverbStatus],
+                cfg: ReverbConfig = cfg,
+                scope: trio.CancelScope = scope,
+            ) -> None:
+                with scope:
+                    await run_reverb(cfg, task_status=task_status)
+
+            statuses[rid] = await nursery.start(run)
+        await nursery.start(
+            run_pulse,
+            PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=TEMPO, beats_per_bar=BPB),
+        )
+        await wait_until(lambda: len(seen) >= 4)
+        leaders = [r for r, s in statuses.items() if s.publishing]
+        assert len(leaders) == 1, leaders
+        old = leaders[0]
+        new = next(r for r in statuses if r != old)
+        assert statuses[new].reports_standby >= 3  # it aggregated, but did not publish
+        count = len(seen)
+        await wait_until(lambda: len(seen) > count)  # crash right after a report
+        scopes[old].cancel()
+        crashed_at = trio.current_time()
+        await wait_until(lambda: sum(1 for at, _ in seen if at > crashed_at) >= 5)
+        nursery.cancel_scope.cancel()
+
+    reports = [r for _, r in seen]
+    windows = [r.window_id for r in reports]
+    assert len(windows) == len(set(windows)), windows  # no window twice on the bar subject
+    starts = [r.from_beat for r in reports]
+    assert all(b - a == BPB for a, b in itertools.pairwise(starts)), starts  # none missing
+    successor = statuses[new]
+    assert successor.lease is not None
+    assert successor.lease.terms == 1
+    assert successor.lease.kv_watched > 0  # it followed the lease through the watch
+    assert successor.reports_caught_up >= 1  # the window the crash left unreported
+    # the bar stream holds each window once as well
+    conn = Config(cluster_id=cluster, agent_id="check", nats_url=nats_url)
+    async with open_nats_transport(conn) as transport:
+        stored = await transport.call(
+            stream_read, bar_stream_name(cluster), bar_subject(cluster), 1, max_msgs=10_000
+        )
+    stored_windows = [decode(m.data, BarReport).window_id for m in stored]
+    assert len(stored_windows) == len(set(stored_windows))
+    assert set(windows) <= set(stored_windows)
+
+
+@pytest.mark.nats
+async def test_a_stopped_ha_reverb_hands_over_at_once(nats_url: str) -> None:
+    cluster = "rha-release"
+    seen: list[tuple[float, BarReport]] = []
+    statuses: dict[str, ReverbStatus] = {}
+    scopes: dict[str, trio.CancelScope] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(collect_bars, nats_url, cluster, seen)
+        for rid in ("r1", "r2"):
+            cfg = ReverbConfig(
+                cluster_id=cluster,
+                nats_url=nats_url,
+                reverb_id=rid,
+                beats_per_bar=BPB,
+                allow_unsigned=True,
+                ha=True,
+                lease_ttl=30.0,  # only the release can hand over within this test
+            )
+            scope = scopes[rid] = trio.CancelScope()
+
+            async def run(
+                task_status: trio.TaskStatus[ReverbStatus],
+                cfg: ReverbConfig = cfg,
+                scope: trio.CancelScope = scope,
+            ) -> None:
+                with scope:
+                    await run_reverb(cfg, task_status=task_status)
+
+            statuses[rid] = await nursery.start(run)
+        await nursery.start(
+            run_pulse,
+            PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=TEMPO, beats_per_bar=BPB),
+        )
+        await wait_until(lambda: len(seen) >= 2)
+        old = next(r for r, s in statuses.items() if s.publishing)
+        new = next(r for r in statuses if r != old)
+        scopes[old].cancel()
+        stopped_at = trio.current_time()
+        await wait_until(lambda: statuses[new].publishing, bound=5.0)
+        assert trio.current_time() - stopped_at < 2.0
+        await wait_until(lambda: sum(1 for at, _ in seen if at > stopped_at) >= 3)
+        nursery.cancel_scope.cancel()
+    starts = [r.from_beat for _, r in seen]
+    assert all(b - a == BPB for a, b in itertools.pairwise(starts)), starts
+
+
+def test_reverb_ha_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="replicas"):
+        ReverbConfig(cluster_id="c", replicas=0)
+    with pytest.raises(ConfigError, match="lease_ttl"):
+        ReverbConfig(cluster_id="c", ha=True, lease_ttl=0.0)
+    with pytest.raises(ConfigError, match="lease_ttl"):
+        ReverbConfig(cluster_id="c", ha=True, lease_ttl=0.1, jitter_tolerance=0.05)
+    timings = ReverbConfig(cluster_id="c", lease_ttl=4.0).lease_timings()
+    assert timings.renew_interval == 2.0
+    assert timings.lease_span < 4.0
+
+
+async def test_ha_on_a_memory_transport_needs_a_lease_store() -> None:
+    transport = MemoryBroker().connect()
+    with pytest.raises(ConfigError, match="lease_store"):
+        await run_reverb(ReverbConfig(cluster_id="c", ha=True), transport=transport)

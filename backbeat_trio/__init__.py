@@ -39,6 +39,7 @@ from ._errors import SignatureError as SignatureError
 from ._errors import WireError as WireError
 from ._ha import HAPulseConfig as HAPulseConfig
 from ._ha import HAPulseStatus as HAPulseStatus
+from ._ha import LeaseStatus as LeaseStatus
 from ._ha import run_ha_pulse as run_ha_pulse
 from ._ha import run_local_cluster as run_local_cluster
 from ._history import ensure_bar_stream as ensure_bar_stream
@@ -88,6 +89,7 @@ __all__ = [
     "HealthStatus",
     "InvalidStatusClaim",
     "Keyring",
+    "LeaseStatus",
     "LegacyBeatInfo",
     "NatsCluster",
     "NatsServerProcess",

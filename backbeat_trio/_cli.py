@@ -779,6 +779,7 @@ async def _cmd_cluster(args: argparse.Namespace) -> int:
     await run_local_cluster(
         pulses=args.pulses,
         servers=args.servers,
+        reverbs=args.reverbs,
         cluster_id=args.cluster,
         tempo_bpm=args.tempo,
         beats_per_bar=args.beats_per_bar,
@@ -947,15 +948,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "cluster",
         _cmd_cluster,
-        "run a local NATS cluster with HA pulses and watch leadership (and failovers)",
+        "run a local NATS cluster with HA pulses and reverbs; watch leadership (and failovers)",
         [],
         "Start a local NATS cluster (loopback only, clustered JetStream) with several HA pulses "
-        "that elect one leader through a lease, and print one line per leadership change seen "
-        "on the beat subject. With --failover-every it crashes the leader that often (no lease "
-        "release) and restarts it later, so you can watch the failovers. Runs until Ctrl-C or "
-        "SIGTERM, or for --duration seconds (exit 1 if no beat was seen by then).",
+        "and HA reverbs that each elect one leader through a lease, and print one line per "
+        "leadership change seen on the beat and bar subjects. With --failover-every it crashes "
+        "the leading pulse and the publishing reverb that often (no lease release) and restarts "
+        "them later, so you can watch the failovers. Runs until Ctrl-C or SIGTERM, or for "
+        "--duration seconds (exit 1 if no beat was seen by then).",
     )
     p.add_argument("--pulses", type=int, default=3, metavar="N", help="HA pulses, 1..9")
+    p.add_argument("--reverbs", type=int, default=2, metavar="N", help="HA reverbs, 0..5")
     p.add_argument("--servers", type=int, default=3, metavar="N", help="nats-servers, 1..5")
     p.add_argument(
         "-c",

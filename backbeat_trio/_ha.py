@@ -32,14 +32,15 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import msgspec
 import trio
 
 from ._beats import (
+    bar_subject,
     beat_subject,
     tempo_subject,
     validate_id,
@@ -59,7 +60,10 @@ from ._transport import (
     Transport,
     open_nats_transport,
 )
-from ._wire import BeatFrame, decode
+from ._wire import BarReport, BeatFrame, decode
+
+if TYPE_CHECKING:
+    from ._reverb import ReverbConfig, ReverbStatus
 
 __all__ = [
     "LEASE_KEY",
@@ -1418,14 +1422,22 @@ async def ensure_lease_store(store: LeaseStore, op_timeout: float, attempts: int
 # --- a local cluster to watch a failover ----------------------------------------------------------
 @dataclass
 class LocalCluster:
-    """What :func:`run_local_cluster` hands to ``nursery.start``: the servers and the pulses."""
+    """What :func:`run_local_cluster` hands to ``nursery.start``: servers, pulses and reverbs."""
 
     cluster_id: str
     nats: NatsCluster
     pulses: dict[str, HAPulseStatus] = field(default_factory=dict)
+    reverbs: dict[str, ReverbStatus] = field(default_factory=dict)
     scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
     failovers: int = 0
     lines: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return (
+            f"<LocalCluster {self.cluster_id} servers={len(self.nats.urls)} "
+            f"pulse leader={self.leader()} reverb publishing={self.reverb_leader()} "
+            f"failovers={self.failovers}>"
+        )
 
     @property
     def urls(self) -> list[str]:
@@ -1439,9 +1451,16 @@ class LocalCluster:
                 return pulse_id
         return None
 
-    def crash(self, pulse_id: str) -> None:
-        """Stop ``pulse_id`` without releasing its lease, as a crash would (it restarts later)."""
-        scope = self.scopes.get(pulse_id)
+    def reverb_leader(self) -> str | None:
+        """The reverb currently publishing, if any."""
+        for reverb_id, status in self.reverbs.items():
+            if status.lease is not None and status.lease.leading:
+                return reverb_id
+        return None
+
+    def crash(self, instance_id: str) -> None:
+        """Stop a pulse or reverb without releasing its lease, as a crash would (it restarts)."""
+        scope = self.scopes.get(instance_id)
         if scope is not None:
             scope.cancel()
 
@@ -1450,6 +1469,7 @@ async def run_local_cluster(
     *,
     pulses: int = 3,
     servers: int = 3,
+    reverbs: int = 2,
     cluster_id: str = "local",
     tempo_bpm: int = 60,
     beats_per_bar: int = 4,
@@ -1460,16 +1480,18 @@ async def run_local_cluster(
     out: Callable[[str], None] = print,
     task_status: trio.TaskStatus[LocalCluster] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Start a local NATS cluster with HA pulses and report leadership changes as they happen.
+    """Start a local NATS cluster with HA pulses and reverbs; report leadership changes.
 
     For ``backbeat-trio cluster``: prints the URLs, then one line per leadership change seen on
-    the beat subject (which pulse, from which beat, after how long a gap). With
-    ``failover_every`` it crashes the leading pulse that often (no lease release) and restarts
-    it ``restart_after`` seconds later, so a user can watch failovers.
+    the beat subject (which pulse, from which beat, after how long a gap) and on the bar subject
+    (which reverb publishes). With ``failover_every`` it crashes the leading pulse and the
+    publishing reverb that often (no lease release) and restarts them ``restart_after`` seconds
+    later, so a user can watch failovers.
 
     Args:
         pulses: HA pulse instances (1..9).
         servers: nats-servers in the cluster (1..5; replicas are ``min(3, servers)``).
+        reverbs: HA reverb instances (0..5; they accept unsigned claims: there is no keyring).
         cluster_id: the BACKBEAT cluster id.
         tempo_bpm: tempo (1..1200).
         beats_per_bar: bar length.
@@ -1487,6 +1509,8 @@ async def run_local_cluster(
         raise ConfigError("pulses", f"must be in 1..9, got {pulses}")
     if not 1 <= servers <= 5:
         raise ConfigError("servers", f"must be in 1..5, got {servers}")
+    if not 0 <= reverbs <= 5:
+        raise ConfigError("reverbs", f"must be in 0..5, got {reverbs}")
     validate_id("cluster_id", cluster_id)
     for name, value in (
         ("failover_every", failover_every),
@@ -1518,6 +1542,8 @@ async def run_local_cluster(
             say(f"NATS cluster of {servers} up: {nats.url}")
             say(f"agents: BACKBEAT_NATS_URL={nats.url} BACKBEAT_CLUSTER_ID={cluster_id}")
             say(f"{pulses} HA pulse(s), {tempo_bpm} BPM, lease TTL {ttl:.3f} s")
+            if reverbs:
+                say(f"{reverbs} HA reverb(s), lease TTL {ttl:.3f} s")
             async with trio.open_nursery() as nursery:
                 first_beat = trio.Event()
                 await nursery.start(_watch_beats, local, base, first_beat, say)
@@ -1525,18 +1551,43 @@ async def run_local_cluster(
                     pulse_id = f"pulse-{i + 1}"
                     urls = _rotated(nats.urls, i)
                     cfg = _replace_cfg(base, pulse_id=pulse_id, nats_url=urls)
-                    await nursery.start(_pulse_slot, local, cfg, restart_delay, say)
+                    await nursery.start(
+                        _instance_slot,
+                        local,
+                        pulse_id,
+                        functools.partial(run_ha_pulse, cfg),
+                        local.pulses,
+                        restart_delay,
+                        say,
+                    )
+                if reverbs:
+                    await nursery.start(_watch_bars, local, base, say)
+                for i in range(reverbs):
+                    rcfg = _reverb_config(base, i, replicas, ttl, _rotated(nats.urls, i + 1))
+                    await nursery.start(
+                        _instance_slot,
+                        local,
+                        rcfg.reverb_id,
+                        _reverb_runner(rcfg),
+                        local.reverbs,
+                        restart_delay,
+                        say,
+                    )
                 await first_beat.wait()
                 task_status.started(local)
                 if failover_every is None:
                     await trio.sleep_forever()
                 for _ in itertools.count():
                     await trio.sleep(failover_every)
-                    leader = local.leader()
-                    if leader is not None:
+                    crashed = [i for i in (local.leader(), local.reverb_leader()) if i is not None]
+                    if crashed:
                         local.failovers += 1
-                        say(f"crashing the leader {leader} (failover #{local.failovers})")
-                        local.crash(leader)
+                        say(
+                            f"crashing the leader {' and '.join(crashed)} "
+                            f"(failover #{local.failovers})"
+                        )
+                        for instance_id in crashed:
+                            local.crash(instance_id)
 
 
 def _rotated(urls: Sequence[str], by: int) -> list[str]:
@@ -1550,31 +1601,94 @@ def _replace_cfg(cfg: HAPulseConfig, **changes: Any) -> HAPulseConfig:
     return HAPulseConfig(**fields)
 
 
-async def _pulse_slot(
+def _reverb_config(
+    base: HAPulseConfig, index: int, replicas: int, ttl: float, urls: list[str]
+) -> ReverbConfig:
+    from ._reverb import ReverbConfig
+
+    return ReverbConfig(
+        cluster_id=base.cluster_id,
+        nats_url=urls,
+        reverb_id=f"reverb-{index + 1}",
+        beats_per_bar=base.beats_per_bar,
+        allow_unsigned=True,
+        replicas=replicas,
+        ha=True,
+        lease_ttl=max(ttl, 3 * base.jitter_tolerance),
+        release_on_exit=False,
+    )
+
+
+def _reverb_runner(cfg: ReverbConfig) -> Callable[..., Awaitable[None]]:
+    from ._reverb import run_reverb
+
+    return functools.partial(run_reverb, cfg)
+
+
+async def _instance_slot(
     local: LocalCluster,
-    cfg: HAPulseConfig,
+    instance_id: str,
+    start: Callable[..., Awaitable[None]],
+    statuses: dict[str, Any],
     restart_delay: float,
     say: Callable[[str], None],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    # one pulse or reverb, restarted ``restart_delay`` after each crash
     started = False
     for run in itertools.count():  # one iteration per (re)start; ends only by cancellation
         scope = trio.CancelScope()
-        local.scopes[cfg.pulse_id] = scope
+        local.scopes[instance_id] = scope
         with scope:
             async with trio.open_nursery() as nursery:
                 try:
-                    status = await nursery.start(functools.partial(run_ha_pulse, cfg))
+                    statuses[instance_id] = await nursery.start(start)
                 except BackbeatError as exc:
-                    say(f"{cfg.pulse_id} could not start: {exc}")
+                    say(f"{instance_id} could not start: {exc}")
                 else:
-                    local.pulses[cfg.pulse_id] = status
                     if run:
-                        say(f"{cfg.pulse_id} restarted")
+                        say(f"{instance_id} restarted")
                 if not started:
                     started = True
                     task_status.started()
         await trio.sleep(restart_delay)
+
+
+async def _watch_bars(
+    local: LocalCluster,
+    cfg: HAPulseConfig,
+    say: Callable[[str], None],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    conn = Config(
+        cluster_id=cfg.cluster_id,
+        agent_id="cluster-bars",
+        nats_url=local.urls,
+        reconnect_delay=0.25,
+        connect_attempts=3,
+        name="backbeat-cluster-bars",
+    )
+    names = {node_id_for(f"reverb-{i}"): f"reverb-{i}" for i in range(1, 6)}
+    async with open_nats_transport(conn) as transport:
+        sub = await transport.subscribe(bar_subject(cfg.cluster_id), buffer=1024)
+        task_status.started()
+        last_node: int | None = None
+        last_to: int | None = None
+        async for msg in sub.messages:
+            try:
+                report = decode(msg.data, BarReport)
+                node = HLCStamp.parse(report.hlc).node
+            except WireError:
+                continue
+            if node != last_node:
+                who = names.get(node, f"node {node:04x}")
+                span = f"window {report.from_beat}-{report.to_beat}"
+                if last_node is None:
+                    say(f"bars {span}: {who} publishes")
+                else:
+                    say(f"bars {span}: {who} took over reporting (previous window ended {last_to})")
+                last_node = node
+            last_to = report.to_beat
 
 
 async def _watch_beats(

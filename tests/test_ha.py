@@ -1042,11 +1042,17 @@ async def test_run_local_cluster_shows_a_failover() -> None:
             )
             assert len(local.urls) == 3
             for _ in range(300):
-                if any("took over" in line for line in lines):
+                if any(line.startswith("beat ") and "took over" in line for line in lines) and any(
+                    "took over reporting" in line for line in lines
+                ):
                     break
                 await trio.sleep(0.1)
             assert local.failovers >= 1
+            assert set(local.reverbs) == {"reverb-1", "reverb-2"}
             nursery.cancel_scope.cancel()
     assert any("leads" in line for line in lines)
     assert any("crashing the leader" in line for line in lines)
     assert lines[0].startswith("NATS cluster of 3 up")
+    # the reverbs: one publishes; after the crash of the publishing one the other takes over
+    assert any(line.startswith("bars window ") and "publishes" in line for line in lines), lines
+    assert any("took over reporting" in line for line in lines), lines

@@ -308,7 +308,7 @@ async def test_closing_while_the_server_is_gone_leaves_no_asyncio_task() -> None
                     await sub.messages.receive()
                     await trio.to_thread.run_sync(server.kill)
                     await trio.sleep(0.02 * (attempt % 3))
-                    for i in range(20):  # lands in nats-py's reconnect buffer
+                    for _ in range(20):  # lands in nats-py's reconnect buffer
                         transport.publish("close.down.x", b"x" * 100)
                     await trio.sleep(0.03 * (attempt % 2))
                 left = {t for t in asyncio.all_tasks(loop) if not t.done()} - before

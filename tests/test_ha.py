@@ -508,10 +508,11 @@ async def test_followers_watch_the_lease_instead_of_polling_it(
             stores[p] = handle if watch else PollOnlyStore(handle)
             scope = trio.CancelScope()
             ha.scopes[p] = scope
+            pulse_cfg = ha.cfg(p)
 
             async def run(
                 task_status: trio.TaskStatus[HAPulseStatus],
-                cfg: HAPulseConfig = ha.cfg(p),
+                cfg: HAPulseConfig = pulse_cfg,
                 store: LeaseStore = stores[p],
                 scope: trio.CancelScope = scope,
             ) -> None:

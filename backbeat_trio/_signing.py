@@ -68,7 +68,13 @@ def _b64decode_exact(text: str | bytes, length: int) -> bytes | None:
 
 
 def _b64encode(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
+    return binascii.b2a_base64(raw, newline=False).decode("ascii")
+
+
+def _sign_detached(body: bytes, secret: bytes) -> bytes:
+    # the public binding only: PyNaCl's private cffi module would save ~1.4 µs of a ~25 µs
+    # signature, not worth depending on its layout in the signing path
+    return nacl.bindings.crypto_sign(body, secret)[:_SIGNATURE_BYTES]
 
 
 # --- key files -----------------------------------------------------------------------------------
@@ -338,15 +344,14 @@ class Signer:
 
     def sign(self, body: bytes) -> bytes:
         """The 64-byte detached ed25519 signature of ``body``."""
-        signed = nacl.bindings.crypto_sign(body, self._secret)
-        return signed[:_SIGNATURE_BYTES]
+        return _sign_detached(body, self._secret)
 
     def headers(self, body: bytes) -> dict[str, str]:
         """The ``Backbeat-Agent``/``Backbeat-Key``/``Backbeat-Sig`` headers for ``body``."""
         return {
             HEADER_AGENT: self.agent_id,
             HEADER_KEY: self.public_key_b64,
-            HEADER_SIG: _b64encode(self.sign(body)),
+            HEADER_SIG: _b64encode(_sign_detached(body, self._secret)),
         }
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nacl.signing import SigningKey, VerifyKey
 
 from backbeat_trio._errors import ConfigError, SignatureError, WireError
@@ -325,6 +327,17 @@ def test_signer(key_a: SigningKey) -> None:
         Signer(key_a, "a.b")
     with pytest.raises(TypeError):
         Signer(key_a.verify_key, "agent-a")  # type: ignore[arg-type]
+
+
+@settings(max_examples=200)
+@given(body=st.binary(max_size=5000), seed=st.binary(min_size=32, max_size=32))
+def test_signer_signature_is_pynacls_over_the_exact_bytes(body: bytes, seed: bytes) -> None:
+    key = SigningKey(seed)
+    signer = Signer(key, "agent-a")
+    expected = key.sign(body).signature
+    assert signer.sign(body) == expected
+    assert base64.b64decode(signer.headers(body)[HEADER_SIG], validate=True) == expected
+    key.verify_key.verify(body, signer.sign(body))
 
 
 # --- replay memory -------------------------------------------------------------------------------

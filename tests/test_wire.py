@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import string
 from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backbeat_trio import _wire
 from backbeat_trio._beats import window_id
 from backbeat_trio._errors import InvalidStatusClaim, WireError
 from backbeat_trio._hlc import HLCStamp
 from backbeat_trio._wire import (
     CLAIM_STATES,
     GO_ZERO_TIME,
+    HLC_RE,
+    ID_RE,
+    OPTIONAL_HLC_RE,
+    WINDOW_ID_RE,
     BarIssue,
     BarReport,
     BeatFrame,
@@ -596,3 +603,322 @@ def test_encode_claim_accepts_the_edges() -> None:
     ):
         claim = msgspec.structs.replace(_GOOD_CLAIM, **changes)
         assert decode(encode_claim(claim), StatusClaim) == claim
+
+
+# --- the joined post-decode rules agree with the field rules --------------------------------------
+# _wire checks a message's patterned fields with one regex over the fields joined by a space;
+# these compare that, on arbitrary strings, with the field rules themselves (ID_RE, HLC_RE,
+# OPTIONAL_HLC_RE, WINDOW_ID_RE). Note `$` would also match before a trailing newline: the rules
+# use `\Z`, and the strategies add trailing newlines on purpose.
+_ID_ALPHABET = string.ascii_letters + string.digits + "_-"
+_HEX = "0123456789abcdefABCDEF"
+# look-alikes: unicode digits and letters (str.isdigit/isalnum accept them), fullwidth forms,
+# a letter that changes length when case-folded, the joint itself, whitespace, NUL
+_ODD = "\u0663\uff11\uff21\u00e9\u0130\u212a\u00df \n\t\r\x00:.*>/"
+_hex_runs = st.text(alphabet=_HEX, max_size=17)
+_field_text = st.one_of(
+    st.text(),
+    st.text(alphabet=_ID_ALPHABET + _ODD, max_size=70),
+    st.text(alphabet=_ID_ALPHABET, min_size=62, max_size=66),  # around the 64-char limit
+    st.text(alphabet=_HEX + ":" + _ODD, max_size=55),
+    st.builds(lambda a, b, c: f"{a}:{b}:{c}", _hex_runs, _hex_runs, _hex_runs),
+    st.text(alphabet="0123456789abcdef" + "A\n \u0663", min_size=30, max_size=34),
+    ids,
+    hlcs,
+    window_ids,
+)
+tricky_text = st.one_of(
+    _field_text,
+    _field_text.map(lambda s: s + "\n"),
+    _field_text.map(lambda s: "\n" + s),
+    _field_text.map(lambda s: s.upper()),
+)
+
+
+# per field: valid values, values just past a length limit, and anything tricky_text makes
+id_like = st.one_of(ids, st.text(alphabet=_ID_ALPHABET, min_size=63, max_size=66), tricky_text)
+_hex_edge = st.text(alphabet=_HEX, min_size=15, max_size=17)
+hlc_like = st.one_of(
+    hlcs, st.builds(lambda a, b, c: f"{a}:{b}:{c}", _hex_edge, _hex_edge, _hex_edge), tricky_text
+)
+wid_like = st.one_of(
+    window_ids, st.text(alphabet="0123456789abcdef", min_size=31, max_size=33), tricky_text
+)
+
+
+def _rule(regex: re.Pattern[str], value: str) -> bool:
+    return regex.match(value) is not None
+
+
+@settings(max_examples=1000)
+@given(
+    cluster_id=id_like,
+    hlc=hlc_like,
+    wid=wid_like,
+)
+def test_frame_and_report_checks_agree_with_the_field_rules(
+    cluster_id: str, hlc: str, wid: str
+) -> None:
+    wanted = [
+        ("cluster_id", _rule(ID_RE, cluster_id)),
+        ("hlc", _rule(HLC_RE, hlc)),
+        ("window_id", _rule(WINDOW_ID_RE, wid)),
+    ]
+    ok = all(good for _, good in wanted)
+    frame = BeatFrame(
+        cluster_id=cluster_id,
+        beat_index=1,
+        downbeat=False,
+        phase="execute",
+        hlc=hlc,
+        deadline_at=dt.datetime(2025, 1, 2, tzinfo=UTC),
+        tempo_bpm=60,
+        window_id=wid,
+    )
+    report = BarReport(cluster_id=cluster_id, window_id=wid, from_beat=0, to_beat=3, hlc=hlc)
+    first_bad = next((name for name, good in wanted if not good), None)
+    for problem in (_wire._check_frame(frame), _wire._check_report(report)):
+        assert (problem is None) == ok
+        if first_bad is not None:  # the message names the first broken field, as it always did
+            assert problem is not None
+            assert problem.endswith(f"at `$.{first_bad}`")
+    # and through decode, where the Struct's length bounds come first
+    for type_, obj in ((BeatFrame, _frame_obj()), (BarReport, json.loads(GO_BAR_REPORT))):
+        obj.update(cluster_id=cluster_id, hlc=hlc, window_id=wid)
+        if ok:
+            decode(json.dumps(obj), type_)
+        else:
+            with pytest.raises(WireError, match=type_.__name__):
+                decode(json.dumps(obj), type_)
+
+
+@settings(max_examples=1000)
+@given(
+    agent_id=id_like,
+    task_id=st.sampled_from(["", "t", "task:0a1b2c3d"]),
+    hlc=hlc_like,
+)
+def test_claim_check_agrees_with_the_field_rules(agent_id: str, task_id: str, hlc: str) -> None:
+    ok = bool(agent_id and task_id and hlc) and _rule(ID_RE, agent_id) and _rule(HLC_RE, hlc)
+    claim = StatusClaim(agent_id=agent_id, task_id=task_id, hlc=hlc)
+    assert (_wire._check_claim(claim) is None) == ok
+    if len(agent_id) <= 64:  # the old check left the length to the Struct, which comes first
+        assert _wire._check_claim(claim) == _reference_check_claim(claim)
+    obj = _claim_obj(agent_id=agent_id, task_id=task_id, hlc=hlc)
+    if ok:
+        assert decode(json.dumps(obj), StatusClaim).agent_id == agent_id
+    else:
+        with pytest.raises(WireError, match="StatusClaim"):
+            decode(json.dumps(obj), StatusClaim)
+
+
+@settings(max_examples=1000)
+@given(cluster_id=id_like, hlc=st.one_of(st.just(""), hlc_like))
+def test_tempo_check_agrees_with_the_field_rules(cluster_id: str, hlc: str) -> None:
+    ok = _rule(ID_RE, cluster_id) and _rule(OPTIONAL_HLC_RE, hlc)
+    change = TempoChange(cluster_id=cluster_id, tempo_bpm=60, hlc=hlc)
+    assert (_wire._check_tempo(change) is None) == ok
+    obj = {"type": "backbeat.tempochange.v1", "cluster_id": cluster_id, "tempo_bpm": 60, "hlc": hlc}
+    if ok:
+        assert decode(json.dumps(obj), TempoChange) == change
+    else:
+        with pytest.raises(WireError, match="TempoChange"):
+            decode(json.dumps(obj), TempoChange)
+
+
+def test_joined_rules_edge_cases() -> None:
+    # the cases the property tests are most likely to need luck for, spelled out
+    good_hlc, good_wid = "0192a3b4c5d6:0001:372e", "0" * 32
+    for bad in ["a\n", "a ", " a", "a b", "\u0663", "a" * 65, "", "a\x00"]:
+        assert _wire._check_frame(msgspec.structs.replace(_FRAME, cluster_id=bad)) is not None
+        assert _wire._check_claim(StatusClaim(agent_id=bad, task_id="t", hlc=good_hlc))
+    for bad in [good_hlc + "\n", "1:2:3 ", "1:2", "1:2:3:4", "1::3", "g:1:1", "1" * 17 + ":1:1"]:
+        assert _wire._check_frame(msgspec.structs.replace(_FRAME, hlc=bad)) is not None
+    for bad in [good_wid + "\n", "A" * 32, "0" * 31, "0" * 33, "0" * 31 + "\u0663"]:
+        assert _wire._check_frame(msgspec.structs.replace(_FRAME, window_id=bad)) is not None
+    assert _wire._check_frame(msgspec.structs.replace(_FRAME, cluster_id="a" * 64)) is None
+    assert (
+        _wire._check_frame(msgspec.structs.replace(_FRAME, hlc="F" * 16 + ":0:" + "a" * 16)) is None
+    )
+    # a field may not smuggle the joint: "a 1:2:3" as cluster_id with a valid hlc must fail
+    assert _wire._check_claim(StatusClaim(agent_id="a 1:2:3", task_id="t", hlc="1:2:3"))
+
+
+_FRAME = BeatFrame(
+    cluster_id="prod",
+    beat_index=1,
+    downbeat=False,
+    phase="plan",
+    hlc="0192a3b4c5d6:0001:372e",
+    deadline_at=dt.datetime(2025, 1, 2, tzinfo=UTC),
+    tempo_bpm=60,
+    window_id="0" * 32,
+)
+
+
+# --- encode_claim's direct checks agree with validating by decoding -----------------------------
+_REF_ID_CHARS = frozenset(_ID_ALPHABET)
+
+
+def _reference_check_claim(claim: StatusClaim) -> str | None:
+    # _wire._check_claim as it was before the joined rule
+    if not (claim.agent_id and claim.task_id and claim.hlc):
+        missing = [name for name in ("agent_id", "task_id", "hlc") if not getattr(claim, name)]
+        return f"missing required field(s) {', '.join(map(repr, missing))}"
+    if not _REF_ID_CHARS.issuperset(claim.agent_id):
+        return _wire._bad(claim.agent_id, "agent_id", ID_RE)
+    if not HLC_RE.match(claim.hlc):
+        return _wire._bad(claim.hlc, "hlc", HLC_RE)
+    return None
+
+
+def _reference_encode_claim(claim: StatusClaim) -> bytes:
+    # encode_claim as it was: encode, then validate by decoding the bytes again
+    try:
+        data = _wire._encoder.encode(
+            _wire._StatusClaimWire(
+                agent_id=claim.agent_id,
+                task_id=claim.task_id,
+                beat_index=claim.beat_index,
+                hlc=claim.hlc,
+                state=claim.state,
+                wait_for=list(claim.wait_for) if claim.wait_for else msgspec.UNSET,
+                beats_left=claim.beats_left,
+                progress=claim.progress,
+                notes=claim.notes,
+            )
+        )
+        msgspec.json.Decoder(StatusClaim).decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError, TypeError, ValueError) as exc:
+        raise InvalidStatusClaim(f"invalid status claim: {exc}") from exc
+    problem = _reference_check_claim(claim)
+    if problem is not None:
+        raise InvalidStatusClaim(f"invalid status claim: {problem}")
+    return data
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+_INT64_MAX = 2**63 - 1
+_odd_values = st.sampled_from([None, True, False, 1.5, -1, b"x", object(), [], {}])
+_ints = st.one_of(
+    st.integers(-3, 5),
+    st.sampled_from([_INT64_MAX, _INT64_MAX + 1, 2**64, -(2**63), True, False]),
+    st.integers(0, 5).map(_Int),
+)
+_strs = st.one_of(tricky_text, tricky_text.map(_Str))
+_odd_claims = st.builds(
+    StatusClaim,
+    agent_id=st.one_of(ids, _strs, _odd_values),
+    task_id=st.one_of(
+        st.text(min_size=1, max_size=128),
+        st.sampled_from(["t" * 127, "t" * 128, "t" * 129]),
+        st.just(""),
+        _strs,
+        _odd_values,
+    ),
+    beat_index=st.one_of(_ints, _odd_values),
+    hlc=st.one_of(hlcs, _strs, _odd_values),
+    state=st.one_of(
+        st.sampled_from(CLAIM_STATES),
+        st.sampled_from(CLAIM_STATES).map(_Str),
+        st.sampled_from(["Done", "sleeping", "", "done\n"]),
+        _odd_values,
+    ),
+    wait_for=st.one_of(
+        st.lists(st.text(min_size=1, max_size=256), max_size=3),
+        st.lists(st.one_of(st.text(max_size=3), st.text(min_size=256, max_size=257)), max_size=3),
+        st.lists(st.one_of(_strs, _odd_values), max_size=3),
+        st.lists(st.text(max_size=5), max_size=3).map(tuple),
+        st.sampled_from(["", "ab", None, {}]),
+        _odd_values,
+    ),
+    beats_left=st.one_of(_ints, _odd_values),
+    progress=st.one_of(
+        st.floats(min_value=-0.5, max_value=1.5),
+        st.sampled_from([0.0, -0.0, 1.0, 0, 1, 2, float("nan"), float("inf"), True]),
+        st.floats(),
+        _odd_values,
+    ),
+    notes=st.one_of(
+        st.text(max_size=50),
+        st.sampled_from(["n" * 4095, "n" * 4096, "n" * 4097]),
+        st.sampled_from(["\ud800", "a\udfffb"]),  # lone surrogates: not encodable as UTF-8
+        _strs,
+        _odd_values,
+    ),
+)
+
+
+# valid claims, and claims with any field odd or broken
+claims_of_anything = st.one_of(
+    status_claims,
+    _odd_claims,
+    st.builds(
+        lambda c, o, f: msgspec.structs.replace(c, **{f: getattr(o, f)}),
+        status_claims,
+        _odd_claims,
+        st.sampled_from(StatusClaim.__struct_fields__),
+    ),
+)
+
+
+def _assert_encode_claim_agrees(claim: StatusClaim) -> None:
+    expected: bytes | None = None
+    refusal = ""
+    try:
+        expected = _reference_encode_claim(claim)
+    except (InvalidStatusClaim, TypeError) as exc:
+        refusal = str(exc)
+    if expected is not None:
+        assert encode_claim(claim) == expected
+        decode(expected, StatusClaim)  # what is returned, a receiver accepts
+        return
+    # Refused both ways. The old code checked ids and stamps on the claim as given, so a non-str
+    # value got a TypeError from `re` (bytes hlc) or its repr in the message (bytes agent_id, sent
+    # as base64); now they are checked as sent, which always says InvalidStatusClaim.
+    with pytest.raises(InvalidStatusClaim) as got:
+        encode_claim(claim)
+    if isinstance(claim.agent_id, str) and isinstance(claim.hlc, str):
+        assert str(got.value) == refusal
+
+
+@settings(max_examples=1000)
+@given(claims_of_anything)
+def test_encode_claim_accepts_and_rejects_exactly_what_decoding_did(claim: StatusClaim) -> None:
+    _assert_encode_claim_agrees(claim)
+
+
+@given(st.builds(HLCStamp, st.integers(0, 2**64 - 1), st.integers(0, 2**16), st.integers(0, 2**16)))
+def test_emit_status_hlc_format_is_the_stamps_string_form(stamp: HLCStamp) -> None:
+    # Client.emit_status_nowait formats the stamp with %-formatting (cheaper than str())
+    assert "%012x:%04x:%04x" % stamp == str(stamp)  # noqa: UP031
+
+
+_EDGE_EDITS: list[dict[str, Any]] = [
+    *(
+        {"agent_id": v}
+        for v in ["a" * 64, "a" * 65, "a\n", "\u0663", "a b", _Str("agent-7"), 7, b"x"]
+    ),
+    *({"task_id": v} for v in ["t" * 128, "t" * 129, "", "\n", _Str("t"), None, 1]),
+    *({"beat_index": v} for v in [0, -1, _INT64_MAX, _INT64_MAX + 1, 2**64, True, _Int(3), 1.0]),
+    *({"hlc": v} for v in ["1:2:3", "1:2:3\n", "1:2", "", "f" * 16 + ":0:0", "f" * 17 + ":0:0"]),
+    {"hlc": b"0123456789"},
+    *({"state": v} for v in [*CLAIM_STATES, "Done", "", _Str("done"), None]),
+    *({"wait_for": v} for v in [[], ["x" * 256], ["x" * 257], [""], [1], ("a",), "ab", None, {}]),
+    *({"beats_left": v} for v in [0, -1, _INT64_MAX, _INT64_MAX + 1, False, _Int(1), 2.0]),
+    *({"progress": v} for v in [0.0, -0.0, 1.0, 1.0000001, -1e-300, 0, 1, 2, True, "0.5"]),
+    *({"progress": v} for v in [float("nan"), float("inf"), -float("inf"), None]),
+    *({"notes": v} for v in ["n" * 4096, "n" * 4097, "\ud800", "\u2028<&>", _Str("n"), None]),
+]
+
+
+@pytest.mark.parametrize("changes", _EDGE_EDITS, ids=repr)
+def test_encode_claim_edges_agree_with_validating_by_decoding(changes: dict[str, Any]) -> None:
+    _assert_encode_claim_agrees(msgspec.structs.replace(_GOOD_CLAIM, **changes))

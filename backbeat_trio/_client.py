@@ -176,6 +176,7 @@ class Client:
         self._ack_prefix = ""
         self._ack_timeout = 2.0
         self._outbox_changed = trio.Event()
+        self._outbox_waiters = 0  # tasks in flush_claims, waiting for _outbox_changed
         # JetStream mode: after a reconnect or a refused publish, new claims wait until every
         # re-published one is acknowledged, so the stream stores claims in the order emitted
         self._hold_new = False
@@ -567,8 +568,10 @@ class Client:
     def _notify_outbox(self) -> None:
         # Swap, then set: every waiter (flush_claims may be awaited by several tasks) wakes and
         # re-checks; waiters never replace the event themselves, or one could strand another.
-        event, self._outbox_changed = self._outbox_changed, trio.Event()
-        event.set()
+        # Nobody waiting (the common case, once per claim): nothing to wake, no new Event.
+        if self._outbox_waiters:
+            event, self._outbox_changed = self._outbox_changed, trio.Event()
+            event.set()
 
     def _republish_all(self) -> None:
         for out in list(self._outbox.values()):
@@ -584,7 +587,11 @@ class Client:
         it is counted in ``metrics.claims_unconfirmed`` (it may be lost; see :attr:`delivery_mode`).
         """
         while self._outbox or self._unconfirmed:
-            await self._outbox_changed.wait()
+            self._outbox_waiters += 1
+            try:
+                await self._outbox_changed.wait()
+            finally:
+                self._outbox_waiters -= 1
         if self._connected:
             with contextlib.suppress(NotConnected):
                 await self._transport.flush()

@@ -1001,7 +1001,7 @@ class LeaseKeeper:
     def _observe_entry(self, msg: Message) -> None:
         try:
             revision, value = self.store.entry(msg)
-        except (KeyError, ValueError, AttributeError, TypeError) as exc:
+        except Exception as exc:  # not a JetStream message, a malformed reply subject...
             self._kv_error(f"unreadable lease watch message: {exc!r}")
             self.election.needs_read = True
             return
@@ -1079,6 +1079,12 @@ class LeaseKeeper:
     async def follow(self, acquisition_snapshot: Callable[[], ScheduleSnapshot | None]) -> None:
         """Follow until this instance acquired the lease (a CAS write succeeded)."""
         e = self.election
+        if self.watch is not None:
+            # what arrived while leading is our own writes: stale now (the read below is newer)
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                while True:
+                    self.watch.messages.receive_nowait()
+            e.needs_read = True
         while True:
             now = trio.current_time()
             if e.needs_read or now >= self._next_read:
@@ -1097,7 +1103,14 @@ class LeaseKeeper:
                 await trio.sleep_until(wake)
                 continue
             with trio.move_on_at(wake):
-                msg = await self.watch.messages.receive()
+                try:
+                    msg = await self.watch.messages.receive()
+                except trio.EndOfChannel:  # the store closed its watch: poll from now on
+                    log.warning("%s: the lease watch ended; polling instead", self.owner_id)
+                    self.watch = None
+                    self.status.watching = False
+                    self._next_read = trio.current_time()
+                    continue
                 self._observe_entry(msg)
 
     async def renew_while_leading(self) -> None:
@@ -1226,13 +1239,11 @@ class _HAPulse:
 
     # -- roles -----------------------------------------------------------------------------------
     async def run(self) -> None:
+        # the watch is closed by run_ha_pulse, after the release (which must not wait for it)
         await self.lease.open_watch()
-        try:
-            for _ in itertools.count():  # one iteration per term; ends only by cancellation
-                await self.lease.follow(self._acquisition_snapshot)
-                await self._lead()
-        finally:
-            await self.lease.close_watch()
+        for _ in itertools.count():  # one iteration per term; ends only by cancellation
+            await self.lease.follow(self._acquisition_snapshot)
+            await self._lead()
 
     async def _lead(self) -> None:
         e = self.election
@@ -1398,6 +1409,7 @@ async def run_ha_pulse(
             if cfg.release_on_exit and pulse.election.role == "leader":
                 with trio.move_on_after(pulse.t.op_timeout + 0.5, shield=True):
                     await pulse.release()
+            await pulse.lease.close_watch()
 
 
 async def ensure_lease_store(store: LeaseStore, op_timeout: float, attempts: int = 10) -> None:

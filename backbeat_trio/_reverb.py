@@ -53,7 +53,7 @@ from ._history import (
 from ._hlc import HLC
 from ._signing import Keyring, ReplayCache, verify_claim
 from ._transport import NatsTransport, Subscription, Transport, open_nats_transport
-from ._wire import BarReport, StatusClaim, encode
+from ._wire import BarReport, StatusClaim, decode, encode
 
 __all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
 
@@ -62,6 +62,8 @@ log = logging.getLogger("backbeat_trio.reverb")
 _RESUME_WINDOWS = 4
 #: Reports an HA standby keeps for the catch-up when it takes over.
 _STANDBY_KEPT = 16
+#: Windows an HA reverb remembers having seen published on the bar subject.
+_PUBLISHED_KEPT = 256
 #: ReverbStatus.latest_claims keeps at most this many agents (the least recently heard go first).
 MAX_TRACKED_AGENTS = 10_000
 
@@ -233,7 +235,8 @@ async def run_reverb(
                 lease_store = NatsLeaseStore(
                     transport,
                     cfg.cluster_id,
-                    replicas=cfg.replicas,
+                    # the bucket is shared with the HA pulses: never the one to make it smaller
+                    replicas=max(3, cfg.replicas),
                     op_timeout=timings.op_timeout,
                     key=REVERB_LEASE_KEY,
                 )
@@ -319,6 +322,10 @@ async def _reverb_loop(
                     "bar report for window %s not published: disconnected", report.window_id
                 )
 
+        ha: _HAReports | None = None
+        if keeper is not None:
+            ha = _HAReports(cfg, transport, keeper, status, publish)
+            await nursery.start(ha.watch_published)
         async for frame in beats:
             left = aggregator.observe_beat(frame, trio.current_time())
             if left is None:
@@ -328,13 +335,10 @@ async def _reverb_loop(
                 log.info("window %d was reported before this reverb restarted", left)
                 continue
             resume_after = None  # past the restart point: nothing else can be a repeat
-            if keeper is None or keeper.election.may_publish(trio.current_time()):
-                if status.standby:
-                    await _catch_up(transport, cfg.cluster_id, status, publish)
+            if ha is None:
                 publish(report)
             else:
-                status.reports_standby += 1
-                status.standby.append(report)
+                await ha.report(report)
             status.reports += 1
             status.latest = report
             status.history.append(report)
@@ -344,28 +348,80 @@ async def _reverb_loop(
         nursery.cancel_scope.cancel()
 
 
-async def _catch_up(
-    transport: Transport,
-    cluster_id: str,
-    status: ReverbStatus,
-    publish: Callable[[BarReport], None],
-) -> None:
-    # Just took over: publish what this reverb aggregated on standby that the bar stream lacks
-    # (the previous publisher died before it reported those windows). Without the stored history
-    # nothing is re-sent: a report twice on the bar subject is worse than a late one missing.
-    try:
-        with trio.fail_after(2.0):
-            last = await last_reported_window(transport, cluster_id)
-    except (BackbeatError, trio.TooSlowError) as exc:
-        log.warning("after taking over: bar history unreadable (%s); standby windows dropped", exc)
-        status.standby.clear()
-        return
-    while status.standby:
-        report = status.standby.popleft()
-        if not already_reported(report, last):
-            publish(report)
-            status.reports_caught_up += 1
-            log.info("took over: published window %s, missed while on standby", report.window_id)
+class _HAReports:
+    """An HA reverb's reports: published while it holds the lease, else kept (the last 16).
+
+    Every instance subscribes to the bar subject and remembers which windows were published (by
+    anyone), so a reverb that takes over publishes exactly the kept windows nobody reported --
+    the ones the dead publisher never sent -- and no window twice. The bar stream's history is a
+    second source when it exists. Nothing is published while disconnected (nats-py would buffer
+    it and send it after the lease may have passed to another reverb).
+    """
+
+    def __init__(
+        self,
+        cfg: ReverbConfig,
+        transport: Transport,
+        keeper: LeaseKeeper,
+        status: ReverbStatus,
+        publish: Callable[[BarReport], None],
+    ) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.keeper = keeper
+        self.status = status
+        self.publish = publish
+        self.published: set[str] = set()
+        self._published_order: deque[str] = deque()
+        # bound on reading the bar history while taking over: well inside the lease
+        self.history_bound = min(1.0, cfg.lease_ttl / 4)
+
+    def _may_publish(self) -> bool:
+        return self.transport.connected and self.keeper.election.may_publish(trio.current_time())
+
+    def _remember(self, window_id: str) -> None:
+        if window_id in self.published:
+            return
+        self.published.add(window_id)
+        self._published_order.append(window_id)
+        if len(self._published_order) > _PUBLISHED_KEPT:
+            self.published.discard(self._published_order.popleft())
+
+    async def watch_published(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Remember the window of every report seen on the bar subject."""
+        sub = await self.transport.subscribe(bar_subject(self.cfg.cluster_id), buffer=1024)
+        task_status.started()
+        async for msg in sub.messages:
+            with contextlib.suppress(WireError):
+                self._remember(decode(msg.data, BarReport).window_id)
+
+    async def report(self, report: BarReport) -> None:
+        """A window closed: publish it (after any kept ones) or keep it."""
+        status = self.status
+        status.standby.append(report)
+        if not self._may_publish():
+            status.reports_standby += 1
+            return
+        last: int | None = None
+        if len(status.standby) > 1:  # windows kept while on standby: what does the stream hold?
+            try:
+                with trio.fail_after(self.history_bound):
+                    last = await last_reported_window(self.transport, self.cfg.cluster_id)
+            except (BackbeatError, trio.TooSlowError) as exc:
+                log.warning("taking over: bar history unreadable (%s); using what was seen", exc)
+        while status.standby:
+            if not self._may_publish():  # the lease or the connection went while reading
+                return
+            kept = status.standby.popleft()
+            if kept.window_id in self.published or _resumed_duplicate(
+                kept, last, self.cfg.beats_per_bar
+            ):
+                continue
+            self.publish(kept)
+            self._remember(kept.window_id)
+            if kept is not report:
+                status.reports_caught_up += 1
+                log.info("took over: published window %s, missed on standby", kept.window_id)
 
 
 def _resumed_duplicate(report: BarReport, last: int | None, beats_per_bar: int) -> bool:

@@ -12,16 +12,19 @@ from collections.abc import Callable
 
 import pytest
 import trio
+import trio.testing
 
 from backbeat_trio._beats import bar_subject
 from backbeat_trio._config import Config
 from backbeat_trio._errors import ConfigError
+from backbeat_trio._ha import MemoryLeaseStore
 from backbeat_trio._history import bar_stream_name
 from backbeat_trio._kv import stream_read
 from backbeat_trio._pulse import PulseConfig, run_pulse
 from backbeat_trio._reverb import ReverbConfig, ReverbStatus, run_reverb
-from backbeat_trio._transport import MemoryBroker, open_nats_transport
+from backbeat_trio._transport import MemoryBroker, MemoryTransport, open_nats_transport
 from backbeat_trio._wire import BarReport, decode
+from backbeat_trio.testing import virtual_wall_clock
 
 TEMPO = 600  # 100 ms beats
 BPB = 4  # 400 ms windows
@@ -180,3 +183,118 @@ async def test_ha_on_a_memory_transport_needs_a_lease_store() -> None:
     transport = MemoryBroker().connect()
     with pytest.raises(ConfigError, match="lease_store"):
         await run_reverb(ReverbConfig(cluster_id="c", ha=True), transport=transport)
+
+
+# --- deterministic, on MockClock with the in-memory bus (no bar stream at all) -----------------
+class MemoryReverbs:
+    """A pulse and two HA reverbs on a memory bus and a memory lease store."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.broker = MemoryBroker()
+        self.store = MemoryLeaseStore()
+        self.seen: list[tuple[float, BarReport]] = []
+        self.statuses: dict[str, ReverbStatus] = {}
+        self.scopes: dict[str, trio.CancelScope] = {}
+
+    async def start(self) -> None:
+        self.nursery.start_soon(self._collect, self.broker.connect())
+        for rid in ("r1", "r2"):
+            cfg = ReverbConfig(
+                cluster_id="mem",
+                reverb_id=rid,
+                beats_per_bar=BPB,
+                allow_unsigned=True,
+                ha=True,
+                lease_ttl=1.0,
+                release_on_exit=False,
+            )
+            scope = self.scopes[rid] = trio.CancelScope()
+            store = self.store.handle()
+            transport = self.broker.connect()
+
+            async def run(
+                task_status: trio.TaskStatus[ReverbStatus],
+                cfg: ReverbConfig = cfg,
+                scope: trio.CancelScope = scope,
+                store: MemoryLeaseStore = store,
+                transport: MemoryTransport = transport,
+            ) -> None:
+                with scope:
+                    await run_reverb(
+                        cfg,
+                        transport=transport,
+                        lease_store=store,
+                        wall_clock=virtual_wall_clock,
+                        task_status=task_status,
+                    )
+
+            self.statuses[rid] = await self.nursery.start(run)
+        pulse_cfg = PulseConfig(cluster_id="mem", tempo_bpm=TEMPO, beats_per_bar=BPB)
+        await self.nursery.start(
+            lambda task_status: run_pulse(
+                pulse_cfg,
+                transport=self.broker.connect(),
+                wall_clock=virtual_wall_clock,
+                task_status=task_status,
+            )
+        )
+
+    async def _collect(self, transport: MemoryTransport) -> None:
+        sub = await transport.subscribe(bar_subject("mem"), buffer=4096)
+        async for msg in sub.messages:
+            self.seen.append((trio.current_time(), decode(msg.data, BarReport)))
+
+    def publisher(self) -> str:
+        leaders = [
+            r for r, s in self.statuses.items() if s.publishing and not self.scopes[r].cancel_called
+        ]
+        assert len(leaders) == 1, leaders
+        return leaders[0]
+
+
+def assert_every_window_once(seen: list[tuple[float, BarReport]]) -> None:
+    windows = [r.window_id for _, r in seen]
+    assert len(windows) == len(set(windows)), windows
+    starts = [r.from_beat for _, r in seen]
+    assert all(b - a == BPB for a, b in itertools.pairwise(starts)), starts
+
+
+async def test_a_crash_without_a_bar_stream_loses_and_doubles_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # no bar history to ask: the successor relies on the reports it saw on the bar subject
+    async with trio.open_nursery() as nursery:
+        mem = MemoryReverbs(nursery)
+        await mem.start()
+        await wait_until(lambda: len(mem.seen) >= 6)
+        old = mem.publisher()
+        new = next(r for r in mem.statuses if r != old)
+        count = len(mem.seen)
+        await wait_until(lambda: len(mem.seen) > count)
+        mem.scopes[old].cancel()
+        crashed_at = trio.current_time()
+        await wait_until(lambda: sum(1 for at, _ in mem.seen if at > crashed_at) >= 6)
+        assert mem.publisher() == new
+        assert mem.statuses[new].reports_caught_up >= 1
+        nursery.cancel_scope.cancel()
+    assert_every_window_once(mem.seen)
+
+
+async def test_reports_wait_out_a_disconnection_instead_of_being_buffered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        mem = MemoryReverbs(nursery)
+        await mem.start()
+        await wait_until(lambda: len(mem.seen) >= 3)
+        leader = mem.publisher()
+        before = mem.statuses[leader].reports_standby
+        mem.broker.set_down()  # the reverbs keep time locally and close windows meanwhile
+        await trio.sleep(3 * BPB * 60 / TEMPO)
+        assert mem.statuses[leader].reports_standby > before  # kept, not handed to the bus
+        mem.broker.set_up()
+        count = len(mem.seen)
+        await wait_until(lambda: len(mem.seen) >= count + 5)
+        nursery.cancel_scope.cancel()
+    assert_every_window_once(mem.seen)

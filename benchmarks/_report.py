@@ -233,6 +233,19 @@ METHODOLOGY = """\
    (RSS after the windows − RSS before the first client) ÷ N, measured once. Baseline: N plain
    nats-py connections in one asyncio process, each decoding the frame in its callback. Beats the
    client synthesised locally (it fell behind the pulse) count as delivered and are shown apart.
+   **6b Scale, 3-node cluster** — the same clients on a local 3-node `NatsCluster` (routes and
+   JetStream on 127.0.0.1): the pulse connected to node 1, N split evenly over three client
+   processes, one per node, each client given its node's URL (so two thirds of the agents get each
+   beat through one route hop). The baseline is the same N in the same three processes all on one
+   server, measured in the same run, so the ratio is the cost of the route hops (the two runs
+   alternate which goes first). The windows of the three processes are merged per window index:
+   CPU = their CPU time ÷ their agent-beats; latency percentiles over all their agent-beats. The
+   nats-server CPU (all servers, `psutil`, 10 ms tick resolution) is taken from the pulse's start
+   to the last result ÷ (N × beats published meanwhile); its idle CPU (clients connected, no
+   beats) is sampled before the pulse starts. The details give each process's p50 and the route
+   hop: p50 on nodes 2–3 − p50 on node 1, next to the same difference on one server. All of it
+   shares the same 2 cores, so this measures route overhead and correctness, not horizontal
+   capacity. Tempo of 6 and 6b: `scale_tempo` in the sizes table.
 7. **Recovery** — nats-server SIGKILLed while a pulse (1200 BPM), a JetStream-mode client, a
    core-mode client and a plain nats-py publisher (claims every 5 ms each, separate streams to
    count them) run; restarted on the same port and store. Time to the first *pulse* beat (told

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -19,14 +20,14 @@ from typing import Any
 
 import trio
 
-from backbeat_trio import NatsServerProcess
+from backbeat_trio import NatsCluster, NatsServerProcess
 from benchmarks import codec
 from benchmarks._report import Row, machine_info, print_table, write_plot, write_results
 from benchmarks._stats import median, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
-ALL = ("codec", "beats", "claims", "scale", "recovery")
+ALL = ("codec", "beats", "claims", "scale", "scale-cluster", "recovery")
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ class Params:
     claims_n: int
     claims_js_n: int
     scale_ns: tuple[int, ...]
+    scale_tempo: int
     scale_windows: int
     scale_window_beats: int
+    scale_cluster_ns: tuple[int, ...]
     recovery_reps: int
     recovery_outage: float
     recovery_post: float
@@ -59,8 +62,10 @@ FULL = Params(
     claims_n=20_000,
     claims_js_n=5_000,
     scale_ns=(50, 200, 500),
+    scale_tempo=600,
     scale_windows=5,
     scale_window_beats=20,
+    scale_cluster_ns=(30, 90, 150, 300),
     recovery_reps=5,
     recovery_outage=0.5,
     recovery_post=4.0,
@@ -76,14 +81,16 @@ QUICK = Params(
     claims_n=1_000,
     claims_js_n=500,
     scale_ns=(10, 40),
+    scale_tempo=600,
     scale_windows=5,
     scale_window_beats=3,
+    scale_cluster_ns=(30,),
     recovery_reps=3,
     recovery_outage=0.3,
     recovery_post=1.5,
 )
 BEAT_TEMPO = 1200
-SCALE_TEMPO = 600
+SCALE_NODES = 3
 RECOVERY_TEMPO = 1200
 CLAIM_PERIOD = 0.005
 
@@ -183,6 +190,24 @@ async def start_workers(
         for key, (name, module, wargs) in specs.items():
             nursery.start_soon(start, key, name, module, wargs)
     return workers
+
+
+@contextlib.asynccontextmanager
+async def open_server_and_cluster(
+    size: int,
+) -> AsyncIterator[tuple[NatsServerProcess, NatsCluster]]:
+    """One server and a ``size``-node cluster (all with JetStream), started side by side."""
+    server = NatsServerProcess(jetstream=True)
+    cluster = NatsCluster(size, jetstream=True, name="benchscale")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, server.start)
+            nursery.start_soon(trio.to_thread.run_sync, cluster.start)
+        yield server, cluster
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(server.close)
+            await trio.to_thread.run_sync(cluster.close)
 
 
 @contextlib.asynccontextmanager
@@ -507,7 +532,7 @@ async def bench_claims(p: Params, out: Outcome, logdir: Path) -> None:
 
 
 async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
-    d = 60.0 / SCALE_TEMPO
+    d = 60.0 / p.scale_tempo
     async with (
         open_server(jetstream=True) as server,
         open_worker("pulse-scale", "benchmarks._w_pulse", {"url": server.url}, logdir) as pulse,
@@ -521,7 +546,7 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
                 "n": n,
                 "windows": p.scale_windows,
                 "window_beats": p.scale_window_beats,
-                "tempo": SCALE_TEMPO,
+                "tempo": p.scale_tempo,
             }
             results = {}
             async with contextlib.AsyncExitStack() as stack:
@@ -550,7 +575,7 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
                         {
                             "cmd": "run",
                             "cluster": wargs["cluster"],
-                            "tempo": SCALE_TEMPO,
+                            "tempo": p.scale_tempo,
                             "beats": beats,
                             "lead": 0.1,
                         }
@@ -637,6 +662,213 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
                 f"{res['rss_per_client_connected'] / 1024:.0f} KiB, stale {res['stale']}, dropped "
                 f"{res['dropped']}, degraded beats {res['degraded_beats']}."
             )
+
+
+def _split(n: int, parts: int) -> list[int]:
+    """``n`` agents over ``parts`` processes, as evenly as possible."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+async def _scale_split_run(
+    p: Params,
+    workers: list[Worker],
+    pulse: Worker,
+    cluster: str,
+    server_pids: list[int],
+) -> dict[str, Any]:
+    """One measurement with N clients split over ``workers`` (already told their URL and share):
+    connect, start the pulse, collect and merge the windows."""
+    d = 60.0 / p.scale_tempo
+    for w in workers:
+        await w.send({"cmd": "go"})
+    readies = [await w.expect("ready", 300.0) for w in workers]
+    # the servers' CPU with every client connected and no beats: what a beat costs comes on top
+    idle_s = 0.25 if p.quick else 2.0
+    idle0 = _cpu_seconds(server_pids)
+    await trio.sleep(idle_s)
+    idle_rate = (_cpu_seconds(server_pids) - idle0) / idle_s
+    beats = 10 + p.scale_windows * p.scale_window_beats + 40
+    await pulse.send(
+        {"cmd": "run", "cluster": cluster, "tempo": p.scale_tempo, "beats": beats, "lead": 0.1}
+    )
+    await pulse.expect("started", 30.0)
+    wall0, cpu0 = time.time(), _cpu_seconds(server_pids)
+    results = [await w.expect("result", beats * d + 120.0) for w in workers]
+    wall1, cpu1 = time.time(), _cpu_seconds(server_pids)
+    await pulse.send({"cmd": "stop"})
+    pres = await pulse.expect("result", 30.0)
+    async with trio.open_nursery() as nursery:
+        for w in workers:
+            nursery.start_soon(w.close)
+    n = sum(r["expected_agent_beats"] for r in results) // p.scale_window_beats
+    published = sum(1 for t in pres["wall_times"] if wall0 <= t <= wall1)
+    merged: dict[str, Any] = {
+        "n": n,
+        "connect_s": max(r["connect_s"] for r in readies),
+        "server_cpu_us_per_agent_beat": (cpu1 - cpu0) / max(1, n * published) * 1e6,
+        "server_idle_cpu_pct": 100.0 * idle_rate,
+        "rss_per_client": sum(
+            r["rss_per_client_running"] * r["expected_agent_beats"] for r in results
+        )
+        / max(1, n * p.scale_window_beats),
+        "stale": sum(r["stale"] for r in results),
+        "dropped": sum(r["dropped"] for r in results),
+        "cpu_us": [],
+        "p50": [],
+        "p99": [],
+        "delivered": [],
+        "local": [],
+        # per process (= per node in the cluster run): median over windows of the window's p50
+        "p50_by_worker": [
+            median([percentile(lat, 50) for lat in r["window_latencies"]]) for r in results
+        ],
+    }
+    for k in range(p.scale_windows):
+        lat = [v for r in results for v in r["window_latencies"][k]]
+        agent_beats = sum(r["agent_beats"][k] for r in results)
+        merged["cpu_us"].append(sum(r["cpu_s"][k] for r in results) / max(1, agent_beats) * 1e6)
+        merged["p50"].append(percentile(lat, 50))
+        merged["p99"].append(percentile(lat, 99))
+        merged["delivered"].append(agent_beats)
+        merged["local"].append(sum(r["local_beats"][k] for r in results))
+    return merged
+
+
+async def bench_scale_cluster(p: Params, out: Outcome, logdir: Path) -> None:
+    """N clients in SCALE_NODES processes, one per node of a local cluster (pulse on node 1),
+    against the same N in SCALE_NODES processes on one server, measured in the same run."""
+    async with (
+        open_server_and_cluster(SCALE_NODES) as (server, nodes),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        topologies = {
+            "single": ([server.url] * SCALE_NODES, [server.pid]),
+            "cluster": (nodes.urls, [s.pid for s in nodes.servers]),
+        }
+        pulse_specs = {
+            topo: (f"pulse-scale-{topo}", "benchmarks._w_pulse", {"url": urls[0]})
+            for topo, (urls, _) in topologies.items()
+        }
+        pulses: dict[str, Worker] = {}
+        for i, n in enumerate(p.scale_cluster_ns):
+            load = os.getloadavg()
+            parts = _split(n, SCALE_NODES)
+            order = ("single", "cluster") if i % 2 == 0 else ("cluster", "single")
+            res: dict[str, dict[str, Any]] = {}
+            async with contextlib.AsyncExitStack() as wstack:
+                # every process of both runs starts at once (their imports overlap); a process
+                # connects nothing before its "go"
+                specs = {
+                    f"{topo}{j}": (
+                        f"scalec-{n}-{topo}-{j}",
+                        "benchmarks._w_client",
+                        {
+                            "role": "scale",
+                            "url": urls[j],
+                            "cluster": f"scalec{n}{topo}",
+                            "n": parts[j],
+                            "windows": p.scale_windows,
+                            "window_beats": p.scale_window_beats,
+                            "tempo": p.scale_tempo,
+                            "raw_latencies": True,
+                        },
+                    )
+                    for topo, (urls, _) in topologies.items()
+                    for j in range(SCALE_NODES)
+                }
+                workers: dict[str, Worker] = {}
+
+                async def start(
+                    stack: contextlib.AsyncExitStack,
+                    specs: dict[str, tuple[str, str, dict[str, Any]]],
+                    into: dict[str, Worker],
+                ) -> None:
+                    into.update(await start_workers(stack, specs, logdir))
+
+                # the pulses start with the first size's processes (their imports overlap)
+                async with trio.open_nursery() as nursery:
+                    if not pulses:
+                        nursery.start_soon(start, stack, pulse_specs, pulses)
+                    nursery.start_soon(start, wstack, specs, workers)
+                for topo in order:
+                    pids = [pid for pid in topologies[topo][1] if pid is not None]
+                    res[topo] = await _scale_split_run(
+                        p,
+                        [workers[f"{topo}{j}"] for j in range(SCALE_NODES)],
+                        pulses[topo],
+                        f"scalec{n}{topo}",
+                        pids,
+                    )
+            _scale_cluster_rows(p, out, n, parts, res["cluster"], res["single"], load)
+
+
+def _scale_cluster_rows(
+    p: Params,
+    out: Outcome,
+    n: int,
+    parts: list[int],
+    res: dict[str, Any],
+    base: dict[str, Any],
+    load: tuple[float, float, float],
+) -> None:
+    bench = "6b Scale, 3-node cluster"
+    label = f"same N in {SCALE_NODES} processes on one server (this run)"
+    head = f"N={n} ({'+'.join(map(str, parts))} on {SCALE_NODES} nodes)"
+    want_w = n * p.scale_window_beats
+
+    def row(figure: str, unit: str, ours: list[float], theirs: list[float]) -> None:
+        out.rows.append(Row(bench, f"{head}: {figure}", unit, ours, theirs, label, "(info)", None))
+
+    def local_share(r: dict[str, Any]) -> list[float]:
+        return [100.0 * lb / max(1, ab) for lb, ab in zip(r["local"], r["delivered"], strict=True)]
+
+    row("client CPU per agent-beat", "µs", res["cpu_us"], base["cpu_us"])
+    row(
+        "nats-server CPU per agent-beat (all servers)",
+        "µs",
+        [res["server_cpu_us_per_agent_beat"]],
+        [base["server_cpu_us_per_agent_beat"]],
+    )
+    row("RSS per client", "KiB", [res["rss_per_client"] / 1024], [base["rss_per_client"] / 1024])
+    row("beat latency p50", "ms", [v * 1e3 for v in res["p50"]], [v * 1e3 for v in base["p50"]])
+    row("beat latency p99", "ms", [v * 1e3 for v in res["p99"]], [v * 1e3 for v in base["p99"]])
+    row(
+        "agent-beats delivered per window",
+        "% of N × beats",
+        [100.0 * v / want_w for v in res["delivered"]],
+        [100.0 * v / want_w for v in base["delivered"]],
+    )
+    row("beats synthesised locally", "%", local_share(res), local_share(base))
+    ms = 1e3
+    c_by, s_by = res["p50_by_worker"], base["p50_by_worker"]
+    hop = (median(c_by[1:]) - c_by[0]) * ms
+    same = (median(s_by[1:]) - s_by[0]) * ms
+    out.notes.append(
+        f"Scale on a {SCALE_NODES}-node cluster, N={n} agents per cluster "
+        f"({', '.join(f'{k} on node {j + 1}' for j, k in enumerate(parts))}; the pulse on node 1; "
+        f"one client process per node; load average at the start "
+        f"{', '.join(f'{x:.2f}' for x in load)}): connect {res['connect_s']:.2f} s "
+        f"(one server: {base['connect_s']:.2f} s); latency p50 per process "
+        + "/".join(f"{v * ms:.2f}" for v in c_by)
+        + " ms (one server: "
+        + "/".join(f"{v * ms:.2f}" for v in s_by)
+        + f" ms); route hop = p50 on nodes 2–3 − p50 on node 1: {hop:+.2f} ms "
+        f"(same processes on one server: {same:+.2f} ms); nats-server CPU with the clients "
+        f"connected and no beats {res['server_idle_cpu_pct']:.1f} % of a core for all "
+        f"{SCALE_NODES} servers (one server: {base['server_idle_cpu_pct']:.1f} %); "
+        f"stale {res['stale']}, dropped {res['dropped']} (one server: {base['stale']}, "
+        f"{base['dropped']})."
+    )
 
 
 def _stream_counts(server: NatsServerProcess) -> dict[str, int]:
@@ -803,6 +1035,8 @@ async def _run(p: Params, only: tuple[str, ...], write: bool) -> int:
                 await bench_claims(p, out, logdir)
             elif name == "scale":
                 await bench_scale(p, out, logdir)
+            elif name == "scale-cluster":
+                await bench_scale_cluster(p, out, logdir)
             elif name == "recovery":
                 await bench_recovery(p, out, logdir)
         except Exception as exc:
@@ -814,6 +1048,8 @@ async def _run(p: Params, only: tuple[str, ...], write: bool) -> int:
     info["elapsed_s"] = elapsed
     info["worker_logs"] = str(logdir)
     print_table(out.rows)
+    for note in out.notes:
+        print(f"* {note}")
     print(f"total {elapsed:.1f} s; worker logs in {logdir}")
     if failures:
         print("FAILED: " + "; ".join(failures))
@@ -830,7 +1066,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes; under a minute")
     parser.add_argument("--only", nargs="+", choices=ALL, default=list(ALL))
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="SIZE=VALUE",
+        help="override sizes, e.g. scale_ns=100,150 scale_tempo=60 (names: the sizes table)",
+    )
     ns = parser.parse_args(argv)
     params = QUICK if ns.quick else FULL
+    for item in ns.set:
+        key, _, value = item.partition("=")
+        current = getattr(params, key, None)
+        if key == "quick" or current is None or not value:
+            parser.error(f"--set {item!r}: expected SIZE=VALUE with SIZE from the sizes table")
+        try:
+            parsed: Any = (
+                tuple(int(v) for v in value.split(","))
+                if isinstance(current, tuple)
+                else type(current)(value)
+            )
+        except ValueError:
+            parser.error(f"--set {item!r}: not a {type(current).__name__}")
+        params = dataclasses.replace(params, **{key: parsed})
     only = tuple(n for n in ALL if n in ns.only)
     sys.exit(trio.run(_run, params, only, not ns.no_write))

@@ -7,7 +7,9 @@ Roles (argv JSON ``role``):
   give the beat latency; after the pulse stops, the locally synthesised frames give the degraded
   schedule error.
 * ``claims``: signed/unsigned/JetStream ``emit_status`` throughput from one client.
-* ``scale``: N clients in this one process; CPU per agent-beat, RSS per client, latency.
+* ``scale``: N clients in this one process; CPU per agent-beat, RSS per client, latency
+  (with ``raw_latencies``, every window's latencies too, for the orchestrator to merge
+  several processes' windows).
 * ``recovery``: a JetStream-mode client (that also consumes beats) and a core-mode client emitting
   claims while the orchestrator kills and restarts nats-server.
 """
@@ -182,6 +184,7 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
     windows = int(a["windows"])
     window_beats = int(a["window_beats"])
     tempo = int(a["tempo"])
+    raw = bool(a.get("raw_latencies", False))
     duration = 60.0 / tempo
     proc = psutil.Process()
     while (await cmds.receive())["cmd"] != "go":
@@ -239,6 +242,8 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
         p50: list[float] = []
         delivered: list[int] = []
         local: list[int] = []
+        cpu_s: list[float] = []
+        window_lat: list[list[float]] = []
         for _ in range(windows):
             beats0 = sum(c.metrics.beats for c in clients)
             local0 = sum(c.metrics.degraded_beats for c in clients)
@@ -252,6 +257,9 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
             agent_beats = beats1 - beats0
             delivered.append(agent_beats)
             cpu_us.append((c1 - c0) / max(1, agent_beats) * 1e6)
+            cpu_s.append(c1 - c0)
+            if raw:
+                window_lat.append([round(v, 6) for v in lat])
             p99.append(percentile(lat, 99))
             p50.append(percentile(lat, 50))
         gc.collect()
@@ -263,6 +271,8 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
                 "latency_p50": p50,
                 "agent_beats": delivered,
                 "local_beats": local,
+                "cpu_s": cpu_s,
+                "window_latencies": window_lat,
                 "expected_agent_beats": n * window_beats,
                 "rss_per_client_connected": (rss1 - rss0) / n,
                 "rss_per_client_running": (rss2 - rss0) / n,

@@ -14,6 +14,7 @@ import datetime as _dt
 import inspect
 import logging
 import math
+import random
 import secrets
 import time
 import weakref
@@ -40,6 +41,9 @@ __all__ = ["Client", "ClientMetrics", "UndeliveredClaims", "open_client"]
 EMIT_YIELD_INTERVAL_S = 0.001
 
 log = logging.getLogger("backbeat_trio.client")
+#: Default task ids only need to differ, not to be secret: a PRNG seeded once from the OS saves
+#: a system call per claim (``secrets.token_hex`` reads urandom every time).
+_task_ids = random.Random(secrets.randbits(128))
 
 T = TypeVar("T")
 BeatCallback = Callable[[BeatFrame], Any]
@@ -519,7 +523,7 @@ class Client:
             agent_id=agent_id,
             beat_index=self._last_index or 0,
             hlc=hlc,
-            task_id=claim.task_id or f"task:{secrets.token_hex(4)}",
+            task_id=claim.task_id or f"task:{_task_ids.getrandbits(32):08x}",
         )
         body = encode_claim(filled)  # raises InvalidStatusClaim
         if len(self._outbox) >= self.config.outbox_size:

@@ -1666,41 +1666,63 @@ async def _instance_slot(
         await trio.sleep(restart_delay)
 
 
+async def _watch_publishers(
+    local: LocalCluster,
+    cfg: HAPulseConfig,
+    what: str,
+    subject: str,
+    type_: type[BeatFrame] | type[BarReport],
+    on_message: Callable[[int, Any, float], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # follow ``subject`` on the cluster and hand on each message with its publisher's HLC node
+    conn = Config(
+        cluster_id=cfg.cluster_id,
+        agent_id=f"cluster-{what}",
+        nats_url=local.urls,
+        reconnect_delay=0.25,
+        connect_attempts=3,
+        name=f"backbeat-cluster-{what}",
+    )
+    async with open_nats_transport(conn) as transport:
+        sub = await transport.subscribe(subject, buffer=4096)
+        task_status.started()
+        async for msg in sub.messages:
+            try:
+                item = decode(msg.data, type_)
+                node = HLCStamp.parse(item.hlc).node
+            except WireError:
+                continue
+            on_message(node, item, trio.current_time())
+
+
 async def _watch_bars(
     local: LocalCluster,
     cfg: HAPulseConfig,
     say: Callable[[str], None],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    conn = Config(
-        cluster_id=cfg.cluster_id,
-        agent_id="cluster-bars",
-        nats_url=local.urls,
-        reconnect_delay=0.25,
-        connect_attempts=3,
-        name="backbeat-cluster-bars",
-    )
     names = {node_id_for(f"reverb-{i}"): f"reverb-{i}" for i in range(1, 6)}
-    async with open_nats_transport(conn) as transport:
-        sub = await transport.subscribe(bar_subject(cfg.cluster_id), buffer=1024)
-        task_status.started()
-        last_node: int | None = None
-        last_to: int | None = None
-        async for msg in sub.messages:
-            try:
-                report = decode(msg.data, BarReport)
-                node = HLCStamp.parse(report.hlc).node
-            except WireError:
-                continue
-            if node != last_node:
-                who = names.get(node, f"node {node:04x}")
-                span = f"window {report.from_beat}-{report.to_beat}"
-                if last_node is None:
-                    say(f"bars {span}: {who} publishes")
-                else:
-                    say(f"bars {span}: {who} took over reporting (previous window ended {last_to})")
-                last_node = node
-            last_to = report.to_beat
+    last_node: int | None = None
+    last_to: int | None = None
+
+    def on_report(node: int, report: BarReport, now: float) -> None:
+        nonlocal last_node, last_to
+        if node != last_node:
+            who = names.get(node, f"node {node:04x}")
+            span = f"window {report.from_beat}-{report.to_beat}"
+            if last_node is None:
+                say(f"bars {span}: {who} publishes")
+            else:
+                say(f"bars {span}: {who} took over reporting (previous window ended {last_to})")
+            last_node = node
+        last_to = report.to_beat
+
+    subject = bar_subject(cfg.cluster_id)
+    await _watch_publishers(
+        local, cfg, "bars", subject, BarReport, on_report, task_status=task_status
+    )
 
 
 async def _watch_beats(
@@ -1710,37 +1732,27 @@ async def _watch_beats(
     say: Callable[[str], None],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    conn = Config(
-        cluster_id=cfg.cluster_id,
-        agent_id="cluster-watch",
-        nats_url=local.urls,
-        reconnect_delay=0.25,
-        connect_attempts=3,
-        name="backbeat-cluster-watch",
-    )
     names = {node_id_for(f"pulse-{i}"): f"pulse-{i}" for i in range(1, 10)}
-    async with open_nats_transport(conn) as transport:
-        sub = await transport.subscribe(beat_subject(cfg.cluster_id), buffer=4096)
-        task_status.started()
-        last_node: int | None = None
-        last_at = 0.0
-        last_index: int | None = None
-        async for msg in sub.messages:
-            now = trio.current_time()
-            try:
-                frame = decode(msg.data, BeatFrame)
-                node = HLCStamp.parse(frame.hlc).node
-            except WireError:
-                continue
-            if node != last_node:
-                who = names.get(node, f"node {node:04x}")
-                if last_node is None:
-                    say(f"beat {frame.beat_index}: {who} leads")
-                else:
-                    say(
-                        f"beat {frame.beat_index}: {who} took over after a {now - last_at:.3f} s "
-                        f"gap (previous beat {last_index})"
-                    )
-                last_node = node
-                first_beat.set()
-            last_at, last_index = now, frame.beat_index
+    last_node: int | None = None
+    last_at = 0.0
+    last_index: int | None = None
+
+    def on_frame(node: int, frame: BeatFrame, now: float) -> None:
+        nonlocal last_node, last_at, last_index
+        if node != last_node:
+            who = names.get(node, f"node {node:04x}")
+            if last_node is None:
+                say(f"beat {frame.beat_index}: {who} leads")
+            else:
+                say(
+                    f"beat {frame.beat_index}: {who} took over after a {now - last_at:.3f} s "
+                    f"gap (previous beat {last_index})"
+                )
+            last_node = node
+            first_beat.set()
+        last_at, last_index = now, frame.beat_index
+
+    subject = beat_subject(cfg.cluster_id)
+    await _watch_publishers(
+        local, cfg, "watch", subject, BeatFrame, on_frame, task_status=task_status
+    )

@@ -53,39 +53,53 @@ async def wait_until(predicate: Callable[[], bool], bound: float = 20.0) -> None
     raise AssertionError(f"not true within {bound} s")
 
 
+async def start_ha_fleet(
+    nursery: trio.Nursery, url: str, cluster: str, **changes: object
+) -> tuple[dict[str, ReverbStatus], dict[str, trio.CancelScope]]:
+    """Two HA reverbs (each in its own cancel scope), then a pulse, on a real server."""
+    statuses: dict[str, ReverbStatus] = {}
+    scopes: dict[str, trio.CancelScope] = {}
+    for rid in ("r1", "r2"):
+        values: dict[str, object] = {
+            "cluster_id": cluster,
+            "nats_url": url,
+            "reverb_id": rid,
+            "beats_per_bar": BPB,
+            "allow_unsigned": True,
+            "ha": True,
+        }
+        values.update(changes)
+        cfg = ReverbConfig(**values)  # type: ignore[arg-type]
+        scope = scopes[rid] = trio.CancelScope()
+
+        async def run(
+            task_status: trio.TaskStatus[ReverbStatus],
+            cfg: ReverbConfig = cfg,
+            scope: trio.CancelScope = scope,
+        ) -> None:
+            with scope:
+                await run_reverb(cfg, task_status=task_status)
+
+        statuses[rid] = await nursery.start(run)
+    await nursery.start(
+        run_pulse,
+        PulseConfig(cluster_id=cluster, nats_url=url, tempo_bpm=TEMPO, beats_per_bar=BPB),
+    )
+    return statuses, scopes
+
+
 @pytest.mark.nats
 async def test_ha_reverbs_report_every_window_once_across_a_crash(nats_url: str) -> None:
     cluster = "rha-crash"
     seen: list[tuple[float, BarReport]] = []
-    statuses: dict[str, ReverbStatus] = {}
-    scopes: dict[str, trio.CancelScope] = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(collect_bars, nats_url, cluster, seen)
-        for rid in ("r1", "r2"):
-            cfg = ReverbConfig(
-                cluster_id=cluster,
-                nats_url=nats_url,
-                reverb_id=rid,
-                beats_per_bar=BPB,
-                allow_unsigned=True,
-                ha=True,
-                lease_ttl=1.0,  # > a window: the first window after the crash has no publisher
-                release_on_exit=False,  # a crash
-            )
-            scope = scopes[rid] = trio.CancelScope()
-
-            async def run(
-                task_status: trio.TaskStatus[ReverbStatus],
-                cfg: ReverbConfig = cfg,
-                scope: trio.CancelScope = scope,
-            ) -> None:
-                with scope:
-                    await run_reverb(cfg, task_status=task_status)
-
-            statuses[rid] = await nursery.start(run)
-        await nursery.start(
-            run_pulse,
-            PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=TEMPO, beats_per_bar=BPB),
+        statuses, scopes = await start_ha_fleet(
+            nursery,
+            nats_url,
+            cluster,
+            lease_ttl=1.0,  # > a window: the first window after the crash has no publisher
+            release_on_exit=False,  # a crash
         )
         await wait_until(lambda: len(seen) >= 4)
         leaders = [r for r, s in statuses.items() if s.publishing]
@@ -125,35 +139,10 @@ async def test_ha_reverbs_report_every_window_once_across_a_crash(nats_url: str)
 async def test_a_stopped_ha_reverb_hands_over_at_once(nats_url: str) -> None:
     cluster = "rha-release"
     seen: list[tuple[float, BarReport]] = []
-    statuses: dict[str, ReverbStatus] = {}
-    scopes: dict[str, trio.CancelScope] = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(collect_bars, nats_url, cluster, seen)
-        for rid in ("r1", "r2"):
-            cfg = ReverbConfig(
-                cluster_id=cluster,
-                nats_url=nats_url,
-                reverb_id=rid,
-                beats_per_bar=BPB,
-                allow_unsigned=True,
-                ha=True,
-                lease_ttl=30.0,  # only the release can hand over within this test
-            )
-            scope = scopes[rid] = trio.CancelScope()
-
-            async def run(
-                task_status: trio.TaskStatus[ReverbStatus],
-                cfg: ReverbConfig = cfg,
-                scope: trio.CancelScope = scope,
-            ) -> None:
-                with scope:
-                    await run_reverb(cfg, task_status=task_status)
-
-            statuses[rid] = await nursery.start(run)
-        await nursery.start(
-            run_pulse,
-            PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=TEMPO, beats_per_bar=BPB),
-        )
+        # a TTL of 30 s: only the release can hand over within this test
+        statuses, scopes = await start_ha_fleet(nursery, nats_url, cluster, lease_ttl=30.0)
         await wait_until(lambda: len(seen) >= 2)
         old = next(r for r, s in statuses.items() if s.publishing)
         new = next(r for r in statuses if r != old)

@@ -547,7 +547,9 @@ def test_cluster_runs_for_a_duration_and_survives_failovers() -> None:
         )
         failing.wait_line(lambda line: " leads" in line, stream="stdout", timeout=20)
         failing.wait_line(lambda line: line.startswith("crashing the leader"), stream="stdout")
-        takeover = failing.wait_line(lambda line: "took over" in line, stream="stdout")
+        takeover = failing.wait_line(
+            lambda line: line.startswith("beat ") and "took over" in line, stream="stdout"
+        )
         assert failing.stop(signal.SIGTERM) == 0
         _, _, err = failing.finish()
         assert "Traceback" not in err

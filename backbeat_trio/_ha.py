@@ -930,6 +930,9 @@ class LeaseKeeper:
         self.wall_clock = wall_clock
         self.watch: Subscription | None = None
         self._next_read = -math.inf
+        self._last_read = -math.inf  # when the latest successful read was answered
+        # a read found a revision the watch had not delivered: poll until the watch shows life
+        self._watch_lagging = False
 
     def __repr__(self) -> str:
         return (
@@ -938,8 +941,11 @@ class LeaseKeeper:
 
     @property
     def read_interval(self) -> float:
-        """How often a follower reads the key: ``poll_interval``, or the TTL while watching."""
-        return self.t.poll_interval if self.watch is None else max(self.t.ttl, self.t.poll_interval)
+        """How often a follower reads the key: the TTL while the watch keeps up, else
+        ``poll_interval``."""
+        if self.watch is None or self._watch_lagging:
+            return self.t.poll_interval
+        return max(self.t.ttl, self.t.poll_interval)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def sync_status(self, reason: str = "") -> None:
@@ -1006,7 +1012,10 @@ class LeaseKeeper:
             self.election.needs_read = True
             return
         self.status.kv_watched += 1
-        self.election.observe(revision, decode_lease(value), trio.current_time())
+        e = self.election
+        if not e.known or e.revision is None or revision > e.revision:
+            self._watch_lagging = False  # it delivers news again
+        e.observe(revision, decode_lease(value), trio.current_time())
         self.sync_status()
 
     # -- store calls, bounded in time ------------------------------------------------------------
@@ -1087,13 +1096,23 @@ class LeaseKeeper:
             e.needs_read = True
         while True:
             now = trio.current_time()
-            if e.needs_read or now >= self._next_read:
+            # Watching, a takeover is decided on what the watch delivered; one read confirms
+            # it first (a watch that died silently would otherwise make the CAS fail, costing a
+            # TTL). Not for an immediate takeover (released, our own record, no key).
+            confirm = self.watch is not None and self._last_read < e.expires_at() <= now
+            if e.needs_read or now >= self._next_read or confirm:
+                known = e.revision if e.known else None
                 ok = await self.read()
-                self._next_read = trio.current_time() + self.read_interval
                 if not ok:
+                    self._next_read = trio.current_time() + self.read_interval
                     await trio.sleep(self.t.poll_interval)
                     continue
-                now = trio.current_time()
+                if self.watch is not None and known is not None and e.revision != known:
+                    # the watch had not delivered this revision (it lags, or died silently):
+                    # poll, so a crash of the leader is still seen within a poll
+                    self._watch_lagging = True
+                now = self._last_read = trio.current_time()
+                self._next_read = now + self.read_interval
             if e.may_acquire(now):
                 if await self.write(acquisition_snapshot()) == "ok":
                     return

@@ -553,6 +553,57 @@ async def test_followers_watch_the_lease_instead_of_polling_it(
         nursery.cancel_scope.cancel()
 
 
+class DeadWatchStore(PollOnlyStore):
+    """A lease store whose watch opens fine and then never delivers anything (died silently)."""
+
+    async def watch(self) -> Subscription:
+        await trio.lowlevel.checkpoint()
+        return Subscription("dead", 16, lambda: None)
+
+    def entry(self, msg: Message) -> tuple[int, bytes | None]:
+        raise AssertionError("a dead watch delivers nothing")
+
+
+async def test_a_follower_whose_watch_died_still_takes_over_within_the_ttl(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # the leader's watch works; the follower's went silent: its reads find revisions the watch
+    # never delivered, so it polls, and sees the leader's last write within a poll
+    async with trio.open_nursery() as nursery:
+        ha = MemoryHA(nursery)
+        await ha.watch()
+        await ha.start("p1")
+        await ha.wait_beats(5)
+        store = DeadWatchStore(ha.store.handle())
+        scope = ha.scopes["p2"] = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[HAPulseStatus]) -> None:
+            with scope:
+                await run_ha_pulse(
+                    ha.cfg("p2"),
+                    transport=ha.broker.connect(),
+                    store=store,
+                    wall_clock=virtual_wall_clock,
+                    task_status=task_status,
+                )
+
+        follower = ha.status["p2"] = await nursery.start(run)
+        await ha.wait_beats(20)
+        assert follower.watching
+        assert follower.kv_watched == 0
+        t = follower.timings
+        reads_before = follower.kv_reads
+        await ha.wait_beats(8)
+        assert follower.kv_reads - reads_before >= 8  # polling (the watch alone: ~1 per TTL)
+        ha.scopes["p1"].cancel()  # a crash
+        await ha.wait_beats(10, node=node_of("p2"))
+        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
+        gap = ha.seen[switches[0]].at - ha.seen[switches[0] - 1].at
+        assert gap <= t.ttl + t.poll_interval + BEAT + 0.01, gap
+        assert_same_grid(ha.seen)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_released_lease_hands_over_within_a_poll(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -1044,17 +1044,13 @@ class LeaseKeeper:
         self.sync_status()
         return True
 
-    async def write(
-        self, snapshot: ScheduleSnapshot | None, *, released: bool = False
-    ) -> WriteOutcome:
-        """One CAS write of this instance's record (bounded)."""
-        e = self.election
-        now = trio.current_time()
-        seq, last = e.prepare_write(now)
+    def _record(
+        self, seq: int, snapshot: ScheduleSnapshot | None, *, released: bool = False
+    ) -> LeaseRecord:
         wall = self.wall_clock()
-        record = LeaseRecord(
+        return LeaseRecord(
             holder=self.owner_id,
-            instance=e.instance,
+            instance=self.election.instance,
             seq=seq,
             ttl=self.t.ttl,
             written_at=wall,
@@ -1062,6 +1058,12 @@ class LeaseKeeper:
             released=released,
             schedule=snapshot,
         )
+
+    async def write(self, snapshot: ScheduleSnapshot | None) -> WriteOutcome:
+        """One CAS write of this instance's record (bounded)."""
+        e = self.election
+        seq, last = e.prepare_write(trio.current_time())
+        record = self._record(seq, snapshot)
         revision: int | None = None
         with trio.move_on_after(self.t.op_timeout + 0.5) as scope:
             try:
@@ -1162,17 +1164,7 @@ class LeaseKeeper:
         e.step_down(trio.current_time(), "released the lease")
         self.sync_status()
         seq, last = e.prepare_write(trio.current_time())
-        wall = self.wall_clock()
-        record = LeaseRecord(
-            holder=self.owner_id,
-            instance=e.instance,
-            seq=seq,
-            ttl=self.t.ttl,
-            written_at=wall,
-            expires_at=wall,
-            released=True,
-            schedule=snapshot,
-        )
+        record = self._record(seq, snapshot, released=True)
         try:
             revision = await self.store.write(encode_lease(record), last=last)
         except BackbeatError as exc:

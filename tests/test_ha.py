@@ -390,11 +390,19 @@ class MemoryHA:
         values.update(changes)
         return HAPulseConfig(**values)  # type: ignore[arg-type]
 
-    async def start(self, pulse_id: str, **changes: object) -> HAPulseStatus:
+    async def start(
+        self,
+        pulse_id: str,
+        *,
+        wrap: Callable[[MemoryLeaseStore], LeaseStore] | None = None,
+        **changes: object,
+    ) -> HAPulseStatus:
+        """Start a pulse on its own view of the store (``wrap`` decorates that view)."""
         cfg = self.cfg(pulse_id, **changes)
         handle = self.store.handle()
         handle.latency = self.store.latency
         self.handles[pulse_id] = handle
+        store: LeaseStore = handle if wrap is None else wrap(handle)
         scope = trio.CancelScope()
         self.scopes[pulse_id] = scope
         transport = self.broker.connect()
@@ -404,7 +412,7 @@ class MemoryHA:
                 await run_ha_pulse(
                     cfg,
                     transport=transport,
-                    store=handle,
+                    store=store,
                     wall_clock=virtual_wall_clock,
                     task_status=task_status,
                 )
@@ -501,31 +509,9 @@ async def test_followers_watch_the_lease_instead_of_polling_it(
     async with trio.open_nursery() as nursery:
         ha = MemoryHA(nursery)
         await ha.watch()
-        stores: dict[str, LeaseStore] = {}
         statuses: dict[str, HAPulseStatus] = {}
         for p in ("p1", "p2", "p3"):
-            handle = ha.store.handle()
-            stores[p] = handle if watch else PollOnlyStore(handle)
-            scope = trio.CancelScope()
-            ha.scopes[p] = scope
-            pulse_cfg = ha.cfg(p)
-
-            async def run(
-                task_status: trio.TaskStatus[HAPulseStatus],
-                cfg: HAPulseConfig = pulse_cfg,
-                store: LeaseStore = stores[p],
-                scope: trio.CancelScope = scope,
-            ) -> None:
-                with scope:
-                    await run_ha_pulse(
-                        cfg,
-                        transport=ha.broker.connect(),
-                        store=store,
-                        wall_clock=virtual_wall_clock,
-                        task_status=task_status,
-                    )
-
-            statuses[p] = ha.status[p] = await nursery.start(run)
+            statuses[p] = await ha.start(p, wrap=None if watch else PollOnlyStore)
         start = trio.current_time()
         await ha.wait_beats(40)
         elapsed = trio.current_time() - start
@@ -574,20 +560,7 @@ async def test_a_follower_whose_watch_died_still_takes_over_within_the_ttl(
         await ha.watch()
         await ha.start("p1")
         await ha.wait_beats(5)
-        store = DeadWatchStore(ha.store.handle())
-        scope = ha.scopes["p2"] = trio.CancelScope()
-
-        async def run(task_status: trio.TaskStatus[HAPulseStatus]) -> None:
-            with scope:
-                await run_ha_pulse(
-                    ha.cfg("p2"),
-                    transport=ha.broker.connect(),
-                    store=store,
-                    wall_clock=virtual_wall_clock,
-                    task_status=task_status,
-                )
-
-        follower = ha.status["p2"] = await nursery.start(run)
+        follower = await ha.start("p2", wrap=DeadWatchStore)
         await ha.wait_beats(20)
         assert follower.watching
         assert follower.kv_watched == 0

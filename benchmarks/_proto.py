@@ -10,6 +10,8 @@ import json
 import sys
 from typing import Any
 
+import trio
+
 
 def send(obj: dict[str, Any]) -> None:
     """Write one message to the orchestrator."""
@@ -24,6 +26,16 @@ def read_command() -> dict[str, Any]:
         return {"cmd": "exit"}
     cmd: dict[str, Any] = json.loads(line)
     return cmd
+
+
+async def read_commands(chan: trio.MemorySendChannel[dict[str, Any]]) -> None:
+    """A trio worker's command pump: each command from stdin onto ``chan``, up to ``exit``."""
+    async with chan:
+        while True:
+            cmd = await trio.to_thread.run_sync(read_command, abandon_on_cancel=True)
+            await chan.send(cmd)
+            if cmd["cmd"] == "exit":
+                return
 
 
 def args() -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from backbeat_trio import NatsCluster, NatsServerProcess
+from backbeat_trio._embedded import open_embedded_nats_process
 from benchmarks import codec
 from benchmarks._report import Row, machine_info, print_table, write_plot, write_results
 from benchmarks._stats import median, percentile
@@ -210,17 +211,6 @@ async def open_server_and_cluster(
             await trio.to_thread.run_sync(cluster.close)
 
 
-@contextlib.asynccontextmanager
-async def open_server(**options: Any) -> AsyncIterator[NatsServerProcess]:
-    server = NatsServerProcess(**options)
-    try:
-        await trio.to_thread.run_sync(server.start)
-        yield server
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(server.close)
-
-
 # ------------------------------------------------------------------------------------ benches
 @dataclass
 class Outcome:
@@ -271,7 +261,10 @@ async def bench_beats(p: Params, out: Outcome, logdir: Path) -> None:
     transit_ours: list[list[float]] = []
     transit_base: list[list[float]] = []
     extras: list[str] = []
-    async with open_server(jetstream=True) as server, contextlib.AsyncExitStack() as stack:
+    async with (
+        open_embedded_nats_process(jetstream=True) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
         url = server.url
         workers = await start_workers(
             stack,
@@ -474,7 +467,10 @@ async def bench_beats(p: Params, out: Outcome, logdir: Path) -> None:
 
 async def bench_claims(p: Params, out: Outcome, logdir: Path) -> None:
     results: dict[tuple[str, str], dict[str, Any]] = {}
-    async with open_server(jetstream=True) as server, contextlib.AsyncExitStack() as stack:
+    async with (
+        open_embedded_nats_process(jetstream=True) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
         wargs = {"role": "claims", "url": server.url}
         workers = await start_workers(
             stack,
@@ -535,7 +531,7 @@ async def bench_claims(p: Params, out: Outcome, logdir: Path) -> None:
 async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
     d = 60.0 / p.scale_tempo
     async with (
-        open_server(jetstream=True) as server,
+        open_embedded_nats_process(jetstream=True) as server,
         open_worker("pulse-scale", "benchmarks._w_pulse", {"url": server.url}, logdir) as pulse,
     ):
         for n in p.scale_ns:
@@ -888,7 +884,10 @@ async def bench_recovery(p: Params, out: Outcome, logdir: Path) -> None:
     restart_s: list[float] = []
     lost = {"js": [], "core": [], "plain": []}  # type: dict[str, list[float]]
     extras: list[str] = []
-    async with open_server(jetstream=True) as server, contextlib.AsyncExitStack() as stack:
+    async with (
+        open_embedded_nats_process(jetstream=True) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
         url = server.url
         workers = await start_workers(
             stack,

@@ -29,7 +29,7 @@ from backbeat_trio import Config, StatusClaim, UndeliveredClaims, generate_signi
 from backbeat_trio._beats import status_stream_name, status_subject
 from backbeat_trio._hlc import node_id_for
 from backbeat_trio._transport import open_nats_transport
-from benchmarks._proto import args, log, read_command, send
+from benchmarks._proto import args, log, read_commands, send
 from benchmarks._stats import percentile
 
 PULSE_NODE = node_id_for("bench-pulse")
@@ -41,15 +41,6 @@ CLAIM = StatusClaim(
 
 def _is_pulse_frame(hlc: str) -> bool:
     return int(hlc.rsplit(":", 1)[-1], 16) == PULSE_NODE
-
-
-async def _reader(chan: trio.MemorySendChannel[dict[str, Any]]) -> None:
-    async with chan:
-        while True:
-            cmd = await trio.to_thread.run_sync(read_command, abandon_on_cancel=True)
-            await chan.send(cmd)
-            if cmd["cmd"] == "exit":
-                return
 
 
 # --------------------------------------------------------------------------------------- beats
@@ -372,7 +363,7 @@ async def _main() -> None:
     url = str(a["url"])
     cmd_send, cmds = trio.open_memory_channel[dict[str, Any]](math.inf)
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        nursery.start_soon(_reader, cmd_send)
+        nursery.start_soon(read_commands, cmd_send)
         send({"event": "hello"})
         if role == "beats":
             await _role_beats(url, cmds)

@@ -23,7 +23,7 @@ import trio_asyncio
 from backbeat_trio import BeatFrame, NotConnected, PulseConfig, run_pulse
 from backbeat_trio._beats import beat_subject
 from backbeat_trio._transport import NatsTransport, open_nats_transport
-from benchmarks._proto import args, read_command, send
+from benchmarks._proto import args, read_commands, send
 
 PULSE_ID = "bench-pulse"
 
@@ -60,15 +60,6 @@ class RecordingTransport:
             self.payloads.append(payload)
             if len(self.payloads) >= self._limit:
                 self.done.set()
-
-
-async def _reader(chan: trio.MemorySendChannel[dict[str, Any]]) -> None:
-    async with chan:
-        while True:
-            cmd = await trio.to_thread.run_sync(read_command, abandon_on_cancel=True)
-            await chan.send(cmd)
-            if cmd["cmd"] == "exit":
-                return
 
 
 async def _run_once(
@@ -144,7 +135,7 @@ async def _main() -> None:
             send({"event": "hello"})
             cmd_send, cmds = trio.open_memory_channel[dict[str, Any]](math.inf)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_reader, cmd_send)
+                nursery.start_soon(read_commands, cmd_send)
                 async for cmd in cmds:
                     if cmd["cmd"] == "exit":
                         break

@@ -94,19 +94,49 @@ class ConnEvent:
 
 class Subscription:
     """A subscription: ``messages`` is a bounded trio channel; overflow is counted in
-    ``dropped``."""
+    ``dropped``.
 
-    def __init__(self, subject: str, buffer: int, unsubscribe: Callable[[], Any]) -> None:
+    With a ``handler``, each message is instead handed to ``handler(msg)`` synchronously, by
+    whatever delivers it (nats-py's parser, or a :class:`MemoryBroker` publish), which saves the
+    wake-up of a task reading ``messages``. The handler must not block and should not raise: an
+    exception ends the subscription (``messages`` closes) and is kept in ``failure`` for the
+    owner to re-raise.
+    """
+
+    def __init__(
+        self,
+        subject: str,
+        buffer: int,
+        unsubscribe: Callable[[], Any],
+        handler: Callable[[Message], None] | None = None,
+    ) -> None:
         self.subject = subject
         self._send, self.messages = trio.open_memory_channel[Message](buffer)
         self._unsubscribe = unsubscribe
+        self._handler = handler
+        self.failure: Exception | None = None
         self.dropped = 0
         self.delivered = 0
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.subject!r} delivered={self.delivered} dropped={self.dropped}>"
+        how = " inline" if self._handler is not None else ""
+        return (
+            f"<Subscription {self.subject!r}{how} delivered={self.delivered} "
+            f"dropped={self.dropped}>"
+        )
 
     def _deliver(self, msg: Message) -> None:
+        handler = self._handler
+        if handler is not None:
+            try:
+                handler(msg)
+            except Exception as exc:  # the owner's bug: stop here, hand it to the owner's task
+                self._handler = None
+                self.failure = exc
+                self._send.close()
+                return
+            self.delivered += 1
+            return
         try:
             self._send.send_nowait(msg)
             self.delivered += 1
@@ -143,7 +173,13 @@ class Transport(Protocol):
 
     async def flush(self) -> None: ...
 
-    async def subscribe(self, subject: str, *, buffer: int = 1024) -> Subscription: ...
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        buffer: int = 1024,
+        handler: Callable[[Message], None] | None = None,
+    ) -> Subscription: ...
 
     async def request(self, subject: str, payload: bytes) -> bytes: ...
 
@@ -468,6 +504,7 @@ class NatsTransport:
         subscribe: Callable[..., Any],
         *,
         direct: bool = False,
+        handler: Callable[[Message], None] | None = None,
         **options: Any,
     ) -> Subscription:
         # One nats-py subscription whose callback hands each message to trio without awaiting
@@ -480,7 +517,7 @@ class NatsTransport:
                 with contextlib.suppress(Exception):
                     await trio_asyncio.aio_as_trio(holder[0].unsubscribe)()
 
-        sub = Subscription(subject, buffer, unsubscribe)
+        sub = Subscription(subject, buffer, unsubscribe, handler)
         deliver = sub._deliver
 
         async def cb(msg: Any) -> None:
@@ -501,10 +538,22 @@ class NatsTransport:
             raise NotConnected(f"{what} {subject!r} failed: {exc}") from exc
         return sub
 
-    async def subscribe(self, subject: str, *, buffer: int = 1024) -> Subscription:
-        """Subscribe; messages arrive on ``Subscription.messages`` (bounded; overflow counted)."""
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        buffer: int = 1024,
+        handler: Callable[[Message], None] | None = None,
+    ) -> Subscription:
+        """Subscribe; messages arrive on ``Subscription.messages`` (bounded; overflow counted),
+        or are handed to ``handler`` as nats-py parses them (see :class:`Subscription`)."""
         return await self._bridged(
-            subject, buffer, "subscribe", self._nc.subscribe, direct=_direct_nats_supported()
+            subject,
+            buffer,
+            "subscribe",
+            self._nc.subscribe,
+            direct=_direct_nats_supported(),
+            handler=handler,
         )
 
     def new_inbox(self) -> str:
@@ -928,7 +977,11 @@ class MemoryBroker:
 
 
 class MemoryTransport:
-    """The :class:`Transport` interface over a :class:`MemoryBroker`; pure trio, deterministic."""
+    """The :class:`Transport` interface over a :class:`MemoryBroker`; pure trio, deterministic.
+
+    Delivery takes no time: a subscription's channel gets the message, or its handler runs,
+    inside the publisher's ``publish`` call.
+    """
 
     def __init__(self, broker: MemoryBroker) -> None:
         self._broker = broker
@@ -974,15 +1027,22 @@ class MemoryTransport:
         if not self.connected:
             raise NotConnected("not connected: cannot flush")
 
-    async def subscribe(self, subject: str, *, buffer: int = 1024) -> Subscription:
-        """Subscribe to ``subject`` (wildcards allowed)."""
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        buffer: int = 1024,
+        handler: Callable[[Message], None] | None = None,
+    ) -> Subscription:
+        """Subscribe to ``subject`` (wildcards allowed); ``handler`` as for
+        :meth:`NatsTransport.subscribe` (called inside the publisher's ``publish``)."""
         await trio.lowlevel.checkpoint()
 
         def unsubscribe() -> None:
             if sub in self._subs:
                 self._subs.remove(sub)
 
-        sub = Subscription(subject, buffer, unsubscribe)
+        sub = Subscription(subject, buffer, unsubscribe, handler)
         self._subs.append(sub)
         return sub
 

@@ -449,14 +449,95 @@ class NatsTransport:
         self.direct_writes += 1
         return True
 
+    def _encode_queued(self, nc: Any, limit: int) -> int:
+        """Move up to ``limit`` queued messages into nats-py's pending buffer as wire bytes.
+
+        Per message this is what ``nc.publish`` does (the same subject, size and header checks,
+        the same HPUB/PUB bytes and statistics) without its two coroutine calls and per-header
+        ``strip``/``translate``/``encode``: about 5 µs less per claim with four headers. It stops
+        at the first message it cannot vouch for (a header value nats-py would rewrite, anything
+        it would refuse), which then takes the general path so nats-py reports it. The caller
+        hands the buffer to nats-py's flusher. Returns how many messages were moved.
+        """
+        import nats.aio.client
+
+        validate = nats.aio.client._validate_subject
+        header_key = nats.aio.client._HEADER_KEY_RE.fullmatch
+        skip_validation = nc._skip_subject_validation
+        max_payload = nc._max_payload
+        pending: list[bytes] = nc._pending
+        q = self._outq
+        moved = 0
+        size = 0
+        payload_bytes = 0
+        while q and moved < limit:
+            subject, payload, headers, reply = q[0]
+            try:
+                if not skip_validation:
+                    validate(subject)
+                    if reply:
+                        validate(reply)
+            except Exception:
+                break
+            n = len(payload)
+            if n > max_payload:
+                break
+            if headers is None:
+                cmd = f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
+            else:
+                lines = ["NATS/1.0\r\n"]
+                for k, v in headers.items():
+                    # nats-py strips, replaces CR/LF and skips empty keys: leave those to it
+                    if (
+                        header_key(k) is None
+                        or "\r" in v
+                        or "\n" in v
+                        or (v and (v[0].isspace() or v[-1].isspace()))
+                    ):
+                        break
+                    lines.append(f"{k}: {v}\r\n")
+                else:
+                    lines.append("\r\n")
+                    hdr = "".join(lines).encode()
+                    h = len(hdr)
+                    cmd = f"HPUB {subject} {reply} {h} {h + n}\r\n".encode() + hdr + payload
+                    cmd += b"\r\n"
+                    q.popleft()
+                    pending.append(cmd)
+                    size += len(cmd)
+                    payload_bytes += n
+                    moved += 1
+                    continue
+                break
+            q.popleft()
+            pending.append(cmd)
+            size += len(cmd)
+            payload_bytes += n
+            moved += 1
+        if moved:
+            nc._pending_data_size += size
+            nc.stats["out_msgs"] += moved
+            nc.stats["out_bytes"] += payload_bytes
+            self.published += moved
+        return moved
+
     async def _drain(self) -> None:
         # asyncio side: runs for the life of the connection
         nc = self._nc
         q = self._outq
+        fast = _direct_nats_supported()
         while True:
             await self._wake.wait()
             self._wake.clear()
             while q:
+                if fast and nc._status == nc.CONNECTED and self._encode_queued(nc, 4096):
+                    # what nats-py's _send_command and _send_publish do after appending: push
+                    # back on a full buffer, else wake its flusher
+                    if 0 < nc._max_pending_size < nc._pending_data_size:
+                        await nc._flush_pending(force_flush=True)
+                    elif nc._flush_queue is not None and nc._flush_queue.empty():
+                        await nc._flush_pending()
+                    continue
                 subject, payload, headers, reply = q.popleft()
                 try:
                     await nc.publish(subject, payload, reply=reply, headers=headers)

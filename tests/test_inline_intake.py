@@ -75,11 +75,15 @@ async def test_a_bug_in_the_intake_ends_the_client_with_that_error(
 ) -> None:
     fail_intake_on(monkeypatch, 3)
     async with bbt.open_fake_cluster(tempo_bpm=FAST) as cluster:
-        got = []
-        with pytest.raises(RuntimeError, match="intake bug at frame 3"):
+        got: list[int] = []
+
+        async def consume() -> None:
             async with cluster.open_client() as bb:
                 async for frame in bb.beats():
                     got.append(frame.beat_index)
+
+        with pytest.raises(RuntimeError, match="intake bug at frame 3"):
+            await consume()
         assert len(got) == 2
         # the pulse that delivered the frame is unharmed
         assert cluster.pulse is not None

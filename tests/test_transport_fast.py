@@ -12,6 +12,8 @@ from __future__ import annotations
 import nats.aio.client
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backbeat_trio._config import Config
 from backbeat_trio._transport import (
@@ -99,3 +101,97 @@ async def test_overflow_of_a_direct_subscription_is_counted(nats_url: str) -> No
         assert sub.delivered == 4
         kept = [int((await sub.messages.receive()).data) for _ in range(4)]
         assert kept == [0, 1, 2, 3]  # the channel keeps the first ones, counts the rest
+
+
+# --- the drainer's batch encoder ------------------------------------------------------------------
+Queued = tuple[str, bytes, dict[str, str] | None, str]
+
+
+def nats_py_bytes(
+    subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
+) -> bytes:
+    """What nats-py itself queues for one publish (an unconnected client appends and returns)."""
+    nc = nats.aio.client.Client()
+    coro = nc._send_publish(subject, reply, payload, len(payload), headers)
+    with pytest.raises(StopIteration):
+        coro.send(None)
+    return b"".join(nc._pending)
+
+
+def queued_bytes(messages: list[Queued]) -> tuple[int, bytes]:
+    transport = NatsTransport(loop=None)  # type: ignore[arg-type]  # the encoder needs no loop
+    nc = nats.aio.client.Client()
+    transport._outq.extend(messages)
+    moved = transport._encode_queued(nc, 4096)
+    assert nc._pending_data_size == sum(map(len, nc._pending))
+    assert nc.stats["out_msgs"] == transport.published == moved
+    return moved, b"".join(nc._pending)
+
+
+header_text = st.text(alphabet=st.sampled_from("aZ09-_:/+= \t\r\n."), min_size=0, max_size=12)
+
+
+@pytest.mark.skipif(not PINNED, reason="the batch encoder is used with the pinned nats-py only")
+@settings(max_examples=300, deadline=None)
+@given(
+    subject=st.sampled_from(["backbeat.status.c1", "a.b", "x"]),
+    payload=st.binary(max_size=40),
+    reply=st.sampled_from(["", "_INBOX.abc.1"]),
+    headers=st.none()
+    | st.dictionaries(
+        st.sampled_from(["Backbeat-Sig", "Nats-Msg-Id", "X y", "", "K:"]), header_text, max_size=4
+    ),
+)
+def test_batch_encoder_writes_what_nats_py_writes_or_leaves_it_to_nats_py(
+    subject: str, payload: bytes, reply: str, headers: dict[str, str] | None
+) -> None:
+    moved, got = queued_bytes([(subject, payload, headers, reply)])
+    if moved:
+        assert got == nats_py_bytes(subject, payload, headers, reply)
+    else:  # declined: only for headers nats-py would rewrite, skip or refuse
+        assert headers is not None
+        assert any(
+            k.strip() != k
+            or not k
+            or ":" in k
+            or " " in k
+            or v != v.strip()
+            or "\r" in v
+            or "\n" in v
+            for k, v in headers.items()
+        )
+
+
+@pytest.mark.skipif(not PINNED, reason="the batch encoder is used with the pinned nats-py only")
+def test_batch_encoder_stops_at_the_first_message_it_cannot_vouch_for() -> None:
+    messages = [
+        ("a.b", b"1", {"Nats-Msg-Id": "x:1"}, ""),
+        ("a.b", b"2", None, "_INBOX.r"),
+        ("a.b", b"3", {"Bad": " padded "}, ""),  # nats-py strips it: its path must take it
+        ("a.b", b"4", None, ""),
+    ]
+    moved, got = queued_bytes(messages)
+    assert moved == 2
+    assert got == b"".join(nats_py_bytes(s, p, h, r) for s, p, h, r in messages[:2])
+
+
+async def test_headers_the_encoder_declines_still_arrive_in_order(nats_url: str) -> None:
+    n = 400
+    async with (
+        open_nats_transport(conn("rx", nats_url)) as rx,
+        open_nats_transport(conn("tx", nats_url)) as tx,
+    ):
+        sub = await rx.subscribe("fast.hdr", buffer=n)
+        await rx.flush()
+        for i in range(n):
+            value = f" v{i} " if i % 9 == 0 else f"v{i}"  # padded values take nats-py's path
+            tx.publish("fast.hdr", b"%d" % i, headers={"Seq": value, "Nats-Msg-Id": f"m:{i}"})
+        await tx.flush()
+        got: list[tuple[int, str, str]] = []
+        with trio.fail_after(10):
+            while len(got) < n:
+                msg = await sub.messages.receive()
+                hdrs = msg.headers or {}
+                got.append((int(msg.data), hdrs["Seq"].strip(), hdrs["Nats-Msg-Id"]))
+        assert tx.published == n
+    assert got == [(i, f"v{i}", f"m:{i}") for i in range(n)]

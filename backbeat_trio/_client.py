@@ -88,7 +88,7 @@ class ClientMetrics:
     malformed: int = 0
     oversized: int = 0
     wrong_cluster: int = 0
-    transport_dropped: int = 0  # only by a transport that queues frames (the built-in ones don't)
+    transport_dropped: int = 0  # by a transport that queues frames (not NATS: taken in as parsed)
     callback_errors: int = 0
     claims_ok: int = 0
     claims_confirmed: int = 0
@@ -166,7 +166,10 @@ class Client:
         # beats are due at anchor + k beats (absolute, no accumulated error)
         self._local_anchor: tuple[int, float] | None = None
         self._beat_event = trio.Event()
-        self._wake_sampler = trio.Event()
+        self._wake_sampler = trio.Event()  # before the first beat only
+        # the sampler's sleep; a new schedule moves its deadline instead of waking it
+        self._sampler_scope: trio.CancelScope | None = None
+        self._sampler_spin = 0.0  # SPIN_S on a real clock (set by the sampler)
         # consumers
         self._channels: list[DropOldestChannel[BeatFrame]] = []
         self._downbeat_channels: list[DropOldestChannel[BeatFrame]] = []
@@ -727,7 +730,21 @@ class Client:
         self._local_anchor = (index, start_local)
         self._last_start = start_local
         self._next_due = start_local + duration
-        self._wake_sampler.set()
+        self._rearm_sampler()
+
+    def _sampler_alarm(self) -> float:
+        # a healthy pulse gets one beat + jitter; once degraded we keep the exact schedule
+        due = self._next_due
+        return due if self._degraded else due + self.config.jitter_tolerance
+
+    def _rearm_sampler(self) -> None:
+        """The schedule moved: move the sampler's alarm. A sleeping sampler is not woken (a
+        healthy pulse then costs no sampler wake-up per beat) unless the alarm is now due."""
+        scope = self._sampler_scope
+        if scope is None:
+            self._wake_sampler.set()
+        else:
+            scope.deadline = self._sampler_alarm() - self._sampler_spin
 
     def _deliver(self, frame: BeatFrame, start_local: float, *, synthetic: bool = False) -> None:
         if self._last_index is not None and frame.beat_index != self._last_index + 1:
@@ -757,7 +774,7 @@ class Client:
             self.metrics.downbeats += 1
         self._reproject_budgets()
         self._fan_out(frame)
-        self._wake_sampler.set()
+        self._rearm_sampler()
 
     def _fan_out(self, frame: BeatFrame) -> None:
         for where, wanted in ((self._channels, True), (self._downbeat_channels, frame.downbeat)):
@@ -803,19 +820,24 @@ class Client:
 
     # ------------------------------------------------------------------ tasks
     async def _run_subscriber(self, *, task_status: trio.TaskStatus[None]) -> None:
-        # Frames are taken in as the transport delivers them (inside nats-py's parser): a beat
-        # then wakes its consumers directly, one task hop (~0.1 ms here) sooner than through a
-        # channel read by this task. ``_intake`` is synchronous and never blocks.
+        # Over NATS, frames are taken in as nats-py parses them: a beat then wakes its consumers
+        # directly, one task hop (~0.1 ms here) sooner than through a channel read by this task.
+        # ``_intake`` is synchronous and never blocks.
         intake = self._intake
         current_time = trio.current_time
 
         def handle(msg: Message) -> None:
             intake(msg.data, current_time())
 
-        sub = await self._transport.subscribe(self._beat_subject, buffer=1, handler=handle)
+        subscribe = self._transport.subscribe
+        if _takes_keyword(subscribe, "handler"):
+            sub = await subscribe(self._beat_subject, buffer=4096, handler=handle)
+        else:  # a transport written before ``handler`` existed
+            sub = await subscribe(self._beat_subject, buffer=4096)
         task_status.started()
         try:
-            # only a transport that ignores ``handler`` delivers here: take those in the same way
+            # a transport that declines ``handler`` (MemoryTransport: it models a network hop)
+            # delivers here instead: take those in the same way
             async for msg in sub.messages:
                 handle(msg)
                 if sub.dropped:
@@ -830,25 +852,30 @@ class Client:
     async def _run_tempo_sampler(self, *, task_status: trio.TaskStatus[None]) -> None:
         """The local metronome: notices a silent pulse and keeps time alone (degradation)."""
         task_status.started()
-        jitter = self.config.jitter_tolerance
-        precise = precise_clock()
+        spin = self._sampler_spin = SPIN_S if precise_clock() else 0.0
         while True:
-            self._wake_sampler = trio.Event()
             if self._last_index is None:
+                self._wake_sampler = trio.Event()
                 await self._wake_sampler.wait()
                 continue
-            # a healthy pulse gets one beat + jitter; once degraded we keep the exact schedule
+            # Sleep until the alarm; frames move it (``_rearm_sampler``) without waking us.
+            with trio.CancelScope() as scope:
+                scope.deadline = self._sampler_alarm() - spin
+                self._sampler_scope = scope
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._sampler_scope = None
             due = self._next_due
-            alarm = due if self._degraded else due + jitter
-            wake = self._wake_sampler
-            with trio.move_on_at(alarm - SPIN_S if precise else alarm):
-                await wake.wait()
-                continue  # a frame came in: the schedule moved
-            # the last stretch: yield until the alarm (trio's sleeps wake ~1 ms late)
-            while precise and trio.current_time() < alarm and not wake.is_set():
+            # the last stretch: yield until the alarm (trio's sleeps wake ~1 ms late), unless
+            # a frame moves the schedule meanwhile
+            while self._next_due == due:
+                remaining = self._sampler_alarm() - trio.current_time()
+                if remaining <= 0 or remaining > spin:
+                    break
                 await trio.lowlevel.checkpoint()
-            if wake.is_set() or self._next_due != due:
-                continue
+            if self._next_due != due or trio.current_time() < self._sampler_alarm():
+                continue  # the schedule moved: sleep to the new alarm
             if not self._degraded:
                 self._degraded = True
                 self.metrics.degraded_episodes += 1
@@ -1127,6 +1154,15 @@ def _exception_to_raise(
     if not real:
         return user_exc if user_exc is not None else (internal[0] if internal else None)
     return None
+
+
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` accepts the keyword argument ``name`` (or any, through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _only_cancelled(exc: BaseException) -> bool:

@@ -96,11 +96,12 @@ class Subscription:
     """A subscription: ``messages`` is a bounded trio channel; overflow is counted in
     ``dropped``.
 
-    With a ``handler``, each message is instead handed to ``handler(msg)`` synchronously, by
-    whatever delivers it (nats-py's parser, or a :class:`MemoryBroker` publish), which saves the
-    wake-up of a task reading ``messages``. The handler must not block and should not raise: an
-    exception ends the subscription (``messages`` closes) and is kept in ``failure`` for the
-    owner to re-raise.
+    With a ``handler``, each message is instead handed to ``handler(msg)`` synchronously by
+    whatever delivers it (over NATS: nats-py's parser), which saves the wake-up of a task
+    reading ``messages``. The handler must not block and should not raise: an exception ends
+    the subscription (``messages`` closes) and is kept in ``failure`` for the owner to re-raise.
+    A transport may decline ``handler`` (:class:`MemoryTransport` does) and deliver on
+    ``messages`` as usual, so an owner passing one still reads ``messages``.
     """
 
     def __init__(
@@ -465,56 +466,63 @@ class NatsTransport:
         header_key = nats.aio.client._HEADER_KEY_RE.fullmatch
         skip_validation = nc._skip_subject_validation
         max_payload = nc._max_payload
+        max_pending = nc._max_pending_size
         pending: list[bytes] = nc._pending
         q = self._outq
         moved = 0
         size = 0
         payload_bytes = 0
-        while q and moved < limit:
-            subject, payload, headers, reply = q[0]
-            try:
-                if not skip_validation:
-                    validate(subject)
-                    if reply:
-                        validate(reply)
-            except Exception:
-                break
+
+        def wire_bytes(
+            subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
+        ) -> bytes | None:
+            # None: nats-py's own path must take it (and report what it refuses)
+            if type(subject) is not str or not subject or type(reply) is not str:
+                return None
+            if type(payload) is not bytes or len(payload) > max_payload:
+                return None
+            if not skip_validation:
+                validate(subject)
+                if reply:
+                    validate(reply)
             n = len(payload)
-            if n > max_payload:
-                break
             if headers is None:
-                cmd = f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
-            else:
-                lines = ["NATS/1.0\r\n"]
-                for k, v in headers.items():
-                    # nats-py strips, replaces CR/LF and skips empty keys: leave those to it
-                    if (
-                        header_key(k) is None
-                        or "\r" in v
-                        or "\n" in v
-                        or (v and (v[0].isspace() or v[-1].isspace()))
-                    ):
-                        break
-                    lines.append(f"{k}: {v}\r\n")
-                else:
-                    lines.append("\r\n")
-                    hdr = "".join(lines).encode()
-                    h = len(hdr)
-                    cmd = f"HPUB {subject} {reply} {h} {h + n}\r\n".encode() + hdr + payload
-                    cmd += b"\r\n"
-                    q.popleft()
-                    pending.append(cmd)
-                    size += len(cmd)
-                    payload_bytes += n
-                    moved += 1
-                    continue
-                break
-            q.popleft()
-            pending.append(cmd)
-            size += len(cmd)
-            payload_bytes += n
-            moved += 1
-        if moved:
+                return f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
+            lines = ["NATS/1.0\r\n"]
+            for k, v in headers.items():
+                # nats-py strips, replaces CR/LF and skips empty keys: leave those to it
+                if (
+                    type(k) is not str
+                    or type(v) is not str
+                    or header_key(k) is None
+                    or "\r" in v
+                    or "\n" in v
+                    or (v and (v[0].isspace() or v[-1].isspace()))
+                ):
+                    return None
+                lines.append(f"{k}: {v}\r\n")
+            lines.append("\r\n")
+            hdr = "".join(lines).encode()
+            h = len(hdr)
+            return f"HPUB {subject} {reply} {h} {h + n}\r\n".encode() + hdr + payload + b"\r\n"
+
+        try:
+            while q and moved < limit:
+                subject, payload, headers, reply = q[0]
+                try:
+                    cmd = wire_bytes(subject, payload, headers, reply)
+                except Exception:  # a subject nats-py refuses, text that does not encode...
+                    cmd = None
+                if cmd is None:
+                    break
+                q.popleft()
+                pending.append(cmd)
+                size += len(cmd)
+                payload_bytes += len(payload)
+                moved += 1
+                if 0 < max_pending < nc._pending_data_size + size:
+                    break  # nats-py pushes back here: let the caller flush first
+        finally:
             nc._pending_data_size += size
             nc.stats["out_msgs"] += moved
             nc.stats["out_bytes"] += payload_bytes
@@ -533,10 +541,13 @@ class NatsTransport:
                 if fast and nc._status == nc.CONNECTED and self._encode_queued(nc, 4096):
                     # what nats-py's _send_command and _send_publish do after appending: push
                     # back on a full buffer, else wake its flusher
-                    if 0 < nc._max_pending_size < nc._pending_data_size:
-                        await nc._flush_pending(force_flush=True)
-                    elif nc._flush_queue is not None and nc._flush_queue.empty():
-                        await nc._flush_pending()
+                    try:
+                        if 0 < nc._max_pending_size < nc._pending_data_size:
+                            await nc._flush_pending(force_flush=True)
+                        elif nc._flush_queue is not None and nc._flush_queue.empty():
+                            await nc._flush_pending()
+                    except Exception as exc:  # its flusher reports a dead connection itself
+                        self.last_error = f"flush: {type(exc).__name__}: {exc}"
                     continue
                 subject, payload, headers, reply = q.popleft()
                 try:
@@ -1058,11 +1069,7 @@ class MemoryBroker:
 
 
 class MemoryTransport:
-    """The :class:`Transport` interface over a :class:`MemoryBroker`; pure trio, deterministic.
-
-    Delivery takes no time: a subscription's channel gets the message, or its handler runs,
-    inside the publisher's ``publish`` call.
-    """
+    """The :class:`Transport` interface over a :class:`MemoryBroker`; pure trio, deterministic."""
 
     def __init__(self, broker: MemoryBroker) -> None:
         self._broker = broker
@@ -1115,15 +1122,21 @@ class MemoryTransport:
         buffer: int = 1024,
         handler: Callable[[Message], None] | None = None,
     ) -> Subscription:
-        """Subscribe to ``subject`` (wildcards allowed); ``handler`` as for
-        :meth:`NatsTransport.subscribe` (called inside the publisher's ``publish``)."""
+        """Subscribe to ``subject`` (wildcards allowed).
+
+        ``handler`` is not called: messages always arrive on ``Subscription.messages``, read by
+        the subscriber's own task, as they would after a network hop. A publisher therefore never
+        runs a subscriber's code inside its ``publish`` call, which keeps the order of events in
+        MockClock tests the order a real deployment has (e.g. a pulse started just before a
+        client waits for its first beat does not hand that beat over before the wait begins).
+        """
         await trio.lowlevel.checkpoint()
 
         def unsubscribe() -> None:
             if sub in self._subs:
                 self._subs.remove(sub)
 
-        sub = Subscription(subject, buffer, unsubscribe, handler)
+        sub = Subscription(subject, buffer, unsubscribe)
         self._subs.append(sub)
         return sub
 

@@ -9,6 +9,8 @@ bytes nats-py queued first (SUB) still going first.
 
 from __future__ import annotations
 
+from typing import Any
+
 import nats.aio.client
 import pytest
 import trio
@@ -195,3 +197,57 @@ async def test_headers_the_encoder_declines_still_arrive_in_order(nats_url: str)
                 got.append((int(msg.data), hdrs["Seq"].strip(), hdrs["Nats-Msg-Id"]))
         assert tx.published == n
     assert got == [(i, f"v{i}", f"m:{i}") for i in range(n)]
+
+
+@pytest.mark.skipif(not PINNED, reason="the batch encoder is used with the pinned nats-py only")
+def test_batch_encoder_declines_what_nats_py_would_refuse() -> None:
+    bad: list[Any] = [
+        ("a.b", "text, not bytes", None, ""),
+        ("a.b", b"x", {"K": None}, ""),
+        ("a.b", b"x", {b"K": "v"}, ""),
+        ("a.\udcff", b"x", None, ""),  # does not encode
+        ("a b", b"x", None, ""),  # nats-py: BadSubjectError
+        ("", b"x", None, ""),
+    ]
+    for message in bad:
+        moved, got = queued_bytes([message, ("a.b", b"ok", None, "")])
+        assert (moved, got) == (0, b""), message
+    # an empty subject is declined even where nats-py skips subject validation
+    transport = NatsTransport(loop=None)  # type: ignore[arg-type]
+    nc = nats.aio.client.Client()
+    nc._skip_subject_validation = True
+    transport._outq.append(("", b"x", None, ""))
+    assert transport._encode_queued(nc, 10) == 0
+
+
+@pytest.mark.skipif(not PINNED, reason="the batch encoder is used with the pinned nats-py only")
+def test_batch_encoder_stops_where_nats_py_would_push_back() -> None:
+    transport = NatsTransport(loop=None)  # type: ignore[arg-type]
+    nc = nats.aio.client.Client()
+    nc._max_pending_size = 64 * 1024
+    transport._outq.extend([("a.b", b"x" * 1024, None, "")] * 4096)
+    moved = transport._encode_queued(nc, 4096)
+    assert 60 <= moved <= 66
+    assert nc._pending_data_size <= 64 * 1024 + 1100
+    assert len(transport._outq) == 4096 - moved
+
+
+async def test_a_publish_nats_py_refuses_is_reported_and_the_rest_still_goes(
+    nats_url: str,
+) -> None:
+    async with (
+        open_nats_transport(conn("rx", nats_url)) as rx,
+        open_nats_transport(conn("tx", nats_url)) as tx,
+    ):
+        sub = await rx.subscribe("fast.bad", buffer=16)
+        await rx.flush()
+        tx.publish("fast.bad", b"before", headers={"K": "v"})
+        tx.publish("fast.bad", "text", headers={"K": "v"})  # type: ignore[arg-type]
+        tx.publish("fast.bad", b"x", headers={"K": None})  # type: ignore[dict-item]
+        tx.publish("fast.bad", b"after", headers={"K": "v"})
+        with trio.fail_after(10):
+            await tx.flush()
+            got = [(await sub.messages.receive()).data for _ in range(2)]
+        assert tx.publish_errors >= 1  # nats-py's own path took the bad ones and said why
+        assert tx.last_error is not None
+    assert got == [b"before", b"after"]

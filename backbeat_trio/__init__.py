@@ -61,6 +61,9 @@ from ._signing import public_key_b64 as public_key_b64
 from ._signing import save_signing_key as save_signing_key
 from ._signing import sign_headers as sign_headers
 from ._signing import verify_claim as verify_claim
+from ._transport import NatsTransport as NatsTransport
+from ._transport import NatsTransportView as NatsTransportView
+from ._transport import open_nats_transport as open_nats_transport
 from ._wire import BarIssue as BarIssue
 from ._wire import BarReport as BarReport
 from ._wire import BeatFrame as BeatFrame
@@ -93,6 +96,8 @@ __all__ = [
     "LegacyBeatInfo",
     "NatsCluster",
     "NatsServerProcess",
+    "NatsTransport",
+    "NatsTransportView",
     "NotConnected",
     "PulseConfig",
     "PulseStatus",
@@ -114,6 +119,7 @@ __all__ = [
     "load_signing_key",
     "open_client",
     "open_embedded_nats",
+    "open_nats_transport",
     "phase_for",
     "public_key_b64",
     "replay_bars",

@@ -47,6 +47,7 @@ __all__ = [
     "MemoryTransport",
     "Message",
     "NatsTransport",
+    "NatsTransportView",
     "Subscription",
     "Transport",
     "open_nats_transport",
@@ -233,21 +234,57 @@ class NatsTransport:
         self.direct_writes = 0  # of ``published``: written at once, without the drainer
         self.events_dropped = 0
         self.last_error: str | None = None
+        self._views: list[NatsTransportView] = []
+        self._shared = False  # once viewed, events go to the views only
 
     def __repr__(self) -> str:
         url = getattr(self._nc, "connected_url", None)
         where = url.netloc if url is not None else "-"
+        views = f" views={len(self._views)}" if self._shared else ""
         return (
             f"<NatsTransport {where} connected={self.connected} published={self.published} "
-            f"queued={len(self._outq)}>"
+            f"queued={len(self._outq)}{views}>"
         )
+
+    # -- sharing --------------------------------------------------------------------------------
+    def view(self) -> NatsTransportView:
+        """A handle on this connection for one more user: many clients in one process can
+        share one connection::
+
+            async with bb3.open_nats_transport(cfg) as conn:
+                async with conn.view() as t, bb3.open_client(agent_cfg, transport=t) as bb:
+                    ...
+
+        Each view gets every connection event on its own ``events`` channel and otherwise does
+        what the transport does. One connection instead of one per client saves each client its
+        socket's share of every beat (trio-asyncio's per-socket task and nats-py's read loop):
+        see ``docs/scale.md`` §6. Closing a view leaves the connection open; closing the
+        transport ends every view's ``events``. From the first call on, the transport's own
+        ``events`` channel is closed: read a view's.
+
+        Raises:
+            NotConnected: the transport is closed.
+        """
+        if self._closed:
+            raise NotConnected("the NATS connection is closed")
+        if not self._shared:
+            self._shared = True
+            self._event_send.close()
+        view = NatsTransportView(self)
+        self._views.append(view)
+        return view
 
     # -- events ---------------------------------------------------------------------------------
     def _emit(self, kind: EventKind, detail: str = "") -> None:
         if not self._ready:
             return
+        event = ConnEvent(kind, detail)
+        for view in self._views:
+            view._push(event)
+        if self._shared:
+            return
         try:
-            self._event_send.send_nowait(ConnEvent(kind, detail))
+            self._event_send.send_nowait(event)
         except trio.WouldBlock:
             self.events_dropped += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -364,6 +401,9 @@ class NatsTransport:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await trio_asyncio.aio_as_trio(_close_nats)(self._nc)
         self._event_send.close()
+        for view in self._views:
+            view._event_send.close()
+        self._views.clear()
 
     # -- publish --------------------------------------------------------------------------------
     def publish(
@@ -753,6 +793,124 @@ class NatsTransport:
             raise
         except Exception as exc:
             raise BackbeatError(f"{getattr(fn, '__name__', fn)} failed: {exc}") from exc
+
+
+class NatsTransportView:
+    """One user's handle on a shared :class:`NatsTransport` (made by :meth:`NatsTransport.view`).
+
+    It is a :class:`Transport`: its own ``events`` channel (every connection event), everything
+    else done by the shared transport. :meth:`aclose` detaches it; the connection stays open.
+
+    Attributes:
+        transport: the shared transport.
+        events_dropped: events this view's full ``events`` channel could not take.
+    """
+
+    def __init__(self, transport: NatsTransport, event_buffer: int = 1024) -> None:
+        self.transport = transport
+        self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
+        self.events_dropped = 0
+
+    def __repr__(self) -> str:
+        return f"<NatsTransportView of {self.transport!r}>"
+
+    def _push(self, event: ConnEvent) -> None:
+        try:
+            self._event_send.send_nowait(event)
+        except trio.WouldBlock:
+            self.events_dropped += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    @property
+    def connected(self) -> bool:
+        """True while the shared connection is up."""
+        return self.transport.connected
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
+        """This view's connection events (one consumer)."""
+        return self._events
+
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: dict[str, str] | None = None,
+        reply: str = "",
+    ) -> None:
+        """:meth:`NatsTransport.publish`."""
+        self.transport.publish(subject, payload, headers=headers, reply=reply)
+
+    async def flush(self) -> None:
+        """:meth:`NatsTransport.flush` (waits for everything queued on the connection)."""
+        await self.transport.flush()
+
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        buffer: int = 1024,
+        handler: Callable[[Message], None] | None = None,
+    ) -> Subscription:
+        """:meth:`NatsTransport.subscribe`."""
+        return await self.transport.subscribe(subject, buffer=buffer, handler=handler)
+
+    async def request(self, subject: str, payload: bytes) -> bytes:
+        """:meth:`NatsTransport.request`."""
+        return await self.transport.request(subject, payload)
+
+    def new_inbox(self) -> str:
+        """:meth:`NatsTransport.new_inbox`."""
+        return self.transport.new_inbox()
+
+    async def find_stream(self, subject: str) -> str | None:
+        """:meth:`NatsTransport.find_stream`."""
+        return await self.transport.find_stream(subject)
+
+    async def ensure_stream(
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        duplicate_window: float = 120.0,
+        replicas: int = 1,
+    ) -> int:
+        """:meth:`NatsTransport.ensure_stream`."""
+        return await self.transport.ensure_stream(
+            name, subjects, duplicate_window=duplicate_window, replicas=replicas
+        )
+
+    async def stream_subscribe(
+        self,
+        subject: str,
+        stream: str,
+        *,
+        buffer: int = 65536,
+        deliver: Literal["new", "last_per_subject"] = "new",
+    ) -> Subscription:
+        """:meth:`NatsTransport.stream_subscribe`."""
+        return await self.transport.stream_subscribe(
+            subject, stream, buffer=buffer, deliver=deliver
+        )
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """:meth:`NatsTransport.call`."""
+        return await self.transport.call(fn, *args, **kwargs)
+
+    async def __aenter__(self) -> NatsTransportView:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Detach this view (its ``events`` ends); the shared connection stays open."""
+        with contextlib.suppress(ValueError):
+            self.transport._views.remove(self)
+        self._event_send.close()
+        await trio.lowlevel.checkpoint()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -547,22 +547,22 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
             }
             results = {}
             async with contextlib.AsyncExitStack() as stack:
+                impls = [("bb", "benchmarks._w_client"), ("plain", "benchmarks._w_plain")]
+                if not p.quick or n == max(p.scale_ns):  # --quick: only the largest N
+                    impls.insert(1, ("shared", "benchmarks._w_client"))  # all on one connection
                 workers = await start_workers(
                     stack,
                     {
                         impl: (
                             f"scale-{n}-{impl}",
                             module,
-                            {**wargs, "cluster": f"{cluster}{impl}"},
+                            {**wargs, "cluster": f"{cluster}{impl}", "shared": impl == "shared"},
                         )
-                        for impl, module in (
-                            ("bb", "benchmarks._w_client"),
-                            ("plain", "benchmarks._w_plain"),
-                        )
+                        for impl, module in impls
                     },
                     logdir,
                 )
-                for impl in ("bb", "plain"):
+                for impl, _ in impls:
                     w = workers[impl]
                     wargs["cluster"] = f"{cluster}{impl}"
                     await w.send({"cmd": "go"})
@@ -650,6 +650,9 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
                     None,
                 )
             )
+            shared = results.get("shared")
+            if shared is not None:
+                _shared_connection_rows(out, n, shared, base, label)
             got = sum(res["agent_beats"])
             want = res["expected_agent_beats"] * p.scale_windows
             out.notes.append(
@@ -659,6 +662,54 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
                 f"{res['rss_per_client_connected'] / 1024:.0f} KiB, stale {res['stale']}, dropped "
                 f"{res['dropped']}, degraded beats {res['degraded_beats']}."
             )
+
+
+def _shared_connection_rows(
+    out: Outcome, n: int, shared: dict[str, Any], base: dict[str, Any], label: str
+) -> None:
+    """Benchmark 6's rows for N clients on one connection (``NatsTransport.view``)."""
+    for figure, unit, ours, theirs in (
+        (
+            "CPU per agent-beat",
+            "µs",
+            shared["cpu_us_per_agent_beat"],
+            base["cpu_us_per_agent_beat"],
+        ),
+        (
+            "beat latency p99",
+            "ms",
+            [v * 1e3 for v in shared["latency_p99"]],
+            [v * 1e3 for v in base["latency_p99"]],
+        ),
+    ):
+        out.rows.append(
+            Row(
+                "6 Scale",
+                f"N={n}, one shared connection: {figure}",
+                unit,
+                ours,
+                theirs,
+                label,
+                "(info)",
+                None,
+            )
+        )
+    synthesised = [
+        100.0 * lb / max(1, ab)
+        for lb, ab in zip(shared["local_beats"], shared["agent_beats"], strict=True)
+    ]
+    out.rows.append(
+        Row(
+            "6 Scale",
+            f"N={n}, one shared connection: beats synthesised locally",
+            "%",
+            synthesised,
+            None,
+            "",
+            "(info)",
+            None,
+        )
+    )
 
 
 def _split(n: int, parts: int) -> list[int]:

@@ -187,6 +187,9 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
     all_ready = trio.Event()
     stop = trio.Event()
 
+    # "shared": every client on one connection (NatsTransport.view), else one connection each
+    conn: Any = None
+
     async def agent(i: int) -> None:
         cfg = Config(
             cluster_id=cluster,
@@ -195,7 +198,9 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
             jetstream=False,
             connect_attempts=3,
         )
-        async with open_client(cfg) as bb:
+        async with contextlib.AsyncExitStack() as stack:
+            transport = None if conn is None else await stack.enter_async_context(conn.view())
+            bb = await stack.enter_async_context(open_client(cfg, transport=transport))
             chan = bb.beats(buffer=64)
             clients.append(bb)
             if len(clients) == n:
@@ -213,8 +218,12 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
                 nursery.cancel_scope.cancel()
 
     result: dict[str, Any] = {"event": "result"}
-    async with trio.open_nursery() as nursery:
+    async with contextlib.AsyncExitStack() as shared_stack, trio.open_nursery() as nursery:
         t_connect = time.perf_counter()
+        if a.get("shared"):
+            conn = await shared_stack.enter_async_context(
+                open_nats_transport(Config(cluster_id=cluster, agent_id="shared", nats_url=url))
+            )
         for i in range(n):
             nursery.start_soon(agent, i)
         with trio.fail_after(120.0):

@@ -1,0 +1,141 @@
+"""Many clients in one process on one NATS connection (``NatsTransport.view``), over a real
+nats-server: beats in and signed claims out for every client, every view told of a server
+restart, and views that detach without closing the connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import nats
+import pytest
+import trio
+import trio_asyncio
+
+import backbeat_trio as bb3
+from backbeat_trio._embedded import NatsServerProcess
+
+pytestmark = pytest.mark.nats
+
+FAST = 600
+
+
+def pulse_config(url: str, cluster: str) -> bb3.PulseConfig:
+    return bb3.PulseConfig(cluster_id=cluster, tempo_bpm=FAST, nats_url=url, pulse_id="pulse-1")
+
+
+def agent_config(url: str, cluster: str, i: int, **kw: Any) -> bb3.Config:
+    kw = {"reconnect_delay": 0.05, "jitter_tolerance": 0.08, **kw}
+    return bb3.Config(cluster_id=cluster, agent_id=f"agent-{i}", nats_url=url, **kw)
+
+
+async def test_clients_on_one_connection_get_beats_and_send_claims(nats_url: str) -> None:
+    cluster = "shared"
+    n = 5
+    keys = [bb3.generate_signing_key() for _ in range(n)]
+    got: dict[int, list[int]] = {}
+    sent: dict[int, bb3.StatusClaim] = {}
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        nc = await trio_asyncio.aio_as_trio(nats.connect)(nats_url)
+        raw = await trio_asyncio.aio_as_trio(nc.subscribe)(f"backbeat.status.{cluster}")
+        await trio_asyncio.aio_as_trio(nc.flush)()
+        await nursery.start(bb3.run_pulse, pulse_config(nats_url, cluster))
+        async with bb3.open_nats_transport(agent_config(nats_url, cluster, 0)) as conn:
+
+            async def agent(i: int) -> None:
+                cfg = agent_config(nats_url, cluster, i, signing_key=keys[i])
+                async with conn.view() as t, bb3.open_client(cfg, transport=t) as bb:
+                    beats = bb.beats()
+                    got[i] = [(await beats.receive()).beat_index for _ in range(4)]
+                    sent[i] = await bb.emit_status(bb3.StatusClaim(notes=f"from {i}"))
+                    await bb.flush_claims()
+
+            with trio.fail_after(15):
+                async with trio.open_nursery() as agents:
+                    for i in range(n):
+                        agents.start_soon(agent, i)
+                    await trio.sleep(0.3)
+                    assert len(conn._views) == n  # one view per client, all on this connection
+                    assert "views=5" in repr(conn)
+            assert conn._views == []  # each client's view detached when it closed
+            assert conn.connected
+            msgs = [await trio_asyncio.aio_as_trio(raw.next_msg)(timeout=5) for _ in range(n)]
+        await trio_asyncio.aio_as_trio(nc.close)()
+        nursery.cancel_scope.cancel()
+    for i in range(n):
+        assert got[i] == list(range(got[i][0], got[i][0] + 4))
+    by_agent = {m.headers["Backbeat-Agent"]: m for m in msgs}
+    assert sorted(by_agent) == [f"agent-{i}" for i in range(n)]
+    keyring = bb3.Keyring({f"agent-{i}": keys[i].verify_key for i in range(n)})
+    for i in range(n):
+        msg = by_agent[f"agent-{i}"]
+        claim = bb3.verify_claim(msg.data, msg.headers, keyring)
+        assert claim.notes == f"from {i}"
+        assert claim.hlc == sent[i].hlc
+
+
+async def test_every_view_is_told_of_a_server_restart(
+    nats_server: NatsServerProcess, nats_url: str
+) -> None:
+    cluster = "shared-restart"
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        await nursery.start(bb3.run_pulse, pulse_config(nats_url, cluster))
+        async with (
+            bb3.open_nats_transport(agent_config(nats_url, cluster, 0)) as conn,
+            conn.view() as ta,
+            conn.view() as tb,
+            bb3.open_client(agent_config(nats_url, cluster, 1), transport=ta) as a,
+            bb3.open_client(agent_config(nats_url, cluster, 2), transport=tb) as b,
+        ):
+            with trio.fail_after(20):
+                await a.wait_for_beat()
+                await b.wait_for_beat()
+                nats_server.kill()
+                await a.wait_connected(False)
+                await b.wait_connected(False)
+                await trio.to_thread.run_sync(nats_server.restart)
+                await a.wait_connected(True)
+                await b.wait_connected(True)
+                beats_before = a.metrics.beats
+                # the pulse is back too: both follow it again
+                for c in (a, b):
+                    while c.metrics.resyncs < 1:
+                        await c.wait_for_beat()
+                await a.wait_for_beat()
+        nursery.cancel_scope.cancel()
+    for c in (a, b):
+        assert c.metrics.disconnects >= 1
+        assert c.metrics.reconnects >= 1
+        assert "disconnected from NATS" in (c.health().errors or [])
+    assert a.metrics.beats > beats_before
+
+
+async def test_views_detach_without_closing_the_connection(nats_url: str) -> None:
+    async with (
+        trio_asyncio.open_loop(),
+        bb3.open_nats_transport(agent_config(nats_url, "detach", 0)) as conn,
+    ):
+        own = conn.events
+        first, second = conn.view(), conn.view()
+        with trio.fail_after(5), pytest.raises(trio.EndOfChannel):
+            await own.receive()  # the transport's own channel ends once it is shared
+        conn._emit("error", "one")
+        assert (await first.events.receive()).detail == "one"
+        assert (await second.events.receive()).detail == "one"
+        await first.aclose()
+        conn._emit("error", "two")
+        with trio.fail_after(5), pytest.raises(trio.EndOfChannel):
+            await first.events.receive()
+        assert (await second.events.receive()).detail == "two"
+        assert conn.connected
+        assert second.connected
+        sub = await second.subscribe("detach.x", buffer=4)
+        second.publish("detach.x", b"still here")
+        with trio.fail_after(5):
+            assert (await sub.messages.receive()).data == b"still here"
+        assert "NatsTransportView" in repr(second)
+    with contextlib.suppress(trio.EndOfChannel):
+        await second.events.receive()  # closing the transport ended the remaining view
+    with pytest.raises(bb3.NotConnected):
+        conn.view()

@@ -890,6 +890,12 @@ class Client:
         task_status.started()
         async for event in self._transport.events:
             self._on_event(event)
+        # The events ended under a running client: its transport was closed (or, shared, its
+        # view detached). Deaf to disconnects it could not keep its delivery promises: stop.
+        raise NotConnected(
+            "the transport's connection events ended while the client was running (the "
+            "transport was closed, or its view detached, before the client)"
+        )
 
     def _on_event(self, event: ConnEvent) -> None:
         if event.kind == "disconnected":

@@ -58,6 +58,7 @@ from ._transport import (
     NatsTransport,
     Subscription,
     Transport,
+    nats_transport_of,
     open_nats_transport,
 )
 from ._wire import BarReport, BeatFrame, decode
@@ -1400,10 +1401,11 @@ async def run_ha_pulse(
                 open_nats_transport(cfg.connection_config())
             )
         if store is None:
-            if not isinstance(transport, NatsTransport):
+            nats = nats_transport_of(transport)
+            if nats is None:
                 raise ConfigError("store", "a lease store is required with a non-NATS transport")
             store = NatsLeaseStore(
-                transport,
+                nats,
                 cfg.cluster_id,
                 replicas=cfg.lease_replicas,
                 op_timeout=cfg.timings().op_timeout,

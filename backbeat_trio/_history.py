@@ -32,7 +32,7 @@ from ._kv import (
     stream_read,
     stream_summary,
 )
-from ._transport import NatsTransport, Transport
+from ._transport import NatsTransport, Transport, nats_transport_of
 from ._wire import BarReport, decode
 
 __all__ = [
@@ -111,10 +111,11 @@ async def ensure_bar_stream(
     if max_age is not None and not max_age > 0:
         raise ConfigError("max_age", f"must be > 0 seconds or None, got {max_age!r}")
     subject = bar_subject(cluster_id)
-    if not isinstance(transport, NatsTransport):
+    nats = nats_transport_of(transport)
+    if nats is None:
         await transport.ensure_stream(name, [subject], duplicate_window=BAR_DUPLICATE_WINDOW)
         return name
-    await transport.call(
+    await nats.call(
         stream_ensure,
         name,
         [subject],
@@ -206,20 +207,21 @@ async def replay_bars(
         raise ConfigError("since_beat", f"must be an int >= 0, got {since_beat!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ConfigError("limit", f"must be an int >= 1, got {limit!r}")
-    if not isinstance(transport, NatsTransport):
+    nats = nats_transport_of(transport)
+    if nats is None:
         return []
-    summary = await _summary(transport, cluster_id)
+    summary = await _summary(nats, cluster_id)
     if summary is None or summary.messages == 0:
         return []
     start = summary.first_seq
     if since_beat > 0:
-        start = await _first_seq_ending_at_or_after(transport, cluster_id, summary, since_beat)
+        start = await _first_seq_ending_at_or_after(nats, cluster_id, summary, since_beat)
     reports: list[BarReport] = []
     # Bounded: each round reads at least one message or stops; at most limit + skipped rounds.
     for _ in range(limit + 64):
         if start > summary.last_seq or len(reports) >= limit:
             break
-        msgs: list[StoredMessage] = await transport.call(
+        msgs: list[StoredMessage] = await nats.call(
             stream_read,
             summary.name,
             bar_subject(cluster_id),
@@ -257,9 +259,10 @@ async def last_reported_window(transport: Transport, cluster_id: str) -> int | N
         BackbeatError: JetStream did not answer.
     """
     validate_id("cluster_id", cluster_id)
-    if not isinstance(transport, NatsTransport):
+    nats = nats_transport_of(transport)
+    if nats is None:
         return None
-    msg: StoredMessage | None = await transport.call(
+    msg: StoredMessage | None = await nats.call(
         stream_last, bar_stream_name(cluster_id), bar_subject(cluster_id), op_timeout=_OP_TIMEOUT
     )
     if msg is None:

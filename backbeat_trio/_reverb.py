@@ -52,7 +52,12 @@ from ._history import (
 )
 from ._hlc import HLC
 from ._signing import Keyring, ReplayCache, verify_claim
-from ._transport import NatsTransport, Subscription, Transport, open_nats_transport
+from ._transport import (
+    Subscription,
+    Transport,
+    nats_transport_of,
+    open_nats_transport,
+)
 from ._wire import BarReport, StatusClaim, decode, encode
 
 __all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
@@ -230,10 +235,11 @@ async def run_reverb(
         if cfg.ha:
             timings = cfg.lease_timings()
             if lease_store is None:
-                if not isinstance(transport, NatsTransport):
+                nats = nats_transport_of(transport)
+                if nats is None:
                     raise ConfigError("lease_store", "ha needs a lease store on this transport")
                 lease_store = NatsLeaseStore(
-                    transport,
+                    nats,
                     cfg.cluster_id,
                     # the bucket is shared with the HA pulses: never the one to make it smaller
                     replicas=max(3, cfg.replicas),

@@ -235,7 +235,7 @@ class NatsTransport:
         self.events_dropped = 0
         self.last_error: str | None = None
         self._views: list[NatsTransportView] = []
-        self._shared = False  # once viewed, events go to the views only
+        self._shared = False  # a view was ever made (shown in the repr)
 
     def __repr__(self) -> str:
         url = getattr(self._nc, "connected_url", None)
@@ -255,21 +255,22 @@ class NatsTransport:
                 async with conn.view() as t, bb3.open_client(agent_cfg, transport=t) as bb:
                     ...
 
-        Each view gets every connection event on its own ``events`` channel and otherwise does
-        what the transport does. One connection instead of one per client saves each client its
-        socket's share of every beat (trio-asyncio's per-socket task and nats-py's read loop):
-        see ``docs/scale.md`` §6. Closing a view leaves the connection open; closing the
-        transport ends every view's ``events``. From the first call on, the transport's own
-        ``events`` channel is closed: read a view's.
+        Each view gets every connection event on its own ``events`` channel (the transport's
+        own ``events`` keeps getting them too) and otherwise does what the transport does. One
+        connection instead of one per client saves each client its socket's share of every beat
+        (trio-asyncio's per-socket task and nats-py's read loop): see ``docs/scale.md`` §6.
+        Events are the connection's: an ``error`` for a publish that nats-py refused, a slow
+        consumer or a server ``-ERR`` reaches every view, whoever caused it. Closing a view
+        detaches it (using it then raises ``NotConnected``, and a client still running on it
+        stops with ``NotConnected``) and leaves the connection open; closing the transport ends
+        every view's ``events``.
 
         Raises:
             NotConnected: the transport is closed.
         """
         if self._closed:
             raise NotConnected("the NATS connection is closed")
-        if not self._shared:
-            self._shared = True
-            self._event_send.close()
+        self._shared = True
         view = NatsTransportView(self)
         self._views.append(view)
         return view
@@ -281,8 +282,6 @@ class NatsTransport:
         event = ConnEvent(kind, detail)
         for view in self._views:
             view._push(event)
-        if self._shared:
-            return
         try:
             self._event_send.send_nowait(event)
         except trio.WouldBlock:
@@ -620,8 +619,17 @@ class NatsTransport:
             if not nc.is_connected or (pongs is not None and nc._pongs_received == pongs):
                 raise NotConnected("the connection dropped before the server answered")
 
+        # nats-py's PING waits on a future it keeps in a list until the PONG arrives; cancelling
+        # that future (a trio cancel scope around this flush) makes the PONG's set_result raise
+        # inside nats-py's read loop, which then stops reading for every user of the connection
+        # until its stale-ping check reconnects (10-15 s). So the flush runs shielded to its
+        # own end (bounded by its 5 s timeout); a caller that gives up just stops waiting.
+        task = self._loop.create_task(_flush())
         try:
-            await trio_asyncio.aio_as_trio(_flush)()
+            await trio_asyncio.run_aio_future(asyncio.shield(task))
+        except trio.Cancelled:
+            task.add_done_callback(_retrieve)
+            raise
         except NotConnected:
             raise
         except Exception as exc:
@@ -810,9 +818,16 @@ class NatsTransportView:
         self.transport = transport
         self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
         self.events_dropped = 0
+        self._detached = False
 
     def __repr__(self) -> str:
-        return f"<NatsTransportView of {self.transport!r}>"
+        state = "detached " if self._detached else ""
+        return f"<NatsTransportView {state}of {self.transport!r}>"
+
+    def _shared_transport(self) -> NatsTransport:
+        if self._detached:
+            raise NotConnected("this view of the NATS connection was closed")
+        return self.transport
 
     def _push(self, event: ConnEvent) -> None:
         try:
@@ -825,7 +840,7 @@ class NatsTransportView:
     @property
     def connected(self) -> bool:
         """True while the shared connection is up."""
-        return self.transport.connected
+        return not self._detached and self.transport.connected
 
     @property
     def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
@@ -841,11 +856,11 @@ class NatsTransportView:
         reply: str = "",
     ) -> None:
         """:meth:`NatsTransport.publish`."""
-        self.transport.publish(subject, payload, headers=headers, reply=reply)
+        self._shared_transport().publish(subject, payload, headers=headers, reply=reply)
 
     async def flush(self) -> None:
         """:meth:`NatsTransport.flush` (waits for everything queued on the connection)."""
-        await self.transport.flush()
+        await self._shared_transport().flush()
 
     async def subscribe(
         self,
@@ -855,19 +870,19 @@ class NatsTransportView:
         handler: Callable[[Message], None] | None = None,
     ) -> Subscription:
         """:meth:`NatsTransport.subscribe`."""
-        return await self.transport.subscribe(subject, buffer=buffer, handler=handler)
+        return await self._shared_transport().subscribe(subject, buffer=buffer, handler=handler)
 
     async def request(self, subject: str, payload: bytes) -> bytes:
         """:meth:`NatsTransport.request`."""
-        return await self.transport.request(subject, payload)
+        return await self._shared_transport().request(subject, payload)
 
     def new_inbox(self) -> str:
         """:meth:`NatsTransport.new_inbox`."""
-        return self.transport.new_inbox()
+        return self._shared_transport().new_inbox()
 
     async def find_stream(self, subject: str) -> str | None:
         """:meth:`NatsTransport.find_stream`."""
-        return await self.transport.find_stream(subject)
+        return await self._shared_transport().find_stream(subject)
 
     async def ensure_stream(
         self,
@@ -878,7 +893,7 @@ class NatsTransportView:
         replicas: int = 1,
     ) -> int:
         """:meth:`NatsTransport.ensure_stream`."""
-        return await self.transport.ensure_stream(
+        return await self._shared_transport().ensure_stream(
             name, subjects, duplicate_window=duplicate_window, replicas=replicas
         )
 
@@ -891,13 +906,13 @@ class NatsTransportView:
         deliver: Literal["new", "last_per_subject"] = "new",
     ) -> Subscription:
         """:meth:`NatsTransport.stream_subscribe`."""
-        return await self.transport.stream_subscribe(
+        return await self._shared_transport().stream_subscribe(
             subject, stream, buffer=buffer, deliver=deliver
         )
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """:meth:`NatsTransport.call`."""
-        return await self.transport.call(fn, *args, **kwargs)
+        return await self._shared_transport().call(fn, *args, **kwargs)
 
     async def __aenter__(self) -> NatsTransportView:
         return self
@@ -907,6 +922,7 @@ class NatsTransportView:
 
     async def aclose(self) -> None:
         """Detach this view (its ``events`` ends); the shared connection stays open."""
+        self._detached = True
         with contextlib.suppress(ValueError):
             self.transport._views.remove(self)
         self._event_send.close()
@@ -938,6 +954,19 @@ def _direct_nats_supported() -> bool:
         and callable(getattr(nats.protocol.command, "pub_cmd", None))
         and hasattr(nats.aio.transport, "TcpTransport")
     )
+
+
+def nats_transport_of(transport: object) -> NatsTransport | None:
+    """The NATS connection behind ``transport`` (itself, or a view's), else None."""
+    if isinstance(transport, NatsTransportView):
+        return transport.transport
+    return transport if isinstance(transport, NatsTransport) else None
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Done-callback for a task nobody awaits any more: read its outcome (no asyncio warning)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _DirectPending:

@@ -5,7 +5,6 @@ restart, and views that detach without closing the connection.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import nats
@@ -118,24 +117,112 @@ async def test_views_detach_without_closing_the_connection(nats_url: str) -> Non
     ):
         own = conn.events
         first, second = conn.view(), conn.view()
-        with trio.fail_after(5), pytest.raises(trio.EndOfChannel):
-            await own.receive()  # the transport's own channel ends once it is shared
         conn._emit("error", "one")
-        assert (await first.events.receive()).detail == "one"
-        assert (await second.events.receive()).detail == "one"
+        # every view, and the transport's own channel (a client may run on it directly)
+        for channel in (own, first.events, second.events):
+            assert channel.receive_nowait().detail == "one"
         await first.aclose()
         conn._emit("error", "two")
         with trio.fail_after(5), pytest.raises(trio.EndOfChannel):
             await first.events.receive()
-        assert (await second.events.receive()).detail == "two"
+        assert second.events.receive_nowait().detail == "two"
+        # a detached view refuses to be used; the connection and the other view carry on
+        assert not first.connected
+        assert "detached" in repr(first)
+        with pytest.raises(bb3.NotConnected, match=r"view .* was closed"):
+            first.publish("detach.x", b"lost?")
         assert conn.connected
         assert second.connected
         sub = await second.subscribe("detach.x", buffer=4)
         second.publish("detach.x", b"still here")
         with trio.fail_after(5):
             assert (await sub.messages.receive()).data == b"still here"
-        assert "NatsTransportView" in repr(second)
-    with contextlib.suppress(trio.EndOfChannel):
-        await second.events.receive()  # closing the transport ended the remaining view
+    # closing the transport ended the remaining view's events
+
+    async def drain() -> None:
+        while True:
+            await second.events.receive()
+
+    with trio.fail_after(5), pytest.raises(trio.EndOfChannel):
+        await drain()
     with pytest.raises(bb3.NotConnected):
         conn.view()
+
+
+async def test_a_cancelled_flush_leaves_the_connection_reading_for_everyone(
+    nats_url: str,
+) -> None:
+    # nats-py keeps the PING's future until the PONG: cancelling it used to make the PONG stop
+    # nats-py's read loop, for every view, until a reconnect 10-15 s later
+    async with (
+        trio_asyncio.open_loop(),
+        bb3.open_nats_transport(agent_config(nats_url, "flush-cancel", 0)) as conn,
+        conn.view() as a,
+        conn.view() as b,
+    ):
+        sub = await b.subscribe("flush.cancel", buffer=64)
+        nc = conn._nc
+        for attempt in range(5):
+            with trio.CancelScope() as scope:
+
+                async def cancel_once_pinged(scope: trio.CancelScope = scope) -> None:
+                    while not nc._pongs:
+                        await trio.lowlevel.checkpoint()
+                    scope.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_once_pinged)
+                    await a.flush()  # cancelled while it waits for its PONG
+            assert scope.cancelled_caught
+            await trio.sleep(0.1)  # the PONG arrives meanwhile
+            assert not nc._reading_task.done(), f"nats-py's reader died (attempt {attempt})"
+            a.publish("flush.cancel", b"%d" % attempt)
+            with trio.fail_after(3):
+                assert (await sub.messages.receive()).data == b"%d" % attempt
+        with trio.fail_after(5):
+            await b.flush()
+        assert [e.kind for e in _pending(b.events)] == []  # no disconnect, no error
+
+
+def _pending(channel: trio.MemoryReceiveChannel[Any]) -> list[Any]:
+    out = []
+    while True:
+        try:
+            out.append(channel.receive_nowait())
+        except trio.WouldBlock:
+            return out
+
+
+async def test_a_client_whose_view_is_closed_under_it_stops_loudly(nats_url: str) -> None:
+    cluster = "shared-deaf"
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        await nursery.start(bb3.run_pulse, pulse_config(nats_url, cluster))
+        async with bb3.open_nats_transport(agent_config(nats_url, cluster, 0)) as conn:
+            view = conn.view()
+
+            async def client_outliving_its_view() -> None:
+                async with bb3.open_client(agent_config(nats_url, cluster, 1), transport=view) as c:
+                    await c.wait_for_beat()
+                    await view.aclose()  # wrong nesting: the view goes before its client
+                    await trio.sleep_forever()
+
+            with trio.fail_after(10), pytest.raises(bb3.NotConnected, match="events ended"):
+                await client_outliving_its_view()
+        nursery.cancel_scope.cancel()
+
+
+async def test_history_helpers_accept_a_view(nats_url: str) -> None:
+    cluster = "shared-history"
+    async with (
+        trio_asyncio.open_loop(),
+        bb3.open_nats_transport(agent_config(nats_url, cluster, 0)) as conn,
+        conn.view() as view,
+    ):
+        name = await bb3.ensure_bar_stream(view, cluster, max_reports=5)
+
+        async def max_msgs(nc: Any, js: Any) -> int:
+            return int((await js.stream_info(name)).config.max_msgs)
+
+        assert await conn.call(max_msgs) == 5  # the options reached JetStream through the view
+        assert await bb3.last_reported_window(view, cluster) is None
+        assert await bb3.replay_bars(view, cluster) == []

@@ -18,6 +18,7 @@ connection lost) means the outcome is unknown -- the write may or may not have b
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final, NamedTuple
 
 __all__ = [
@@ -125,8 +126,9 @@ async def kv_ensure_bucket(
         return await _replicas_of(jsx, stream)
     except nats.js.errors.NotFoundError:
         pass
-    wanted = max(1, replicas)
-    for count in dict.fromkeys((wanted, 1)):
+    count = max(1, replicas)
+    placing = _ReplicaPlacement(nc, op_timeout)
+    while True:
         config = KeyValueConfig(
             bucket=bucket, history=history, replicas=count, description=description or None
         )
@@ -135,13 +137,13 @@ async def kv_ensure_bucket(
             return count
         except nats.js.errors.APIError as exc:
             if _err_code(exc) in _NO_REPLICAS and count > 1:
+                count = await placing.next_count(count)
                 continue
             # Lost a creation race to a caller with other settings: use what it made.
             try:
                 return await _replicas_of(jsx, stream)
             except nats.js.errors.NotFoundError:
                 raise exc from None
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def kv_read(
@@ -206,6 +208,26 @@ async def kv_write(
 
 
 # --- streams --------------------------------------------------------------------------------------
+class _ReplicaPlacement:
+    """What to ask for after JetStream could not place ``count`` > 1 replicas.
+
+    On a single server: one replica, at once. On a cluster the refusal can be temporary (right
+    after the servers start, JetStream's meta group may not know every peer yet), so the same
+    count is asked for again every 0.25 s for up to half of ``op_timeout`` before settling for
+    one replica (seen: an R3 stream created as R1 on a 3-node cluster started under load).
+    """
+
+    def __init__(self, nc: Any, op_timeout: float) -> None:
+        self._clustered = bool((getattr(nc, "_server_info", None) or {}).get("cluster"))
+        self._until = asyncio.get_running_loop().time() + op_timeout / 2
+
+    async def next_count(self, count: int) -> int:
+        if self._clustered and asyncio.get_running_loop().time() < self._until:
+            await asyncio.sleep(0.25)
+            return count
+        return 1
+
+
 async def stream_ensure(
     nc: Any,
     js: Any,
@@ -234,8 +256,9 @@ async def stream_ensure(
         return await _replicas_of(jsx, name)
     except nats.js.errors.NotFoundError:
         pass
-    wanted = max(1, replicas)
-    for count in dict.fromkeys((wanted, 1)):
+    count = max(1, replicas)
+    placing = _ReplicaPlacement(nc, op_timeout)
+    while True:
         config = StreamConfig(
             name=name,
             description=description or None,
@@ -250,12 +273,12 @@ async def stream_ensure(
             return count
         except nats.js.errors.APIError as exc:
             if _err_code(exc) in _NO_REPLICAS and count > 1:
+                count = await placing.next_count(count)
                 continue
             try:
                 return await _replicas_of(jsx, name)
             except nats.js.errors.NotFoundError:
                 raise exc from None
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def stream_summary(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import math
@@ -1090,3 +1091,28 @@ async def test_run_local_cluster_shows_a_failover() -> None:
     # the reverbs: one publishes; after the crash of the publishing one the other takes over
     assert any(line.startswith("bars window ") and "publishes" in line for line in lines), lines
     assert any("took over reporting" in line for line in lines), lines
+
+
+def test_replicas_refused_on_a_cluster_are_asked_for_again_before_one_is_settled_for() -> None:
+    # a forming cluster refuses R3 for a moment; a single server can never place it
+    from backbeat_trio._kv import _ReplicaPlacement
+
+    class FakeNc:
+        def __init__(self, cluster: str | None) -> None:
+            self._server_info = {"cluster": cluster} if cluster else {}
+
+    async def asks(nc: FakeNc, op_timeout: float) -> tuple[list[int], float]:
+        loop = asyncio.get_running_loop()
+        placing = _ReplicaPlacement(nc, op_timeout)
+        t0 = loop.time()
+        counts = [3]
+        while counts[-1] > 1:
+            counts.append(await placing.next_count(counts[-1]))
+        return counts, loop.time() - t0
+
+    counts, waited = asyncio.run(asks(FakeNc(None), 5.0))
+    assert (counts, waited < 0.1) == ([3, 1], True)
+    counts, waited = asyncio.run(asks(FakeNc("backbeat"), 1.0))
+    assert counts[0] == counts[1] == 3
+    assert counts[-1] == 1
+    assert 0.5 <= waited < 1.5

@@ -235,12 +235,11 @@ class NatsTransport:
         self.events_dropped = 0
         self.last_error: str | None = None
         self._views: list[NatsTransportView] = []
-        self._shared = False  # a view was ever made (shown in the repr)
 
     def __repr__(self) -> str:
         url = getattr(self._nc, "connected_url", None)
         where = url.netloc if url is not None else "-"
-        views = f" views={len(self._views)}" if self._shared else ""
+        views = f" views={len(self._views)}" if self._views else ""
         return (
             f"<NatsTransport {where} connected={self.connected} published={self.published} "
             f"queued={len(self._outq)}{views}>"
@@ -270,7 +269,6 @@ class NatsTransport:
         """
         if self._closed:
             raise NotConnected("the NATS connection is closed")
-        self._shared = True
         view = NatsTransportView(self)
         self._views.append(view)
         return view
@@ -282,12 +280,8 @@ class NatsTransport:
         event = ConnEvent(kind, detail)
         for view in self._views:
             view._push(event)
-        try:
-            self._event_send.send_nowait(event)
-        except trio.WouldBlock:
+        if not _offer(self._event_send, event):
             self.events_dropped += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
 
     async def _on_disconnected(self) -> None:
         self._emit("disconnected")
@@ -452,25 +446,18 @@ class NatsTransport:
             or not _direct_nats_supported()
         ):
             return False
-        import nats.aio.client
         import nats.aio.transport
-        import nats.protocol.command
 
         nc = self._nc
         io: Any = nc._transport
         plain_tcp = type(io) is nats.aio.transport.TcpTransport  # not WebSocket
-        if nc._status != nc.CONNECTED or not plain_tcp or len(payload) > nc._max_payload:
+        if nc._status != nc.CONNECTED or not plain_tcp:
             return False
-        try:
-            writer = io._io_writer
-            if writer is None or writer.transport.get_write_buffer_size():
-                return False
-            if not nc._skip_subject_validation:
-                nats.aio.client._validate_subject(subject)
-                if reply:
-                    nats.aio.client._validate_subject(reply)
-            cmd = nats.protocol.command.pub_cmd(subject, reply, payload)
-        except Exception:
+        writer = getattr(io, "_io_writer", None)
+        if writer is None or writer.transport.get_write_buffer_size():
+            return False
+        cmd = _wire_bytes(nc, subject, payload, None, reply)
+        if cmd is None:
             return False
         pending: list[bytes] = nc._pending
         size: int = nc._pending_data_size
@@ -499,12 +486,6 @@ class NatsTransport:
         it would refuse), which then takes the general path so nats-py reports it. The caller
         hands the buffer to nats-py's flusher. Returns how many messages were moved.
         """
-        import nats.aio.client
-
-        validate = nats.aio.client._validate_subject
-        header_key = nats.aio.client._HEADER_KEY_RE.fullmatch
-        skip_validation = nc._skip_subject_validation
-        max_payload = nc._max_payload
         max_pending = nc._max_pending_size
         pending: list[bytes] = nc._pending
         q = self._outq
@@ -512,46 +493,10 @@ class NatsTransport:
         size = 0
         payload_bytes = 0
 
-        def wire_bytes(
-            subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
-        ) -> bytes | None:
-            # None: nats-py's own path must take it (and report what it refuses)
-            if type(subject) is not str or not subject or type(reply) is not str:
-                return None
-            if type(payload) is not bytes or len(payload) > max_payload:
-                return None
-            if not skip_validation:
-                validate(subject)
-                if reply:
-                    validate(reply)
-            n = len(payload)
-            if headers is None:
-                return f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
-            lines = ["NATS/1.0\r\n"]
-            for k, v in headers.items():
-                # nats-py strips, replaces CR/LF and skips empty keys: leave those to it
-                if (
-                    type(k) is not str
-                    or type(v) is not str
-                    or header_key(k) is None
-                    or "\r" in v
-                    or "\n" in v
-                    or (v and (v[0].isspace() or v[-1].isspace()))
-                ):
-                    return None
-                lines.append(f"{k}: {v}\r\n")
-            lines.append("\r\n")
-            hdr = "".join(lines).encode()
-            h = len(hdr)
-            return f"HPUB {subject} {reply} {h} {h + n}\r\n".encode() + hdr + payload + b"\r\n"
-
         try:
             while q and moved < limit:
                 subject, payload, headers, reply = q[0]
-                try:
-                    cmd = wire_bytes(subject, payload, headers, reply)
-                except Exception:  # a subject nats-py refuses, text that does not encode...
-                    cmd = None
+                cmd = _wire_bytes(nc, subject, payload, headers, reply)
                 if cmd is None:
                     break
                 q.popleft()
@@ -830,12 +775,8 @@ class NatsTransportView:
         return self.transport
 
     def _push(self, event: ConnEvent) -> None:
-        try:
-            self._event_send.send_nowait(event)
-        except trio.WouldBlock:
+        if not _offer(self._event_send, event):
             self.events_dropped += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
 
     @property
     def connected(self) -> bool:
@@ -961,6 +902,61 @@ def nats_transport_of(transport: object) -> NatsTransport | None:
     if isinstance(transport, NatsTransportView):
         return transport.transport
     return transport if isinstance(transport, NatsTransport) else None
+
+
+def _wire_bytes(
+    nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
+) -> bytes | None:
+    """The PUB/HPUB bytes nats-py's ``publish`` would queue for this message, after its checks
+    (subject, reply, size, header names and values); None for anything nats-py would refuse or
+    rewrite (values it strips or whose CR/LF it replaces, empty keys it skips): its own path
+    then takes the message and reports what is wrong. Shared by both fast paths (the drainer's
+    batch, the write at once); nats-py 2.16 only, like them."""
+    import nats.aio.client
+
+    try:
+        if type(subject) is not str or not subject or type(reply) is not str:
+            return None
+        if type(payload) is not bytes or len(payload) > nc._max_payload:
+            return None
+        if not nc._skip_subject_validation:
+            nats.aio.client._validate_subject(subject)
+            if reply:
+                nats.aio.client._validate_subject(reply)
+        n = len(payload)
+        if headers is None:
+            return f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
+        header_key = nats.aio.client._HEADER_KEY_RE.fullmatch
+        lines = ["NATS/1.0\r\n"]
+        for k, v in headers.items():
+            if (
+                type(k) is not str
+                or type(v) is not str
+                or header_key(k) is None
+                or "\r" in v
+                or "\n" in v
+                or (v and (v[0].isspace() or v[-1].isspace()))
+            ):
+                return None
+            lines.append(f"{k}: {v}\r\n")
+        lines.append("\r\n")
+        hdr = "".join(lines).encode()
+        h = len(hdr)
+        return f"HPUB {subject} {reply} {h} {h + n}\r\n".encode() + hdr + payload + b"\r\n"
+    except Exception:  # a subject nats-py refuses, text that does not encode...
+        return None
+
+
+def _offer(send: trio.MemorySendChannel[ConnEvent], event: ConnEvent) -> bool:
+    """Hand ``event`` over without waiting; False when the channel is full (a closed channel
+    takes nothing, silently: its reader has gone)."""
+    try:
+        send.send_nowait(event)
+    except trio.WouldBlock:
+        return False
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+    return True
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -1269,8 +1265,7 @@ class MemoryTransport:
         return f"<MemoryTransport connected={self.connected} published={self.published}>"
 
     def _emit(self, ev: ConnEvent) -> None:
-        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-            self._event_send.send_nowait(ev)
+        _offer(self._event_send, ev)  # a full channel drops it
 
     @property
     def connected(self) -> bool:

@@ -640,10 +640,7 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
                     bench,
                     f"N={n}: beats synthesised locally (client fell behind the pulse)",
                     "%",
-                    [
-                        100.0 * lb / max(1, ab)
-                        for lb, ab in zip(res["local_beats"], res["agent_beats"], strict=True)
-                    ],
+                    _synthesised_pct(res),
                     None,
                     "",
                     "(info)",
@@ -662,6 +659,15 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
                 f"{res['rss_per_client_connected'] / 1024:.0f} KiB, stale {res['stale']}, dropped "
                 f"{res['dropped']}, degraded beats {res['degraded_beats']}."
             )
+
+
+def _synthesised_pct(res: dict[str, Any]) -> list[float]:
+    """Per window: the share of agent-beats a scale worker's clients delivered from their own
+    metronome (their pulse frame came too late)."""
+    return [
+        100.0 * lb / max(1, ab)
+        for lb, ab in zip(res["local_beats"], res["agent_beats"], strict=True)
+    ]
 
 
 def _shared_connection_rows(
@@ -694,10 +700,7 @@ def _shared_connection_rows(
                 None,
             )
         )
-    synthesised = [
-        100.0 * lb / max(1, ab)
-        for lb, ab in zip(shared["local_beats"], shared["agent_beats"], strict=True)
-    ]
+    synthesised = _synthesised_pct(shared)
     out.rows.append(
         Row(
             "6 Scale",

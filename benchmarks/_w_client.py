@@ -26,9 +26,9 @@ import trio
 import trio_asyncio
 
 from backbeat_trio import Config, StatusClaim, UndeliveredClaims, generate_signing_key, open_client
-from backbeat_trio._beats import status_stream_name, status_subject
-from backbeat_trio._hlc import node_id_for
-from backbeat_trio._transport import open_nats_transport
+from backbeat_trio._bridge.nats import open_nats_transport
+from backbeat_trio._core.beats import status_stream_name, status_subject
+from backbeat_trio._core.hlc import node_id_for
 from benchmarks._proto import args, log, read_commands, send
 from benchmarks._stats import percentile
 

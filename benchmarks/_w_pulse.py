@@ -21,8 +21,8 @@ import trio
 import trio_asyncio
 
 from backbeat_trio import BeatFrame, NotConnected, PulseConfig, run_pulse
-from backbeat_trio._beats import beat_subject
-from backbeat_trio._transport import NatsTransport, open_nats_transport
+from backbeat_trio._bridge.nats import NatsTransport, open_nats_transport
+from backbeat_trio._core.beats import beat_subject
 from benchmarks._proto import args, read_commands, send
 
 PULSE_ID = "bench-pulse"

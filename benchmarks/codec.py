@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backbeat_trio import BeatFrame, StatusClaim
-from backbeat_trio._wire import _encoder, decode, encode, encode_claim
+from backbeat_trio._core.wire import _encoder, decode, encode, encode_claim
 
 BEAT_TAG = "backbeat.beatframe.v1"
 CLAIM_TAG = "backbeat.statusclaim.v1"
@@ -338,7 +338,7 @@ def evidence(n: int) -> dict[str, float]:
     """Where msgspec's decode time goes: the same Structs with and without regex constraints."""
     import msgspec
 
-    from backbeat_trio import _wire
+    from backbeat_trio._core import wire as _wire
 
     frame_bytes = encode(FRAME)
     claim_bytes = encode_claim(CLAIM)

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backbeat_trio._aggregate import MAX_ISSUES, BarAggregator, find_deadlocks
-from backbeat_trio._beats import window_id
+from backbeat_trio._core.aggregate import MAX_ISSUES, BarAggregator, find_deadlocks
+from backbeat_trio._core.beats import window_id
+from backbeat_trio._core.wire import BarReport, ClaimState, StatusClaim, decode, encode
 from backbeat_trio._errors import ConfigError
-from backbeat_trio._wire import BarReport, ClaimState, StatusClaim, decode, encode
 
 HLC = "000000000001:0000:0001"
 STATES: tuple[str, ...] = get_args(ClaimState)
@@ -352,7 +352,7 @@ def test_tempo_drift_is_mean_excess_interval_in_ms() -> None:
 def test_observe_beat_accepts_frames() -> None:
     from datetime import UTC, datetime
 
-    from backbeat_trio._wire import BeatFrame
+    from backbeat_trio._core.wire import BeatFrame
 
     agg = BarAggregator("prod")
     frames = [

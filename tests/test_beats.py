@@ -9,8 +9,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from backbeat_trio import _beats
-from backbeat_trio._beats import (
+from backbeat_trio._core import beats as _beats
+from backbeat_trio._core.beats import (
     bar_start,
     bar_subject,
     beat_subject,
@@ -24,8 +24,8 @@ from backbeat_trio._beats import (
     validate_id,
     window_id,
 )
+from backbeat_trio._core.wire import LegacyBeatInfo
 from backbeat_trio._errors import ConfigError
-from backbeat_trio._wire import LegacyBeatInfo
 
 ids = st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z")
 indexes = st.integers(min_value=0, max_value=2**63 - 1)

@@ -24,9 +24,9 @@ import trio_asyncio
 from _guards import fail_on_bare_cancel
 
 import backbeat_trio as bb3
-from backbeat_trio._beats import beat_subject, phase_for, window_id
+from backbeat_trio._bridge.nats import NatsTransport, open_nats_transport
+from backbeat_trio._core.beats import beat_subject, phase_for, window_id
 from backbeat_trio._embedded import NatsServerProcess
-from backbeat_trio._transport import NatsTransport, open_nats_transport
 
 pytestmark = [pytest.mark.chaos, pytest.mark.nats]
 

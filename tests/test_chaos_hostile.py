@@ -34,10 +34,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import backbeat_trio as bb3
-from backbeat_trio._beats import beat_subject, phase_for, tempo_subject, window_id
+from backbeat_trio._bridge.nats import open_nats_transport
+from backbeat_trio._core.beats import beat_subject, phase_for, tempo_subject, window_id
+from backbeat_trio._core.hlc import HLCStamp, node_id_for
 from backbeat_trio._embedded import NatsServerProcess
-from backbeat_trio._hlc import HLCStamp, node_id_for
-from backbeat_trio._transport import open_nats_transport
 from backbeat_trio.testing import open_fake_cluster, virtual_wall_clock
 
 CLUSTER = "hostile"

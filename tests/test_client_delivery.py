@@ -70,7 +70,7 @@ async def test_core_claims_never_confirmed_are_reported_at_close(
 
 
 async def test_a_stuck_drainer_makes_publish_refuse_instead_of_growing(nats_url: str) -> None:
-    from backbeat_trio._transport import MAX_QUEUED_PUBLISHES, open_nats_transport
+    from backbeat_trio._bridge.nats import MAX_QUEUED_PUBLISHES, open_nats_transport
 
     cfg = bb3.Config(cluster_id=CLUSTER, agent_id="stuck", nats_url=nats_url)
     async with open_nats_transport(cfg) as transport:

@@ -23,10 +23,10 @@ import trio_asyncio
 from nacl.signing import VerifyKey
 
 import backbeat_trio as bb3
+from backbeat_trio._bridge.nats import _nats_options, open_nats_transport
+from backbeat_trio._core.hlc import node_id_for
+from backbeat_trio._core.wire import encode
 from backbeat_trio._embedded import NatsServerProcess, free_port
-from backbeat_trio._hlc import node_id_for
-from backbeat_trio._transport import _nats_options, open_nats_transport
-from backbeat_trio._wire import encode
 
 pytestmark = pytest.mark.nats
 

@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 from nacl.signing import VerifyKey
 
 import backbeat_trio as bb3
-from backbeat_trio import _client as bbv
 from backbeat_trio import testing as bbt
-from backbeat_trio._transport import MemoryTransport, Subscription
-from backbeat_trio._wire import encode
+from backbeat_trio._client import client as bbv
+from backbeat_trio._core.wire import encode
+from backbeat_trio._transport.base import Subscription
+from backbeat_trio.testing.memory import MemoryTransport
 
 CLUSTER = "test"
 STATUS = f"backbeat.status.{CLUSTER}"

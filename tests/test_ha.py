@@ -15,42 +15,42 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backbeat_trio._beats import beat_subject, status_stream_name, status_subject, tempo_subject
-from backbeat_trio._client import open_client
-from backbeat_trio._config import Config
-from backbeat_trio._embedded import NatsCluster, NatsServerProcess, open_embedded_nats_cluster
-from backbeat_trio._errors import BackbeatError, ConfigError
-from backbeat_trio._ha import (
-    HAPulseConfig,
-    HAPulseStatus,
-    LeaseElection,
-    LeaseRecord,
-    LeaseStore,
-    LeaseTimings,
-    MemoryLeaseStore,
-    NatsLeaseStore,
-    ScheduleSnapshot,
-    decode_lease,
-    encode_lease,
-    lease_bucket_name,
-    run_ha_pulse,
-    run_local_cluster,
-)
-from backbeat_trio._hlc import HLCStamp, node_id_for
-from backbeat_trio._kv import stream_ensure, stream_read, stream_summary
-from backbeat_trio._schedule import PulseSchedule
-from backbeat_trio._transport import (
-    MemoryBroker,
-    Message,
+from backbeat_trio._bridge.jetstream import stream_ensure, stream_read, stream_summary
+from backbeat_trio._bridge.nats import (
     NatsTransport,
-    Subscription,
-    Transport,
     _asyncio_loop,
     _nats_options,
     open_nats_transport,
 )
-from backbeat_trio._wire import BeatFrame, StatusClaim, TempoChange, decode, encode
+from backbeat_trio._cli.cluster import run_local_cluster
+from backbeat_trio._client.client import open_client
+from backbeat_trio._client.config import Config
+from backbeat_trio._core.beats import (
+    beat_subject,
+    status_stream_name,
+    status_subject,
+    tempo_subject,
+)
+from backbeat_trio._core.hlc import HLCStamp, node_id_for
+from backbeat_trio._core.lease import (
+    LeaseElection,
+    LeaseRecord,
+    LeaseTimings,
+    ScheduleSnapshot,
+    decode_lease,
+    encode_lease,
+    lease_bucket_name,
+)
+from backbeat_trio._core.schedule import PulseSchedule
+from backbeat_trio._core.wire import BeatFrame, StatusClaim, TempoChange, decode, encode
+from backbeat_trio._embedded import NatsCluster, NatsServerProcess, open_embedded_nats_cluster
+from backbeat_trio._errors import BackbeatError, ConfigError
+from backbeat_trio._services.ha_pulse import HAPulseConfig, HAPulseStatus, run_ha_pulse
+from backbeat_trio._services.lease import LeaseStore, NatsLeaseStore
+from backbeat_trio._transport.base import Message, Subscription, Transport
 from backbeat_trio.testing import virtual_wall_clock
+from backbeat_trio.testing.lease import MemoryLeaseStore
+from backbeat_trio.testing.memory import MemoryBroker
 
 CLUSTER = "ha"
 TEMPO = 300  # 0.2 s beats
@@ -1104,7 +1104,7 @@ async def test_run_local_cluster_shows_a_failover() -> None:
 
 def test_replicas_refused_on_a_cluster_are_asked_for_again_before_one_is_settled_for() -> None:
     # a forming cluster refuses R3 for a moment; a single server can never place it
-    from backbeat_trio._kv import _ReplicaPlacement
+    from backbeat_trio._bridge.jetstream import _ReplicaPlacement
 
     class FakeNc:
         def __init__(self, cluster: str | None) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import trio
 
-from backbeat_trio._beats import bar_subject, window_id
-from backbeat_trio._config import Config
+from backbeat_trio._bridge.jetstream import StreamSummary, stream_summary
+from backbeat_trio._bridge.nats import NatsTransport, open_nats_transport
+from backbeat_trio._client.config import Config
+from backbeat_trio._core.beats import bar_subject, window_id
+from backbeat_trio._core.hlc import HLC
+from backbeat_trio._core.wire import BarReport, encode
 from backbeat_trio._errors import ConfigError
-from backbeat_trio._history import (
+from backbeat_trio._services.history import (
     already_reported,
     bar_report_headers,
     bar_stream_name,
@@ -16,12 +20,9 @@ from backbeat_trio._history import (
     last_reported_window,
     replay_bars,
 )
-from backbeat_trio._hlc import HLC
-from backbeat_trio._kv import StreamSummary, stream_summary
-from backbeat_trio._pulse import PulseConfig, run_pulse
-from backbeat_trio._reverb import ReverbConfig, run_reverb
-from backbeat_trio._transport import MemoryBroker, NatsTransport, open_nats_transport
-from backbeat_trio._wire import BarReport, encode
+from backbeat_trio._services.pulse import PulseConfig, run_pulse
+from backbeat_trio._services.reverb import ReverbConfig, run_reverb
+from backbeat_trio.testing.memory import MemoryBroker
 
 BPB = 4
 _hlc = HLC("reverb-1")

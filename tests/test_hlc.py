@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from backbeat_trio._core.hlc import HLC, HLCStamp, node_id_for
 from backbeat_trio._errors import WireError
-from backbeat_trio._hlc import HLC, HLCStamp, node_id_for
 
 MAX_FORWARD_MS = 5_000
 START_MS = 1_700_000_000_000

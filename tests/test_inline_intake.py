@@ -21,8 +21,10 @@ import trio_asyncio
 
 import backbeat_trio as bb3
 from backbeat_trio import testing as bbt
-from backbeat_trio._client import Client
-from backbeat_trio._transport import MemoryTransport, Message, Subscription, open_nats_transport
+from backbeat_trio._bridge.nats import open_nats_transport
+from backbeat_trio._client.client import Client
+from backbeat_trio._transport.base import Message, Subscription
+from backbeat_trio.testing.memory import MemoryTransport
 
 FAST = 600
 

@@ -22,12 +22,12 @@ from _guards import fail_on_bare_cancel
 from nacl.signing import SigningKey
 
 import backbeat_trio as bb3
-from backbeat_trio._beats import bar_subject, status_subject
+from backbeat_trio._bridge.nats import NatsTransport, open_nats_transport
+from backbeat_trio._core.beats import bar_subject, status_subject
+from backbeat_trio._core.hlc import HLC, HLCStamp, node_id_for
+from backbeat_trio._core.signing import HEADER_AGENT, HEADER_KEY, HEADER_SIG, sign_headers
+from backbeat_trio._core.wire import encode_claim
 from backbeat_trio._embedded import NatsServerProcess
-from backbeat_trio._hlc import HLC, HLCStamp, node_id_for
-from backbeat_trio._signing import HEADER_AGENT, HEADER_KEY, HEADER_SIG, sign_headers
-from backbeat_trio._transport import NatsTransport, open_nats_transport
-from backbeat_trio._wire import encode_claim
 
 pytestmark = pytest.mark.nats
 

@@ -14,17 +14,18 @@ import pytest
 import trio
 import trio.testing
 
-from backbeat_trio._beats import bar_subject
-from backbeat_trio._config import Config
+from backbeat_trio._bridge.jetstream import stream_read
+from backbeat_trio._bridge.nats import open_nats_transport
+from backbeat_trio._client.config import Config
+from backbeat_trio._core.beats import bar_subject
+from backbeat_trio._core.wire import BarReport, decode
 from backbeat_trio._errors import ConfigError
-from backbeat_trio._ha import MemoryLeaseStore
-from backbeat_trio._history import bar_stream_name
-from backbeat_trio._kv import stream_read
-from backbeat_trio._pulse import PulseConfig, run_pulse
-from backbeat_trio._reverb import ReverbConfig, ReverbStatus, run_reverb
-from backbeat_trio._transport import MemoryBroker, MemoryTransport, open_nats_transport
-from backbeat_trio._wire import BarReport, decode
+from backbeat_trio._services.history import bar_stream_name
+from backbeat_trio._services.pulse import PulseConfig, run_pulse
+from backbeat_trio._services.reverb import ReverbConfig, ReverbStatus, run_reverb
 from backbeat_trio.testing import virtual_wall_clock
+from backbeat_trio.testing.lease import MemoryLeaseStore
+from backbeat_trio.testing.memory import MemoryBroker, MemoryTransport
 
 TEMPO = 600  # 100 ms beats
 BPB = 4  # 400 ms windows

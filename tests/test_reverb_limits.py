@@ -7,10 +7,10 @@ import trio
 import trio.testing
 
 import backbeat_trio as bb3
-from backbeat_trio import _reverb
-from backbeat_trio._beats import status_subject
-from backbeat_trio._hlc import HLC
-from backbeat_trio._wire import encode_claim
+from backbeat_trio._core.beats import status_subject
+from backbeat_trio._core.hlc import HLC
+from backbeat_trio._core.wire import encode_claim
+from backbeat_trio._services import reverb as _reverb
 from backbeat_trio.testing import open_fake_cluster, virtual_wall_clock
 
 

@@ -11,9 +11,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backbeat_trio._beats import phase_for, window_id
+from backbeat_trio._core.beats import phase_for, window_id
+from backbeat_trio._core.schedule import PulseSchedule, ScheduledBeat
 from backbeat_trio._errors import ConfigError
-from backbeat_trio._schedule import PulseSchedule, ScheduledBeat
 
 tempos = st.integers(1, 1200)
 bars = st.integers(1, 8)

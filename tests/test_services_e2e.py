@@ -23,7 +23,7 @@ import trio_asyncio
 from nacl.signing import SigningKey, VerifyKey
 
 import backbeat_trio as bb3
-from backbeat_trio._wire import encode, encode_claim
+from backbeat_trio._core.wire import encode, encode_claim
 
 pytestmark = pytest.mark.nats
 

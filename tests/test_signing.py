@@ -13,9 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey, VerifyKey
 
-from backbeat_trio._errors import ConfigError, SignatureError, WireError
-from backbeat_trio._hlc import HLCStamp
-from backbeat_trio._signing import (
+from backbeat_trio._core.hlc import HLCStamp
+from backbeat_trio._core.signing import (
     HEADER_AGENT,
     HEADER_KEY,
     HEADER_SIG,
@@ -29,7 +28,8 @@ from backbeat_trio._signing import (
     sign_headers,
     verify_claim,
 )
-from backbeat_trio._wire import StatusClaim, encode_claim
+from backbeat_trio._core.wire import StatusClaim, encode_claim
+from backbeat_trio._errors import ConfigError, SignatureError, WireError
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
 

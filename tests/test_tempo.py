@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backbeat_trio._tempo import TempoEstimator
+from backbeat_trio._core.tempo import TempoEstimator
 
 WINDOW = 16
 T0 = 12_345.678  # a monotonic clock is far from zero; the fit must not care

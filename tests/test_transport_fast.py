@@ -17,14 +17,14 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backbeat_trio._config import Config
-from backbeat_trio._transport import (
+from backbeat_trio._bridge.nats import (
     _DIRECT_NATS_VERSIONS,
     NatsTransport,
     _direct_nats_supported,
     _DirectPending,
     open_nats_transport,
 )
+from backbeat_trio._client.config import Config
 
 pytestmark = pytest.mark.nats
 

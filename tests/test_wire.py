@@ -13,11 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backbeat_trio import _wire
-from backbeat_trio._beats import window_id
-from backbeat_trio._errors import InvalidStatusClaim, WireError
-from backbeat_trio._hlc import HLCStamp
-from backbeat_trio._wire import (
+from backbeat_trio._core import wire as _wire
+from backbeat_trio._core.beats import window_id
+from backbeat_trio._core.hlc import HLCStamp
+from backbeat_trio._core.wire import (
     CLAIM_STATES,
     GO_ZERO_TIME,
     HLC_RE,
@@ -35,6 +34,7 @@ from backbeat_trio._wire import (
     encode,
     encode_claim,
 )
+from backbeat_trio._errors import InvalidStatusClaim, WireError
 
 UTC = dt.UTC
 

@@ -25,15 +25,16 @@ from typing import Any, Literal, NoReturn, TypeVar
 import msgspec
 import trio
 
-from ._beats import beat_subject, phase_for, status_subject, window_id
-from ._channel import DropOldestChannel
-from ._config import Config
-from ._errors import BeatBudgetExceeded, InvalidStatusClaim, NotConnected, WireError
-from ._hlc import HLC
-from ._sleep import SPIN_S, precise_clock
-from ._tempo import TempoEstimator
-from ._transport import ConnEvent, Message, Transport, open_nats_transport
-from ._wire import BeatFrame, HealthStatus, StatusClaim, decode, encode_claim
+from .._bridge.nats import open_nats_transport
+from .._client.config import Config
+from .._core.beats import beat_subject, phase_for, status_subject, window_id
+from .._core.hlc import HLC
+from .._core.tempo import TempoEstimator
+from .._core.wire import BeatFrame, HealthStatus, StatusClaim, decode, encode_claim
+from .._errors import BeatBudgetExceeded, InvalidStatusClaim, NotConnected, WireError
+from .._transport.base import ConnEvent, Message, Transport
+from .._util.channel import DropOldestChannel
+from .._util.sleep import SPIN_S, precise_clock
 
 __all__ = ["Client", "ClientMetrics", "UndeliveredClaims", "open_client"]
 
@@ -146,7 +147,7 @@ class Client:
         self._status_subject = status_subject(config.cluster_id)
         self._signer: Any = None
         if config.signing_key is not None:
-            from ._signing import Signer
+            from .._core.signing import Signer
 
             self._signer = Signer(config.signing_key, config.agent_id)
         # beat state

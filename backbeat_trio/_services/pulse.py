@@ -17,14 +17,21 @@ from dataclasses import dataclass, field
 import msgspec
 import trio
 
-from ._beats import beat_subject, tempo_subject, validate_beats_per_bar, validate_id, validate_tempo
-from ._config import Config
-from ._errors import ConfigError, NotConnected, WireError
-from ._hlc import HLC
-from ._schedule import PulseSchedule, ScheduledBeat, TempoDecision
-from ._sleep import sleep_until_precise
-from ._transport import Subscription, Transport, open_nats_transport
-from ._wire import BeatFrame, TempoChange, decode
+from .._bridge.nats import open_nats_transport
+from .._client.config import Config
+from .._core.beats import (
+    beat_subject,
+    tempo_subject,
+    validate_beats_per_bar,
+    validate_id,
+    validate_tempo,
+)
+from .._core.hlc import HLC
+from .._core.schedule import PulseSchedule, ScheduledBeat, TempoDecision
+from .._core.wire import BeatFrame, TempoChange, decode
+from .._errors import ConfigError, NotConnected, WireError
+from .._transport.base import Subscription, Transport
+from .._util.sleep import sleep_until_precise
 
 __all__ = ["PulseConfig", "PulseStatus", "make_beat_frame", "run_pulse", "tempo_listener"]
 

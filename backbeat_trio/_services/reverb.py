@@ -23,42 +23,37 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ._aggregate import BarAggregator
-from ._beats import (
+from .._bridge.nats import nats_transport_of, open_nats_transport
+from .._client.client import open_client
+from .._client.config import Config
+from .._core.aggregate import BarAggregator
+from .._core.beats import (
     bar_subject,
     status_stream_name,
     status_subject,
     validate_beats_per_bar,
     validate_id,
 )
-from ._client import open_client
-from ._config import Config
-from ._errors import BackbeatError, ConfigError, NotConnected, SignatureError, WireError
-from ._ha import (
-    REVERB_LEASE_KEY,
-    LeaseElection,
-    LeaseKeeper,
-    LeaseStatus,
-    LeaseStore,
-    LeaseTimings,
-    NatsLeaseStore,
-    ensure_lease_store,
-)
-from ._history import (
+from .._core.hlc import HLC
+from .._core.lease import LeaseElection, LeaseTimings
+from .._core.signing import Keyring, ReplayCache, verify_claim
+from .._core.wire import BarReport, StatusClaim, decode, encode
+from .._errors import BackbeatError, ConfigError, NotConnected, SignatureError, WireError
+from .._services.history import (
     already_reported,
     bar_report_headers,
     ensure_bar_stream,
     last_reported_window,
 )
-from ._hlc import HLC
-from ._signing import Keyring, ReplayCache, verify_claim
-from ._transport import (
-    Subscription,
-    Transport,
-    nats_transport_of,
-    open_nats_transport,
+from .._services.lease import (
+    REVERB_LEASE_KEY,
+    LeaseKeeper,
+    LeaseStatus,
+    LeaseStore,
+    NatsLeaseStore,
+    ensure_lease_store,
 )
-from ._wire import BarReport, StatusClaim, decode, encode
+from .._transport.base import Subscription, Transport
 
 __all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
 

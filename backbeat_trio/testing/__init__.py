@@ -2,7 +2,7 @@
 
 Example (pytest-trio; ``autojump_clock`` makes sleeping free, so 100 beats take no real time)::
 
-    from backbeat_trio.testing import open_fake_cluster
+    from ..testing import open_fake_cluster
 
     async def test_my_agent_finishes_within_its_budget(autojump_clock):
         async with open_fake_cluster(tempo_bpm=60) as cluster:
@@ -25,12 +25,12 @@ from typing import Any
 
 import trio
 
-from ._beats import beat_subject, status_stream_name, status_subject, tempo_subject
-from ._client import Client, open_client
-from ._config import Config
-from ._pulse import PulseConfig, PulseStatus, run_pulse
-from ._transport import MemoryBroker, MemoryTransport
-from ._wire import StatusClaim, TempoChange, decode, encode
+from .._client.client import Client, open_client
+from .._client.config import Config
+from .._core.beats import beat_subject, status_stream_name, status_subject, tempo_subject
+from .._core.wire import StatusClaim, TempoChange, decode, encode
+from .._services.pulse import PulseConfig, PulseStatus, run_pulse
+from ..testing.memory import MemoryBroker, MemoryTransport
 
 __all__ = [
     "VIRTUAL_EPOCH",

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
-from ._errors import WireError
+from .._errors import WireError
 
 __all__ = ["HLC", "HLCStamp", "node_id_for"]
 

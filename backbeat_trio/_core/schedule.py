@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Final, Self
 
-from ._beats import (
+from .._core.beats import (
     MAX_TEMPO_BPM,
     MIN_TEMPO_BPM,
     is_downbeat,
@@ -25,7 +25,7 @@ from ._beats import (
     validate_tempo,
     window_id,
 )
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = ["PulseSchedule", "ScheduledBeat", "TempoDecision"]
 

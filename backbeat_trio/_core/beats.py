@@ -12,10 +12,10 @@ import warnings
 from functools import lru_cache
 from typing import TYPE_CHECKING, Final
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 if TYPE_CHECKING:  # _wire imports this module
-    from ._wire import LegacyBeatInfo
+    from .._core.wire import LegacyBeatInfo
 
 __all__ = [
     "ID_PATTERN",
@@ -139,7 +139,7 @@ def _warn_legacy() -> None:
 
 def to_legacy(beat_index: int, beats_per_bar: int = 4) -> LegacyBeatInfo:
     """Convert a beat index to the 1-based legacy ``{bar, beat}`` form (warns once per process)."""
-    from ._wire import LegacyBeatInfo
+    from .._core.wire import LegacyBeatInfo
 
     if beat_index < 0:
         raise ValueError(f"beat_index must be >= 0, got {beat_index}")

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 from nacl.signing import SigningKey
 
-from ._beats import validate_beats_per_bar, validate_id
-from ._errors import ConfigError
+from .._core.beats import validate_beats_per_bar, validate_id
+from .._errors import ConfigError
 
 __all__ = ["Config", "parse_servers"]
 
@@ -221,7 +221,7 @@ class Config:
                 except ValueError as exc:
                     raise ConfigError(key, f"{var}={env[var]!r} is not a {conv.__name__}") from exc
         if env.get("BACKBEAT_SIGNING_KEY"):
-            from ._signing import load_signing_key
+            from .._core.signing import load_signing_key
 
             kw["signing_key"] = load_signing_key(env["BACKBEAT_SIGNING_KEY"])
         kw.update(overrides)

@@ -41,10 +41,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from ._beats import bar_start, validate_beats_per_bar, validate_id, window_id
-from ._errors import ConfigError, WireError
-from ._hlc import HLCStamp
-from ._wire import CLAIM_STATES, BarIssue, BarReport, BeatFrame, StatusClaim
+from .._core.beats import bar_start, validate_beats_per_bar, validate_id, window_id
+from .._core.hlc import HLCStamp
+from .._core.wire import CLAIM_STATES, BarIssue, BarReport, BeatFrame, StatusClaim
+from .._errors import ConfigError, WireError
 
 __all__ = ["MAX_ISSUES", "BarAggregator", "ClaimOutcome", "find_deadlocks"]
 

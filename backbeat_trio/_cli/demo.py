@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, Self, TextIO
 import trio
 from nacl.signing import SigningKey
 
-from ._beats import validate_beats_per_bar, validate_id, validate_tempo
-from ._channel import DropOldestChannel
-from ._client import Client, UndeliveredClaims, open_client
-from ._config import Config
-from ._embedded import open_embedded_nats
-from ._errors import BeatBudgetExceeded, ConfigError
-from ._pulse import PulseConfig, PulseStatus, run_pulse
-from ._reverb import ReverbConfig, ReverbStatus, run_reverb
-from ._signing import Keyring, generate_signing_key
-from ._wire import BarReport, BeatFrame, StatusClaim
+from .._client.client import Client, UndeliveredClaims, open_client
+from .._client.config import Config
+from .._core.beats import validate_beats_per_bar, validate_id, validate_tempo
+from .._core.signing import Keyring, generate_signing_key
+from .._core.wire import BarReport, BeatFrame, StatusClaim
+from .._embedded import open_embedded_nats
+from .._errors import BeatBudgetExceeded, ConfigError
+from .._services.pulse import PulseConfig, PulseStatus, run_pulse
+from .._services.reverb import ReverbConfig, ReverbStatus, run_reverb
+from .._util.channel import DropOldestChannel
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType

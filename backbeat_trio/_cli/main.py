@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import msgspec
 import trio
 
-from . import __version__
-from ._beats import (
+from .._bridge.nats import open_nats_transport
+from .._client.client import UndeliveredClaims, open_client
+from .._client.config import Config
+from .._core.beats import (
     bar_subject,
     beat_subject,
     status_subject,
@@ -43,18 +45,8 @@ from ._beats import (
     validate_id,
     validate_tempo,
 )
-from ._client import UndeliveredClaims, open_client
-from ._config import Config
-from ._errors import (
-    BackbeatError,
-    ConfigError,
-    InvalidStatusClaim,
-    NotConnected,
-    SignatureError,
-    WireError,
-)
-from ._hlc import HLC
-from ._signing import (
+from .._core.hlc import HLC
+from .._core.signing import (
     HEADER_AGENT,
     HEADER_KEY,
     HEADER_SIG,
@@ -64,8 +56,7 @@ from ._signing import (
     public_key_b64,
     save_signing_key,
 )
-from ._transport import Message, open_nats_transport
-from ._wire import (
+from .._core.wire import (
     CLAIM_STATES,
     BarReport,
     BeatFrame,
@@ -76,10 +67,20 @@ from ._wire import (
     encode,
     encode_claim,
 )
+from .._errors import (
+    BackbeatError,
+    ConfigError,
+    InvalidStatusClaim,
+    NotConnected,
+    SignatureError,
+    WireError,
+)
+from .._transport.base import Message
+from .._version import __version__
 
 if TYPE_CHECKING:
-    from ._ha import LeadershipChange
-    from ._pulse import PulseStatus
+    from .._services.lease import LeadershipChange
+    from .._services.pulse import PulseStatus
 
 __all__ = [
     "EXIT_FAILURE",
@@ -306,7 +307,7 @@ def _format_report(report: BarReport) -> list[str]:
 
 # --- commands ------------------------------------------------------------------------------------
 async def _cmd_server(args: argparse.Namespace) -> int:
-    from ._embedded import open_embedded_nats_process
+    from .._embedded import open_embedded_nats_process
 
     port = None if args.port == 0 else args.port
     async with open_embedded_nats_process(
@@ -342,7 +343,7 @@ def _pulse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _cmd_pulse(args: argparse.Namespace) -> int:
-    from ._pulse import PulseConfig, run_pulse
+    from .._services.pulse import PulseConfig, run_pulse
 
     if args.ha:
         return await _run_ha_pulse(args)
@@ -386,7 +387,8 @@ def _format_role_change(change: LeadershipChange) -> str:
 
 async def _run_ha_pulse(args: argparse.Namespace) -> int:
     """``pulse --ha``: one instance of an HA pulse; it publishes only while it holds the lease."""
-    from ._ha import HAPulseConfig, lease_bucket_name, run_ha_pulse
+    from .._core.lease import lease_bucket_name
+    from .._services.ha_pulse import HAPulseConfig, run_ha_pulse
 
     cfg = HAPulseConfig(**_pulse_kwargs(args), lease_ttl=args.lease_ttl)
     async with trio.open_nursery() as nursery:
@@ -426,7 +428,7 @@ async def _run_ha_pulse(args: argparse.Namespace) -> int:
 
 
 async def _cmd_reverb(args: argparse.Namespace) -> int:
-    from ._reverb import ReverbConfig, run_reverb
+    from .._services.reverb import ReverbConfig, run_reverb
 
     keyring = _load_keyring(args.keyring) if args.keyring else None
     if keyring is None and not args.allow_unsigned:
@@ -527,7 +529,7 @@ async def _cmd_tail(args: argparse.Namespace) -> int:
         await transport.flush()  # the server has the subscription: nothing sent from now is missed
         with trio.move_on_after(args.timeout if args.timeout else math.inf) as scope:
             if args.since is not None:
-                from ._history import bar_stream_name, replay_bars
+                from .._services.history import bar_stream_name, replay_bars
 
                 stored = await replay_bars(
                     transport,
@@ -760,7 +762,7 @@ async def _cmd_health(args: argparse.Namespace) -> int:
 
 
 async def _cmd_cluster(args: argparse.Namespace) -> int:
-    from ._ha import run_local_cluster
+    from .._cli.cluster import run_local_cluster
 
     leadership = 0
 
@@ -794,7 +796,7 @@ async def _cmd_cluster(args: argparse.Namespace) -> int:
 
 
 async def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import DemoOptions, DemoState, LiveView, PlainView, run_demo
+    from .._cli.demo import DemoOptions, DemoState, LiveView, PlainView, run_demo
 
     options = DemoOptions(
         bars=None if args.forever else args.bars,

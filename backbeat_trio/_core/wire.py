@@ -14,8 +14,8 @@ from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 
 import msgspec
 
-from ._beats import ID_PATTERN
-from ._errors import InvalidStatusClaim, WireError
+from .._core.beats import ID_PATTERN
+from .._errors import InvalidStatusClaim, WireError
 
 __all__ = [
     "BarIssue",

@@ -21,9 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-from ._beats import bar_subject, validate_id
-from ._errors import ConfigError, WireError
-from ._kv import (
+from .._bridge.jetstream import (
     StoredMessage,
     StreamSummary,
     stream_ensure,
@@ -32,8 +30,11 @@ from ._kv import (
     stream_read,
     stream_summary,
 )
-from ._transport import NatsTransport, Transport, nats_transport_of
-from ._wire import BarReport, decode
+from .._bridge.nats import NatsTransport, nats_transport_of
+from .._core.beats import bar_subject, validate_id
+from .._core.wire import BarReport, decode
+from .._errors import ConfigError, WireError
+from .._transport.base import Transport
 
 __all__ = [
     "DEFAULT_BAR_HISTORY",

@@ -24,10 +24,10 @@ import nacl.bindings
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from ._beats import validate_id
-from ._errors import ConfigError, SignatureError
-from ._hlc import HLCStamp
-from ._wire import StatusClaim, decode
+from .._core.beats import validate_id
+from .._core.hlc import HLCStamp
+from .._core.wire import StatusClaim, decode
+from .._errors import ConfigError, SignatureError
 
 __all__ = [
     "HEADER_AGENT",

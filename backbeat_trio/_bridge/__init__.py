@@ -1,0 +1,1 @@
+"""The one place that imports asyncio and nats-py: NATS bridged into trio."""

@@ -1,0 +1,1 @@
+"""The agent client: configuration and the nursery-scoped client."""

@@ -1,0 +1,3 @@
+"""Sans-IO cores: wire messages, beats, HLC, tempo, schedule, aggregation, lease election,
+signing. No trio, no I/O.
+"""

@@ -1,0 +1,1 @@
+"""The services: pulse, HA pulse, lease keeper, reverb, history."""

@@ -1,0 +1,549 @@
+"""Holding a lease over I/O: the lease stores and :class:`LeaseKeeper` (bounded reads, CAS
+writes, following, release), shared by the HA pulse and the HA reverb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Literal, Protocol
+
+import trio
+
+from .._bridge.jetstream import (
+    KV_OPERATION_HEADER,
+    kv_ensure_bucket,
+    kv_read,
+    kv_stream,
+    kv_subject,
+    kv_write,
+)
+from .._bridge.nats import NatsTransport
+from .._core.lease import (
+    LeaseElection,
+    LeaseRecord,
+    LeaseTimings,
+    Role,
+    ScheduleSnapshot,
+    decode_lease,
+    encode_lease,
+    lease_bucket_name,
+)
+from .._errors import BackbeatError, ConfigError
+from .._transport.base import Message, Subscription
+
+if TYPE_CHECKING:
+    pass
+
+
+log = logging.getLogger("backbeat_trio.ha")
+
+LEASE_KEY: Final = "pulse-lease"
+#: The HA reverbs' lease, in the same bucket as the pulses'.
+REVERB_LEASE_KEY: Final = "reverb-lease"
+_CHANGES_KEPT: Final = 256
+#: Lease revisions a watch may hold before the oldest unread ones are dropped (a follower reads
+#: them as they come; the sparse reads catch anything dropped).
+_WATCH_BUFFER: Final = 256
+
+WriteOutcome = Literal["ok", "conflict", "unknown"]
+
+
+# --- lease stores ---------------------------------------------------------------------------------
+class LeaseStore(Protocol):
+    """Where the lease lives: one key with compare-and-set writes.
+
+    ``read``/``write`` raise :class:`BackbeatError` when the outcome is unknown; a lost CAS is the
+    definite answer None from ``write``.
+    """
+
+    async def ensure(self) -> None:
+        """Create the bucket if it is missing."""
+        ...
+
+    async def read(self) -> tuple[int, bytes | None] | None:
+        """``None`` (no key), or ``(revision, value)``; value None for a delete marker."""
+        ...
+
+    async def write(self, value: bytes, *, last: int) -> int | None:
+        """Store ``value`` if the latest revision is ``last`` (0: no key); the new revision."""
+        ...
+
+    async def watch(self) -> Subscription:
+        """A subscription to the key's stored revisions, the latest first (see :meth:`entry`).
+
+        Optional: a store without ``watch``/``entry`` is polled every ``poll_interval``.
+        """
+        ...
+
+    def entry(self, msg: Message) -> tuple[int, bytes | None]:
+        """``(revision, value)`` of a message from :meth:`watch`; value None for a delete."""
+        ...
+
+
+class NatsLeaseStore:
+    """The lease in a JetStream KV bucket, through :meth:`NatsTransport.call`.
+
+    Args:
+        transport: an open NATS transport.
+        cluster_id: the cluster (the bucket is :func:`lease_bucket_name`).
+        replicas: wanted replica count of the bucket (falls back to 1 on a single server).
+        op_timeout: seconds for each JetStream request.
+        key: the key name.
+    """
+
+    def __init__(
+        self,
+        transport: NatsTransport,
+        cluster_id: str,
+        *,
+        replicas: int = 3,
+        op_timeout: float = 2.0,
+        key: str = LEASE_KEY,
+    ) -> None:
+        self.transport = transport
+        self.bucket = lease_bucket_name(cluster_id)
+        self.key = key
+        self.replicas = replicas
+        self.op_timeout = op_timeout
+
+    def __repr__(self) -> str:
+        return f"<NatsLeaseStore {self.bucket}/{self.key} replicas={self.replicas}>"
+
+    async def ensure(self) -> None:
+        """Create the bucket (history 1) unless it exists; records the replica count in use."""
+        self.replicas = int(
+            await self.transport.call(
+                kv_ensure_bucket,
+                self.bucket,
+                replicas=self.replicas,
+                history=1,
+                description="BACKBEAT pulse lease",
+                op_timeout=max(self.op_timeout, 2.0),
+            )
+        )
+
+    async def read(self) -> tuple[int, bytes | None] | None:
+        """The key's latest revision and value, read from the stream leader."""
+        got = await self.transport.call(kv_read, self.bucket, self.key, op_timeout=self.op_timeout)
+        if got is None:
+            return None
+        revision, value = got
+        return int(revision), value
+
+    async def write(self, value: bytes, *, last: int) -> int | None:
+        """Compare-and-set write."""
+        got = await self.transport.call(
+            kv_write, self.bucket, self.key, value, last=last, op_timeout=self.op_timeout
+        )
+        return None if got is None else int(got)
+
+    async def watch(self) -> Subscription:
+        """An ordered JetStream consumer on the key: its latest revision, then every new one.
+
+        Only *stored* writes arrive (a lost compare-and-set never does), each with its revision.
+        """
+        return await self.transport.stream_subscribe(
+            kv_subject(self.bucket, self.key),
+            kv_stream(self.bucket),
+            buffer=_WATCH_BUFFER,
+            deliver="last_per_subject",
+        )
+
+    def entry(self, msg: Message) -> tuple[int, bytes | None]:
+        """The revision (stream sequence) and value of a watched message."""
+        revision = int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
+        if (msg.headers or {}).get(KV_OPERATION_HEADER) in ("DEL", "PURGE"):
+            return revision, None
+        return revision, bytes(msg.data)
+
+
+# --- configuration and status ---------------------------------------------------------------------
+def _finite_positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class LeadershipChange:
+    """One role change of one pulse.
+
+    Attributes:
+        at: local monotonic time (``trio.current_time()``).
+        wall: wall clock, POSIX seconds.
+        pulse_id: the pulse whose role changed.
+        role: its new role.
+        holder: the lease holder it knew of afterwards.
+        next_beat: the next beat index the schedule hands out (leaders), else None.
+        reason: why (takeover, released, lost CAS, lease ran out...).
+    """
+
+    at: float
+    wall: float
+    pulse_id: str
+    role: Role
+    holder: str | None
+    next_beat: int | None
+    reason: str
+
+
+@dataclass(kw_only=True)
+class LeaseStatus:
+    """One lease holder's live view of the election (an HA pulse's or an HA reverb's).
+
+    Attributes:
+        owner_id: the instance's id (a pulse id, a reverb id).
+        instance: its process's random id (a restarted instance is a new one).
+        timings: the lease's timing parameters.
+        role: ``"leader"`` or ``"follower"``.
+        holder: the holder named in the latest record seen.
+        lease_revision: the latest revision of the key seen.
+        terms: how many times this instance became leader.
+        kv_reads, kv_writes, kv_conflicts, kv_errors: KV requests made, CAS writes stored, CAS
+            writes lost, requests failed or timed out.
+        kv_watched: revisions that arrived through the watch (no read needed).
+        watching: the key is watched (else it is polled every ``poll_interval``).
+        changes: the latest role changes, oldest first.
+    """
+
+    owner_id: str
+    instance: str
+    timings: LeaseTimings
+    role: Role = "follower"
+    holder: str | None = None
+    lease_revision: int | None = None
+    terms: int = 0
+    kv_reads: int = 0
+    kv_writes: int = 0
+    kv_conflicts: int = 0
+    kv_errors: int = 0
+    kv_watched: int = 0
+    watching: bool = False
+    last_error: str | None = None
+    changes: deque[LeadershipChange] = field(default_factory=lambda: deque(maxlen=_CHANGES_KEPT))
+    role_event: trio.Event = field(default_factory=trio.Event)
+
+    def __repr__(self) -> str:
+        return (
+            f"<LeaseStatus {self.owner_id} {self.role} holder={self.holder} "
+            f"rev={self.lease_revision} terms={self.terms}>"
+        )
+
+    @property
+    def leading(self) -> bool:
+        """True while this instance leads."""
+        return self.role == "leader"
+
+    async def wait_for_role(self, role: Role) -> None:
+        """Return once this instance has ``role`` (bounded by the caller's cancel scope)."""
+        while self.role != role:
+            await self.role_event.wait()
+
+
+# --- the I/O loop ---------------------------------------------------------------------------------
+class LeaseKeeper:
+    """The I/O half of one lease holder: bounded reads and CAS writes, following, release.
+
+    Shared by the HA pulse (which also claims each beat with a write) and the HA reverb (which
+    only renews). A follower *watches* the key (an ordered JetStream consumer delivers each
+    stored revision as it is written) and reads it only rarely as a safety net; a store that
+    cannot watch is polled every ``poll_interval``.
+
+    Args:
+        owner_id: the instance's id (the record's ``holder``).
+        timings: the lease's timing parameters.
+        store: where the lease lives.
+        status: the live view this keeper updates.
+        election: the sans-IO election core.
+        wall_clock: POSIX seconds (for the record's informational times).
+    """
+
+    def __init__(
+        self,
+        owner_id: str,
+        timings: LeaseTimings,
+        store: LeaseStore,
+        status: LeaseStatus,
+        election: LeaseElection,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.owner_id = owner_id
+        self.t = timings
+        self.store = store
+        self.status = status
+        self.election = election
+        self.wall_clock = wall_clock
+        self.watch: Subscription | None = None
+        self._next_read = -math.inf
+        self._last_read = -math.inf  # when the latest successful read was answered
+        # a read found a revision the watch had not delivered: poll until the watch shows life
+        self._watch_lagging = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<LeaseKeeper {self.owner_id} {self.election.role} watching={self.watch is not None}>"
+        )
+
+    @property
+    def read_interval(self) -> float:
+        """How often a follower reads the key: the TTL while the watch keeps up, else
+        ``poll_interval``."""
+        if self.watch is None or self._watch_lagging:
+            return self.t.poll_interval
+        return max(self.t.ttl, self.t.poll_interval)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def sync_status(self, reason: str = "") -> None:
+        """Copy the election's state into the status; record a role change."""
+        e, st = self.election, self.status
+        st.holder = e.holder
+        st.lease_revision = e.revision
+        st.terms = e.terms
+        if e.role != st.role:
+            st.role = e.role
+            why = reason or e.lost_reason
+            record = e.record
+            nxt = None
+            if e.role == "leader" and record is not None and record.schedule is not None:
+                nxt = record.schedule.beat_index
+            st.changes.append(
+                LeadershipChange(
+                    trio.current_time(),
+                    self.wall_clock(),
+                    self.owner_id,
+                    e.role,
+                    e.holder,
+                    nxt,
+                    why,
+                )
+            )
+            log.info("%s is now %s (%s)", self.owner_id, e.role, why)
+            event, st.role_event = st.role_event, trio.Event()
+            event.set()
+
+    def _kv_error(self, what: str) -> None:
+        self.status.kv_errors += 1
+        self.status.last_error = what
+        log.debug("%s: %s", self.owner_id, what)
+
+    # -- watch -------------------------------------------------------------------------------------
+    async def open_watch(self) -> None:
+        """Start watching the key; on failure (or a store without ``watch``) keep polling."""
+        watch = getattr(self.store, "watch", None)
+        if watch is None:
+            return
+        with trio.move_on_after(self.t.op_timeout + 0.5) as scope:
+            try:
+                self.watch = await watch()
+            except BackbeatError as exc:
+                log.warning("%s polls the lease (cannot watch it: %s)", self.owner_id, exc)
+        if scope.cancelled_caught:
+            log.warning("%s polls the lease (watching it timed out)", self.owner_id)
+        self.status.watching = self.watch is not None
+
+    async def close_watch(self) -> None:
+        """Stop watching (bounded)."""
+        watch, self.watch = self.watch, None
+        self.status.watching = False
+        if watch is not None:
+            with trio.move_on_after(1.0, shield=True):
+                await watch.unsubscribe()
+
+    def _observe_entry(self, msg: Message) -> None:
+        try:
+            revision, value = self.store.entry(msg)
+        except Exception as exc:  # not a JetStream message, a malformed reply subject...
+            self._kv_error(f"unreadable lease watch message: {exc!r}")
+            self.election.needs_read = True
+            return
+        self.status.kv_watched += 1
+        e = self.election
+        if not e.known or e.revision is None or revision > e.revision:
+            self._watch_lagging = False  # it delivers news again
+        e.observe(revision, decode_lease(value), trio.current_time())
+        self.sync_status()
+
+    # -- store calls, bounded in time ------------------------------------------------------------
+    async def read(self) -> bool:
+        """Read the key (bounded); False when the read failed or timed out."""
+        got: tuple[int, bytes | None] | None = None
+        with trio.move_on_after(self.t.op_timeout + 0.5) as scope:
+            try:
+                got = await self.store.read()
+            except BackbeatError as exc:
+                self._kv_error(f"lease read failed: {exc}")
+                return False
+        if scope.cancelled_caught:
+            self._kv_error("lease read timed out")
+            return False
+        self.status.kv_reads += 1
+        now = trio.current_time()
+        if got is None:
+            self.election.observe(None, None, now)
+        else:
+            revision, value = got
+            record = decode_lease(value)
+            if record is None:
+                log.warning("%s: lease revision %d is not a lease record", self.owner_id, revision)
+            self.election.observe(revision, record, now)
+        self.sync_status()
+        return True
+
+    def _record(
+        self, seq: int, snapshot: ScheduleSnapshot | None, *, released: bool = False
+    ) -> LeaseRecord:
+        wall = self.wall_clock()
+        return LeaseRecord(
+            holder=self.owner_id,
+            instance=self.election.instance,
+            seq=seq,
+            ttl=self.t.ttl,
+            written_at=wall,
+            expires_at=wall if released else wall + self.t.ttl,
+            released=released,
+            schedule=snapshot,
+        )
+
+    async def write(self, snapshot: ScheduleSnapshot | None) -> WriteOutcome:
+        """One CAS write of this instance's record (bounded)."""
+        e = self.election
+        seq, last = e.prepare_write(trio.current_time())
+        record = self._record(seq, snapshot)
+        revision: int | None = None
+        with trio.move_on_after(self.t.op_timeout + 0.5) as scope:
+            try:
+                revision = await self.store.write(encode_lease(record), last=last)
+            except BackbeatError as exc:
+                self._kv_error(f"lease write failed: {exc}")
+                e.write_unknown(trio.current_time())
+                return "unknown"
+        if scope.cancelled_caught:
+            self._kv_error("lease write timed out")
+            e.write_unknown(trio.current_time())
+            return "unknown"
+        if revision is None:
+            self.status.kv_conflicts += 1
+            e.write_conflicted(trio.current_time())
+            self.sync_status()
+            return "conflict"
+        self.status.kv_writes += 1
+        e.write_succeeded(seq, revision, record, trio.current_time())
+        self.sync_status("took over the lease" if e.terms > self.status.terms else "")
+        return "ok"
+
+    # -- roles -----------------------------------------------------------------------------------
+    async def follow(self, acquisition_snapshot: Callable[[], ScheduleSnapshot | None]) -> None:
+        """Follow until this instance acquired the lease (a CAS write succeeded)."""
+        e = self.election
+        if self.watch is not None:
+            # what arrived while leading is our own writes: stale now (the read below is newer)
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                while True:
+                    self.watch.messages.receive_nowait()
+            e.needs_read = True
+        while True:
+            now = trio.current_time()
+            # Watching, a takeover is decided on what the watch delivered; one read confirms
+            # it first (a watch that died silently would otherwise make the CAS fail, costing a
+            # TTL). Not for an immediate takeover (released, our own record, no key).
+            confirm = self.watch is not None and self._last_read < e.expires_at() <= now
+            if e.needs_read or now >= self._next_read or confirm:
+                known = e.revision if e.known else None
+                ok = await self.read()
+                if not ok:
+                    self._next_read = trio.current_time() + self.read_interval
+                    await trio.sleep(self.t.poll_interval)
+                    continue
+                if self.watch is not None and known is not None and e.revision != known:
+                    # the watch had not delivered this revision (it lags, or died silently):
+                    # poll, so a crash of the leader is still seen within a poll
+                    self._watch_lagging = True
+                now = self._last_read = trio.current_time()
+                self._next_read = now + self.read_interval
+            if e.may_acquire(now):
+                if await self.write(acquisition_snapshot()) == "ok":
+                    return
+                continue  # lost the race or unknown: needs_read is set
+            wake = max(min(self._next_read, e.expires_at()), now)
+            if self.watch is None:
+                await trio.sleep_until(wake)
+                continue
+            with trio.move_on_at(wake):
+                try:
+                    msg = await self.watch.messages.receive()
+                except trio.EndOfChannel:  # the store closed its watch: poll from now on
+                    log.warning("%s: the lease watch ended; polling instead", self.owner_id)
+                    self.watch = None
+                    self.status.watching = False
+                    self._next_read = trio.current_time()
+                    continue
+                self._observe_entry(msg)
+
+    async def renew_while_leading(self) -> None:
+        """Lead without a schedule: renew every ``renew_interval``; return when leadership ends."""
+        e, t = self.election, self.t
+        while True:
+            now = trio.current_time()
+            if not e.check(now):
+                self.sync_status()
+                return
+            if e.needs_read:
+                if await self.read():
+                    if e.role != "leader":
+                        return
+                    continue
+                await trio.sleep(min(t.poll_interval, max(0.0, e.valid_until - now)))
+                continue
+            renew_at = e.last_confirmed_send + t.renew_interval
+            if now < min(renew_at, e.valid_until):
+                await trio.sleep_until(min(renew_at, e.valid_until))
+                continue
+            if await self.write(None) == "conflict":
+                return
+
+    async def release(self, snapshot: ScheduleSnapshot | None) -> None:
+        """Stop leading, then mark the lease released so a follower takes over at once."""
+        e = self.election
+        if e.role != "leader":
+            return
+        e.step_down(trio.current_time(), "released the lease")
+        self.sync_status()
+        seq, last = e.prepare_write(trio.current_time())
+        record = self._record(seq, snapshot, released=True)
+        try:
+            revision = await self.store.write(encode_lease(record), last=last)
+        except BackbeatError as exc:
+            self._kv_error(f"lease release failed: {exc}")
+            return
+        log.info(
+            "%s released the lease%s",
+            self.owner_id,
+            "" if revision is not None else " (too late: another instance wrote it first)",
+        )
+
+
+async def ensure_lease_store(store: LeaseStore, op_timeout: float, attempts: int = 10) -> None:
+    """Create the lease bucket, retrying while JetStream is still electing (bounded)."""
+    # JetStream may still be electing a meta leader right after a cluster starts.
+    last: BackbeatError | None = None
+    for attempt in range(attempts):
+        if attempt:
+            await trio.sleep(min(2.0, 0.1 * 2**attempt))
+        try:
+            with trio.fail_after(max(op_timeout, 2.0) + 1.0):
+                await store.ensure()
+            return
+        except BackbeatError as exc:
+            last = exc
+        except trio.TooSlowError:
+            last = BackbeatError("creating the lease bucket timed out")
+    assert last is not None
+    raise BackbeatError(f"cannot create the lease bucket: {last}") from last

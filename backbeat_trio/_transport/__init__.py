@@ -1,0 +1,1 @@
+"""The transport interface (pure trio)."""

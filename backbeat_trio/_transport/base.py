@@ -1,0 +1,177 @@
+"""The transport interface: what the client and the services need from a message bus.
+
+Pure trio: nothing here imports asyncio or nats-py. The NATS implementation lives in
+:mod:`backbeat_trio._bridge`; an in-memory one for deterministic tests in
+:mod:`backbeat_trio.testing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import trio
+
+if TYPE_CHECKING:
+    pass
+
+
+EventKind = Literal[
+    "connected", "disconnected", "reconnected", "closed", "error", "slow_consumer", "lame_duck"
+]
+
+
+@runtime_checkable
+class Message(Protocol):
+    """What a subscription delivers (nats-py's ``Msg`` and :class:`MemoryMessage` both fit)."""
+
+    subject: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None
+
+
+@dataclass(slots=True)
+class MemoryMessage:
+    """A message of the in-memory transport."""
+
+    subject: str
+    data: bytes
+    reply: str = ""
+    headers: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnEvent:
+    """A connection event, as the transport saw it."""
+
+    kind: EventKind
+    detail: str = ""
+
+
+class Subscription:
+    """A subscription: ``messages`` is a bounded trio channel; overflow is counted in
+    ``dropped``.
+
+    With a ``handler``, each message is instead handed to ``handler(msg)`` synchronously by
+    whatever delivers it (over NATS: nats-py's parser), which saves the wake-up of a task
+    reading ``messages``. The handler must not block and should not raise: an exception ends
+    the subscription (``messages`` closes) and is kept in ``failure`` for the owner to re-raise.
+    A transport may decline ``handler`` (:class:`MemoryTransport` does) and deliver on
+    ``messages`` as usual, so an owner passing one still reads ``messages``.
+    """
+
+    def __init__(
+        self,
+        subject: str,
+        buffer: int,
+        unsubscribe: Callable[[], Any],
+        handler: Callable[[Message], None] | None = None,
+    ) -> None:
+        self.subject = subject
+        self._send, self.messages = trio.open_memory_channel[Message](buffer)
+        self._unsubscribe = unsubscribe
+        self._handler = handler
+        self.failure: Exception | None = None
+        self.dropped = 0
+        self.delivered = 0
+
+    def __repr__(self) -> str:
+        how = " inline" if self._handler is not None else ""
+        return (
+            f"<Subscription {self.subject!r}{how} delivered={self.delivered} "
+            f"dropped={self.dropped}>"
+        )
+
+    def _deliver(self, msg: Message) -> None:
+        handler = self._handler
+        if handler is not None:
+            try:
+                handler(msg)
+            except Exception as exc:  # the owner's bug: stop here, hand it to the owner's task
+                self._handler = None
+                self.failure = exc
+                self._send.close()
+                return
+            self.delivered += 1
+            return
+        try:
+            self._send.send_nowait(msg)
+            self.delivered += 1
+        except trio.WouldBlock:
+            self.dropped += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def unsubscribe(self) -> None:
+        """Stop the subscription and close its channel."""
+        self._send.close()
+        result = self._unsubscribe()
+        if hasattr(result, "__await__"):
+            await result
+
+
+class Transport(Protocol):
+    """What the client and the services need from a message bus."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]: ...
+
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: dict[str, str] | None = None,
+        reply: str = "",
+    ) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        buffer: int = 1024,
+        handler: Callable[[Message], None] | None = None,
+    ) -> Subscription: ...
+
+    async def request(self, subject: str, payload: bytes) -> bytes: ...
+
+    def new_inbox(self) -> str: ...
+
+    async def find_stream(self, subject: str) -> str | None: ...
+
+    async def ensure_stream(
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        duplicate_window: float = 120.0,
+        replicas: int = 1,
+    ) -> int: ...
+
+    async def stream_subscribe(
+        self,
+        subject: str,
+        stream: str,
+        *,
+        buffer: int = 65536,
+        deliver: Literal["new", "last_per_subject"] = "new",
+    ) -> Subscription: ...
+
+
+def _offer(send: trio.MemorySendChannel[ConnEvent], event: ConnEvent) -> bool:
+    """Hand ``event`` over without waiting; False when the channel is full (a closed channel
+    takes nothing, silently: its reader has gone)."""
+    try:
+        send.send_nowait(event)
+    except trio.WouldBlock:
+        return False
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+    return True

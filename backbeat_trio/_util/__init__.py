@@ -1,0 +1,1 @@
+"""Small trio utilities shared by the client and the services."""

@@ -101,6 +101,7 @@ class NatsServerOptions(TypedDict, total=False):
     routes: Sequence[str]
     server_name: str | None
     extra_args: Sequence[str]
+    extra_config: str
     startup_timeout: float
 
 
@@ -215,6 +216,8 @@ class NatsServerProcess:
         routes: route URLs of the other members (``nats-route://127.0.0.1:<port>``).
         server_name: the server's name (JetStream clusters need distinct names).
         extra_args: appended to the command line after ``-c <config>``.
+        extra_config: appended verbatim to the generated config file (e.g. an nkey
+            ``authorization`` block, or ``operator``/``resolver`` settings).
         startup_timeout: seconds :meth:`start` waits for readiness before giving up.
 
     Raises:
@@ -240,6 +243,7 @@ class NatsServerProcess:
         routes: Sequence[str] = (),
         server_name: str | None = None,
         extra_args: Sequence[str] = (),
+        extra_config: str = "",
         startup_timeout: float = 10.0,
     ) -> None:
         if port is not None and not 0 < port < 65536:
@@ -278,6 +282,7 @@ class NatsServerProcess:
         self.routes: tuple[str, ...] = tuple(routes)
         self.server_name = server_name
         self.extra_args: tuple[str, ...] = tuple(extra_args)
+        self.extra_config = extra_config
         self.startup_timeout = startup_timeout
 
         self.workdir = Path(tempfile.mkdtemp(prefix="backbeat-nats-"))
@@ -433,6 +438,8 @@ class NatsServerProcess:
             if self.routes:
                 cluster.append("routes: [" + ", ".join(_quote(r) for r in self.routes) + "]")
             lines.append("cluster { " + ", ".join(cluster) + " }")
+        if self.extra_config:
+            lines.append(self.extra_config)
         return "\n".join(lines) + "\n"
 
     def _log_since_launch(self) -> str:

@@ -2,25 +2,18 @@
 client beat together), wrong ones fail fast with a clear ``NotConnected`` and leak nothing.
 
 Certificates (a CA, a server certificate for 127.0.0.1, and an unrelated CA) are made inside the
-test session with the ``cryptography`` package, or with the ``openssl`` CLI when it is missing.
+test session by ``_auth_servers.make_pki`` (with the ``cryptography`` package, or the ``openssl``
+CLI when it is missing). NKEY, JWT (creds file) and mutual-TLS modes are in test_auth_modes.py.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import gc
-import ipaddress
-import shutil
-import subprocess
-import time
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from _auth_servers import FAIL_FAST_S, Pki, make_pki, refused
 from _guards import fail_on_bare_cancel
 
 import backbeat_trio as bb3
@@ -30,130 +23,12 @@ pytestmark = pytest.mark.nats
 
 TOKEN = "s3cret-token"
 USER, PASSWORD = "agent", "pa55word"
-FAIL_FAST_S = 3.0  # a refused connect must be reported within this (one attempt)
-HANG_S = 5.0  # past this the connect is considered hung
 
 
 # --- certificates --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Pki:
-    ca: Path  # the CA that signed the server certificate
-    wrong_ca: Path  # an unrelated CA
-    server_cert: Path
-    server_key: Path
-
-
-def _pki_with_cryptography(where: Path) -> Pki:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = _dt.datetime.now(_dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write_cert(cert: x509.Certificate, path: Path) -> Path:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return path
-
-    def make_ca(cn: str) -> tuple[Any, x509.Certificate]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(name(cn))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(minutes=5))
-            .not_valid_after(now + _dt.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        return key, cert
-
-    ca_key, ca_cert = make_ca("backbeat test CA")
-    _, wrong_cert = make_ca("some other CA")
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("127.0.0.1"))
-        .issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(now + _dt.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key_path = where / "server.key"
-    key_path.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return Pki(
-        ca=write_cert(ca_cert, where / "ca.pem"),
-        wrong_ca=write_cert(wrong_cert, where / "wrong-ca.pem"),
-        server_cert=write_cert(server_cert, where / "server.pem"),
-        server_key=key_path,
-    )
-
-
-def _pki_with_openssl(where: Path) -> Pki:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("neither the cryptography package nor the openssl CLI is available")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=where, timeout=30)
-
-    for ca in ("ca", "wrong-ca"):
-        run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "2", "-subj", f"/CN={ca}", "-keyout", f"{ca}.key",
-            "-out", f"{ca}.pem")  # fmt: skip
-    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
-    (where / "san.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-    )
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem")  # fmt: skip
-    return Pki(where / "ca.pem", where / "wrong-ca.pem", where / "server.pem", where / "server.key")
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    where = tmp_path_factory.mktemp("pki")
-    try:
-        import cryptography  # noqa: F401
-    except ImportError:
-        return _pki_with_openssl(where)
-    return _pki_with_cryptography(where)
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # --- servers -------------------------------------------------------------------------------------
@@ -191,27 +66,6 @@ async def beat_together(url: str, cluster: str, **credentials: Any) -> bb3.Healt
             health = bb.health()
         nursery.cancel_scope.cancel()
     return health
-
-
-async def _connect_once(cfg: bb3.Config) -> None:
-    async with bb3.open_client(cfg):
-        pass  # pragma: no cover - the connect must fail
-
-
-async def refused(url: str, **options: Any) -> tuple[bb3.NotConnected, float]:
-    """Connect with ``options``; return the NotConnected raised and how long it took."""
-    cfg = bb3.Config(cluster_id="auth", agent_id="agent-1", nats_url=url, **options)
-    started = time.monotonic()
-    with trio.fail_after(HANG_S), pytest.raises(bb3.NotConnected) as excinfo:
-        await _connect_once(cfg)
-    took = time.monotonic() - started
-    # nothing of the refused connection is left behind: no unclosed socket or transport
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gc.collect()
-    leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
-    assert not leaks, [str(w.message) for w in leaks]
-    return excinfo.value, took
 
 
 # --- token and user/password ---------------------------------------------------------------------

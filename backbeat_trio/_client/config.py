@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import ssl
@@ -41,6 +42,18 @@ def parse_servers(value: str | Sequence[str], field_name: str = "nats_url") -> t
         except ValueError as exc:
             raise ConfigError(field_name, f"{url!r} has an invalid port") from exc
     return urls
+
+
+def _require_nkeys(name: str) -> None:
+    # nats-py imports `nkeys` only inside connect(); without it a creds file or an nkey seed would
+    # fail there with a bare ModuleNotFoundError, so it is checked with the rest of the Config.
+    try:
+        importlib.import_module("nkeys")
+    except ImportError as exc:
+        raise ConfigError(
+            name,
+            "needs the nkeys package, which is not installed: pip install 'nats-py[nkeys]'",
+        ) from exc
 
 
 def _positive(name: str, value: object, *, allow_zero: bool = False) -> None:
@@ -136,6 +149,9 @@ class Config:
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(name, f"no such file: {path!r}")
+        for name in ("creds_file", "nkeys_seed"):
+            if getattr(self, name) is not None:
+                _require_nkeys(name)
         if self.tls is not None and not isinstance(self.tls, ssl.SSLContext):
             raise ConfigError("tls", "must be an ssl.SSLContext")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

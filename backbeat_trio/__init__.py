@@ -24,13 +24,13 @@ from ._client.client import open_client as open_client
 from ._client.config import Config as Config
 from ._core.beats import bar_start as bar_start
 from ._core.beats import beat_duration as beat_duration
-from ._core.beats import from_legacy as from_legacy
 from ._core.beats import is_downbeat as is_downbeat
 from ._core.beats import phase_for as phase_for
-from ._core.beats import to_legacy as to_legacy
 from ._core.beats import window_id as window_id
 from ._core.hlc import HLC as HLC
 from ._core.hlc import HLCStamp as HLCStamp
+from ._core.legacy import from_legacy as from_legacy
+from ._core.legacy import to_legacy as to_legacy
 from ._core.signing import Keyring as Keyring
 from ._core.signing import ReplayCache as ReplayCache
 from ._core.signing import generate_signing_key as generate_signing_key

@@ -9,21 +9,20 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from backbeat_trio._core import beats as _beats
+from backbeat_trio._core import legacy as _legacy
 from backbeat_trio._core.beats import (
     bar_start,
     bar_subject,
     beat_subject,
-    from_legacy,
     is_downbeat,
     phase_for,
     status_stream_name,
     status_subject,
     tempo_subject,
-    to_legacy,
     validate_id,
     window_id,
 )
+from backbeat_trio._core.legacy import from_legacy, to_legacy
 from backbeat_trio._core.wire import LegacyBeatInfo
 from backbeat_trio._errors import ConfigError
 
@@ -35,7 +34,7 @@ bar_lengths = st.integers(min_value=1, max_value=64)
 @pytest.fixture
 def fresh_legacy_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reset the once-per-process legacy warning flag (restored afterwards)."""
-    monkeypatch.setattr(_beats, "_legacy_warned", False)
+    monkeypatch.setattr(_legacy, "_legacy_warned", False)
 
 
 # --- window ids ----------------------------------------------------------------------------------
@@ -188,7 +187,7 @@ def test_invalid_legacy_input_raises_without_warning() -> None:
         with pytest.raises(ConfigError, match="beats_per_bar"):
             to_legacy(3, 0)
     assert record == []
-    assert _beats._legacy_warned is False
+    assert _legacy._legacy_warned is False
 
 
 # --- ids and subjects ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Beat arithmetic: window ids, phases, downbeats, legacy {bar, beat}, subjects and ids.
+"""Beat arithmetic: window ids, phases, downbeats, subjects and ids.
 
 Everything here is pure and synchronous; it is the part of SPEC.md's time model that anyone who
 knows the cluster, the beat index and the bar length can compute on their own.
@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import warnings
 from functools import lru_cache
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from .._errors import ConfigError
-
-if TYPE_CHECKING:  # _wire imports this module
-    from .._core.wire import LegacyBeatInfo
+from . import rules as R
 
 __all__ = [
     "ID_PATTERN",
@@ -23,37 +20,32 @@ __all__ = [
     "bar_subject",
     "beat_duration",
     "beat_subject",
-    "from_legacy",
     "is_downbeat",
     "phase_for",
     "status_stream_name",
     "status_subject",
     "tempo_subject",
-    "to_legacy",
     "validate_id",
     "window_id",
 ]
 
-# `\Z`, not `$`: msgspec applies patterns with re.search, where `$` also matches before a
-# trailing newline, so "agent-1\n" would pass as an id (and break the subject token).
-ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}\Z"
+ID_PATTERN: Final = R.ID_PATTERN
 _ID_RE: Final = re.compile(ID_PATTERN)
 
-MIN_TEMPO_BPM: Final = 1
-MAX_TEMPO_BPM: Final = 1200
+MIN_TEMPO_BPM: Final = R.MIN_TEMPO_BPM
+MAX_TEMPO_BPM: Final = R.MAX_TEMPO_BPM
 
 
 def validate_id(field: str, value: object) -> str:
     """Check a cluster or agent id against SPEC's subject-token rule.
 
     Raises:
-        ConfigError: naming ``field`` when ``value`` is not 1-64 chars of ``[A-Za-z0-9_-]``.
+        ConfigError: naming ``field`` when ``value`` breaks the id rule (``rules.ID_PATTERN``).
     """
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ConfigError(
             field,
-            f"must be 1-64 characters of [A-Za-z0-9_-] (it becomes a NATS subject token), "
-            f"got {value!r}",
+            f"must be {R.ID_RULE_TEXT} (it becomes a NATS subject token), got {value!r}",
         )
     return value
 
@@ -68,9 +60,11 @@ def validate_beats_per_bar(value: object, field: str = "beats_per_bar") -> int:
 def validate_tempo(value: object, field: str = "tempo_bpm") -> int:
     """Check a tempo against SPEC's [1, 1200] BPM range."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(field, f"must be an int in [1, 1200], got {value!r}")
+        raise ConfigError(
+            field, f"must be an int in [{MIN_TEMPO_BPM}, {MAX_TEMPO_BPM}], got {value!r}"
+        )
     if not MIN_TEMPO_BPM <= value <= MAX_TEMPO_BPM:
-        raise ConfigError(field, f"must be in [1, 1200] BPM, got {value}")
+        raise ConfigError(field, f"must be in [{MIN_TEMPO_BPM}, {MAX_TEMPO_BPM}] BPM, got {value}")
     return value
 
 
@@ -121,40 +115,6 @@ def phase_for(beat_index: int, beats_per_bar: int = 4) -> str:
     if pos == beats_per_bar - 1:
         return "review"
     return "execute"
-
-
-_legacy_warned = False
-
-
-def _warn_legacy() -> None:
-    global _legacy_warned
-    if not _legacy_warned:
-        _legacy_warned = True
-        warnings.warn(
-            "legacy {bar, beat} addressing (BACKBEAT-REQ-043) is deprecated; use beat_index",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-
-
-def to_legacy(beat_index: int, beats_per_bar: int = 4) -> LegacyBeatInfo:
-    """Convert a beat index to the 1-based legacy ``{bar, beat}`` form (warns once per process)."""
-    from .._core.wire import LegacyBeatInfo
-
-    if beat_index < 0:
-        raise ValueError(f"beat_index must be >= 0, got {beat_index}")
-    validate_beats_per_bar(beats_per_bar)
-    _warn_legacy()
-    return LegacyBeatInfo(bar=beat_index // beats_per_bar + 1, beat=beat_index % beats_per_bar + 1)
-
-
-def from_legacy(info: LegacyBeatInfo, beats_per_bar: int = 4) -> int:
-    """Convert a legacy 1-based ``{bar, beat}`` to a beat index (warns once per process)."""
-    validate_beats_per_bar(beats_per_bar)
-    if info.bar < 1 or not 1 <= info.beat <= beats_per_bar:
-        raise ValueError(f"{info!r} is outside a {beats_per_bar}-beat bar")
-    _warn_legacy()
-    return (info.bar - 1) * beats_per_bar + (info.beat - 1)
 
 
 def beat_subject(cluster_id: str) -> str:

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from .._errors import WireError
+from . import rules as R
 
 __all__ = ["HLC", "HLCStamp", "node_id_for"]
 
 _MAX_COUNTER: Final = 0xFFFF
-_HLC_RE: Final = re.compile(r"([0-9a-fA-F]{1,16}):([0-9a-fA-F]{1,16}):([0-9a-fA-F]{1,16})")
+_HLC_RE: Final = re.compile(R.HLC_GROUPS)
 
 
 def node_id_for(name: str) -> int:

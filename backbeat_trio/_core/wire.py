@@ -14,8 +14,8 @@ from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 
 import msgspec
 
-from .._core.beats import ID_PATTERN
 from .._errors import InvalidStatusClaim, WireError
+from . import rules as R
 
 __all__ = [
     "BarIssue",
@@ -31,45 +31,42 @@ __all__ = [
 ]
 
 # --- constraint aliases -------------------------------------------------------------------------
-# The three patterned fields (ids, HLC stamps, window ids) are checked after decoding rather than
-# by msgspec: msgspec's per-field regex hook costs ~1 µs a field and is most of a frame's decode
-# time. The Struct fields carry the length bounds (checked in C); `decode` adds the character rules.
-# ID_RE, HLC_RE, OPTIONAL_HLC_RE and WINDOW_ID_RE are the rules; error messages quote them.
-ID_RE: Final = re.compile(ID_PATTERN)
-_HLC_BODY = r"[0-9a-fA-F]{1,16}:[0-9a-fA-F]{1,16}:[0-9a-fA-F]{1,16}"
-HLC_RE: Final = re.compile(rf"^{_HLC_BODY}\Z")
-OPTIONAL_HLC_RE: Final = re.compile(rf"^(?:{_HLC_BODY})?\Z")
-WINDOW_ID_RE: Final = re.compile(r"^[0-9a-f]{32}\Z")
+# Every number below comes from the one table in `rules`. The three patterned fields (ids, HLC
+# stamps, window ids) are checked after decoding rather than by msgspec's per-field pattern hook,
+# which benchmarks/codec.py measured as most of a frame's decode time: the Struct fields carry the
+# length bounds (checked in C); `decode` adds the character rules. ID_RE, HLC_RE, OPTIONAL_HLC_RE
+# and WINDOW_ID_RE are those rules; error messages quote them.
+ID_RE: Final = re.compile(R.ID_PATTERN)
+HLC_RE: Final = re.compile(R.HLC_PATTERN)
+OPTIONAL_HLC_RE: Final = re.compile(R.OPTIONAL_HLC_PATTERN)
+WINDOW_ID_RE: Final = re.compile(R.WINDOW_ID_PATTERN)
 
 # The hot path runs them as one regex per message over the message's patterned fields joined by
-# `_SEP`: a regex call costs ~130 ns before it looks at a character, a character ~4 ns. `_SEP` is
-# in none of the rules' character sets, so the joined string matches iff each field matches its
-# own rule (a field containing `_SEP` fails, as it fails its rule alone). Quantifiers are
-# possessive: each set excludes what follows it, so no match is lost and failures don't backtrack.
-# tests/test_wire.py checks the joined rules against the rules above on arbitrary strings.
+# `_SEP` (one regex call per message instead of one per field). `_SEP` is in none of the rules'
+# character sets, so the joined string matches iff each field matches its own rule (a field
+# containing `_SEP` fails, as it fails its rule alone). tests/test_wire.py checks the joined rules
+# against the rules above on arbitrary strings.
 _SEP: Final = " "
-_ID_FAST = r"[A-Za-z0-9_-]{1,64}+"
-_HLC_FAST = r"[0-9a-fA-F]{1,16}+:[0-9a-fA-F]{1,16}+:[0-9a-fA-F]{1,16}+"
-_WINDOW_ID_FAST = r"[0-9a-f]{32}"
-_FRAME_RULE: Final = re.compile(f"{_ID_FAST} {_HLC_FAST} {_WINDOW_ID_FAST}").fullmatch
-_CLAIM_RULE: Final = re.compile(f"{_ID_FAST} {_HLC_FAST}").fullmatch  # agent_id hlc
-_TEMPO_RULE: Final = re.compile(f"{_ID_FAST} (?:{_HLC_FAST})?").fullmatch  # cluster_id hlc
+_FRAME_RULE: Final = re.compile(f"{R.ID_FAST} {R.HLC_FAST} {R.WINDOW_ID_FAST}").fullmatch
+_CLAIM_RULE: Final = re.compile(f"{R.ID_FAST} {R.HLC_FAST}").fullmatch  # agent_id hlc
+_TEMPO_RULE: Final = re.compile(f"{R.ID_FAST} (?:{R.HLC_FAST})?").fullmatch  # cluster_id hlc
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-BeatIndex = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-TempoBPM = Annotated[int, msgspec.Meta(ge=1, le=1200)]
-Phase = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-HLCString = Annotated[str, msgspec.Meta(min_length=5, max_length=50)]
-OptionalHLCString = Annotated[str, msgspec.Meta(max_length=50)]
-WindowId = Annotated[str, msgspec.Meta(min_length=32, max_length=32)]
+Id = Annotated[str, msgspec.Meta(min_length=R.ID_MIN_LEN, max_length=R.ID_MAX_LEN)]
+BeatIndex = Annotated[int, msgspec.Meta(ge=0, le=R.INT64_MAX)]
+TempoBPM = Annotated[int, msgspec.Meta(ge=R.MIN_TEMPO_BPM, le=R.MAX_TEMPO_BPM)]
+Phase = Annotated[str, msgspec.Meta(min_length=1, max_length=R.PHASE_MAX_LEN)]
+HLCString = Annotated[str, msgspec.Meta(min_length=R.HLC_MIN_LEN, max_length=R.HLC_MAX_LEN)]
+OptionalHLCString = Annotated[str, msgspec.Meta(max_length=R.HLC_MAX_LEN)]
+WindowId = Annotated[str, msgspec.Meta(min_length=R.WINDOW_ID_LEN, max_length=R.WINDOW_ID_LEN)]
 AwareTime = Annotated[_dt.datetime, msgspec.Meta(tz=True)]
-Progress = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-BeatsLeft = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-Notes = Annotated[str, msgspec.Meta(max_length=4096)]
-TaskId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-WaitRef = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Progress = Annotated[float, msgspec.Meta(ge=R.PROGRESS_MIN, le=R.PROGRESS_MAX)]
+BeatsLeft = Annotated[int, msgspec.Meta(ge=0, le=R.INT64_MAX)]
+Notes = Annotated[str, msgspec.Meta(max_length=R.NOTES_MAX_LEN)]
+TaskId = Annotated[str, msgspec.Meta(min_length=1, max_length=R.TASK_ID_MAX_LEN)]
+WaitRef = Annotated[str, msgspec.Meta(min_length=1, max_length=R.WAIT_REF_MAX_LEN)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
-Text = Annotated[str, msgspec.Meta(max_length=4096)]
+Text = Annotated[str, msgspec.Meta(max_length=R.TEXT_MAX_LEN)]
+RequestedBy = Annotated[str, msgspec.Meta(max_length=R.REQUESTED_BY_MAX_LEN)]
 
 ClaimState = Literal["executing", "planning", "waiting", "review", "done", "failed"]
 CLAIM_STATES: Final[tuple[str, ...]] = get_args(ClaimState)
@@ -169,7 +166,7 @@ class TempoChange(
 
     cluster_id: Id
     tempo_bpm: TempoBPM
-    requested_by: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    requested_by: RequestedBy = ""
     hlc: OptionalHLCString = ""
     reason: Text = ""
 
@@ -345,8 +342,14 @@ _checked_decoders: Final[dict[type[Any], Callable[[Any], Any]]] = {
     StatusClaim: _decode_claim,
 }
 
-_INT64_MAX: Final = 2**63 - 1
 _CLAIM_STATE_SET: Final = frozenset(CLAIM_STATES)
+# module-level names for encode_claim's checks (a global lookup, not an attribute lookup, per test)
+_INT64_MAX: Final = R.INT64_MAX
+_TASK_ID_MAX_LEN: Final = R.TASK_ID_MAX_LEN
+_WAIT_REF_MAX_LEN: Final = R.WAIT_REF_MAX_LEN
+_NOTES_MAX_LEN: Final = R.NOTES_MAX_LEN
+_PROGRESS_MIN: Final = R.PROGRESS_MIN
+_PROGRESS_MAX: Final = R.PROGRESS_MAX
 
 
 def encode_claim(claim: StatusClaim) -> bytes:
@@ -387,7 +390,7 @@ def encode_claim(claim: StatusClaim) -> bytes:
         and type(hlc) is str
         and _CLAIM_RULE(f"{agent_id} {hlc}")
         and type(task_id) is str
-        and 0 < len(task_id) <= 128
+        and 0 < len(task_id) <= _TASK_ID_MAX_LEN
         and type(beat_index) is int
         and 0 <= beat_index <= _INT64_MAX
         and type(state) is str
@@ -395,11 +398,11 @@ def encode_claim(claim: StatusClaim) -> bytes:
         and type(beats_left) is int
         and 0 <= beats_left <= _INT64_MAX
         and type(progress) is float
-        and 0.0 <= progress <= 1.0
+        and _PROGRESS_MIN <= progress <= _PROGRESS_MAX
         and type(notes) is str
-        and len(notes) <= 4096
+        and len(notes) <= _NOTES_MAX_LEN
         and type(wait_for) is list
-        and all(type(ref) is str and 0 < len(ref) <= 256 for ref in wait_for)
+        and all(type(ref) is str and 0 < len(ref) <= _WAIT_REF_MAX_LEN for ref in wait_for)
     ):
         return data
     try:

@@ -72,8 +72,8 @@ def _b64encode(raw: bytes) -> str:
 
 
 def _sign_detached(body: bytes, secret: bytes) -> bytes:
-    # the public binding only: PyNaCl's private cffi module would save ~1.4 µs of a ~25 µs
-    # signature, not worth depending on its layout in the signing path
+    # the public binding only: PyNaCl's private cffi module saves a small fraction of a
+    # signature (benchmarks/ANALYSIS.md), not worth depending on its layout in the signing path
     return nacl.bindings.crypto_sign(body, secret)[:_SIGNATURE_BYTES]
 
 

@@ -1,4 +1,4 @@
-"""Waking on time: trio's sleeps wake up to ~1 ms late here (epoll timeouts are whole
+"""Waking on time: trio's sleeps wake up late by up to a timer tick (epoll timeouts are whole
 milliseconds, rounded up). Beats are scheduled to well under that, so the last stretch before a
 beat is spent yielding in a loop instead of sleeping.
 """

@@ -5,9 +5,16 @@ directory), ``$BACKBEAT_NATS_SERVER`` or ``$PATH``. Every server binds to 127.0.
 a generated config file in its own temporary directory, and writes its log to a file there (never a
 pipe, which could fill up and stall the server).
 
+Ports are chosen by nats-server, never probed for here: a first start listens on port ``-1``
+(client, monitoring and route listeners alike) and the ports it bound are read from the
+``<exe>_<pid>.ports`` file nats-server writes into the working directory (``ports_file_dir``). A
+restart binds the client and route ports learnt at the first start again, so clients and cluster
+peers find the server at the same address.
+
 Readiness is decided by the server itself: a TCP connect to the client port must succeed *and* the
 monitoring endpoint ``/healthz`` must answer 200, which nats-server only does once JetStream has
-recovered its store (and, in a cluster, found its meta leader). Log lines are not parsed.
+recovered its store (and, in a cluster, found its meta leader). The log is read only for a bind
+failure ("address already in use").
 
 :class:`NatsServerProcess` and :class:`NatsCluster` are synchronous and block for up to their
 start-up bound; from trio use :func:`open_embedded_nats` and friends, which run them in a worker
@@ -27,6 +34,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -45,7 +53,6 @@ __all__ = [
     "NatsServerOptions",
     "NatsServerProcess",
     "find_nats_server",
-    "free_port",
     "open_embedded_nats",
     "open_embedded_nats_cluster",
     "open_embedded_nats_process",
@@ -59,8 +66,12 @@ _INSTALL_HINT: Final = (
 _POLL_INTERVAL_S: Final = 0.02
 _PROBE_TIMEOUT_S: Final = 0.5
 _PORT_RETRIES: Final = 3
+_PORT_RETRY_BACKOFF_S: Final = 0.25
+# nats-server's "choose a free port" value (0 would mean its default port).
+AUTO_PORT: Final = -1
 _LOG_NAME: Final = "nats-server.log"
 _CONF_NAME: Final = "nats-server.conf"
+_PORTS_GLOB: Final = "*.ports"
 
 # Loopback probes must never go through an $http_proxy.
 _NO_PROXY_OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -143,23 +154,6 @@ def find_nats_server() -> str:
     raise ConfigError("nats_server", f"no nats-server binary found; {_INSTALL_HINT}")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    return _free_ports(1)[0]
-
-
-def _free_ports(count: int) -> list[int]:
-    # Hold every socket open until all are bound, so one call never returns the same port twice.
-    with contextlib.ExitStack() as stack:
-        socks = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            for _ in range(count)
-        ]
-        for sock in socks:
-            sock.bind((HOST, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-
-
 def _quote(value: str | os.PathLike[str]) -> str:
     # A JSON string literal is a valid double-quoted nats-server config string ("\"", "\\"
     # escapes), and quoting keeps "$" from being read as a variable reference.
@@ -172,6 +166,16 @@ def _tcp_accepts(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _url_port(urls: object) -> int | None:
+    # The ports file lists URLs per listener, e.g. {"nats": ["nats://127.0.0.1:4222"], ...}.
+    if not isinstance(urls, list) or not urls or not isinstance(urls[0], str):
+        return None
+    try:
+        return urllib.parse.urlsplit(urls[0]).port
+    except ValueError:
+        return None
 
 
 def _http_get_json(port: int, endpoint: str) -> tuple[int, dict[str, Any]]:
@@ -192,14 +196,16 @@ def _http_get_json(port: int, endpoint: str) -> tuple[int, dict[str, Any]]:
 class NatsServerProcess:
     """One nats-server subprocess bound to 127.0.0.1, reusable across kill/restart.
 
-    The client port is chosen once (at construction when ``port`` is None) and kept for the
-    object's life, as is the JetStream store directory, so :meth:`restart` brings back the same
-    server with its streams. Everything the server writes lives in :attr:`workdir` (config file,
-    log, and the store unless ``store_dir`` is given); :meth:`close` removes it.
+    Without an explicit ``port`` the first :meth:`start` lets nats-server choose (``-1``) and
+    learns the port from the ports file it writes; that port is kept for the object's life, as
+    is the JetStream store directory, so :meth:`restart` brings back the same server at the same
+    address with its streams. The route port (``cluster_port=-1``) is learnt and kept the same
+    way; the monitoring port is chosen afresh at every start. Everything the server writes lives
+    in :attr:`workdir` (config file, log, ports file, and the store unless ``store_dir`` is
+    given); :meth:`close` removes it.
 
     Args:
-        port: client port; None picks a free one (re-picked if it is taken before the first
-            start succeeds).
+        port: client port; None lets nats-server choose one at the first start.
         jetstream: enable JetStream.
         store_dir: JetStream store directory; None uses ``<workdir>/jetstream``. A given directory
             is never deleted.
@@ -212,7 +218,8 @@ class NatsServerProcess:
         tls_ca: CA bundle for client certificates.
         tls_verify: require and verify client certificates against ``tls_ca``.
         cluster_name: the cluster's name; with ``cluster_port`` the server joins a cluster.
-        cluster_port: the route listener's port on 127.0.0.1.
+        cluster_port: the route listener's port on 127.0.0.1; ``-1`` lets nats-server choose
+            one at the first start (then kept, like the client port).
         routes: route URLs of the other members (``nats-route://127.0.0.1:<port>``).
         server_name: the server's name (JetStream clusters need distinct names).
         extra_args: appended to the command line after ``-c <config>``.
@@ -258,6 +265,8 @@ class NatsServerProcess:
             raise ConfigError("tls_verify", "verifying client certificates needs tls_ca")
         if (tls_ca is not None or tls_verify) and tls_cert is None:
             raise ConfigError("tls_ca", "client certificate options need tls_cert and tls_key")
+        if cluster_port is not None and cluster_port != AUTO_PORT and not 0 < cluster_port < 65536:
+            raise ConfigError("cluster_port", f"must be -1 or in 1..65535, got {cluster_port}")
         if cluster_port is not None and not cluster_name:
             raise ConfigError("cluster_name", "a cluster port needs a cluster name")
         if routes and cluster_port is None:
@@ -266,9 +275,9 @@ class NatsServerProcess:
             raise ConfigError("startup_timeout", f"must be > 0, got {startup_timeout}")
 
         self.binary: str = find_nats_server()
-        self._port_auto = port is None
-        self._port: int = free_port() if port is None else port
-        self._monitor_port: int = free_port()
+        # None until the server has told us (ports file); explicit ports are known up front.
+        self._port: int | None = port
+        self._monitor_port: int | None = None
         self.jetstream = jetstream
         self.token = token
         self.user = user
@@ -278,6 +287,7 @@ class NatsServerProcess:
         self.tls_ca = None if tls_ca is None else os.fspath(tls_ca)
         self.tls_verify = tls_verify
         self.cluster_name = cluster_name
+        # AUTO_PORT until the first start has learnt the port the server chose.
         self.cluster_port = cluster_port
         self.routes: tuple[str, ...] = tuple(routes)
         self.server_name = server_name
@@ -292,26 +302,46 @@ class NatsServerProcess:
         self.config_path = self.workdir / _CONF_NAME
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
-        self._started_once = False
+        # Set once a ports file was read: the ports are then ours, and re-binding them may retry.
+        self._ports_learnt = False
         self._closed = False
         self.start_count = 0
 
     # --- introspection ---------------------------------------------------------------------------
     @property
     def port(self) -> int:
-        """The client port on 127.0.0.1 (stable across restarts)."""
+        """The client port on 127.0.0.1 (stable across restarts).
+
+        Raises:
+            EmbeddedServerError: no port was given and the server has not been started yet.
+        """
+        if self._port is None:
+            raise EmbeddedServerError(f"{self!r}: the client port is known once it has started")
         return self._port
 
     @property
     def monitor_port(self) -> int:
-        """The HTTP monitoring port on 127.0.0.1 (may change across restarts)."""
+        """The HTTP monitoring port on 127.0.0.1 (may change across restarts).
+
+        Raises:
+            EmbeddedServerError: the server has not been started yet.
+        """
+        if self._monitor_port is None:
+            raise EmbeddedServerError(f"{self!r}: the monitoring port is known once it has started")
         return self._monitor_port
 
     @property
     def url(self) -> str:
-        """``nats://127.0.0.1:<port>`` (``tls://`` when the server speaks TLS)."""
+        """``nats://127.0.0.1:<port>`` (``tls://`` when the server speaks TLS).
+
+        Raises:
+            EmbeddedServerError: no port was given and the server has not been started yet.
+        """
+        return self._url(self.port)
+
+    def _url(self, port: int | str) -> str:
         scheme = "tls" if self.tls_cert else "nats"
-        return f"{scheme}://{HOST}:{self._port}"
+        return f"{scheme}://{HOST}:{port}"
 
     @property
     def pid(self) -> int | None:
@@ -334,7 +364,8 @@ class NatsServerProcess:
             extras.append(f"cluster={self.cluster_name}:{self.cluster_port}")
         if self.server_name:
             extras.append(f"name={self.server_name}")
-        return f"<NatsServerProcess {self.url} {state} {' '.join(extras)} log={self.log_path}>"
+        url = self._url("?" if self._port is None else self._port)
+        return f"<NatsServerProcess {url} {state} {' '.join(extras)} log={self.log_path}>"
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the server log (all starts), for error messages."""
@@ -351,7 +382,7 @@ class NatsServerProcess:
             EmbeddedServerError: the endpoint did not answer 200.
         """
         try:
-            status, data = _http_get_json(self._monitor_port, endpoint)
+            status, data = _http_get_json(self.monitor_port, endpoint)
         except OSError as exc:
             raise EmbeddedServerError(f"{self!r}: GET /{endpoint} failed: {exc}") from exc
         if status != 200:
@@ -361,6 +392,10 @@ class NatsServerProcess:
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Self:
         """Start the server and wait (bounded by ``startup_timeout``) until it is ready.
+
+        A first start without explicit ports lets nats-server choose them and learns them from
+        its ports file. Later starts bind the learnt client and route ports again; if one is
+        still taken, the launch is retried a few times before giving up.
 
         Returns:
             self, for chaining.
@@ -374,28 +409,39 @@ class NatsServerProcess:
             try:
                 self.wait_ready(health=True)
             except EmbeddedServerError:
-                if not (self._port_in_use() and attempt + 1 < _PORT_RETRIES):
+                # Only a re-bind of ports this object already held is retried: a port the caller
+                # gave for the first start that is taken is the caller's to resolve.
+                retry = self._ports_learnt and self._address_in_use()
+                if not (retry and attempt + 1 < _PORT_RETRIES):
                     raise
-                # Another process grabbed a port between free_port() and bind: pick again.
-                self._monitor_port = free_port()
-                if self._port_auto and not self._started_once:
-                    self._port = free_port()
+                time.sleep(_PORT_RETRY_BACKOFF_S)
             else:
-                self._started_once = True
                 return self
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _launch(self) -> None:
+    def _launch(self, *, jetstream: bool | None = None) -> None:
+        """Spawn nats-server from a freshly written config; does not wait for anything.
+
+        Args:
+            jetstream: overrides :attr:`jetstream` for this launch (a new cluster's first member
+                starts without it, see :meth:`NatsCluster.start`).
+        """
         if self._closed:
             raise EmbeddedServerError(f"{self!r} is closed")
         if self.running:
             raise EmbeddedServerError(f"{self!r} is already running")
         self._reap()
+        # A SIGKILLed server leaves its ports file behind; only the new one may be read.
+        for stale in self.workdir.glob(_PORTS_GLOB):
+            stale.unlink(missing_ok=True)
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self._config_text())
+        self._monitor_port = None  # chosen afresh by every launch
+        self.config_path.write_text(
+            self._config_text(self.jetstream if jetstream is None else jetstream)
+        )
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
-            log.write(f"---- backbeat: starting {self.url} ----\n".encode())
+            log.write(f"---- backbeat: starting {self!r} ----\n".encode())
             log.flush()
             # The child keeps its own copy of the descriptor; ours closes with the block.
             self._proc = subprocess.Popen(
@@ -411,12 +457,63 @@ class NatsServerProcess:
         self.start_count += 1
         _live.add(self)
 
-    def _config_text(self) -> str:
-        lines = [f"listen: {_quote(f'{HOST}:{self._port}')}"]
-        lines.append(f"http: {_quote(f'{HOST}:{self._monitor_port}')}")
+    def _read_ports_file(self) -> dict[str, Any] | None:
+        for path in self.workdir.glob(_PORTS_GLOB):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # not written completely yet
+            if isinstance(data, dict):
+                return data
+        return None
+
+    def _await_ports(self, timeout: float | None = None) -> None:
+        """Block until the server's ports file names every listener, and adopt those ports.
+
+        Args:
+            timeout: seconds to wait; defaults to ``startup_timeout``.
+
+        Raises:
+            EmbeddedServerError: the process exited or no complete ports file appeared in time;
+                the server is killed.
+        """
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        while True:
+            proc = self._proc
+            if proc is None:
+                raise EmbeddedServerError(f"{self!r} was never started")
+            code = proc.poll()
+            if code is not None:
+                raise self._fail(f"nats-server exited with status {code} during start-up")
+            data = self._read_ports_file()
+            if data is not None:
+                client = _url_port(data.get("nats"))
+                monitor = _url_port(data.get("monitoring"))
+                cluster = _url_port(data.get("cluster"))
+                if (
+                    client is not None
+                    and monitor is not None
+                    and (self.cluster_port is None or cluster is not None)
+                ):
+                    self._port, self._monitor_port = client, monitor
+                    if self.cluster_port is not None:
+                        self.cluster_port = cluster
+                    self._ports_learnt = True
+                    return
+            if time.monotonic() >= deadline:
+                raise self._fail("no ports file from nats-server within the start-up bound")
+            time.sleep(_POLL_INTERVAL_S)
+
+    def _config_text(self, jetstream: bool) -> str:
+        # -1: nats-server chooses (a first start; the monitoring port at every start).
+        client = AUTO_PORT if self._port is None else self._port
+        lines = [f"listen: {_quote(f'{HOST}:{client}')}"]
+        lines.append(f"http: {_quote(f'{HOST}:{AUTO_PORT}')}")
+        # nats-server writes <exe>_<pid>.ports here: the ports it actually bound.
+        lines.append(f"ports_file_dir: {_quote(self.workdir)}")
         if self.server_name:
             lines.append(f"server_name: {_quote(self.server_name)}")
-        if self.jetstream:
+        if jetstream:
             lines.append(f"jetstream {{ store_dir: {_quote(self.store_dir)} }}")
         if self.token is not None:
             lines.append(f"authorization {{ token: {_quote(self.token)} }}")
@@ -442,16 +539,16 @@ class NatsServerProcess:
             lines.append(self.extra_config)
         return "\n".join(lines) + "\n"
 
-    def _log_since_launch(self) -> str:
+    def _log_since(self, offset: int) -> str:
         try:
             with self.log_path.open("rb") as log:
-                log.seek(self._log_offset)
+                log.seek(offset)
                 return log.read().decode(errors="replace")
         except OSError:
             return ""
 
-    def _port_in_use(self) -> bool:
-        return "address already in use" in self._log_since_launch()
+    def _address_in_use(self) -> bool:
+        return "address already in use" in self._log_since(self._log_offset)
 
     def _fail(self, reason: str) -> EmbeddedServerError:
         self.kill()
@@ -459,6 +556,8 @@ class NatsServerProcess:
 
     def wait_ready(self, *, health: bool = True, timeout: float | None = None) -> None:
         """Block until the client port accepts connections and, with ``health``, ``/healthz`` is OK.
+
+        The ports of a new launch are learnt from its ports file first.
 
         Args:
             health: also require ``/healthz`` to answer 200 (JetStream recovered; in a cluster,
@@ -469,6 +568,8 @@ class NatsServerProcess:
             EmbeddedServerError: the process exited or the time ran out; the server is killed.
         """
         deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        if self._monitor_port is None:
+            self._await_ports(timeout=max(0.0, deadline - time.monotonic()))
         tcp_ok = False
         while True:
             proc = self._proc
@@ -477,7 +578,7 @@ class NatsServerProcess:
             code = proc.poll()
             if code is not None:
                 raise self._fail(f"nats-server exited with status {code} during start-up")
-            tcp_ok = tcp_ok or _tcp_accepts(self._port)
+            tcp_ok = tcp_ok or _tcp_accepts(self.port)
             if tcp_ok and (not health or self._healthy()):
                 return
             if time.monotonic() >= deadline:
@@ -487,7 +588,7 @@ class NatsServerProcess:
 
     def _healthy(self) -> bool:
         try:
-            status, _ = _http_get_json(self._monitor_port, "healthz")
+            status, _ = _http_get_json(self.monitor_port, "healthz")
         except OSError:
             return False
         return status == 200
@@ -517,7 +618,7 @@ class NatsServerProcess:
         self.kill()
 
     def restart(self) -> Self:
-        """Stop the server if it runs, then start it on the same port with the same store.
+        """Stop the server if it runs, then start it on the same ports with the same store.
 
         Returns:
             self.
@@ -551,7 +652,8 @@ class NatsCluster:
     """``size`` nats-servers on 127.0.0.1 routed into one cluster (JetStream clustered by default).
 
     Each member gets its own client port, route port, store directory and server name
-    (``<name>-n1``...). :meth:`start` returns once every member routes to every other one and
+    (``<name>-n1``...); nats-server chooses the ports at the first :meth:`start` and members keep
+    them across restarts. :meth:`start` returns once every member routes to every other one and
     (with JetStream) each reports healthy, which requires an elected meta leader.
 
     Args:
@@ -579,26 +681,20 @@ class NatsCluster:
         self.size = size
         self.name = name
         self.startup_timeout = startup_timeout
-        ports = _free_ports(2 * size)
-        client_ports, route_ports = ports[:size], ports[size:]
-        self.servers: list[NatsServerProcess] = []
-        for i in range(size):
-            self.servers.append(
-                NatsServerProcess(
-                    client_ports[i],
-                    jetstream=jetstream,
-                    token=token,
-                    # one server is a cluster of one: clustered JetStream would refuse to
-                    # start without routes, so it runs plain
-                    cluster_name=name if size > 1 else None,
-                    cluster_port=route_ports[i] if size > 1 else None,
-                    routes=[
-                        f"nats-route://{HOST}:{p}" for j, p in enumerate(route_ports) if j != i
-                    ],
-                    server_name=f"{name}-n{i + 1}",
-                    startup_timeout=startup_timeout,
-                )
+        self.jetstream = jetstream
+        self.servers: list[NatsServerProcess] = [
+            NatsServerProcess(
+                jetstream=jetstream,
+                token=token,
+                # one server is a cluster of one: clustered JetStream would refuse to start
+                # without routes, so it runs plain
+                cluster_name=name if size > 1 else None,
+                cluster_port=AUTO_PORT if size > 1 else None,
+                server_name=f"{name}-n{i + 1}",
+                startup_timeout=startup_timeout,
             )
+            for i in range(size)
+        ]
 
     @property
     def urls(self) -> list[str]:
@@ -617,6 +713,13 @@ class NatsCluster:
     def start(self) -> Self:
         """Start every member and wait until the cluster has formed.
 
+        The first time, the members' route ports are not known yet, so they come up one after
+        the other: each one's ports are learnt before the next is launched with routes to all
+        earlier members. Clustered JetStream refuses to start without configured routes, which
+        the first member cannot have yet, so with JetStream it first runs without and is then
+        restarted on its learnt ports, with routes to all the others and JetStream. Later starts
+        launch every stopped member at once on its known ports.
+
         Returns:
             self.
 
@@ -624,16 +727,44 @@ class NatsCluster:
             EmbeddedServerError: a member failed or the cluster did not form in time; every
                 member is stopped.
         """
+        deadline = time.monotonic() + self.startup_timeout
         try:
-            # Launch all first: a clustered JetStream member is not healthy until a quorum is up.
-            for server in self.servers:
-                if not server.running:
-                    server._launch()
-            self.wait_formed()
+            if any(s.cluster_port == AUTO_PORT for s in self.servers):
+                self._launch_one_by_one(deadline)
+            else:
+                # Launch all first: a clustered JetStream member is not healthy until a quorum
+                # is up.
+                for server in self.servers:
+                    if not server.running:
+                        server.routes = self._routes_for(server)
+                        server._launch()
+            self.wait_formed(timeout=max(0.0, deadline - time.monotonic()))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _routes_for(self, server: NatsServerProcess) -> tuple[str, ...]:
+        return tuple(
+            f"nats-route://{HOST}:{other.cluster_port}"
+            for other in self.servers
+            if other is not server and other.cluster_port not in (None, AUTO_PORT)
+        )
+
+    def _launch_one_by_one(self, deadline: float) -> None:
+        first = self.servers[0]
+        for server in self.servers:
+            if server.running:
+                raise EmbeddedServerError(f"{self!r}: a first start needs every member stopped")
+            # routes to the members launched before this one (their ports are known by now)
+            server.routes = self._routes_for(server)
+            server._launch(jetstream=self.jetstream and server is not first)
+            server._await_ports(timeout=max(0.0, deadline - time.monotonic()))
+        for server in self.servers:
+            server.routes = self._routes_for(server)  # all the others, as every restart uses
+        if self.jetstream:
+            # re-binds the ports it just let go of (retried if one is briefly taken)
+            first.restart()
 
     def wait_formed(self, timeout: float | None = None) -> None:
         """Block until every running member routes to all others and reports healthy.
@@ -705,7 +836,7 @@ async def open_embedded_nats_process(
     SIGKILL, or via ``trio.to_thread.run_sync`` for the ones that wait for readiness.
 
     Args:
-        port: client port; None picks a free one.
+        port: client port; None lets nats-server choose one.
         **options: any :class:`NatsServerProcess` keyword option.
 
     Yields:
@@ -734,7 +865,7 @@ async def open_embedded_nats(
     """Start a nats-server on 127.0.0.1 for the life of the block and yield its URL.
 
     Args:
-        port: client port; None picks a free one.
+        port: client port; None lets nats-server choose one.
         **options: any :class:`NatsServerProcess` keyword option (``jetstream``, ``token``...).
 
     Yields:

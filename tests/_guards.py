@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec
 
@@ -30,3 +31,15 @@ def fail_on_bare_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Await
             raise
 
     return guarded
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port that nothing listens on, for tests of a refused connection.
+
+    Binds a socket, reads its port and closes it. Only for that purpose: a server under test is
+    never started on a port found this way (another process could take it in between); servers
+    let nats-server choose their ports.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

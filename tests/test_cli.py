@@ -24,10 +24,11 @@ from types import TracebackType
 from typing import IO
 
 import pytest
+from _guards import closed_port
 
 from backbeat_trio import Keyring, load_signing_key, public_key_b64
 from backbeat_trio._cli.main import GO_HEALTH_FIELDS
-from backbeat_trio._embedded import NatsServerProcess, free_port
+from backbeat_trio._embedded import NatsServerProcess
 
 pytestmark = pytest.mark.nats
 
@@ -509,7 +510,7 @@ def test_bad_configuration_exits_2_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def test_unreachable_server_exits_3() -> None:
-    url = f"nats://127.0.0.1:{free_port()}"
+    url = f"nats://127.0.0.1:{closed_port()}"
     commands = [
         ["health", "-s", url, "-c", "c"],
         ["emit", "-s", url, "-c", "c", "--agent", "a", "--beat-timeout", "0"],

@@ -20,13 +20,14 @@ import nats
 import pytest
 import trio
 import trio_asyncio
+from _guards import closed_port
 from nacl.signing import VerifyKey
 
 import backbeat_trio as bb3
 from backbeat_trio._bridge.nats import _nats_options, open_nats_transport
 from backbeat_trio._core.hlc import node_id_for
 from backbeat_trio._core.wire import encode
-from backbeat_trio._embedded import NatsServerProcess, free_port
+from backbeat_trio._embedded import NatsServerProcess
 
 pytestmark = pytest.mark.nats
 
@@ -94,7 +95,7 @@ async def wait_connected(bb: bb3.Client, state: bool) -> None:
 
 # --- connecting -----------------------------------------------------------------------------------
 async def test_first_connect_failure_is_a_clear_error_from_aenter() -> None:
-    url = f"nats://127.0.0.1:{free_port()}"
+    url = f"nats://127.0.0.1:{closed_port()}"
     entered = False
     with trio.fail_after(10), pytest.raises(bb3.NotConnected, match="could not connect") as info:
         async with bb3.open_client(bb3.Config(cluster_id="c", agent_id="a", nats_url=url)):
@@ -106,7 +107,7 @@ async def test_first_connect_failure_is_a_clear_error_from_aenter() -> None:
 
 
 async def test_credentials_and_server_lists_pass_through() -> None:
-    dead = f"nats://127.0.0.1:{free_port()}"
+    dead = f"nats://127.0.0.1:{closed_port()}"
     async with bb3.open_embedded_nats(jetstream=False, token="s3cret") as url:
         with trio.fail_after(10), pytest.raises(bb3.NotConnected, match="credentials"):
             async with bb3.open_client(bb3.Config(cluster_id="c", agent_id="a", nats_url=url)):

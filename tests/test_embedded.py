@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import sysconfig
+import threading
 from pathlib import Path
 
 import nats
@@ -17,7 +19,6 @@ from backbeat_trio._embedded import (
     NatsCluster,
     NatsServerProcess,
     find_nats_server,
-    free_port,
     open_embedded_nats,
     open_embedded_nats_process,
 )
@@ -162,20 +163,104 @@ def test_port_conflict_fails_with_the_log_tail() -> None:
             server.close()
 
 
-def test_an_auto_port_taken_before_start_is_picked_again() -> None:
-    server = NatsServerProcess(jetstream=False, startup_timeout=5)
+def ports_file(server: NatsServerProcess) -> dict[str, list[str]]:
+    """The ports file the running server wrote into its working directory."""
+    (path,) = server.workdir.glob("*.ports")
+    assert path.name == f"{Path(server.binary).name}_{server.pid}.ports"
+    data: dict[str, list[str]] = json.loads(path.read_text())
+    return data
+
+
+def test_the_server_chooses_its_ports_and_they_are_read_from_its_ports_file() -> None:
+    server = NatsServerProcess(jetstream=False)
     try:
-        with socket.socket() as holder:
-            holder.bind(("127.0.0.1", server.port))
-            holder.listen()
-            taken = server.port
-            server.start()
-            assert server.running
-            assert server.port != taken
-            assert server.start_count == 2
-            assert "address already in use" in server.log_tail()
+        with pytest.raises(EmbeddedServerError, match="known once it has started"):
+            _ = server.port
+        assert "nats://127.0.0.1:? stopped" in repr(server)
+        server.start()
+        config = server.config_path.read_text()
+        assert 'listen: "127.0.0.1:-1"' in config
+        assert 'http: "127.0.0.1:-1"' in config
+        assert f"ports_file_dir: {json.dumps(str(server.workdir))}" in config
+        ports = ports_file(server)
+        assert ports["nats"] == [server.url]
+        assert ports["monitoring"] == [f"http://127.0.0.1:{server.monitor_port}"]
+        assert server.monitor("varz")["port"] == server.port
     finally:
         server.close()
+
+
+def test_six_servers_started_at_once_come_up_on_distinct_ports() -> None:
+    servers = [NatsServerProcess(jetstream=True) for _ in range(6)]
+    errors: list[BaseException] = []
+    go = threading.Barrier(len(servers))
+
+    def start(server: NatsServerProcess) -> None:
+        try:
+            go.wait(timeout=10)
+            server.start()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not errors
+        assert all(s.running and s.start_count == 1 for s in servers)
+        ports = {s.port for s in servers} | {s.monitor_port for s in servers}
+        assert len(ports) == 2 * len(servers)
+        for server in servers:
+            assert ports_file(server)["nats"] == [server.url]
+            assert server.monitor("varz")["server_id"]
+            assert raw_handshake(server.port, '{"verbose":false}') == b"PONG\r\n"
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_restart_binds_the_learnt_client_port_again() -> None:
+    with NatsServerProcess(jetstream=False) as server:
+        port, first_pid = server.port, server.pid
+        server.kill()  # SIGKILL leaves the old ports file behind; it must not be read
+        server.restart()
+        assert server.port == port
+        assert server.pid != first_pid
+        assert f'listen: "127.0.0.1:{port}"' in server.config_path.read_text()
+        assert ports_file(server)["nats"] == [f"nats://127.0.0.1:{port}"]
+        assert server.monitor("varz")["port"] == port
+
+
+def test_restart_retries_while_its_port_is_briefly_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    with NatsServerProcess(jetstream=False, startup_timeout=5) as server:
+        port = server.port
+        server.kill()
+        # Someone holds the port when the restart binds it; they let go once it has failed.
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        seen_in_use = threading.Event()
+        original = NatsServerProcess._address_in_use
+
+        def in_use_then_release(self: NatsServerProcess) -> bool:
+            result = original(self)
+            if result:
+                seen_in_use.set()
+                holder.close()
+            return result
+
+        monkeypatch.setattr(NatsServerProcess, "_address_in_use", in_use_then_release)
+        try:
+            server.restart()
+        finally:
+            holder.close()
+        assert seen_in_use.is_set()
+        assert server.running
+        assert server.port == port
+        assert server.start_count == 3
+        assert "address already in use" in server.log_tail()
 
 
 def test_inconsistent_options_are_refused() -> None:
@@ -186,7 +271,9 @@ def test_inconsistent_options_are_refused() -> None:
     with pytest.raises(ConfigError, match="tls_key"):
         NatsServerProcess(tls_cert="cert.pem")
     with pytest.raises(ConfigError, match="cluster_name"):
-        NatsServerProcess(cluster_port=free_port())
+        NatsServerProcess(cluster_port=-1)
+    with pytest.raises(ConfigError, match="cluster_port"):
+        NatsServerProcess(cluster_port=0, cluster_name="c")
 
 
 def test_cluster_of_three_forms_and_routes_messages() -> None:
@@ -227,6 +314,22 @@ def test_cluster_of_three_forms_and_routes_messages() -> None:
 
         assert asyncio.run(across()) == b"beat"
         assert "NatsCluster backbeat size=3" in repr(cluster)
+
+        # The route ports were chosen by the servers and are kept across a member's restart.
+        first, second, third = cluster.servers
+        assert 'listen: "127.0.0.1:-1"' in third.config_path.read_text()
+        for server in cluster.servers:
+            assert ports_file(server)["cluster"] == [f"nats://127.0.0.1:{server.cluster_port}"]
+        assert second.routes == tuple(
+            f"nats-route://127.0.0.1:{s.cluster_port}" for s in (first, third)
+        )
+        ports = (second.port, second.cluster_port)
+        second.kill()
+        second.restart()
+        assert (second.port, second.cluster_port) == ports
+        assert f'listen: "127.0.0.1:{second.cluster_port}"' in second.config_path.read_text()
+        cluster.wait_formed()
+        assert second.monitor("jsz")["meta_cluster"]["cluster_size"] == 3
 
 
 async def test_open_embedded_nats_from_trio() -> None:

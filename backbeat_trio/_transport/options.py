@@ -88,8 +88,8 @@ def _check_text(name: str, value: object) -> None:
 
 
 def _check_nkeys_importable(name: str) -> None:
-    # nats-py imports nkeys only when it signs the server's nonce, i.e. mid-connect, where a
-    # missing package would surface as a bare ModuleNotFoundError inside the handshake
+    # nats-py imports nkeys inside connect(), where a missing package would surface as a bare
+    # ModuleNotFoundError from the connect attempt instead of a config error
     try:
         importlib.import_module("nkeys")
     except ImportError as exc:
@@ -179,6 +179,25 @@ class ConnectionOptions:
         for name in ("creds_file", "nkeys_seed"):
             if getattr(self, name) is not None:
                 _check_nkeys_importable(name)
+        self._check_tls_files()
+
+    def _check_tls_files(self) -> None:
+        # load the PEM files once now, so an unreadable CA or a certificate that does not match
+        # its key is a ConfigError here rather than an ssl.SSLError when connecting
+        if self.tls is not None or (self.tls_ca_file is None and self.tls_cert_file is None):
+            return
+        try:
+            ctx = ssl.create_default_context(cafile=self.tls_ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError("tls_ca_file", f"cannot load {self.tls_ca_file!r}: {exc}") from exc
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            try:
+                ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    "tls_cert_file",
+                    f"cannot load {self.tls_cert_file!r} with key {self.tls_key_file!r}: {exc}",
+                ) from exc
 
     @property
     def servers(self) -> tuple[str, ...]:

@@ -226,6 +226,13 @@ def test_replace_validates_again(make: Callable[..., ConnectionOptions]) -> None
         cfg.replace(token="t")
 
 
+def test_a_config_copied_field_by_field_is_equal(make: Callable[..., ConnectionOptions]) -> None:
+    # the CLI copies configs through __dataclass_fields__: it must hold only the init fields
+    cfg = make(token="t", reconnect_delay=0.5)
+    copy = type(cfg)(**{name: getattr(cfg, name) for name in cfg.__dataclass_fields__})
+    assert copy == cfg
+
+
 # --- the services' fields reach nats-py ----------------------------------------------------------
 def test_a_pulse_nkeys_seed_reaches_nats_py(files: Files) -> None:
     opts = _nats_options(bb3.PulseConfig(cluster_id="c", nkeys_seed=str(files.seed)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from nacl.signing import SigningKey
 
@@ -60,7 +60,7 @@ class Config(ConnectionOptions):
     close_grace: float = 2.0
     jetstream: bool | None = None
 
-    _SECRET_FIELDS: ClassVar[frozenset[str]] = ConnectionOptions._SECRET_FIELDS | {"signing_key"}
+    _SECRET_FIELDS = ConnectionOptions._SECRET_FIELDS | {"signing_key"}
 
     def __post_init__(self) -> None:
         validate_id("cluster_id", self.cluster_id)

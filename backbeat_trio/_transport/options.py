@@ -17,7 +17,7 @@ import os
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from .._errors import ConfigError
@@ -142,8 +142,9 @@ class ConnectionOptions:
     max_reconnects: int = -1
     connect_attempts: int = 1
 
-    #: Fields the repr shows only as ``<set>``.
-    _SECRET_FIELDS: ClassVar[frozenset[str]] = frozenset({"password", "token", "nkeys_seed", "tls"})
+    # Fields the repr shows only as ``<set>``. Deliberately unannotated: a ClassVar would appear
+    # in ``__dataclass_fields__``, which callers iterate to copy a config.
+    _SECRET_FIELDS = frozenset({"password", "token", "nkeys_seed", "tls"})
 
     def __post_init__(self) -> None:
         self._validate_connection()

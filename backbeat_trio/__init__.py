@@ -69,6 +69,7 @@ from ._services.pulse import run_pulse as run_pulse
 from ._services.reverb import ReverbConfig as ReverbConfig
 from ._services.reverb import ReverbStatus as ReverbStatus
 from ._services.reverb import run_reverb as run_reverb
+from ._transport.options import ConnectionOptions as ConnectionOptions
 from ._util.channel import DropOldestChannel as DropOldestChannel
 from ._version import __version__ as __version__
 
@@ -83,6 +84,7 @@ __all__ = [
     "ClientMetrics",
     "Config",
     "ConfigError",
+    "ConnectionOptions",
     "DropOldestChannel",
     "HAPulseConfig",
     "HAPulseStatus",

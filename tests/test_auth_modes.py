@@ -5,11 +5,11 @@ For each mode a server requiring it is started (the credentials and configs come
 authenticated user (a reverb makes its stream and counts an acked claim, an HA pulse makes its
 lease bucket and leads), and wrong credentials fail fast with a clear ``NotConnected``.
 
-The pulse, reverb and HA pulse run here on a transport opened from a client-level ``Config``
-(their ``transport=`` argument), because ``PulseConfig``/``ReverbConfig``/``HAPulseConfig`` take
-only ``token``/``user``/``password``/``tls_ca_file``: no ``creds_file``, ``nkeys_seed``,
-``tls_cert_file`` or ``tls_key_file`` (issue 11, defect 2). The tests that give the credentials to
-those configs directly are strict xfails, so they flip to failures (XPASS) once that is fixed.
+Some tests run the pulse, reverb and HA pulse on a transport opened from a client-level
+``Config`` (their ``transport=`` argument); the ``*_config_takes_the_credentials`` tests give the
+credentials to ``PulseConfig``/``ReverbConfig``/``HAPulseConfig`` themselves, which take every
+connection field ``Config`` has (issue 11, defect 2: they used to lack ``creds_file``,
+``nkeys_seed``, ``tls_cert_file`` and ``tls_key_file``).
 """
 
 from __future__ import annotations
@@ -47,12 +47,6 @@ from backbeat_trio._embedded import NatsServerProcess
 pytestmark = pytest.mark.nats
 
 MODES = ("nkey", "creds", "mtls")
-DEFECT = "issue 11 defect 2"
-MISSING_FIELDS = {
-    "nkey": "nkeys_seed",
-    "creds": "creds_file",
-    "mtls": "tls_cert_file/tls_key_file",
-}
 
 
 @dataclass
@@ -154,25 +148,6 @@ def mode(request: pytest.FixtureRequest) -> AuthMode:
     return result
 
 
-def _pending_unification(mode_name: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(
-        # today: TypeError, the config dataclass has no such field (pytest-trio wraps it in an
-        # ExceptionGroup, so xfail's raises= cannot name it)
-        strict=True,
-        reason=f"{mode_name}: PulseConfig/ReverbConfig/HAPulseConfig lack "
-        f"{MISSING_FIELDS[mode_name]}: {DEFECT}",
-    )
-
-
-XFAIL_MODES = [pytest.param(m, marks=_pending_unification(m), id=m) for m in MODES]
-
-
-@pytest.fixture
-def xfail_mode(request: pytest.FixtureRequest) -> AuthMode:
-    result: AuthMode = request.getfixturevalue(f"{request.param}_mode")
-    return result
-
-
 # --- helpers -------------------------------------------------------------------------------------
 def client_config(mode: AuthMode, cluster: str, agent: str = "agent-1", **kw: Any) -> bb3.Config:
     return bb3.Config(
@@ -254,10 +229,8 @@ async def test_an_ha_pulse_leads_with_the_credentials(mode: AuthMode) -> None:
 
 
 # --- the service configs taking the credentials themselves (pending issue 11 defect 2) -----------
-@pytest.mark.parametrize("xfail_mode", XFAIL_MODES, indirect=True)
 @fail_on_bare_cancel
-async def test_a_pulse_config_takes_the_credentials(xfail_mode: AuthMode) -> None:
-    mode = xfail_mode
+async def test_a_pulse_config_takes_the_credentials(mode: AuthMode) -> None:
     cluster = f"auth-pc-{mode.name}"
     pulse = bb3.PulseConfig(
         cluster_id=cluster, nats_url=mode.url, tempo_bpm=600, **mode.credentials
@@ -269,10 +242,8 @@ async def test_a_pulse_config_takes_the_credentials(xfail_mode: AuthMode) -> Non
     assert health.last_beat >= 2
 
 
-@pytest.mark.parametrize("xfail_mode", XFAIL_MODES, indirect=True)
 @fail_on_bare_cancel
-async def test_a_reverb_config_takes_the_credentials(xfail_mode: AuthMode) -> None:
-    mode = xfail_mode
+async def test_a_reverb_config_takes_the_credentials(mode: AuthMode) -> None:
     cluster = f"auth-rc-{mode.name}"
     reverb = bb3.ReverbConfig(
         cluster_id=cluster, nats_url=mode.url, allow_unsigned=True, **mode.credentials
@@ -283,10 +254,8 @@ async def test_a_reverb_config_takes_the_credentials(xfail_mode: AuthMode) -> No
     assert status.stream == f"BACKBEAT_STATUS_{cluster}"
 
 
-@pytest.mark.parametrize("xfail_mode", XFAIL_MODES, indirect=True)
 @fail_on_bare_cancel
-async def test_an_ha_pulse_config_takes_the_credentials(xfail_mode: AuthMode) -> None:
-    mode = xfail_mode
+async def test_an_ha_pulse_config_takes_the_credentials(mode: AuthMode) -> None:
     cluster = f"auth-hc-{mode.name}"
     cfg = bb3.HAPulseConfig(
         cluster_id=cluster, nats_url=mode.url, tempo_bpm=600, lease_replicas=1, **mode.credentials

@@ -135,20 +135,22 @@ async def test_user_and_password_pass_through() -> None:
 def test_creds_nkeys_and_tls_options_reach_nats_py(tmp_path: Path) -> None:
     creds = tmp_path / "user.creds"
     creds.write_text("-----BEGIN NATS USER JWT-----\n")
+    seed = tmp_path / "user.nk"  # nkeys_seed is the path of a seed file, as nats-py reads it
+    seed.write_text("SUAEXAMPLE\n")
     tls = ssl.create_default_context()
     cfg = bb3.Config(
         cluster_id="c",
         agent_id="a",
         nats_url="tls://127.0.0.1:4222,tls://127.0.0.1:4223",
         creds_file=str(creds),
-        nkeys_seed="SUAEXAMPLE",
+        nkeys_seed=str(seed),
         tls=tls,
         reconnect_delay=0.5,
         max_reconnects=7,
     )
     opts = _nats_options(cfg)
     assert opts["user_credentials"] == str(creds)
-    assert opts["nkeys_seed"] == "SUAEXAMPLE"
+    assert opts["nkeys_seed"] == str(seed)
     assert opts["tls"] is tls
     assert opts["reconnect_time_wait"] == 0.5
     assert opts["max_reconnect_attempts"] == 7

@@ -21,6 +21,7 @@ API_NAMES = {
     "BeatFrame",
     "Config",
     "ConfigError",
+    "HAPulseConfig",
     "HLC",
     "HealthStatus",
     "InvalidStatusClaim",
@@ -109,6 +110,12 @@ def test_client_has_the_documented_surface() -> None:
 def test_config_reads_the_environment() -> None:
     cfg = bb3.Config.from_env({"BACKBEAT_CLUSTER_ID": "prod", "BACKBEAT_AGENT_ID": "agent-7"})
     assert (cfg.cluster_id, cfg.agent_id) == ("prod", "agent-7")
+
+
+def test_every_config_takes_the_one_connection_options_type() -> None:
+    assert "ConnectionOptions" in bb3.__all__
+    for config in (bb3.Config, bb3.PulseConfig, bb3.HAPulseConfig, bb3.ReverbConfig):
+        assert issubclass(config, bb3.ConnectionOptions), config
 
 
 def test_py_typed_ships_with_the_package() -> None:

@@ -307,7 +307,7 @@ def test_config_defaults_and_validation() -> None:
     assert t.renew_interval == pytest.approx(t.ttl / 2)
     assert t.op_timeout == pytest.approx(t.ttl / 3)
     assert lease_bucket_name("prod") == "BACKBEAT_HA_prod"
-    assert cfg.connection_config().name == "backbeat-ha-pulse:pulse-1"
+    assert cfg.connection_name == "backbeat-ha-pulse:pulse-1"
     with pytest.raises(ConfigError, match="lease_ttl"):
         HAPulseConfig(cluster_id=CLUSTER, lease_ttl=0.1, jitter_tolerance=0.05)
     with pytest.raises(ConfigError, match="lease_ttl"):

@@ -37,7 +37,7 @@ from .._errors import BackbeatError, NotConnected
 from .._transport.base import ConnEvent, EventKind, Message, Subscription, _offer
 
 if TYPE_CHECKING:
-    from .._client.config import Config
+    from .._transport.options import ConnectionOptions
 
 
 log = logging.getLogger("backbeat_trio.transport")
@@ -908,9 +908,10 @@ def _explain_connect_error(
     return f"could not connect to NATS at {where}: {text}"
 
 
-def _nats_options(cfg: Config) -> dict[str, Any]:
+def _nats_options(cfg: ConnectionOptions) -> dict[str, Any]:
+    # nats-py's connect() keywords for every connection option; nothing else is read from cfg
     opts: dict[str, Any] = {
-        "name": cfg.name or f"backbeat-trio:{cfg.agent_id}",
+        "name": cfg.connection_name,
         "allow_reconnect": True,
         "reconnect_time_wait": cfg.reconnect_delay,
         "max_reconnect_attempts": cfg.max_reconnects,
@@ -948,8 +949,13 @@ async def _asyncio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
 
 
 @contextlib.asynccontextmanager
-async def open_nats_transport(cfg: Config) -> AsyncIterator[NatsTransport]:
+async def open_nats_transport(cfg: ConnectionOptions) -> AsyncIterator[NatsTransport]:
     """Connect to NATS as ``cfg`` says and yield a :class:`NatsTransport`.
+
+    Args:
+        cfg: the connection options: a :class:`~backbeat_trio.Config`, a service's config
+            (``PulseConfig``, ``HAPulseConfig``, ``ReverbConfig``) or a bare
+            :class:`~backbeat_trio.ConnectionOptions`.
 
     Raises:
         NotConnected: the first connect failed ``cfg.connect_attempts`` times (the message says

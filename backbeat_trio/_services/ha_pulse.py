@@ -34,7 +34,6 @@ import msgspec
 import trio
 
 from .._bridge.nats import nats_transport_of, open_nats_transport
-from .._client.config import Config
 from .._core.beats import beat_subject, tempo_subject
 from .._core.hlc import HLC
 from .._core.lease import LeaseElection, LeaseTimings, ScheduleSnapshot
@@ -50,6 +49,7 @@ from .._services.lease import (
 )
 from .._services.pulse import PulseConfig, PulseStatus, make_beat_frame, tempo_listener
 from .._transport.base import Subscription, Transport
+from .._transport.options import ConnectionOptions
 
 if TYPE_CHECKING:
     pass
@@ -58,20 +58,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("backbeat_trio.ha")
 
 
-@dataclass(frozen=True, kw_only=True)
-class HAPulseConfig:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class HAPulseConfig(ConnectionOptions):
     """Settings of one HA pulse instance (several run per cluster; one leads).
+
+    The NATS connection fields are :class:`ConnectionOptions`'s, with the same rules as for a
+    client; give ``nats_url`` every cluster member so the pulse fails over. Like a single pulse it
+    retries its first connect (3 attempts, 0.25 s apart); its connection is named
+    ``backbeat-ha-pulse:<pulse_id>``.
 
     Args:
         cluster_id: the cluster it beats for.
-        nats_url: NATS URL(s); give every cluster member so the pulse fails over.
         tempo_bpm: tempo of a *fresh* cluster (a successor continues the recorded tempo).
         beats_per_bar: bar length of a fresh cluster (a successor keeps the recorded one).
         start_index: first beat index of a fresh cluster.
         pulse_id: this instance's id; unique per cluster (HLC node, connection name).
         max_tempo_step: largest relative tempo step accepted without ``force``.
         allow_forced_tempo: honour ``force`` in a TempoChange's reason.
-        token, user, password, tls_ca_file: NATS authentication.
         lease_ttl: lease TTL in seconds; default two beats plus ``jitter_tolerance``.
         jitter_tolerance: the guard: the old leader stops this long before a successor can start.
         clock_drift: bound on the relative rate error of two pulses' monotonic clocks.
@@ -82,20 +85,16 @@ class HAPulseConfig:
         release_on_exit: a leader that is stopped releases the lease (fast hand-over); False
             makes stopping look like a crash (tests, demos).
         lead: seconds from start-up to the first beat of a fresh cluster.
+        **connection: the :class:`ConnectionOptions` fields.
     """
 
     cluster_id: str
-    nats_url: str | tuple[str, ...] | list[str] = "nats://127.0.0.1:4222"
     tempo_bpm: int = 60
     beats_per_bar: int = 4
     start_index: int = 0
     pulse_id: str = "pulse-1"
     max_tempo_step: float | None = 0.10
     allow_forced_tempo: bool = False
-    token: str | None = None
-    user: str | None = None
-    password: str | None = None
-    tls_ca_file: str | None = None
     lease_ttl: float | None = None
     jitter_tolerance: float = 0.050
     clock_drift: float = 1e-3
@@ -104,11 +103,14 @@ class HAPulseConfig:
     lease_replicas: int = 3
     release_on_exit: bool = True
     lead: float = 0.0
+    reconnect_delay: float = 0.25
+    connect_attempts: int = 3
 
     def __post_init__(self) -> None:
-        # the fields it shares with PulseConfig (ids, tempo, bar, start index, URL, credentials)
-        # are checked by building that PulseConfig
+        # the fields it shares with PulseConfig (ids, tempo, bar, start index) are checked by
+        # building that PulseConfig, which checks the connection fields too
         self.pulse_config()
+        super().__post_init__()  # normalises nats_url on this object
         _finite_positive("jitter_tolerance", self.jitter_tolerance, allow_zero=True)
         _finite_positive("lead", self.lead, allow_zero=True)
         drift = _finite_positive("clock_drift", self.clock_drift, allow_zero=True)
@@ -156,29 +158,20 @@ class HAPulseConfig:
             op_timeout=float(op),
         )
 
-    def connection_config(self) -> Config:
-        """The client-level connection settings (a single pulse's, under another name)."""
-        return (
-            self.pulse_config()
-            .connection_config()
-            .replace(name=f"backbeat-ha-pulse:{self.pulse_id}")
-        )
+    def _default_connection_name(self) -> str:
+        return f"backbeat-ha-pulse:{self.pulse_id}"
 
     def pulse_config(self) -> PulseConfig:
         """The equivalent single-pulse settings (the tempo handling is :func:`run_pulse`'s)."""
         return PulseConfig(
             cluster_id=self.cluster_id,
-            nats_url=self.nats_url,
             tempo_bpm=self.tempo_bpm,
             beats_per_bar=self.beats_per_bar,
             start_index=self.start_index,
             pulse_id=self.pulse_id,
             max_tempo_step=self.max_tempo_step,
             allow_forced_tempo=self.allow_forced_tempo,
-            token=self.token,
-            user=self.user,
-            password=self.password,
-            tls_ca_file=self.tls_ca_file,
+            **self.connection_kwargs(),
         )
 
 
@@ -418,9 +411,7 @@ async def run_ha_pulse(
     async with contextlib.AsyncExitStack() as stack:
         owned = transport is None
         if transport is None:
-            transport = await stack.enter_async_context(
-                open_nats_transport(cfg.connection_config())
-            )
+            transport = await stack.enter_async_context(open_nats_transport(cfg))
         if store is None:
             nats = nats_transport_of(transport)
             if nats is None:

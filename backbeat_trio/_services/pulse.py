@@ -18,7 +18,6 @@ import msgspec
 import trio
 
 from .._bridge.nats import open_nats_transport
-from .._client.config import Config
 from .._core.beats import (
     beat_subject,
     tempo_subject,
@@ -31,6 +30,7 @@ from .._core.schedule import PulseSchedule, ScheduledBeat, TempoDecision
 from .._core.wire import BeatFrame, TempoChange, decode
 from .._errors import ConfigError, NotConnected, WireError
 from .._transport.base import Subscription, Transport
+from .._transport.options import ConnectionOptions
 from .._util.sleep import sleep_until_precise
 
 __all__ = ["PulseConfig", "PulseStatus", "make_beat_frame", "run_pulse", "tempo_listener"]
@@ -38,34 +38,36 @@ __all__ = ["PulseConfig", "PulseStatus", "make_beat_frame", "run_pulse", "tempo_
 log = logging.getLogger("backbeat_trio.pulse")
 
 
-@dataclass(frozen=True, kw_only=True)
-class PulseConfig:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class PulseConfig(ConnectionOptions):
     """Settings of one pulse.
+
+    The NATS connection fields are :class:`ConnectionOptions`'s (``nats_url``, ``user``,
+    ``password``, ``token``, ``creds_file``, ``nkeys_seed``, ``tls``, ``tls_ca_file``,
+    ``tls_cert_file``, ``tls_key_file``, ``name``, ``reconnect_delay``, ``max_reconnects``,
+    ``connect_attempts``), with the same rules as for a client; a pulse retries its first connect
+    (3 attempts, 0.25 s apart) and names its connection ``backbeat-pulse:<pulse_id>``.
 
     Args:
         cluster_id: the cluster it beats for.
-        nats_url: NATS URL(s).
         tempo_bpm: starting tempo (1..1200).
         beats_per_bar: bar length.
         start_index: the first beat index published.
         pulse_id: its id (HLC node, connection name).
         max_tempo_step: largest relative tempo step accepted without ``force`` (None: any).
         allow_forced_tempo: honour ``force`` in a TempoChange's reason (``"force: …"``).
-        token, user, password, tls_ca_file: NATS authentication, as in :class:`Config`.
+        **connection: the :class:`ConnectionOptions` fields.
     """
 
     cluster_id: str
-    nats_url: str | tuple[str, ...] | list[str] = "nats://127.0.0.1:4222"
     tempo_bpm: int = 60
     beats_per_bar: int = 4
     start_index: int = 0
     pulse_id: str = "pulse-1"
     max_tempo_step: float | None = 0.10
     allow_forced_tempo: bool = False
-    token: str | None = None
-    user: str | None = None
-    password: str | None = None
-    tls_ca_file: str | None = None
+    reconnect_delay: float = 0.25
+    connect_attempts: int = 3
 
     def __post_init__(self) -> None:
         validate_id("cluster_id", self.cluster_id)
@@ -78,22 +80,10 @@ class PulseConfig:
             or not (0 <= self.start_index < 2**63)
         ):
             raise ConfigError("start_index", f"must be an int >= 0, got {self.start_index!r}")
-        self.connection_config()  # validates URL and credentials now, not at connect time
+        super().__post_init__()  # URL and credentials are checked now, not at connect time
 
-    def connection_config(self) -> Config:
-        """The client-level connection settings this pulse connects with."""
-        return Config(
-            cluster_id=self.cluster_id,
-            agent_id=self.pulse_id,
-            nats_url=self.nats_url,
-            token=self.token,
-            user=self.user,
-            password=self.password,
-            tls_ca_file=self.tls_ca_file,
-            name=f"backbeat-pulse:{self.pulse_id}",
-            connect_attempts=3,
-            reconnect_delay=0.25,
-        )
+    def _default_connection_name(self) -> str:
+        return f"backbeat-pulse:{self.pulse_id}"
 
 
 @dataclass
@@ -141,9 +131,7 @@ async def run_pulse(
     """
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
-            transport = await stack.enter_async_context(
-                open_nats_transport(cfg.connection_config())
-            )
+            transport = await stack.enter_async_context(open_nats_transport(cfg))
         await _pulse_loop(cfg, transport, wall_clock, lead, task_status)
 
 

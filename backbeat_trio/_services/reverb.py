@@ -54,6 +54,7 @@ from .._services.lease import (
     ensure_lease_store,
 )
 from .._transport.base import Subscription, Transport
+from .._transport.options import ConnectionOptions
 
 __all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
 
@@ -68,13 +69,16 @@ _PUBLISHED_KEPT = 256
 MAX_TRACKED_AGENTS = 10_000
 
 
-@dataclass(frozen=True, kw_only=True)
-class ReverbConfig:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class ReverbConfig(ConnectionOptions):
     """Settings of one reverb aggregator.
+
+    The NATS connection fields are :class:`ConnectionOptions`'s, with the same rules as for a
+    client; a reverb retries its first connect (3 attempts, 0.25 s apart) and names its
+    connection ``backbeat-reverb:<reverb_id>``.
 
     Args:
         cluster_id: the cluster.
-        nats_url: NATS URL(s).
         keyring: the agents' public keys (None: trust nobody's signature).
         allow_unsigned: accept claims without a signature.
         beats_per_bar: window length (must match the pulse).
@@ -82,17 +86,16 @@ class ReverbConfig:
         jitter_tolerance: as for a client.
         create_stream: create ``BACKBEAT_STATUS_<cluster_id>`` if missing.
         duplicate_window: the stream's de-duplication window, seconds.
-        token, user, password, tls_ca_file: NATS authentication.
         replicas: replica count of the streams (and lease bucket) it creates; 3 on a NATS
             cluster, falls back to 1 where it cannot be placed.
         ha: one of several reverbs of the cluster: only the holder of the reverb lease publishes.
         lease_ttl: the reverb lease's TTL in seconds (``ha`` only): the longest a window's report
             is delayed when the publishing reverb dies.
         release_on_exit: a publishing reverb that is stopped hands the lease over at once.
+        **connection: the :class:`ConnectionOptions` fields.
     """
 
     cluster_id: str
-    nats_url: str | tuple[str, ...] | list[str] = "nats://127.0.0.1:4222"
     keyring: Keyring | None = None
     allow_unsigned: bool = False
     beats_per_bar: int = 4
@@ -100,14 +103,12 @@ class ReverbConfig:
     jitter_tolerance: float = 0.050
     create_stream: bool = True
     duplicate_window: float = 120.0
-    token: str | None = None
-    user: str | None = None
-    password: str | None = None
-    tls_ca_file: str | None = None
     replicas: int = 1
     ha: bool = False
     lease_ttl: float = 2.0
     release_on_exit: bool = True
+    reconnect_delay: float = 0.25
+    connect_attempts: int = 3
 
     def __post_init__(self) -> None:
         validate_id("cluster_id", self.cluster_id)
@@ -124,7 +125,8 @@ class ReverbConfig:
                 f"{ttl:g} s is too short for jitter_tolerance {self.jitter_tolerance:g} s "
                 "(ttl > 2 x jitter_tolerance + drift margin)",
             )
-        self.connection_config()
+        super().__post_init__()
+        self.connection_config()  # the client-level fields (jitter_tolerance) are checked now
 
     def lease_timings(self) -> LeaseTimings:
         """The reverb lease's timing parameters (``ha``)."""
@@ -138,23 +140,19 @@ class ReverbConfig:
             op_timeout=max(0.1, min(ttl / 3, 2.0)),
         )
 
+    def _default_connection_name(self) -> str:
+        return f"backbeat-reverb:{self.reverb_id}"
+
     def connection_config(self) -> Config:
-        """The client-level settings the reverb connects and follows the beat with."""
+        """The client-level settings the reverb follows the beat with (on its own connection)."""
         return Config(
             cluster_id=self.cluster_id,
             agent_id=self.reverb_id,
-            nats_url=self.nats_url,
-            token=self.token,
-            user=self.user,
-            password=self.password,
-            tls_ca_file=self.tls_ca_file,
             beats_per_bar=self.beats_per_bar,
             jitter_tolerance=self.jitter_tolerance,
             jetstream=False,  # the reverb publishes no claims
-            name=f"backbeat-reverb:{self.reverb_id}",
-            connect_attempts=3,
-            reconnect_delay=0.25,
             beat_buffer=256,
+            **(self.connection_kwargs() | {"name": self.connection_name}),
         )
 
 
@@ -223,9 +221,7 @@ async def run_reverb(
     """
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
-            transport = await stack.enter_async_context(
-                open_nats_transport(cfg.connection_config())
-            )
+            transport = await stack.enter_async_context(open_nats_transport(cfg))
         keeper: LeaseKeeper | None = None
         if cfg.ha:
             timings = cfg.lease_timings()

@@ -26,7 +26,7 @@ from typing import IO
 import pytest
 
 from backbeat_trio import Keyring, load_signing_key, public_key_b64
-from backbeat_trio._cli.main import GO_HEALTH_FIELDS
+from backbeat_trio._cli.commands.health import GO_HEALTH_FIELDS
 from backbeat_trio._embedded import NatsServerProcess, free_port
 
 pytestmark = pytest.mark.nats

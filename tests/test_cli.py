@@ -27,7 +27,7 @@ import pytest
 from _guards import closed_port
 
 from backbeat_trio import Keyring, load_signing_key, public_key_b64
-from backbeat_trio._cli.main import GO_HEALTH_FIELDS
+from backbeat_trio._cli.commands.health import GO_HEALTH_FIELDS
 from backbeat_trio._embedded import NatsServerProcess
 
 pytestmark = pytest.mark.nats

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from backbeat_trio import Config, ConfigError, PulseConfig, ReverbConfig, run_pulse, run_reverb
-from backbeat_trio._cli.demo import AgentLife, AgentView, demo_cast, simulate_agent
+from backbeat_trio._cli.demo_agents import AgentLife, AgentView, demo_cast, simulate_agent
 
 pytestmark = pytest.mark.nats
 

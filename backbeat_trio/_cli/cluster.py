@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._bridge.nats import open_nats_transport
-from .._client.config import Config
 from .._core.beats import bar_subject, beat_subject, validate_id
 from .._core.hlc import HLCStamp, node_id_for
 from .._core.wire import BarReport, BeatFrame, decode
@@ -22,6 +21,7 @@ from .._embedded import NatsCluster, open_embedded_nats_cluster
 from .._errors import BackbeatError, ConfigError, WireError
 from .._services.ha_pulse import HAPulseConfig, HAPulseStatus, run_ha_pulse
 from .._services.lease import _finite_positive
+from .._transport.options import ConnectionOptions
 
 if TYPE_CHECKING:
     from .._services.reverb import ReverbConfig, ReverbStatus
@@ -158,7 +158,7 @@ async def run_local_cluster(
                 for i in range(pulses):
                     pulse_id = f"pulse-{i + 1}"
                     urls = _rotated(nats.urls, i)
-                    cfg = _replace_cfg(base, pulse_id=pulse_id, nats_url=urls)
+                    cfg = base.replace(pulse_id=pulse_id, nats_url=urls)
                     await nursery.start(
                         _instance_slot,
                         local,
@@ -201,12 +201,6 @@ async def run_local_cluster(
 def _rotated(urls: Sequence[str], by: int) -> list[str]:
     n = len(urls)
     return [urls[(i + by) % n] for i in range(n)]
-
-
-def _replace_cfg(cfg: HAPulseConfig, **changes: Any) -> HAPulseConfig:
-    fields = {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
-    fields.update(changes)
-    return HAPulseConfig(**fields)
 
 
 def _reverb_config(
@@ -273,9 +267,7 @@ async def _watch_publishers(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     # follow ``subject`` on the cluster and hand on each message with its publisher's HLC node
-    conn = Config(
-        cluster_id=cfg.cluster_id,
-        agent_id=f"cluster-{what}",
+    conn = ConnectionOptions(
         nats_url=local.urls,
         reconnect_delay=0.25,
         connect_attempts=3,

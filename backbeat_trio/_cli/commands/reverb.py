@@ -1,0 +1,129 @@
+"""``backbeat-trio reverb``: verify claims, publish one bar report per bar."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..._core.beats import bar_subject, status_subject
+from ..common import UsageError, add_command, env, env_int, eprint, load_keyring, out, seconds
+from ..connection import conn_parent, connection_kwargs
+from ..formatting import report_lines
+
+if TYPE_CHECKING:
+    from ..common import Subparsers
+
+__all__ = ["add_arguments", "register", "run"]
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add ``reverb`` and its options."""
+    p = add_command(
+        subparsers,
+        "reverb",
+        run,
+        "run the reverb: verify claims, publish one bar report per bar",
+        [conn_parent()],
+    )
+    add_arguments(p)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``reverb``."""
+    p.add_argument(
+        "--keyring",
+        metavar="FILE",
+        default=env("BACKBEAT_KEYRING"),
+        help="TOML keyring of the agents' public keys (env BACKBEAT_KEYRING)",
+    )
+    p.add_argument("--allow-unsigned", action="store_true", help="accept unsigned claims")
+    p.add_argument(
+        "--beats-per-bar",
+        type=int,
+        default=env_int("BACKBEAT_BEATS_PER_BAR", 4),
+        metavar="N",
+        help="bar length, as the pulse's (env BACKBEAT_BEATS_PER_BAR)",
+    )
+    p.add_argument("--reverb-id", default="reverb-1", metavar="ID", help="this reverb's id")
+    p.add_argument(
+        "--no-stream", action="store_true", help="don't create the JetStream status stream"
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="replicas of the streams it creates (3 on a NATS cluster; 1 where not placeable)",
+    )
+    p.add_argument(
+        "--ha",
+        action="store_true",
+        help="one of several reverbs: only the holder of the reverb lease publishes",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="with --ha: lease TTL; the longest a report is delayed by a crash (default 2)",
+    )
+    p.add_argument("--json", action="store_true", help="print each report as one JSON line")
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the reverb until cancelled, printing every bar report."""
+    from ..._services.reverb import ReverbConfig, run_reverb
+
+    keyring = load_keyring(args.keyring) if args.keyring else None
+    if keyring is None and not args.allow_unsigned:
+        raise UsageError(
+            "the reverb would reject every claim: give it the agents' public keys with "
+            "--keyring FILE (or BACKBEAT_KEYRING), or pass --allow-unsigned"
+        )
+    cfg = ReverbConfig(
+        cluster_id=args.cluster,
+        keyring=keyring,
+        allow_unsigned=args.allow_unsigned,
+        beats_per_bar=args.beats_per_bar,
+        reverb_id=args.reverb_id,
+        create_stream=not args.no_stream,
+        replicas=args.replicas,
+        ha=args.ha,
+        lease_ttl=args.lease_ttl,
+        **connection_kwargs(args),
+    )
+    async with trio.open_nursery() as nursery:
+        status = await nursery.start(run_reverb, cfg)
+        trusted = f"{len(keyring)} trusted key(s)" if keyring is not None else "no keyring"
+        ha = f"; HA, lease TTL {cfg.lease_ttl:g} s" if cfg.ha else ""
+        eprint(
+            f"reverb {cfg.reverb_id}: cluster {cfg.cluster_id!r}, {trusted}"
+            f"{', unsigned claims accepted' if cfg.allow_unsigned else ''}; claims from "
+            f"{status.stream or status_subject(cfg.cluster_id)}; reports on "
+            f"{bar_subject(cfg.cluster_id)}{ha}"
+        )
+        handled = 0
+        shown: tuple[str, str | None] = ("", None)
+        while True:
+            lease = status.lease
+            if lease is not None and lease.holder and (lease.role, lease.holder) != shown:
+                shown = (lease.role, lease.holder)
+                eprint(
+                    f"reverb {cfg.reverb_id}: publishing (holds the reverb lease)"
+                    if lease.leading
+                    else f"reverb {cfg.reverb_id}: standby (reports are aggregated, not published;"
+                    f" holder {lease.holder})"
+                )
+            if status.reports == handled:
+                with trio.move_on_after(0.5 if status.lease is not None else math.inf):
+                    await status.wait_for_report()
+                continue
+            fresh = min(status.reports - handled, len(status.history))
+            handled = status.reports
+            for report in list(status.history)[-fresh:] if fresh else []:
+                for line in report_lines(report, args.json):
+                    out(line)
+    raise AssertionError("unreachable")  # pragma: no cover

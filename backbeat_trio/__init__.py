@@ -52,6 +52,7 @@ from ._embedded import open_embedded_nats as open_embedded_nats
 from ._errors import BackbeatError as BackbeatError
 from ._errors import BeatBudgetExceeded as BeatBudgetExceeded
 from ._errors import ConfigError as ConfigError
+from ._errors import EmbeddedServerError as EmbeddedServerError
 from ._errors import InvalidStatusClaim as InvalidStatusClaim
 from ._errors import NotConnected as NotConnected
 from ._errors import SignatureError as SignatureError
@@ -86,6 +87,7 @@ __all__ = [
     "ConfigError",
     "ConnectionOptions",
     "DropOldestChannel",
+    "EmbeddedServerError",
     "HAPulseConfig",
     "HAPulseStatus",
     "HLCStamp",

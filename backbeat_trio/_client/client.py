@@ -36,9 +36,9 @@ from .._transport.base import ConnEvent, Message, Transport
 from .._util.channel import DropOldestChannel
 from .._util.sleep import SPIN_S, precise_clock
 from .budgets import BeatBudgets
+from .closing import UndeliveredClaims, exception_to_raise, reraise
 from .delivery import ClaimDelivery
-from .fanout import BeatFanout
-from .unwrap import exception_to_raise, reraise
+from .fanout import BeatCallback, BeatFanout
 
 __all__ = ["Client", "ClientMetrics", "UndeliveredClaims", "open_client"]
 
@@ -51,18 +51,6 @@ ACK_TIMEOUT_S = 2.0
 log = logging.getLogger("backbeat_trio.client")
 
 T = TypeVar("T")
-BeatCallback = Callable[[BeatFrame], Any]
-
-
-class UndeliveredClaims(NotConnected):
-    """Raised when a client closes with claims that never reached the server (or were never
-    acknowledged in JetStream mode). ``claims`` holds their bodies, oldest first."""
-
-    def __init__(self, claims: list[StatusClaim]) -> None:
-        super().__init__(
-            f"{len(claims)} status claim(s) were not delivered before the client closed"
-        )
-        self.claims = claims
 
 
 class Client:
@@ -107,7 +95,7 @@ class Client:
         self._sampler_scope: trio.CancelScope | None = None
         self._sampler_spin = 0.0  # SPIN_S on a real clock (set by the sampler)
         # beats out
-        self._fanout = BeatFanout(self.metrics)
+        self._fanout = BeatFanout(self._errors, config.beat_buffer)
         self._budgets = BeatBudgets(self._tracker, self.metrics)
         # claims out: the sans-IO outbox decides; this client publishes and waits
         self._outbox = Outbox(
@@ -228,19 +216,11 @@ class Client:
         Raises:
             ValueError: ``buffer`` is given and is not a positive int.
         """
-        return self._new_channel(buffer, downbeats=False)
+        return self._fanout.open_channel(buffer, downbeats=False)
 
     def downbeats(self, *, buffer: int | None = None) -> DropOldestChannel[BeatFrame]:
         """Like :meth:`beats`, downbeats only."""
-        return self._new_channel(buffer, downbeats=True)
-
-    def _new_channel(self, buffer: int | None, *, downbeats: bool) -> DropOldestChannel[BeatFrame]:
-        if buffer is None:
-            buffer = self.config.beat_buffer
-        elif isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-            name = "downbeats" if downbeats else "beats"
-            raise ValueError(f"{name}(buffer=...) needs a positive int, got {buffer!r}")
-        return self._fanout.open_channel(buffer, downbeats=downbeats)
+        return self._fanout.open_channel(buffer, downbeats=True)
 
     def on_beat(self, callback: BeatCallback) -> Callable[[], None]:
         """Call ``callback(frame)`` (sync or async) on every beat, Go-style.
@@ -257,30 +237,7 @@ class Client:
     def _add_callback(self, callback: BeatCallback, *, downbeats: bool) -> Callable[[], None]:
         if self._nursery is None:
             raise NotConnected("the client is not running")
-        chan = self.downbeats() if downbeats else self.beats()
-        scope = trio.CancelScope()
-        self._nursery.start_soon(self._run_callback, callback, chan, scope)
-
-        def remove() -> None:
-            chan.close()
-            scope.cancel()
-
-        return remove
-
-    async def _run_callback(
-        self, callback: BeatCallback, chan: DropOldestChannel[BeatFrame], scope: trio.CancelScope
-    ) -> None:
-        with scope, contextlib.suppress(trio.ClosedResourceError):
-            async for frame in chan:
-                try:
-                    result = callback(frame)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception as exc:
-                    self.metrics.callback_errors += 1
-                    name = getattr(callback, "__name__", callback)
-                    self._errors.note(f"callback {name!r}: {exc!r}")
-                    log.exception("beat callback %r raised", callback)
+        return self._fanout.add_callback(self._nursery, callback, downbeats=downbeats)
 
     async def wait_connected(self, connected: bool = True) -> None:
         """Wait until the client sees its NATS connection up (or, with ``False``, down).

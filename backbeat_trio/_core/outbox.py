@@ -21,15 +21,17 @@ import random
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
 
 from .._errors import InvalidStatusClaim, NotConnected
 from .hlc import HLC
 from .metrics import ErrorLog
-from .signing import Signer
 from .wire import StatusClaim, encode_claim
+
+if TYPE_CHECKING:
+    from .signing import Signer
 
 __all__ = ["DeliveryMode", "Outbox", "Outgoing"]
 

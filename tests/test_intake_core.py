@@ -197,6 +197,8 @@ def test_degradation_keeps_one_beat_per_beat_and_stops_when_the_pulse_is_back(
         assert frame.downbeat == (index % 4 == 0)
         assert frame.window_id == window_id(CLUSTER, index, 4)
     assert tracker.metrics.degraded_beats == silent_beats
+    # once degraded the exact schedule is kept: no jitter allowance on local beats
+    assert tracker.alarm() == tracker.next_due
     # the pulse is back: its frame for the last synthesised beat is adopted, or a later one
     # delivered; either way local beats stop until a beat is missed again
     last = tracker.last_index

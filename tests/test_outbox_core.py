@@ -106,6 +106,11 @@ class Model:
         self.connected = True
         for out in self.outbox.reconnected():
             self.send(out)
+        # everything that waited is on its way again, in order (JetStream keeps it until acked)
+        if self.jetstream:
+            assert list(self.outbox.pending) == [o.seq for o in self.wire]
+        else:
+            assert not self.outbox.pending
 
     def start_ping(self) -> None:
         if not self.jetstream and self.connected and self.outbox.unconfirmed and not self.ping:
@@ -130,7 +135,7 @@ class Model:
 
     def tick(self, dt: float) -> None:
         self.now += dt
-        if self.connected:
+        if self.connected and self.jetstream:  # the ack-listener's periodic retry
             for out in self.outbox.due_for_retry(self.now):
                 self.send(out)
 
@@ -213,6 +218,14 @@ def test_core_mode_every_claim_is_confirmed_pending_or_reported(
     model = Model(new_outbox(size))
     for action, arg in steps:
         model.step(action, arg)
+    # then the connection is back and PONGs come: nothing stays queued or unconfirmed
+    model.step("reconnect", 0)
+    model.step("pong", 0)
+    model.step("start_ping", 0)
+    model.step("pong", 0)
+    assert not model.outbox.busy
+    assert model.delivered | model.written_off == set(model.emitted)
+    model.step("emit", 0)
     # closing lists every claim not confirmed, oldest first (written-off ones were reported)
     still_open = sorted(model.open_seqs())
     model.outbox.close()
@@ -319,3 +332,21 @@ def test_a_pong_confirms_only_claims_written_before_its_ping() -> None:
     assert outbox.confirm(generation, batch)
     # the PONG proves only what was written before the PING: the second is not confirmed yet
     assert [o.seq for o in outbox.unconfirmed] == [second.seq]
+
+
+def test_after_a_reconnect_new_claims_wait_for_the_republished_ones() -> None:
+    model = Model(new_outbox(jetstream=True))
+    model.emit()
+    model.emit()
+    model.disconnect()  # both lost in the socket; kept for their PubAck
+    model.reconnect()
+    assert model.outbox.hold_new
+    assert [o.seq for o in model.wire] == [1, 2]
+    model.emit()  # must not be stored before 1 and 2
+    assert [o.seq for o in model.wire] == [1, 2]
+    model.arrive(2)
+    model.ack(0)
+    assert [o.seq for o in model.wire] == []
+    model.ack(0)
+    assert [o.seq for o in model.wire] == [3]
+    assert model.outbox.metrics.claims_republished == 2

@@ -22,7 +22,7 @@ from nacl.signing import VerifyKey
 
 import backbeat_trio as bb3
 from backbeat_trio import testing as bbt
-from backbeat_trio._client import client as bbv
+from backbeat_trio._core.intake import RECALIBRATE_AFTER
 from backbeat_trio._core.wire import encode
 from backbeat_trio._transport.base import Subscription
 from backbeat_trio.testing.memory import MemoryTransport
@@ -382,7 +382,7 @@ async def test_a_stepped_clock_is_recalibrated_after_a_run_of_refusals(
             step[0] = 5.0  # the local clock jumps 5 s ahead: every pulse frame looks stale
             frames = await take(chan, 14)
             assert not bb.degraded  # the pulse is followed again
-            assert bb.metrics.stale == bbv.RECALIBRATE_AFTER
+            assert bb.metrics.stale == RECALIBRATE_AFTER
             assert any("re-calibrating" in e for e in bb.health().errors)
     indices = [f.beat_index for f in frames]
     assert indices == list(range(indices[0], indices[0] + 14))  # local beats filled the gap

@@ -1,0 +1,96 @@
+"""Beat budgets: trio cancel scopes whose deadlines are counted in beats.
+
+A budget remembers the beat position it ends at; every beat and tempo change re-projects that
+position onto trio's clock (:meth:`BeatBudgets.reproject`), so the scope ends when the beat
+position gets there whatever the tempo does meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import trio
+
+from .._core.intake import BeatTracker
+from .._core.metrics import ClientMetrics
+
+__all__ = ["BeatBudgets"]
+
+
+@dataclass(slots=True)
+class _Budget:
+    beats: float  # the budget's length
+    target: float | None  # fractional beat position at which it ends (None: before any beat)
+
+
+class BeatBudgets:
+    """The open beat budgets of one client.
+
+    Args:
+        tracker: the beat schedule the deadlines follow.
+        metrics: where budgets are counted.
+    """
+
+    __slots__ = ("_metrics", "_scopes", "_tracker")
+
+    def __init__(self, tracker: BeatTracker, metrics: ClientMetrics) -> None:
+        self._tracker = tracker
+        self._metrics = metrics
+        self._scopes: weakref.WeakKeyDictionary[trio.CancelScope, _Budget] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"<BeatBudgets open={len(self._scopes)}>"
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    def open(self, beats: float, *, cancelled: bool) -> trio.CancelScope:
+        """A cancel scope that ends ``beats`` beats from now (cancelled at once if ``cancelled``).
+
+        Raises:
+            ValueError: ``beats`` is not a positive finite number.
+        """
+        if (
+            isinstance(beats, bool)
+            or not isinstance(beats, int | float)
+            or not (0 < beats < math.inf)
+        ):
+            raise ValueError(f"a beat budget needs a positive number of beats, got {beats!r}")
+        tracker = self._tracker
+        pos = tracker.position(trio.current_time())
+        target = None if pos is None else pos + beats
+        deadline = math.inf if target is None else tracker.deadline_for(target)
+        scope = trio.CancelScope(deadline=deadline)
+        self._scopes[scope] = _Budget(beats, target)
+        self._metrics.budgets_created += 1
+        if cancelled:
+            scope.cancel()
+        return scope
+
+    def count(self, scope: trio.CancelScope) -> None:
+        """``scope`` is done: count it as completed or timed out."""
+        self._scopes.pop(scope, None)
+        if scope.cancelled_caught:
+            self._metrics.budgets_timed_out += 1
+        else:
+            self._metrics.budgets_completed += 1
+
+    def reproject(self) -> None:
+        """The beat schedule moved: move every deadline to where its beat position now falls."""
+        if not self._scopes:
+            return
+        tracker = self._tracker
+        for scope, budget in list(self._scopes.items()):
+            if budget.target is None:  # made before the first beat: it starts counting now
+                assert tracker.last_index is not None
+                budget.target = tracker.last_index + budget.beats
+            scope.deadline = tracker.deadline_for(budget.target)
+
+    def cancel_all(self) -> None:
+        """The client closes: end every open budget."""
+        for scope in list(self._scopes):
+            scope.cancel()

@@ -1,0 +1,190 @@
+"""Claims out, the trio side: publishing what the :class:`~.._core.outbox.Outbox` says, the
+confirmer (core mode: a PING/PONG confirms what the server has) and the ack-listener (JetStream
+mode: PubAcks on one wildcard inbox, unacknowledged claims retried)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import trio
+
+from .._core.outbox import Outbox, Outgoing
+from .._errors import NotConnected
+from .._transport.base import Transport
+
+__all__ = ["ClaimDelivery"]
+
+
+class ClaimDelivery:
+    """Publishes one client's claims and waits for them to be delivered.
+
+    Args:
+        outbox: the sans-IO outbox that decides what to publish and keeps what is undelivered.
+        transport: the connection claims are published on.
+        status_subject: the subject they go to.
+
+    Attributes:
+        outbox: as given.
+        connected: the client's view of the connection (from its connection events).
+    """
+
+    def __init__(self, outbox: Outbox, transport: Transport, status_subject: str) -> None:
+        self.outbox = outbox
+        self.connected = transport.connected
+        self._transport = transport
+        self._status_subject = status_subject
+        self._changed = trio.Event()
+        self._waiters = 0  # tasks in flush(), waiting for _changed
+        self._confirm_wake = trio.Event()
+        self._confirm_scope: trio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        return f"<ClaimDelivery {self.outbox!r} connected={self.connected}>"
+
+    async def detect_mode(self, want: bool | None, cluster_id: str) -> None:
+        """Use JetStream when a stream captures the status subject (``want``: None), or as told.
+
+        Raises:
+            NotConnected: ``want`` is True and no stream captures the status subject.
+        """
+        if want is False:
+            return
+        stream = await self._transport.find_stream(self._status_subject)
+        if stream is None:
+            if want:
+                raise NotConnected(
+                    f"jetstream=True but no JetStream stream captures {self._status_subject!r} "
+                    f"(run the reverb, or create BACKBEAT_STATUS_{cluster_id})"
+                )
+            return
+        self.outbox.use_jetstream(f"{self._transport.new_inbox()}.ack")
+
+    # ------------------------------------------------------------------ publishing
+    def send(self, out: Outgoing) -> None:
+        """Publish ``out`` now (or keep it in the outbox when the connection is down)."""
+        transport = self._transport
+        if not transport.connected:
+            # known dead (its event may still be on the way): keep it for the reconnect
+            self.outbox.keep(out)
+            return
+        try:
+            transport.publish(self._status_subject, out.body, headers=out.headers, reply=out.reply)
+        except NotConnected:
+            self.outbox.keep(out)
+            return
+        if self.outbox.published(out, trio.current_time()):
+            self._confirm_wake.set()
+            if self._waiters:  # checked here too: no call per claim when nobody waits
+                self._notify()
+
+    def _notify(self) -> None:
+        # Swap, then set: every waiter (flush may be awaited by several tasks) wakes and
+        # re-checks; waiters never replace the event themselves, or one could strand another.
+        # Nobody waiting (the common case, once per claim): nothing to wake, no new Event.
+        if self._waiters:
+            event, self._changed = self._changed, trio.Event()
+            event.set()
+
+    async def flush(self) -> None:
+        """Wait until every claim so far is delivered (see ``Client.flush_claims``)."""
+        while self.outbox.busy:
+            self._waiters += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiters -= 1
+        if self.connected:
+            with contextlib.suppress(NotConnected):
+                await self._transport.flush()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def deliver_queued(self, grace: float) -> None:
+        """The client closes: give what is queued ``grace`` seconds to be delivered, then put
+        core-mode claims the server never confirmed back among the undelivered."""
+        if self.outbox.busy:
+            with trio.move_on_after(grace):
+                self.retry()
+                await self.flush()
+        self.outbox.close()
+
+    # ------------------------------------------------------------------ connection events
+    def on_connected(self) -> None:
+        """The connection is up: confirm what was written meanwhile."""
+        self._confirm_wake.set()
+
+    def on_disconnected(self) -> None:
+        """The connection dropped: a confirmation under way is void; unconfirmed claims are
+        written off."""
+        if self._confirm_scope is not None:
+            self._confirm_scope.cancel()
+        if self.outbox.disconnected():
+            self._notify()
+
+    def on_reconnected(self) -> None:
+        """The connection is back: re-publish the outbox in order."""
+        for out in self.outbox.reconnected():
+            self.send(out)
+        self._confirm_wake.set()
+
+    # ------------------------------------------------------------------ tasks
+    async def run_confirmer(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Core mode: a PING/PONG after each batch of claims confirms the server has them.
+
+        Without it nobody could tell which claims a dying connection swallowed; with it the
+        possible loss is bounded by, and counted as, the claims still unconfirmed at a disconnect.
+        """
+        task_status.started()
+        outbox = self.outbox
+        while True:
+            while not (outbox.unconfirmed and self.connected):
+                self._confirm_wake = trio.Event()
+                await self._confirm_wake.wait()
+            generation = outbox.generation
+            batch = len(outbox.unconfirmed)
+            confirmed = False
+            with trio.move_on_after(outbox.ack_timeout) as scope:
+                self._confirm_scope = scope
+                try:
+                    await self._transport.flush()
+                    confirmed = True
+                except NotConnected:
+                    pass
+            self._confirm_scope = None
+            if confirmed:
+                if outbox.confirm(generation, batch):
+                    self._notify()
+            else:
+                await trio.sleep(outbox.ack_timeout / 8)  # back off; the disconnect event follows
+
+    async def run_ack_listener(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """JetStream mode: PubAcks arrive on one wildcard inbox; unacked claims are retried."""
+        outbox = self.outbox
+        sub = await self._transport.subscribe(f"{outbox.ack_prefix}.*", buffer=65536)
+        task_status.started()
+        prefix_len = len(outbox.ack_prefix) + 1
+        try:
+            while True:
+                # retry on a fixed period: a steady flow of acks must not starve the retries
+                with trio.move_on_after(outbox.ack_timeout / 2):
+                    async for msg in sub.messages:
+                        self.on_ack(msg.subject[prefix_len:], msg.data)
+                    return  # the subscription ended: the client is closing
+                self.retry()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await sub.unsubscribe()
+
+    def on_ack(self, token: str, data: bytes) -> None:
+        """A reply arrived on ``{ack_prefix}.{token}``."""
+        release = self.outbox.acked(token, data)
+        if release is not None:
+            self._notify()
+            for out in release:
+                self.send(out)
+
+    def retry(self) -> None:
+        """Publish (again) what is due: unacknowledged claims past the ack timeout, queued ones."""
+        if self.connected:
+            for out in self.outbox.due_for_retry(trio.current_time()):
+                self.send(out)

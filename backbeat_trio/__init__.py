@@ -19,7 +19,6 @@ from ._bridge.nats import NatsTransportView as NatsTransportView
 from ._bridge.nats import open_nats_transport as open_nats_transport
 from ._client.client import Client as Client
 from ._client.client import ClientMetrics as ClientMetrics
-from ._client.client import UndeliveredClaims as UndeliveredClaims
 from ._client.client import open_client as open_client
 from ._client.config import Config as Config
 from ._core.beats import bar_start as bar_start
@@ -56,6 +55,7 @@ from ._errors import EmbeddedServerError as EmbeddedServerError
 from ._errors import InvalidStatusClaim as InvalidStatusClaim
 from ._errors import NotConnected as NotConnected
 from ._errors import SignatureError as SignatureError
+from ._errors import UndeliveredClaims as UndeliveredClaims
 from ._errors import WireError as WireError
 from ._services.ha_pulse import HAPulseConfig as HAPulseConfig
 from ._services.ha_pulse import HAPulseStatus as HAPulseStatus

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._core.wire import StatusClaim
+
 __all__ = [
     "BackbeatError",
     "BeatBudgetExceeded",
@@ -10,6 +15,7 @@ __all__ = [
     "InvalidStatusClaim",
     "NotConnected",
     "SignatureError",
+    "UndeliveredClaims",
     "WireError",
 ]
 
@@ -69,3 +75,14 @@ class EmbeddedServerError(BackbeatError, RuntimeError):
 
     The message carries the tail of the server's log.
     """
+
+
+class UndeliveredClaims(NotConnected):
+    """Raised when a client closes with claims that never reached the server (or were never
+    acknowledged in JetStream mode). ``claims`` holds their bodies, oldest first."""
+
+    def __init__(self, claims: list[StatusClaim]) -> None:
+        super().__init__(
+            f"{len(claims)} status claim(s) were not delivered before the client closed"
+        )
+        self.claims = claims

@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 import backbeat_trio as bb3
 from backbeat_trio._bridge.nats import open_nats_transport
-from backbeat_trio._client.client import UndeliveredClaims
 from backbeat_trio._core.beats import status_stream_name, status_subject
 from backbeat_trio._embedded import NatsServerProcess
+from backbeat_trio._errors import UndeliveredClaims
 from backbeat_trio.testing import open_fake_cluster
 
 pytestmark = pytest.mark.chaos

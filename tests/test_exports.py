@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.resources
 import inspect
+import pkgutil
 import tomllib
 from pathlib import Path
 
@@ -100,6 +101,24 @@ def test_errors_form_one_tree() -> None:
         assert issubclass(getattr(bb3, name), bb3.BackbeatError), name
     assert issubclass(bb3.BeatBudgetExceeded, TimeoutError)
     assert issubclass(bb3.UndeliveredClaims, bb3.NotConnected)
+
+
+def test_every_library_error_class_lives_in_the_errors_module() -> None:
+    # the CLI's own control flow (argument errors, the demo's agents ending) is not library API
+    defined_elsewhere = []
+    for info in pkgutil.walk_packages(backbeat_trio.__path__, "backbeat_trio."):
+        if info.name.split(".")[1] == "_cli":
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, BaseException)
+                and obj.__module__ == info.name
+                and info.name != "backbeat_trio._errors"
+            ):
+                defined_elsewhere.append(f"{info.name}.{name}")
+    assert not defined_elsewhere
 
 
 def test_client_has_the_documented_surface() -> None:

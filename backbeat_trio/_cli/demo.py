@@ -17,13 +17,13 @@ from typing import Final, Protocol
 import trio
 from nacl.signing import SigningKey
 
-from .._client.client import Client, UndeliveredClaims, open_client
+from .._client.client import Client, open_client
 from .._client.config import Config
 from .._core.beats import validate_beats_per_bar, validate_id, validate_tempo
 from .._core.signing import Keyring, generate_signing_key
 from .._core.wire import BarReport, BeatFrame
 from .._embedded import open_embedded_nats
-from .._errors import ConfigError
+from .._errors import ConfigError, UndeliveredClaims
 from .._services.pulse import PulseConfig, PulseStatus, run_pulse
 from .._services.reverb import ReverbConfig, ReverbStatus, run_reverb
 from .._util.channel import DropOldestChannel

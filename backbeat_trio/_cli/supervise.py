@@ -20,8 +20,13 @@ from typing import Final, TextIO
 
 import trio
 
-from .._client.client import UndeliveredClaims
-from .._errors import BackbeatError, ConfigError, InvalidStatusClaim, NotConnected
+from .._errors import (
+    BackbeatError,
+    ConfigError,
+    InvalidStatusClaim,
+    NotConnected,
+    UndeliveredClaims,
+)
 from .common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,

@@ -31,12 +31,12 @@ from .._core.intake import ADOPTED, DELIVERED, BeatTracker
 from .._core.metrics import ClientMetrics, ErrorLog
 from .._core.outbox import Outbox
 from .._core.wire import BeatFrame, HealthStatus, StatusClaim
-from .._errors import BeatBudgetExceeded, NotConnected
+from .._errors import BeatBudgetExceeded, NotConnected, UndeliveredClaims
 from .._transport.base import ConnEvent, Message, Transport
 from .._util.channel import DropOldestChannel
 from .._util.sleep import SPIN_S, precise_clock
 from .budgets import BeatBudgets
-from .closing import UndeliveredClaims, exception_to_raise, reraise
+from .closing import exception_to_raise, reraise
 from .delivery import ClaimDelivery
 from .fanout import BeatCallback, BeatFanout
 

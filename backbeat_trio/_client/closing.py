@@ -1,5 +1,4 @@
-"""How a client's block ends: :class:`UndeliveredClaims`, and what leaves ``open_client`` when
-its nursery raised.
+"""How a client's block ends: what leaves ``open_client`` when its nursery raised.
 
 A group holding one real error is not leaked to the user; the user's own exception wins over the
 client's internal cancellation and failures (as trio-websocket's ``open_websocket`` does).
@@ -12,23 +11,9 @@ from typing import Any, NoReturn
 
 import trio
 
-from .._core.wire import StatusClaim
-from .._errors import NotConnected
-
-__all__ = ["UndeliveredClaims", "exception_to_raise", "reraise"]
+__all__ = ["exception_to_raise", "reraise"]
 
 log = logging.getLogger("backbeat_trio.client")
-
-
-class UndeliveredClaims(NotConnected):
-    """Raised when a client closes with claims that never reached the server (or were never
-    acknowledged in JetStream mode). ``claims`` holds their bodies, oldest first."""
-
-    def __init__(self, claims: list[StatusClaim]) -> None:
-        super().__init__(
-            f"{len(claims)} status claim(s) were not delivered before the client closed"
-        )
-        self.claims = claims
 
 
 def exception_to_raise(

@@ -37,7 +37,7 @@ from .._errors import BackbeatError, NotConnected
 from .._transport.base import ConnEvent, EventKind, Message, Subscription, _offer
 from . import _natspy_private as private
 from .loop import asyncio_loop as _asyncio_loop
-from .options import explain_connect_error, nats_failures
+from .options import connect_accepts, explain_connect_error, nats_failures
 from .options import nats_options as _nats_options
 from .view import NatsTransportView
 
@@ -194,6 +194,9 @@ class NatsTransport:
             "max_reconnect_attempts": 1,
             "reconnect_time_wait": 0,
         }
+        callbacks: dict[str, Any] = {}
+        if connect_accepts("lame_duck_mode_cb"):
+            callbacks["lame_duck_mode_cb"] = self._on_lame_duck
         failures = nats_failures()
         last: BaseException | None = None
         for attempt in range(attempts):
@@ -207,7 +210,7 @@ class NatsTransport:
                     reconnected_cb=self._on_reconnected,
                     closed_cb=self._on_closed,
                     error_cb=self._on_error,
-                    lame_duck_mode_cb=self._on_lame_duck,
+                    **callbacks,
                     **first_connect,
                 )
             except failures as exc:
@@ -234,8 +237,10 @@ class NatsTransport:
         with trio.move_on_after(_FAILED_CLOSE_BOUND) as scope:
             try:
                 await self._aio(nc.close)()
-            except nats_failures() as exc:
+            except (*nats_failures(), AttributeError) as exc:
                 # the attempt already failed and is reported; its close has nothing to add
+                # (AttributeError: nats-py < 2.15 cannot close a client whose socket never
+                # opened)
                 log.debug("closing a failed connect attempt: %r", exc)
         if scope.cancelled_caught:
             log.debug("closing a failed connect attempt did not finish in time; dropped")

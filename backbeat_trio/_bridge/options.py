@@ -3,6 +3,8 @@ edge where nats-py's connection errors are named."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +19,15 @@ def nats_failures() -> tuple[type[BaseException], ...]:
     import nats.errors
 
     return (OSError, nats.errors.Error)
+
+
+@functools.cache
+def connect_accepts(name: str) -> bool:
+    """True when nats-py's ``Client.connect`` takes the keyword ``name`` (its public signature;
+    ``lame_duck_mode_cb`` came with nats-py 2.15: older versions report no lame-duck event)."""
+    import nats.aio.client
+
+    return name in inspect.signature(nats.aio.client.Client.connect).parameters
 
 
 def explain_connect_error(

@@ -37,7 +37,7 @@ from .._errors import BackbeatError, NotConnected
 from .._transport.base import ConnEvent, EventKind, Message, Subscription, _offer
 from . import _natspy_private as private
 from .loop import asyncio_loop as _asyncio_loop
-from .options import connect_accepts, explain_connect_error, nats_failures
+from .options import connect_accepts, connect_nats, nats_failures
 from .options import nats_options as _nats_options
 from .view import NatsTransportView
 
@@ -55,8 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("backbeat_trio.transport")
-
-_FAILED_CLOSE_BOUND = 0.25  # seconds to let nats-py close a connection whose handshake failed
 
 #: Messages the trio side may queue for the asyncio drainer before publish() refuses.
 MAX_QUEUED_PUBLISHES = 65_536
@@ -181,69 +179,21 @@ class NatsTransport:
     async def _connect(
         self, servers: Sequence[str], options: dict[str, Any], attempts: int, delay: float
     ) -> None:
-        import nats.aio.client
-
-        # nats-py retries a failing *first* connect forever when max_reconnect_attempts is -1
-        # (and loops over the pool even with allow_reconnect=False), so a wrong port or a bad
-        # token would hang open_client. The first connect therefore runs with reconnects off and
-        # a bounded, immediate retry (nats-py tries each server max_reconnect_attempts + 1 times);
-        # our own loop does the `attempts`, and the real reconnect policy is installed afterwards.
-        first_connect = {
-            **options,
-            "allow_reconnect": False,
-            "max_reconnect_attempts": 1,
-            "reconnect_time_wait": 0,
+        callbacks: dict[str, Any] = {
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+            "error_cb": self._on_error,
         }
-        callbacks: dict[str, Any] = {}
         if connect_accepts("lame_duck_mode_cb"):
             callbacks["lame_duck_mode_cb"] = self._on_lame_duck
-        failures = nats_failures()
-        last: BaseException | None = None
-        for attempt in range(attempts):
-            if attempt:
-                await trio.sleep(delay)
-            nc = nats.aio.client.Client()
-            try:
-                await self._aio(nc.connect)(
-                    servers=list(servers),
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    closed_cb=self._on_closed,
-                    error_cb=self._on_error,
-                    **callbacks,
-                    **first_connect,
-                )
-            except failures as exc:
-                last = exc
-                log.debug("connect attempt %d/%d failed: %r", attempt + 1, attempts, exc)
-                await self._close_failed(nc)
-                continue
-            for key in ("allow_reconnect", "max_reconnect_attempts", "reconnect_time_wait"):
-                nc.options[key] = options.get(key, nc.options[key])
-            self._nc = nc
-            break
-        else:
-            assert last is not None
-            raise NotConnected(explain_connect_error(servers, last, self.last_error)) from last
+        self._nc = await connect_nats(
+            self._loop, servers, {**options, **callbacks}, attempts, delay, lambda: self.last_error
+        )
         self._ready = True
         self.fast = private.fast_path_enabled()
         self._js = self._nc.jetstream()
         self._drainer = self._loop.create_task(self._drain())
-
-    async def _close_failed(self, nc: Any) -> None:
-        # A refused handshake (bad credentials) leaves nats-py's socket open: close it. Bounded:
-        # after a failed TLS upgrade nats-py's close() closes the socket, then waits for ever on
-        # the stream that start_tls replaced (nats-py 2.16).
-        with trio.move_on_after(_FAILED_CLOSE_BOUND) as scope:
-            try:
-                await self._aio(nc.close)()
-            except (*nats_failures(), AttributeError) as exc:
-                # the attempt already failed and is reported; its close has nothing to add
-                # (AttributeError: nats-py < 2.15 cannot close a client whose socket never
-                # opened)
-                log.debug("closing a failed connect attempt: %r", exc)
-        if scope.cancelled_caught:
-            log.debug("closing a failed connect attempt did not finish in time; dropped")
 
     async def aclose(self) -> None:
         """Flush what is queued (bounded), then close the connection.
@@ -371,6 +321,7 @@ class NatsTransport:
                         await private.push_pending(nc)
                     except Exception as exc:  # its flusher reports a dead connection itself
                         self.last_error = f"flush: {type(exc).__name__}: {exc}"
+                        log.debug("drainer: nats-py's flush failed (%r); its flusher reports", exc)
                     continue
                 subject, payload, headers, reply = q.popleft()
                 try:

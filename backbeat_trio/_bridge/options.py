@@ -1,15 +1,26 @@
-"""nats-py connection options from a :class:`~backbeat_trio._client.config.Config`, and the one
-edge where nats-py's connection errors are named."""
+"""Connecting nats-py: its options from a :class:`~backbeat_trio._client.config.Config`, the
+bounded first connect, and the one edge where nats-py's connection errors are named."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import trio
+import trio_asyncio
+
+from .._errors import NotConnected
 
 if TYPE_CHECKING:
     from .._client.config import Config
+
+log = logging.getLogger("backbeat_trio.transport")
+
+_FAILED_CLOSE_BOUND = 0.25  # seconds to let nats-py close a connection whose handshake failed
 
 
 def nats_failures() -> tuple[type[BaseException], ...]:
@@ -72,3 +83,70 @@ def nats_options(cfg: Config) -> dict[str, Any]:
     if ctx is not None:
         opts["tls"] = ctx
     return opts
+
+
+async def connect_nats(
+    loop: asyncio.AbstractEventLoop,
+    servers: Sequence[str],
+    options: dict[str, Any],
+    attempts: int,
+    delay: float,
+    cause: Callable[[], str | None],
+) -> Any:
+    """A connected nats-py client on ``loop``, after up to ``attempts`` tries ``delay`` apart.
+
+    ``options`` are ``connect``'s keyword arguments (callbacks included); ``cause`` returns what
+    the error callback last saw, for the message.
+
+    Raises:
+        NotConnected: every attempt failed (the message says why).
+    """
+    import nats.aio.client
+
+    # nats-py retries a failing *first* connect forever when max_reconnect_attempts is -1
+    # (and loops over the pool even with allow_reconnect=False), so a wrong port or a bad
+    # token would hang open_client. The first connect therefore runs with reconnects off and
+    # a bounded, immediate retry (nats-py tries each server max_reconnect_attempts + 1 times);
+    # our own loop does the `attempts`, and the real reconnect policy is installed afterwards.
+    first_connect = {
+        **options,
+        "allow_reconnect": False,
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0,
+    }
+    failures = nats_failures()
+    last: BaseException | None = None
+    for attempt in range(attempts):
+        if attempt:
+            await trio.sleep(delay)
+        nc = nats.aio.client.Client()
+        try:
+            await trio_asyncio.aio_as_trio(nc.connect, loop=loop)(
+                servers=list(servers), **first_connect
+            )
+        except failures as exc:
+            last = exc
+            log.debug("connect attempt %d/%d failed: %r", attempt + 1, attempts, exc)
+            await _close_failed(loop, nc)
+            continue
+        for key in ("allow_reconnect", "max_reconnect_attempts", "reconnect_time_wait"):
+            nc.options[key] = options.get(key, nc.options[key])
+        return nc
+    assert last is not None
+    raise NotConnected(explain_connect_error(servers, last, cause())) from last
+
+
+async def _close_failed(loop: asyncio.AbstractEventLoop, nc: Any) -> None:
+    # A refused handshake (bad credentials) leaves nats-py's socket open: close it. Bounded:
+    # after a failed TLS upgrade nats-py's close() closes the socket, then waits for ever on
+    # the stream that start_tls replaced (nats-py 2.16).
+    # AttributeError: nats-py < 2.15 cannot close a client whose socket never opened.
+    ignored: tuple[type[BaseException], ...] = (*nats_failures(), AttributeError)
+    with trio.move_on_after(_FAILED_CLOSE_BOUND) as scope:
+        try:
+            await trio_asyncio.aio_as_trio(nc.close, loop=loop)()
+        except ignored as exc:
+            # the attempt already failed and is reported; its close has nothing to add
+            log.debug("closing a failed connect attempt: %r", exc)
+    if scope.cancelled_caught:
+        log.debug("closing a failed connect attempt did not finish in time; dropped")

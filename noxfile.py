@@ -1,4 +1,5 @@
-"""Developer tasks: ``nox -s tests``, ``nox -s lint typecheck``, ``nox -s bench``."""
+"""Developer tasks: ``nox -s tests``, ``nox -s lint typecheck``, ``nox -s bench``,
+``nox -s public_path oldest_natspy`` (nats-py's public path; the oldest nats-py allowed)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,40 @@ def bench(session: nox.Session) -> None:
     """The benchmarks; writes benchmarks/RESULTS.md and benchmarks/latency.png."""
     session.install("-e", ".[dev,bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+#: The transport, client, pulse and chaos tests (chaos ones run unless ``-m`` deselects them): what
+#: must pass on nats-py's public path and on
+#: the oldest nats-py that pyproject.toml allows.
+TRANSPORT_TESTS = (
+    "tests/test_transport_fast.py",
+    "tests/test_public_path.py",
+    "tests/test_shared_connection.py",
+    "tests/test_cancellation.py",
+    "tests/test_ownership.py",
+    "tests/test_client_nats.py",
+    "tests/test_client_delivery.py",
+    "tests/test_inline_intake.py",
+    "tests/test_services_e2e.py",
+    "tests/test_chaos_faults.py",
+    "tests/test_chaos_flood.py",
+    "tests/test_chaos_hostile.py",
+)
+
+#: The lower bound of nats-py in pyproject.toml (keep the two in step).
+OLDEST_NATSPY = "2.9.0"
+
+
+@nox.session
+def public_path(session: nox.Session) -> None:
+    """Transport/client/pulse/chaos tests with BACKBEAT_TRIO_NATS_FAST=0 (no nats-py internals)."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *TRANSPORT_TESTS, *session.posargs, env={"BACKBEAT_TRIO_NATS_FAST": "0"})
+
+
+@nox.session
+def oldest_natspy(session: nox.Session) -> None:
+    """The same tests on the oldest nats-py pyproject.toml allows (its public path)."""
+    session.install("-e", ".[dev]")
+    session.install(f"nats-py=={OLDEST_NATSPY}")
+    session.run("pytest", *TRANSPORT_TESTS, *session.posargs)

@@ -9,6 +9,7 @@ bytes nats-py queued first (SUB) still going first.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import nats.aio.client
@@ -17,18 +18,21 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backbeat_trio._bridge.nats import (
+from backbeat_trio._bridge._natspy_private import (
     _DIRECT_NATS_VERSIONS,
-    NatsTransport,
-    _direct_nats_supported,
-    _DirectPending,
-    open_nats_transport,
+    FAST_ENV,
+    DirectPending,
+    fast_path_enabled,
 )
+from backbeat_trio._bridge.nats import NatsTransport, open_nats_transport
 from backbeat_trio._client.config import Config
 
 pytestmark = pytest.mark.nats
 
 PINNED = str(nats.aio.client.__version__).startswith(_DIRECT_NATS_VERSIONS)
+# the fast paths are taken: the pinned nats-py, unless BACKBEAT_TRIO_NATS_FAST=0 forces the
+# public path (tests/test_public_path.py covers that path on its own)
+FAST = fast_path_enabled()
 
 
 def conn(name: str, url: str) -> Config:
@@ -36,7 +40,7 @@ def conn(name: str, url: str) -> Config:
 
 
 def direct_subscriptions(transport: NatsTransport) -> int:
-    return sum(isinstance(s._pending_queue, _DirectPending) for s in transport._nc._subs.values())
+    return sum(isinstance(s._pending_queue, DirectPending) for s in transport._nc._subs.values())
 
 
 def test_the_fast_paths_are_on_for_the_pinned_nats_py() -> None:
@@ -45,7 +49,9 @@ def test_the_fast_paths_are_on_for_the_pinned_nats_py() -> None:
             f"nats-py {nats.aio.client.__version__} is not one the fast paths were checked "
             f"against ({_DIRECT_NATS_VERSIONS}); the general path is used"
         )
-    assert _direct_nats_supported()
+    if os.environ.get(FAST_ENV) == "0":
+        pytest.skip(f"{FAST_ENV}=0 forces the public path")
+    assert fast_path_enabled()
 
 
 async def test_mixed_publishes_arrive_in_order(nats_url: str) -> None:
@@ -57,7 +63,7 @@ async def test_mixed_publishes_arrive_in_order(nats_url: str) -> None:
         open_nats_transport(conn("tx", nats_url)) as tx,
     ):
         sub = await rx.subscribe("fast.order", buffer=n)
-        assert direct_subscriptions(rx) == (1 if PINNED else 0)
+        assert direct_subscriptions(rx) == (1 if FAST else 0)
         await rx.flush()
         for i in range(n):
             headers = {"Seq": str(i)} if i % 7 in (0, 1) else None
@@ -73,7 +79,7 @@ async def test_mixed_publishes_arrive_in_order(nats_url: str) -> None:
         assert got == list(range(n))
         assert sub.dropped == 0
         assert tx.published == n
-        if PINNED:  # both paths were taken
+        if FAST:  # both paths were taken
             assert 0 < tx.direct_writes < n - n // 7
 
 

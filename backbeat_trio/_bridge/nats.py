@@ -1,23 +1,24 @@
-"""The transport: the only module that touches asyncio and nats-py.
+"""The transport: nats-py bridged into trio (with :mod:`.view`, :mod:`.loop`, :mod:`.options`
+and :mod:`._natspy_private` the only code that touches asyncio and nats-py).
 
 Everything above it is pure trio. The bridge is crossed as rarely as possible:
 
 * **Receive**: each message is handed to trio with ``send_nowait`` on a bounded memory channel —
   no await crosses the bridge per message. For core subscriptions on a known nats-py version this
-  happens right in nats-py's parser (:class:`_DirectPending`), skipping its per-subscription task;
-  otherwise nats-py's subscription callback does it.
+  happens right in nats-py's parser (:class:`~._natspy_private.DirectPending`), skipping its
+  per-subscription task; otherwise nats-py's subscription callback does it.
 * **Publish**: trio appends to a deque and sets an ``asyncio.Event``; one long-lived asyncio task
-  drains the whole deque into nats-py's write buffer, so a burst costs one wake-up, not one
-  crossing per message. A header-less message with nothing queued ahead of it, on a connected
-  socket that keeps up, is written at once instead (:meth:`NatsTransport._write_now`), which saves
-  the drainer's and nats-py's flusher's wake-ups (a beat frame's latency).
+  drains the whole deque into nats-py, so a burst costs one wake-up, not one crossing per
+  message. On a known nats-py version, a header-less message with nothing queued ahead of it, on
+  a connected socket that keeps up, is written at once instead (a beat frame's latency).
 * **Events** (disconnected, reconnected, closed, error, slow consumer) arrive the same way as
   messages, on their own channel.
 
 Both worlds run on one thread (trio-asyncio), which is what makes the synchronous hand-offs safe.
 
-:class:`MemoryTransport` is a pure-trio stand-in with the same interface, for deterministic timing
-tests on trio's MockClock; it is never the only proof that something works over NATS.
+nats-py's private names are used only by :mod:`._natspy_private`, behind one gate asked once per
+connection (``BACKBEAT_TRIO_NATS_FAST=0`` forces the public path). Differences on the public path
+are described where they matter (:meth:`NatsTransport.flush`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,22 +35,31 @@ import trio_asyncio
 
 from .._errors import BackbeatError, NotConnected
 from .._transport.base import ConnEvent, EventKind, Message, Subscription, _offer
+from . import _natspy_private as private
+from .loop import asyncio_loop as _asyncio_loop
+from .options import connect_accepts, connect_nats, nats_failures
+from .options import nats_options as _nats_options
+from .view import NatsTransportView
 
 if TYPE_CHECKING:
     from .._transport.options import ConnectionOptions
 
+__all__ = [
+    "MAX_QUEUED_PUBLISHES",
+    "NatsTransport",
+    "NatsTransportView",
+    "_asyncio_loop",
+    "_nats_options",
+    "nats_transport_of",
+    "open_nats_transport",
+]
 
 log = logging.getLogger("backbeat_trio.transport")
-
-_FAILED_CLOSE_BOUND = 0.25  # seconds to let nats-py close a connection whose handshake failed
 
 #: Messages the trio side may queue for the asyncio drainer before publish() refuses.
 MAX_QUEUED_PUBLISHES = 65_536
 
 
-# ------------------------------------------------------------------------------------------------
-# nats-py over trio-asyncio
-# ------------------------------------------------------------------------------------------------
 class NatsTransport:
     """nats-py bridged into trio. Build it with :func:`open_nats_transport`."""
 
@@ -59,9 +68,7 @@ class NatsTransport:
         self._nc: Any = None
         self._js: Any = None
         self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
-        self._outq: collections.deque[tuple[str, bytes, dict[str, str] | None, str]] = (
-            collections.deque()
-        )
+        self._outq: collections.deque[private.Queued] = collections.deque()
         self._wake = asyncio.Event()
         # set while the drainer has nothing queued or in hand (what flush() waits for)
         self._idle = asyncio.Event()
@@ -69,6 +76,9 @@ class NatsTransport:
         self._drainer: asyncio.Task[None] | None = None
         self._closed = False
         self._ready = False  # events of failed first-connect attempts are not reported
+        # nats-py's fast paths (its private names) for this connection; decided at connect
+        self.fast = False
+        self._nsubs: set[Any] = set()  # live nats-py subscriptions, unsubscribed at close
         self.published = 0
         self.publish_errors = 0
         self.direct_writes = 0  # of ``published``: written at once, without the drainer
@@ -84,6 +94,10 @@ class NatsTransport:
             f"<NatsTransport {where} connected={self.connected} published={self.published} "
             f"queued={len(self._outq)}{views}>"
         )
+
+    def _aio(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        # this connection's loop, named: the caller's context may hold another one (or none)
+        return trio_asyncio.aio_as_trio(fn, loop=self._loop)  # type: ignore[no-any-return]
 
     # -- sharing --------------------------------------------------------------------------------
     def view(self) -> NatsTransportView:
@@ -165,78 +179,80 @@ class NatsTransport:
     async def _connect(
         self, servers: Sequence[str], options: dict[str, Any], attempts: int, delay: float
     ) -> None:
-        import nats.aio.client
-        import nats.errors
-
-        # nats-py retries a failing *first* connect forever when max_reconnect_attempts is -1
-        # (and loops over the pool even with allow_reconnect=False), so a wrong port or a bad
-        # token would hang open_client. The first connect therefore runs with reconnects off and
-        # a bounded, immediate retry (nats-py tries each server max_reconnect_attempts + 1 times);
-        # our own loop does the `attempts`, and the real reconnect policy is installed afterwards.
-        first_connect = {
-            **options,
-            "allow_reconnect": False,
-            "max_reconnect_attempts": 1,
-            "reconnect_time_wait": 0,
+        callbacks: dict[str, Any] = {
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+            "error_cb": self._on_error,
         }
-        last: BaseException | None = None
-        for attempt in range(attempts):
-            if attempt:
-                await trio.sleep(delay)
-            nc = nats.aio.client.Client()
-            try:
-                await trio_asyncio.aio_as_trio(nc.connect)(
-                    servers=list(servers),
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    closed_cb=self._on_closed,
-                    error_cb=self._on_error,
-                    lame_duck_mode_cb=self._on_lame_duck,
-                    **first_connect,
-                )
-            except (TimeoutError, OSError, nats.errors.Error) as exc:
-                last = exc
-                log.debug("connect attempt %d/%d failed: %r", attempt + 1, attempts, exc)
-                # A refused handshake (bad credentials) leaves nats-py's socket open: close it.
-                # Bounded: after a failed TLS upgrade nats-py's close() closes the socket, then
-                # waits for ever on the stream that start_tls replaced (nats-py 2.16).
-                with contextlib.suppress(Exception), trio.move_on_after(_FAILED_CLOSE_BOUND):
-                    await trio_asyncio.aio_as_trio(nc.close)()
-                continue
-            for key in ("allow_reconnect", "max_reconnect_attempts", "reconnect_time_wait"):
-                nc.options[key] = options.get(key, nc.options[key])
-            self._nc = nc
-            break
-        else:
-            assert last is not None
-            raise NotConnected(_explain_connect_error(servers, last, self.last_error)) from last
+        if connect_accepts("lame_duck_mode_cb"):
+            callbacks["lame_duck_mode_cb"] = self._on_lame_duck
+        self._nc = await connect_nats(
+            self._loop, servers, {**options, **callbacks}, attempts, delay, lambda: self.last_error
+        )
         self._ready = True
+        self.fast = private.fast_path_enabled()
         self._js = self._nc.jetstream()
         self._drainer = self._loop.create_task(self._drain())
 
     async def aclose(self) -> None:
-        """Flush what is queued (bounded), then close the connection."""
+        """Flush what is queued (bounded), then close the connection.
+
+        Every subscription is unsubscribed first (which ends nats-py's tasks for it, JetStream
+        heartbeat and flow-control ones included), then nats-py closes the connection. On the
+        fast path nothing of nats-py's outlives this call. On the public path one thing can:
+        when nats-py's ``close()`` fails (2.16 does while it holds a reconnect buffer for a dead
+        server), the task of nats-py's own request-reply subscription (made by JetStream calls)
+        waits until its loop closes; the loop's owner (see :mod:`.loop`) then ends it.
+        """
         if self._closed:
             return
         self._closed = True
         # the flush has its own bound: a flush that cannot finish (a stalled server) must not
         # use up the time the connection needs to be closed
-        with trio.move_on_after(1.5, shield=True), contextlib.suppress(BackbeatError):
-            await self.flush()
         with trio.move_on_after(1.5, shield=True):
-            if self._drainer is not None:
-                self._drainer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await trio_asyncio.aio_as_trio(asyncio.wait)({self._drainer}, timeout=1.0)
-            if self._nc is not None and not self._nc.is_closed:
+            try:
+                await self.flush()
+            except BackbeatError as exc:
+                log.debug("closing without a final flush: %s", exc)
+        with trio.move_on_after(1.5, shield=True):
+            try:
+                if self._drainer is not None:
+                    self._drainer.cancel()
+                    await self._aio(asyncio.wait)({self._drainer}, timeout=1.0)
+                if self._nc is not None and not self._nc.is_closed:
+                    await self._aio(self._close_nats)()
+            except asyncio.CancelledError:
                 # when the grace runs out mid-close, trio-asyncio surfaces asyncio's own
                 # CancelledError (not an Exception subclass): it must not escape aclose
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await trio_asyncio.aio_as_trio(_close_nats)(self._nc)
+                log.debug("closing the NATS connection ran out of time; dropped")
         self._event_send.close()
         for view in self._views:
             view._event_send.close()
         self._views.clear()
+
+    async def _close_nats(self) -> None:
+        # asyncio side
+        nc = self._nc
+        failures = nats_failures()
+        for nsub in list(self._nsubs):
+            try:
+                await nsub.unsubscribe()
+            except failures as exc:
+                # the connection is closing: its UNSUB could not be sent; the tasks are ended
+                log.debug("unsubscribe at close: %r", exc)
+        self._nsubs.clear()
+        if self.fast:
+            private.drop_reconnect_buffer(nc)
+        try:
+            await nc.close()
+        except failures as exc:
+            # nats-py 2.16 writes its reconnect buffer into a dead socket in close() and stops
+            # there (before its subscriptions' tasks: those were unsubscribed above)
+            log.debug("nats-py's close() failed: %r (our subscriptions were ended first)", exc)
+        finally:
+            if self.fast:
+                await private.sweep_closed(nc)
 
     # -- publish --------------------------------------------------------------------------------
     def publish(
@@ -269,109 +285,43 @@ class NatsTransport:
             self._wake.set()
 
     def _write_now(self, subject: str, payload: bytes, reply: str) -> bool:
-        """Write one message straight to the socket when nothing is queued ahead of it.
-
-        This is what nats-py's flusher task would do a couple of asyncio wake-ups later (each
-        costs ~0.1-0.3 ms under trio-asyncio): append the PUB to nats-py's own pending buffer and
-        write that buffer out, so bytes nats-py queued first (SUB, PING) still go first. Returns
-        False, having done nothing, whenever the general path must take the message: another
-        nats-py version, not connected, the drainer busy, a socket that is not keeping up
-        (the drainer waits for it), or anything nats-py would refuse (it reports why).
-        """
+        """Write one message straight to the socket when nothing is queued ahead of it (fast
+        path only, see :func:`~._natspy_private.write_now`); False when the drainer must."""
         drainer = self._drainer
         if (
-            not self._idle.is_set()
+            not self.fast
+            or not self._idle.is_set()
             or drainer is None
             or drainer.done()  # nothing could take over once the socket pushes back
-            or not _direct_nats_supported()
+            or not private.write_now(self._nc, subject, payload, reply)
         ):
             return False
-        import nats.aio.transport
-
-        nc = self._nc
-        io: Any = nc._transport
-        plain_tcp = type(io) is nats.aio.transport.TcpTransport  # not WebSocket
-        if nc._status != nc.CONNECTED or not plain_tcp:
-            return False
-        writer = getattr(io, "_io_writer", None)
-        if writer is None or writer.transport.get_write_buffer_size():
-            return False
-        cmd = _wire_bytes(nc, subject, payload, None, reply)
-        if cmd is None:
-            return False
-        pending: list[bytes] = nc._pending
-        size: int = nc._pending_data_size
-        nc._pending = []
-        nc._pending_data_size = 0
-        try:
-            io.writelines([*pending, cmd])
-        except Exception:
-            # a transport that is going away: hand everything back to nats-py's own path
-            nc._pending = pending + nc._pending
-            nc._pending_data_size += size
-            return False
-        nc.stats["out_msgs"] += 1
-        nc.stats["out_bytes"] += len(payload)
         self.published += 1
         self.direct_writes += 1
         return True
 
     def _encode_queued(self, nc: Any, limit: int) -> int:
-        """Move up to ``limit`` queued messages into nats-py's pending buffer as wire bytes.
-
-        Per message this is what ``nc.publish`` does (the same subject, size and header checks,
-        the same HPUB/PUB bytes and statistics) without its two coroutine calls and per-header
-        ``strip``/``translate``/``encode``: about 5 µs less per claim with four headers. It stops
-        at the first message it cannot vouch for (a header value nats-py would rewrite, anything
-        it would refuse), which then takes the general path so nats-py reports it. The caller
-        hands the buffer to nats-py's flusher. Returns how many messages were moved.
-        """
-        max_pending = nc._max_pending_size
-        pending: list[bytes] = nc._pending
-        q = self._outq
-        moved = 0
-        size = 0
-        payload_bytes = 0
-
-        try:
-            while q and moved < limit:
-                subject, payload, headers, reply = q[0]
-                cmd = _wire_bytes(nc, subject, payload, headers, reply)
-                if cmd is None:
-                    break
-                q.popleft()
-                pending.append(cmd)
-                size += len(cmd)
-                payload_bytes += len(payload)
-                moved += 1
-                if 0 < max_pending < nc._pending_data_size + size:
-                    break  # nats-py pushes back here: let the caller flush first
-        finally:
-            nc._pending_data_size += size
-            nc.stats["out_msgs"] += moved
-            nc.stats["out_bytes"] += payload_bytes
-            self.published += moved
+        """Move up to ``limit`` queued messages into nats-py's buffer (fast path only, see
+        :func:`~._natspy_private.encode_queued`). Returns how many were moved."""
+        moved = private.encode_queued(nc, self._outq, limit)
+        self.published += moved
         return moved
 
     async def _drain(self) -> None:
         # asyncio side: runs for the life of the connection
         nc = self._nc
         q = self._outq
-        fast = _direct_nats_supported()
+        fast = self.fast
         while True:
             await self._wake.wait()
             self._wake.clear()
             while q:
-                if fast and nc._status == nc.CONNECTED and self._encode_queued(nc, 4096):
-                    # what nats-py's _send_command and _send_publish do after appending: push
-                    # back on a full buffer, else wake its flusher
+                if fast and nc.is_connected and self._encode_queued(nc, 4096):
                     try:
-                        if 0 < nc._max_pending_size < nc._pending_data_size:
-                            await nc._flush_pending(force_flush=True)
-                        elif nc._flush_queue is not None and nc._flush_queue.empty():
-                            await nc._flush_pending()
+                        await private.push_pending(nc)
                     except Exception as exc:  # its flusher reports a dead connection itself
                         self.last_error = f"flush: {type(exc).__name__}: {exc}"
+                        log.debug("drainer: nats-py's flush failed (%r); its flusher reports", exc)
                     continue
                 subject, payload, headers, reply = q.popleft()
                 try:
@@ -386,6 +336,11 @@ class NatsTransport:
     async def flush(self) -> None:
         """Wait until everything queued so far was written and the server answered a PING.
 
+        On nats-py's public path (another nats-py version, or ``BACKBEAT_TRIO_NATS_FAST=0``) a
+        dead connection is detected by nats-py's own state only: nats-py's ``flush`` returns
+        without a PONG when its read loop has already ended, and this flush then raises only
+        if nats-py also says it is no longer connected (the fast path counts the PONGs).
+
         Raises:
             NotConnected: not connected, or the server did not answer in time.
         """
@@ -393,15 +348,16 @@ class NatsTransport:
             raise NotConnected("not connected: cannot flush")
 
         nc = self._nc
+        fast = self.fast
 
         async def _flush() -> None:
             self._wake.set()
             await self._idle.wait()  # everything queued so far is in nats-py's buffer
-            pongs = getattr(nc, "_pongs_received", None)
+            pongs = private.pongs_received(nc) if fast else None
             await nc.flush(timeout=5)
             # nats-py's flush returns at once, without any PONG, when its read loop has already
             # died with the connection; only a PONG proves the server has what was written
-            if not nc.is_connected or (pongs is not None and nc._pongs_received == pongs):
+            if not nc.is_connected or (pongs is not None and private.pongs_received(nc) == pongs):
                 raise NotConnected("the connection dropped before the server answered")
 
         # nats-py's PING waits on a future it keeps in a list until the PONG arrives; cancelling
@@ -434,13 +390,21 @@ class NatsTransport:
     ) -> Subscription:
         # One nats-py subscription whose callback hands each message to trio without awaiting
         # anything across the bridge (see the module docstring). ``direct``: core subscriptions
-        # skip nats-py's per-subscription task when the installed nats-py allows it.
+        # skip nats-py's per-subscription task (fast path only).
         holder: list[Any] = []
 
         async def unsubscribe() -> None:
-            if holder and not self._nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await trio_asyncio.aio_as_trio(holder[0].unsubscribe)()
+            if not holder or holder[0] not in self._nsubs:
+                return
+            nsub = holder[0]
+            self._nsubs.discard(nsub)
+            if self._nc.is_closed:
+                return
+            try:
+                await self._aio(nsub.unsubscribe)()
+            except nats_failures() as exc:
+                # the connection went away meanwhile: nats-py drops its interest with it
+                log.debug("unsubscribe %r: %r", subject, exc)
 
         sub = Subscription(subject, buffer, unsubscribe, handler)
         deliver = sub._deliver
@@ -454,13 +418,15 @@ class NatsTransport:
             )
             # no await since subscribe() returned: nats-py's read loop cannot have run
             if direct:
-                _deliver_directly(nsub, deliver)
+                private.deliver_directly(nsub, deliver)
             return nsub
 
         try:
-            holder.append(await trio_asyncio.aio_as_trio(_subscribe)())
+            nsub = await self._aio(_subscribe)()
         except Exception as exc:
             raise NotConnected(f"{what} {subject!r} failed: {exc}") from exc
+        holder.append(nsub)
+        self._nsubs.add(nsub)
         return sub
 
     async def subscribe(
@@ -477,7 +443,7 @@ class NatsTransport:
             buffer,
             "subscribe",
             self._nc.subscribe,
-            direct=_direct_nats_supported(),
+            direct=self.fast,
             handler=handler,
         )
 
@@ -588,203 +554,11 @@ class NatsTransport:
             raise BackbeatError(f"{getattr(fn, '__name__', fn)} failed: {exc}") from exc
 
 
-class NatsTransportView:
-    """One user's handle on a shared :class:`NatsTransport` (made by :meth:`NatsTransport.view`).
-
-    It is a :class:`Transport`: its own ``events`` channel (every connection event), everything
-    else done by the shared transport. :meth:`aclose` detaches it; the connection stays open.
-
-    Attributes:
-        transport: the shared transport.
-        events_dropped: events this view's full ``events`` channel could not take.
-    """
-
-    def __init__(self, transport: NatsTransport, event_buffer: int = 1024) -> None:
-        self.transport = transport
-        self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
-        self.events_dropped = 0
-        self._detached = False
-
-    def __repr__(self) -> str:
-        state = "detached " if self._detached else ""
-        return f"<NatsTransportView {state}of {self.transport!r}>"
-
-    def _shared_transport(self) -> NatsTransport:
-        if self._detached:
-            raise NotConnected("this view of the NATS connection was closed")
-        return self.transport
-
-    def _push(self, event: ConnEvent) -> None:
-        if not _offer(self._event_send, event):
-            self.events_dropped += 1
-
-    @property
-    def connected(self) -> bool:
-        """True while the shared connection is up."""
-        return not self._detached and self.transport.connected
-
-    @property
-    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
-        """This view's connection events (one consumer)."""
-        return self._events
-
-    def publish(
-        self,
-        subject: str,
-        payload: bytes,
-        *,
-        headers: dict[str, str] | None = None,
-        reply: str = "",
-    ) -> None:
-        """:meth:`NatsTransport.publish`."""
-        self._shared_transport().publish(subject, payload, headers=headers, reply=reply)
-
-    async def flush(self) -> None:
-        """:meth:`NatsTransport.flush` (waits for everything queued on the connection)."""
-        await self._shared_transport().flush()
-
-    async def subscribe(
-        self,
-        subject: str,
-        *,
-        buffer: int = 1024,
-        handler: Callable[[Message], None] | None = None,
-    ) -> Subscription:
-        """:meth:`NatsTransport.subscribe`."""
-        return await self._shared_transport().subscribe(subject, buffer=buffer, handler=handler)
-
-    async def request(self, subject: str, payload: bytes) -> bytes:
-        """:meth:`NatsTransport.request`."""
-        return await self._shared_transport().request(subject, payload)
-
-    def new_inbox(self) -> str:
-        """:meth:`NatsTransport.new_inbox`."""
-        return self._shared_transport().new_inbox()
-
-    async def find_stream(self, subject: str) -> str | None:
-        """:meth:`NatsTransport.find_stream`."""
-        return await self._shared_transport().find_stream(subject)
-
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: Sequence[str],
-        *,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> int:
-        """:meth:`NatsTransport.ensure_stream`."""
-        return await self._shared_transport().ensure_stream(
-            name, subjects, duplicate_window=duplicate_window, replicas=replicas
-        )
-
-    async def stream_subscribe(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        buffer: int = 65536,
-        deliver: Literal["new", "last_per_subject"] = "new",
-    ) -> Subscription:
-        """:meth:`NatsTransport.stream_subscribe`."""
-        return await self._shared_transport().stream_subscribe(
-            subject, stream, buffer=buffer, deliver=deliver
-        )
-
-    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """:meth:`NatsTransport.call`."""
-        return await self._shared_transport().call(fn, *args, **kwargs)
-
-    async def __aenter__(self) -> NatsTransportView:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Detach this view (its ``events`` ends); the shared connection stays open."""
-        self._detached = True
-        with contextlib.suppress(ValueError):
-            self.transport._views.remove(self)
-        self._event_send.close()
-        await trio.lowlevel.checkpoint()
-
-
-# ------------------------------------------------------------------------------------------------
-# Fast paths through nats-py internals, pinned to the versions they were checked against
-# ------------------------------------------------------------------------------------------------
-#: nats-py versions whose internals the fast paths below were read and tested against; any other
-#: version (or a shape that does not match) takes nats-py's public path.
-_DIRECT_NATS_VERSIONS = ("2.16.",)
-
-
-@functools.cache
-def _direct_nats_supported() -> bool:
-    try:
-        import nats.aio.client
-        import nats.aio.subscription
-        import nats.aio.transport
-        import nats.protocol.command
-    except ImportError:  # pragma: no cover - nats-py is a dependency
-        return False
-    version = str(getattr(nats.aio.client, "__version__", ""))
-    return (
-        version.startswith(_DIRECT_NATS_VERSIONS)
-        and callable(getattr(nats.aio.subscription.Subscription, "_wait_for_msgs", None))
-        and callable(getattr(nats.aio.client, "_validate_subject", None))
-        and callable(getattr(nats.protocol.command, "pub_cmd", None))
-        and hasattr(nats.aio.transport, "TcpTransport")
-    )
-
-
 def nats_transport_of(transport: object) -> NatsTransport | None:
     """The NATS connection behind ``transport`` (itself, or a view's), else None."""
     if isinstance(transport, NatsTransportView):
         return transport.transport
     return transport if isinstance(transport, NatsTransport) else None
-
-
-def _wire_bytes(
-    nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
-) -> bytes | None:
-    """The PUB/HPUB bytes nats-py's ``publish`` would queue for this message, after its checks
-    (subject, reply, size, header names and values); None for anything nats-py would refuse or
-    rewrite (values it strips or whose CR/LF it replaces, empty keys it skips): its own path
-    then takes the message and reports what is wrong. Shared by both fast paths (the drainer's
-    batch, the write at once); nats-py 2.16 only, like them."""
-    import nats.aio.client
-
-    try:
-        if type(subject) is not str or not subject or type(reply) is not str:
-            return None
-        if type(payload) is not bytes or len(payload) > nc._max_payload:
-            return None
-        if not nc._skip_subject_validation:
-            nats.aio.client._validate_subject(subject)
-            if reply:
-                nats.aio.client._validate_subject(reply)
-        n = len(payload)
-        if headers is None:
-            return f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
-        header_key = nats.aio.client._HEADER_KEY_RE.fullmatch
-        lines = ["NATS/1.0\r\n"]
-        for k, v in headers.items():
-            if (
-                type(k) is not str
-                or type(v) is not str
-                or header_key(k) is None
-                or "\r" in v
-                or "\n" in v
-                or (v and (v[0].isspace() or v[-1].isspace()))
-            ):
-                return None
-            lines.append(f"{k}: {v}\r\n")
-        lines.append("\r\n")
-        hdr = "".join(lines).encode()
-        h = len(hdr)
-        return f"HPUB {subject} {reply} {h} {h + n}\r\n".encode() + hdr + payload + b"\r\n"
-    except Exception:  # a subject nats-py refuses, text that does not encode...
-        return None
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -793,164 +567,12 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-class _DirectPending:
-    """Stands in for a nats-py subscription's pending ``asyncio.Queue``: nats-py's parser calls
-    ``put_nowait`` for each message, which hands it to trio at once.
-
-    Without it every message waits for the subscription's own asyncio task to be scheduled,
-    which costs ~0.25 ms per message under trio-asyncio. The bound and the overflow count move
-    to the trio channel behind ``deliver`` (:class:`Subscription`), so nothing is lost silently.
-    """
-
-    __slots__ = ("_deliver", "_nsub")
-
-    def __init__(self, nsub: Any, deliver: Callable[[Any], None]) -> None:
-        self._nsub = nsub
-        self._deliver = deliver
-
-    def put_nowait(self, msg: Any) -> None:
-        # nats-py counted the bytes as pending (its slow-consumer check); they are handed on
-        self._nsub._pending_size -= len(msg.data)
-        self._deliver(msg)
-
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def full(self) -> bool:
-        return False
-
-    def task_done(self) -> None:
-        pass
-
-    async def join(self) -> None:
-        pass
-
-
-def _deliver_directly(nsub: Any, deliver: Callable[[Any], None]) -> bool:
-    """Route a fresh nats-py callback subscription around its per-subscription task.
-
-    Returns False (and changes nothing) when ``nsub`` does not look as expected; the callback
-    path then keeps working as before.
-    """
-    queue = getattr(nsub, "_pending_queue", None)
-    task = getattr(nsub, "_wait_for_msgs_task", None)
-    if (
-        not isinstance(queue, asyncio.Queue)
-        or not isinstance(task, asyncio.Task)
-        or not isinstance(getattr(nsub, "_pending_size", None), int)
-        or getattr(nsub, "_future", None) is not None
-        or getattr(nsub, "_jsi", None) is not None
-    ):
-        log.debug("nats-py subscription internals differ; using its callback task")
-        return False
-    nsub._pending_queue = _DirectPending(nsub, deliver)
-    # the task never ran (no await since it was created); it ends at its first step
-    task.cancel()
-    while not queue.empty():  # defensive: nothing should be queued yet
-        msg = queue.get_nowait()
-        nsub._pending_size -= len(msg.data)
-        deliver(msg)
-    return True
-
-
-async def _close_nats(nc: Any) -> None:
-    """Close a nats-py client and make sure none of its asyncio tasks outlive it.
-
-    nats-py 2.16's ``close()`` writes its reconnect buffer into the old socket before it cancels
-    the subscriptions' tasks; while disconnected that write raises ``ConnectionResetError`` and
-    the tasks are left pending for ever (seen as a leaked ``Subscription._wait_for_msgs``). So a
-    client that is not connected drops that buffer first (its bytes could not reach a server
-    anyway: claims are still held by the client's outbox), and whatever happens inside
-    ``close()``, a sweep afterwards cancels what is left and closes the socket.
-    """
-    try:
-        if not nc.is_connected:
-            nc._pending = []
-            nc._pending_data_size = 0
-        await nc.close()
-    finally:
-        nc._status = nc.CLOSED
-        current = asyncio.current_task()
-        tasks = [
-            nc._reading_task,
-            nc._ping_interval_task,
-            nc._flusher_task,
-            nc._reconnection_task,
-            *(sub._wait_for_msgs_task for sub in nc._subs.values()),
-        ]
-        left = [t for t in tasks if t is not None and t is not current and not t.done()]
-        for task in left:
-            task.cancel()
-        nc._subs.clear()
-        if nc._transport is not None:
-            with contextlib.suppress(Exception):
-                nc._transport.close()
-        if left:
-            await asyncio.wait(left, timeout=0.5)
-
-
-def _explain_connect_error(
-    servers: Sequence[str], exc: BaseException, cause: str | None = None
-) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    if cause and cause not in text:
-        # nats-py reports "no servers available"; the error callback saw the reason
-        text = f"{cause} ({text})"
-    low = text.lower()
-    where = ", ".join(servers)
-    if "authorization" in low or "auth" in low:
-        return f"NATS at {where} refused the credentials (authorization violation): {text}"
-    if "ssl" in low or "certificate" in low or "tls" in low:
-        return f"TLS handshake with {where} failed: {text}"
-    return f"could not connect to NATS at {where}: {text}"
-
-
-def _nats_options(cfg: ConnectionOptions) -> dict[str, Any]:
-    # nats-py's connect() keywords for every connection option; nothing else is read from cfg
-    opts: dict[str, Any] = {
-        "name": cfg.connection_name,
-        "allow_reconnect": True,
-        "reconnect_time_wait": cfg.reconnect_delay,
-        "max_reconnect_attempts": cfg.max_reconnects,
-        "connect_timeout": 2,
-        "ping_interval": 5,
-        "max_outstanding_pings": 2,
-    }
-    if cfg.user is not None:
-        opts["user"] = cfg.user
-        opts["password"] = cfg.password
-    if cfg.token is not None:
-        opts["token"] = cfg.token
-    if cfg.creds_file is not None:
-        opts["user_credentials"] = cfg.creds_file
-    if cfg.nkeys_seed is not None:
-        opts["nkeys_seed"] = cfg.nkeys_seed
-    ctx = cfg.ssl_context()
-    if ctx is not None:
-        opts["tls"] = ctx
-    return opts
-
-
-@contextlib.asynccontextmanager
-async def _asyncio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
-    # reuse the caller's trio-asyncio loop when one is open
-    try:
-        loop = trio_asyncio.current_loop.get()
-    except LookupError:
-        loop = None
-    if loop is not None:
-        yield loop
-    else:
-        async with trio_asyncio.open_loop() as new_loop:
-            yield new_loop
-
-
 @contextlib.asynccontextmanager
 async def open_nats_transport(cfg: ConnectionOptions) -> AsyncIterator[NatsTransport]:
     """Connect to NATS as ``cfg`` says and yield a :class:`NatsTransport`.
+
+    It runs on the trio-asyncio loop the user opened around it, else on one of its own (never
+    on a loop another SDK object opened: see :mod:`.loop`).
 
     Args:
         cfg: the connection options: a :class:`~backbeat_trio.Config`, a service's config

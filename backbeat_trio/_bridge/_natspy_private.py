@@ -1,0 +1,332 @@
+"""Every use of nats-py's private names, behind one gate.
+
+nats-py has no contract for anything below its public API, so each fast path here was read and
+tested against the versions in :data:`_DIRECT_NATS_VERSIONS`, and :func:`fast_path_enabled` takes
+them only there, when the names they touch have the expected shape, and unless the environment
+says ``BACKBEAT_TRIO_NATS_FAST=0`` (which forces nats-py's public path, to test it). The rest of
+:mod:`backbeat_trio._bridge` uses nats-py's public API only, and calls into this module only
+after asking the gate (once per connection). What each fast path saves:
+
+* :class:`DirectPending` / :func:`deliver_directly`: a core subscription's messages are handed to
+  trio right in nats-py's parser, without waiting for the subscription's own asyncio task.
+* :func:`encode_queued` / :func:`push_pending`: the transport's drainer writes a burst of queued
+  publishes into nats-py's buffer without two coroutine calls per message.
+* :func:`write_now`: a lone header-less publish goes to the socket at once, not a couple of
+  asyncio wake-ups later.
+* :func:`pongs_received`: ``flush`` proves the server answered its PING (nats-py's public
+  ``flush`` returns without one when its read loop has died).
+* :func:`sweep_closed`: a close that nats-py could not finish still ends all of its tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("backbeat_trio.transport")
+
+#: nats-py versions whose internals the fast paths were read and tested against; any other
+#: version (or a shape that does not match) takes nats-py's public path.
+_DIRECT_NATS_VERSIONS = ("2.16.",)
+
+#: Set to ``0`` to force nats-py's public path whatever the version (tests, a suspected bug).
+FAST_ENV = "BACKBEAT_TRIO_NATS_FAST"
+
+Queued = tuple[str, bytes, dict[str, str] | None, str]
+
+
+@functools.cache
+def _shape_supported() -> bool:
+    """The installed nats-py is a pinned version and has every private name used here."""
+    try:
+        import nats.aio.client
+        import nats.aio.subscription
+        import nats.aio.transport
+        import nats.protocol.command
+    except ImportError:  # pragma: no cover - nats-py is a dependency
+        return False
+    version = str(getattr(nats.aio.client, "__version__", ""))
+    client_names = (
+        "_pending",
+        "_pending_data_size",
+        "_max_pending_size",
+        "_flush_pending",
+        "_flush_queue",
+        "_pongs_received",
+        "_status",
+        "_transport",
+        "_subs",
+        "_reading_task",
+        "_ping_interval_task",
+        "_flusher_task",
+        "_reconnection_task",
+        "_max_payload",
+        "_skip_subject_validation",
+    )
+    if not version.startswith(_DIRECT_NATS_VERSIONS):
+        return False
+    probe = nats.aio.client.Client()
+    return (
+        all(hasattr(probe, name) for name in client_names)
+        and callable(getattr(nats.aio.subscription.Subscription, "_wait_for_msgs", None))
+        and callable(getattr(nats.aio.client, "_validate_subject", None))
+        and hasattr(getattr(nats.aio.client, "_HEADER_KEY_RE", None), "fullmatch")
+        and callable(getattr(nats.protocol.command, "pub_cmd", None))
+        and hasattr(nats.aio.transport, "TcpTransport")
+    )
+
+
+def fast_path_enabled() -> bool:
+    """True when the fast paths may be taken: a pinned nats-py of the expected shape, and
+    ``BACKBEAT_TRIO_NATS_FAST`` is not ``0``. A connection asks once, when it connects."""
+    if os.environ.get(FAST_ENV, "").strip() == "0":
+        return False
+    return _shape_supported()
+
+
+# --- publish -------------------------------------------------------------------------------------
+def wire_bytes(
+    nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
+) -> bytes | None:
+    """The PUB/HPUB bytes nats-py's ``publish`` would queue for this message, after its checks
+    (subject, reply, size, header names and values); None for anything nats-py would refuse or
+    rewrite (values it strips or whose CR/LF it replaces, empty keys it skips): its own path
+    then takes the message and reports what is wrong. Shared by both publish fast paths."""
+    import nats.aio.client
+    import nats.errors
+
+    try:
+        if type(subject) is not str or not subject or type(reply) is not str:
+            return None
+        if type(payload) is not bytes or len(payload) > nc._max_payload:
+            return None
+        if not nc._skip_subject_validation:
+            nats.aio.client._validate_subject(subject)
+            if reply:
+                nats.aio.client._validate_subject(reply)
+        n = len(payload)
+        if headers is None:
+            return f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
+        header_key = nats.aio.client._HEADER_KEY_RE.fullmatch
+        lines = ["NATS/1.0\r\n"]
+        for k, v in headers.items():
+            if (
+                type(k) is not str
+                or type(v) is not str
+                or header_key(k) is None
+                or "\r" in v
+                or "\n" in v
+                or (v and (v[0].isspace() or v[-1].isspace()))
+            ):
+                return None
+            lines.append(f"{k}: {v}\r\n")
+        lines.append("\r\n")
+        hdr = "".join(lines).encode()
+        h = len(hdr)
+        return f"HPUB {subject} {reply} {h} {h + n}\r\n".encode() + hdr + payload + b"\r\n"
+    except (nats.errors.Error, UnicodeError):
+        # a subject nats-py refuses, text that does not encode: declined, and nats-py's own
+        # publish then reports it
+        return None
+
+
+def encode_queued(nc: Any, outq: collections.deque[Queued], limit: int) -> int:
+    """Move up to ``limit`` messages from ``outq`` into nats-py's pending buffer as wire bytes.
+
+    Per message this is what ``nc.publish`` does (the same subject, size and header checks,
+    the same HPUB/PUB bytes and statistics) without its two coroutine calls and per-header
+    ``strip``/``translate``/``encode``. It stops at the first message it cannot vouch for (a
+    header value nats-py would rewrite, anything it would refuse), which then takes the general
+    path so nats-py reports it. Returns how many messages were moved; the caller hands the
+    buffer on with :func:`push_pending`.
+    """
+    max_pending = nc._max_pending_size
+    pending: list[bytes] = nc._pending
+    moved = 0
+    size = 0
+    payload_bytes = 0
+    try:
+        while outq and moved < limit:
+            subject, payload, headers, reply = outq[0]
+            cmd = wire_bytes(nc, subject, payload, headers, reply)
+            if cmd is None:
+                break
+            outq.popleft()
+            pending.append(cmd)
+            size += len(cmd)
+            payload_bytes += len(payload)
+            moved += 1
+            if 0 < max_pending < nc._pending_data_size + size:
+                break  # nats-py pushes back here: let the caller flush first
+    finally:
+        nc._pending_data_size += size
+        nc.stats["out_msgs"] += moved
+        nc.stats["out_bytes"] += payload_bytes
+    return moved
+
+
+async def push_pending(nc: Any) -> None:
+    """What nats-py's ``_send_command``/``_send_publish`` do after appending to its buffer: push
+    back on a full buffer, else wake its flusher."""
+    if 0 < nc._max_pending_size < nc._pending_data_size:
+        await nc._flush_pending(force_flush=True)
+    elif nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
+
+
+def write_now(nc: Any, subject: str, payload: bytes, reply: str) -> bool:
+    """Write one header-less message straight to the socket.
+
+    This is what nats-py's flusher task would do a couple of asyncio wake-ups later: append the
+    PUB to nats-py's own pending buffer and write that buffer out, so bytes nats-py queued first
+    (SUB, PING) still go first. Returns False, having done nothing, when nats-py's path must take
+    the message: not connected, not plain TCP, a socket that is not keeping up, or anything
+    nats-py would refuse (it reports why).
+    """
+    import nats.aio.transport
+
+    io: Any = nc._transport
+    plain_tcp = type(io) is nats.aio.transport.TcpTransport  # not WebSocket
+    if nc._status != nc.CONNECTED or not plain_tcp:
+        return False
+    writer = getattr(io, "_io_writer", None)
+    if writer is None or writer.transport.get_write_buffer_size():
+        return False
+    cmd = wire_bytes(nc, subject, payload, None, reply)
+    if cmd is None:
+        return False
+    pending: list[bytes] = nc._pending
+    size: int = nc._pending_data_size
+    nc._pending = []
+    nc._pending_data_size = 0
+    try:
+        io.writelines([*pending, cmd])
+    except (OSError, RuntimeError, AttributeError) as exc:
+        # a transport that is going away: hand everything back to nats-py's own path
+        log.debug("direct write refused (%r); nats-py's path takes the message", exc)
+        nc._pending = pending + nc._pending
+        nc._pending_data_size += size
+        return False
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += len(payload)
+    return True
+
+
+# --- flush ---------------------------------------------------------------------------------------
+def pongs_received(nc: Any) -> int:
+    """How many PONGs nats-py has matched to a PING so far."""
+    return int(nc._pongs_received)
+
+
+# --- receive -------------------------------------------------------------------------------------
+class DirectPending:
+    """Stands in for a nats-py subscription's pending ``asyncio.Queue``: nats-py's parser calls
+    ``put_nowait`` for each message, which hands it to trio at once.
+
+    Without it every message waits for the subscription's own asyncio task to be scheduled. The
+    bound and the overflow count move to the trio channel behind ``deliver``
+    (:class:`~backbeat_trio._transport.base.Subscription`), so nothing is lost silently.
+    """
+
+    __slots__ = ("_deliver", "_nsub")
+
+    def __init__(self, nsub: Any, deliver: Callable[[Any], None]) -> None:
+        self._nsub = nsub
+        self._deliver = deliver
+
+    def put_nowait(self, msg: Any) -> None:
+        # nats-py counted the bytes as pending (its slow-consumer check); they are handed on
+        self._nsub._pending_size -= len(msg.data)
+        self._deliver(msg)
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def full(self) -> bool:
+        return False
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
+
+
+def deliver_directly(nsub: Any, deliver: Callable[[Any], None]) -> bool:
+    """Route a fresh nats-py callback subscription around its per-subscription task.
+
+    Call it with no await since ``subscribe`` returned (nats-py's read loop cannot have run).
+    Returns False (and changes nothing) when ``nsub`` does not look as expected; the callback
+    path then keeps working as before.
+    """
+    queue = getattr(nsub, "_pending_queue", None)
+    task = getattr(nsub, "_wait_for_msgs_task", None)
+    if (
+        not isinstance(queue, asyncio.Queue)
+        or not isinstance(task, asyncio.Task)
+        or not isinstance(getattr(nsub, "_pending_size", None), int)
+        or getattr(nsub, "_future", None) is not None
+        or getattr(nsub, "_jsi", None) is not None
+    ):
+        log.debug("nats-py subscription internals differ; using its callback task")
+        return False
+    nsub._pending_queue = DirectPending(nsub, deliver)
+    # the task never ran (no await since it was created); it ends at its first step
+    task.cancel()
+    while not queue.empty():  # defensive: nothing should be queued yet
+        msg = queue.get_nowait()
+        nsub._pending_size -= len(msg.data)
+        deliver(msg)
+    return True
+
+
+def is_direct(nsub: Any) -> bool:
+    """True when ``nsub`` was routed by :func:`deliver_directly`."""
+    return isinstance(getattr(nsub, "_pending_queue", None), DirectPending)
+
+
+# --- close ---------------------------------------------------------------------------------------
+def drop_reconnect_buffer(nc: Any) -> None:
+    """Drop what a disconnected client holds for the next server.
+
+    nats-py 2.16's ``close()`` writes its reconnect buffer into the old socket before it cancels
+    its tasks; while disconnected that write raises ``ConnectionResetError`` and ``close()``
+    stops there. Those bytes could not reach a server anyway (claims are still held by the
+    client's outbox).
+    """
+    if not nc.is_connected:
+        nc._pending = []
+        nc._pending_data_size = 0
+
+
+async def sweep_closed(nc: Any) -> None:
+    """After ``close()`` (however it ended): cancel every nats-py task still running, forget the
+    subscriptions and close the socket, so nothing of the client outlives it."""
+    nc._status = nc.CLOSED
+    current = asyncio.current_task()
+    tasks = [
+        nc._reading_task,
+        nc._ping_interval_task,
+        nc._flusher_task,
+        nc._reconnection_task,
+        *(sub._wait_for_msgs_task for sub in nc._subs.values()),
+    ]
+    left = [t for t in tasks if t is not None and t is not current and not t.done()]
+    for task in left:
+        task.cancel()
+    nc._subs.clear()
+    if nc._transport is not None:
+        try:
+            nc._transport.close()
+        except (OSError, RuntimeError) as exc:
+            log.debug("closing nats-py's socket after close(): %r (it is being dropped)", exc)
+    if left:
+        await asyncio.wait(left, timeout=0.5)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from backbeat_trio._bridge.jetstream import StreamSummary, stream_summary
-from backbeat_trio._bridge.nats import NatsTransport, open_nats_transport
+from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._client.config import Config
 from backbeat_trio._core.beats import bar_subject, window_id
 from backbeat_trio._core.hlc import HLC
@@ -22,6 +21,8 @@ from backbeat_trio._services.history import (
 )
 from backbeat_trio._services.pulse import PulseConfig, run_pulse
 from backbeat_trio._services.reverb import ReverbConfig, run_reverb
+from backbeat_trio._transport.base import Transport
+from backbeat_trio._transport.jetstream import StreamSummary
 from backbeat_trio.testing.memory import MemoryBroker
 
 BPB = 4
@@ -44,19 +45,17 @@ def conn(url: str, cluster: str) -> Config:
     return Config(cluster_id=cluster, agent_id="history", nats_url=url, connect_attempts=3)
 
 
-async def publish_reports(transport: NatsTransport, reports: list[BarReport]) -> None:
+async def publish_reports(transport: Transport, reports: list[BarReport]) -> None:
     for r in reports:
         transport.publish(bar_subject(r.cluster_id), encode(r), headers=bar_report_headers(r))
     await transport.flush()
 
 
 async def wait_stored(
-    transport: NatsTransport, cluster: str, count: int, *, last_seq: int = 0
+    transport: Transport, cluster: str, count: int, *, last_seq: int = 0
 ) -> StreamSummary:
     for _ in range(200):
-        summary: StreamSummary | None = await transport.call(
-            stream_summary, bar_stream_name(cluster)
-        )
+        summary = await transport.jetstream.stream_summary(bar_stream_name(cluster))
         if summary is not None and summary.messages >= count and summary.last_seq >= last_seq:
             return summary
         await trio.sleep(0.025)

@@ -35,6 +35,7 @@ import trio_asyncio
 
 from .._errors import BackbeatError, NotConnected
 from .._transport.base import ConnEvent, EventKind, Message, Subscription, _offer
+from .jetstream import NatsJetStream
 
 if TYPE_CHECKING:
     from .._client.config import Config
@@ -504,13 +505,14 @@ class NatsTransport:
         return bytes(msg.data)
 
     # -- JetStream ------------------------------------------------------------------------------
+    @property
+    def jetstream(self) -> NatsJetStream:
+        """Streams and key/value buckets on this connection (:class:`NatsJetStream`)."""
+        return NatsJetStream(lambda: self)
+
     async def find_stream(self, subject: str) -> str | None:
         """The JetStream stream capturing ``subject``, or None (also when JetStream is off)."""
-        try:
-            name = await trio_asyncio.aio_as_trio(self._js.find_stream_name_by_subject)(subject)
-        except Exception:
-            return None
-        return str(name) if name else None
+        return await self.jetstream.find_stream(subject)
 
     async def ensure_stream(
         self,
@@ -520,11 +522,7 @@ class NatsTransport:
         duplicate_window: float = 120.0,
         replicas: int = 1,
     ) -> int:
-        """Create (or keep) a stream capturing ``subjects``.
-
-        An existing stream is left as it is. ``replicas`` > 1 asks for a replicated stream on a
-        NATS cluster; where it cannot be placed (a single server, too few peers) the stream gets
-        one replica.
+        """Create (or keep) a stream capturing ``subjects``: :meth:`NatsJetStream.ensure_stream`.
 
         Returns:
             The stream's replica count.
@@ -532,20 +530,9 @@ class NatsTransport:
         Raises:
             BackbeatError: JetStream refused (not enabled, or subjects overlap another stream).
         """
-        from .._bridge.jetstream import stream_ensure
-
-        try:
-            return int(
-                await self.call(
-                    stream_ensure,
-                    name,
-                    list(subjects),
-                    replicas=replicas,
-                    duplicate_window=duplicate_window,
-                )
-            )
-        except BackbeatError as exc:
-            raise BackbeatError(f"cannot create JetStream stream {name!r}: {exc}") from exc
+        return await self.jetstream.ensure_stream(
+            name, subjects, duplicate_window=duplicate_window, replicas=replicas
+        )
 
     async def stream_subscribe(
         self,
@@ -554,13 +541,15 @@ class NatsTransport:
         *,
         buffer: int = 65536,
         deliver: Literal["new", "last_per_subject"] = "new",
+        handler: Callable[[Message], None] | None = None,
     ) -> Subscription:
         """Receive what ``stream`` stores on ``subject`` from now on (an ordered consumer).
 
         Unlike a core subscription, this sees each ``Nats-Msg-Id`` once: the stream has already
         dropped re-published duplicates. ``deliver="last_per_subject"`` starts with the latest
         stored message of each matching subject (a key/value watch). Each message's
-        ``metadata.sequence.stream`` is its stream sequence (a KV key's revision).
+        ``metadata.sequence.stream`` is its stream sequence (a KV key's revision). ``handler``
+        as for :meth:`subscribe`.
         """
         from nats.js.api import DeliverPolicy
 
@@ -570,22 +559,11 @@ class NatsTransport:
             buffer,
             f"stream subscribe {stream}/",
             self._js.subscribe,
+            handler=handler,
             stream=stream,
             ordered_consumer=True,
             deliver_policy=policy,
         )
-
-    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(nc, js, *args)`` (a coroutine function) on the asyncio side.
-
-        The escape hatch for rare JetStream/KV management calls; translates errors.
-        """
-        try:
-            return await trio_asyncio.aio_as_trio(fn)(self._nc, self._js, *args, **kwargs)
-        except BackbeatError:
-            raise
-        except Exception as exc:
-            raise BackbeatError(f"{getattr(fn, '__name__', fn)} failed: {exc}") from exc
 
 
 class NatsTransportView:
@@ -661,9 +639,14 @@ class NatsTransportView:
         """:meth:`NatsTransport.new_inbox`."""
         return self._shared_transport().new_inbox()
 
+    @property
+    def jetstream(self) -> NatsJetStream:
+        """:attr:`NatsTransport.jetstream` (through this view while it is open)."""
+        return NatsJetStream(self._shared_transport)
+
     async def find_stream(self, subject: str) -> str | None:
         """:meth:`NatsTransport.find_stream`."""
-        return await self._shared_transport().find_stream(subject)
+        return await self.jetstream.find_stream(subject)
 
     async def ensure_stream(
         self,
@@ -674,7 +657,7 @@ class NatsTransportView:
         replicas: int = 1,
     ) -> int:
         """:meth:`NatsTransport.ensure_stream`."""
-        return await self._shared_transport().ensure_stream(
+        return await self.jetstream.ensure_stream(
             name, subjects, duplicate_window=duplicate_window, replicas=replicas
         )
 
@@ -685,15 +668,12 @@ class NatsTransportView:
         *,
         buffer: int = 65536,
         deliver: Literal["new", "last_per_subject"] = "new",
+        handler: Callable[[Message], None] | None = None,
     ) -> Subscription:
         """:meth:`NatsTransport.stream_subscribe`."""
         return await self._shared_transport().stream_subscribe(
-            subject, stream, buffer=buffer, deliver=deliver
+            subject, stream, buffer=buffer, deliver=deliver, handler=handler
         )
-
-    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """:meth:`NatsTransport.call`."""
-        return await self._shared_transport().call(fn, *args, **kwargs)
 
     async def __aenter__(self) -> NatsTransportView:
         return self
@@ -735,13 +715,6 @@ def _direct_nats_supported() -> bool:
         and callable(getattr(nats.protocol.command, "pub_cmd", None))
         and hasattr(nats.aio.transport, "TcpTransport")
     )
-
-
-def nats_transport_of(transport: object) -> NatsTransport | None:
-    """The NATS connection behind ``transport`` (itself, or a view's), else None."""
-    if isinstance(transport, NatsTransportView):
-        return transport.transport
-    return transport if isinstance(transport, NatsTransport) else None
 
 
 def _wire_bytes(

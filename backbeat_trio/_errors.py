@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "EmbeddedServerError",
     "InvalidStatusClaim",
+    "JetStreamError",
     "NotConnected",
     "SignatureError",
     "UndeliveredClaims",
@@ -50,6 +51,19 @@ class BeatBudgetExceeded(BackbeatError, TimeoutError):
     def __init__(self, beats: float, message: str | None = None) -> None:
         super().__init__(message or f"beat budget of {beats:g} beat(s) exceeded")
         self.beats = beats
+
+
+class JetStreamError(BackbeatError):
+    """JetStream refused a request or did not answer it in time (the outcome is then unknown).
+
+    Attributes:
+        code: JetStream's error code when it refused (e.g. 10058: a stream name in use); None for
+            a timeout or no answer at all.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NotConnected(BackbeatError, ConnectionError):

@@ -207,13 +207,12 @@ async def test_nats_slow_consumer_errors_surface_in_health_not_as_exceptions(
 
                 # a subscription on the client's own connection that cannot keep up: nats-py
                 # drops what exceeds its pending limit and reports SlowConsumerError
-                async def slow_subscription(nc: Any, js: Any) -> Any:
-                    async def crawl(msg: Any) -> None:
-                        await asyncio.sleep(0.005)
+                async def crawl(msg: Any) -> None:
+                    await asyncio.sleep(0.005)
 
-                    return await nc.subscribe("slowpoke.crawl", cb=crawl, pending_msgs_limit=8)
-
-                raw_sub = await transport.call(slow_subscription)
+                raw_sub = await trio_asyncio.aio_as_trio(transport._nc.subscribe)(
+                    "slowpoke.crawl", cb=crawl, pending_msgs_limit=8
+                )
                 for i in range(2000):
                     publisher.publish("slowpoke.crawl", b"%d" % i)
                 await publisher.flush()
@@ -227,10 +226,7 @@ async def test_nats_slow_consumer_errors_surface_in_health_not_as_exceptions(
                         await bb.wait_for_beat()
                 health = bb.health()
 
-                async def unsubscribe(nc: Any, js: Any) -> None:
-                    await raw_sub.unsubscribe()
-
-                await transport.call(unsubscribe)
+                await trio_asyncio.aio_as_trio(raw_sub.unsubscribe)()
             nursery.cancel_scope.cancel()
 
     assert health.metrics["slow_consumer"] >= 1

@@ -15,7 +15,6 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backbeat_trio._bridge.jetstream import stream_ensure, stream_read, stream_summary
 from backbeat_trio._bridge.nats import (
     NatsTransport,
     _asyncio_loop,
@@ -47,7 +46,8 @@ from backbeat_trio._embedded import NatsCluster, NatsServerProcess, open_embedde
 from backbeat_trio._errors import BackbeatError, ConfigError
 from backbeat_trio._services.ha_pulse import HAPulseConfig, HAPulseStatus, run_ha_pulse
 from backbeat_trio._services.lease import LeaseStore, NatsLeaseStore
-from backbeat_trio._transport.base import Message, Subscription, Transport
+from backbeat_trio._transport.base import Transport
+from backbeat_trio._transport.jetstream import KVEntry, KVWatch
 from backbeat_trio.testing import virtual_wall_clock
 from backbeat_trio.testing.lease import MemoryLeaseStore
 from backbeat_trio.testing.memory import MemoryBroker
@@ -543,12 +543,9 @@ async def test_followers_watch_the_lease_instead_of_polling_it(
 class DeadWatchStore(PollOnlyStore):
     """A lease store whose watch opens fine and then never delivers anything (died silently)."""
 
-    async def watch(self) -> Subscription:
+    async def watch(self) -> KVWatch:
         await trio.lowlevel.checkpoint()
-        return Subscription("dead", 16, lambda: None)
-
-    def entry(self, msg: Message) -> tuple[int, bytes | None]:
-        raise AssertionError("a dead watch delivers nothing")
+        return KVWatch("dead", 16)  # nothing ever delivers to it
 
 
 async def test_a_follower_whose_watch_died_still_takes_over_within_the_ttl(
@@ -762,10 +759,57 @@ async def test_a_beat_whose_claim_is_confirmed_too_late_is_not_published(
         nursery.cancel_scope.cancel()
 
 
-async def test_run_ha_pulse_needs_a_store_for_a_memory_transport() -> None:
-    cfg = HAPulseConfig(cluster_id=CLUSTER)
-    with pytest.raises(ConfigError, match="store"):
-        await run_ha_pulse(cfg, transport=MemoryBroker().connect())
+async def test_run_ha_pulse_keeps_its_lease_in_the_memory_transports_kv(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # no store given: the lease lives in the transport's own KV bucket, on memory as on NATS
+    broker = MemoryBroker()
+    seen: list[Seen] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(collect_beats, broker.connect(), seen)
+        statuses: dict[str, HAPulseStatus] = {}
+        scopes: dict[str, trio.CancelScope] = {}
+        for p in ("p1", "p2"):
+            scope = scopes[p] = trio.CancelScope()
+            cfg = HAPulseConfig(
+                cluster_id=CLUSTER,
+                pulse_id=p,
+                tempo_bpm=TEMPO,
+                lease_ttl=1.0,
+                release_on_exit=False,
+            )
+
+            async def run(
+                task_status: trio.TaskStatus[HAPulseStatus],
+                cfg: HAPulseConfig = cfg,
+                scope: trio.CancelScope = scope,
+            ) -> None:
+                with scope:
+                    await run_ha_pulse(
+                        cfg,
+                        transport=broker.connect(),
+                        wall_clock=virtual_wall_clock,
+                        task_status=task_status,
+                    )
+
+            statuses[p] = await nursery.start(run)
+        await trio.sleep(20 * BEAT)
+        leaders = [p for p, st in statuses.items() if st.leading]
+        assert len(leaders) == 1
+        follower = statuses["p2" if leaders == ["p1"] else "p1"]
+        assert follower.watching  # the memory KV's watch
+        assert follower.kv_watched >= 2
+        entry = broker.kv_get(lease_bucket_name(CLUSTER), "pulse-lease")
+        assert entry is not None
+        assert entry.revision == follower.lease_revision
+        scopes[leaders[0]].cancel()  # a crash: the follower takes over within the TTL
+        crashed_at = trio.current_time()
+        await trio.sleep(10 * BEAT)
+        assert follower.leading
+        after = [s for s in seen if s.at > crashed_at]
+        assert after
+        assert {s.node for s in after} == {node_of("p2" if leaders == ["p1"] else "p1")}
+        nursery.cancel_scope.cancel()
 
 
 # --- a real NATS server and a real 3-node cluster ------------------------------------------------
@@ -817,14 +861,17 @@ class CuttableStore:
         await self._gate()
         return await self.inner.write(value, last=last)
 
-    async def watch(self) -> Subscription:
+    async def watch(self) -> KVWatch:
         await self._gate()
-        return await self.inner.watch()
+        watch = await self.inner.watch()
+        deliver = watch._deliver
 
-    def entry(self, msg: Message) -> tuple[int, bytes | None]:
-        if self.cut:  # cut off from the KV: what the watch still delivers is not trusted
-            raise ValueError("cut off")
-        return self.inner.entry(msg)
+        def gated(entry: KVEntry) -> None:
+            if not self.cut:  # cut off from the KV: what the watch still delivers is not trusted
+                deliver(entry)
+
+        watch._deliver = gated  # type: ignore[method-assign]
+        return watch
 
 
 class NatsHA:
@@ -961,14 +1008,11 @@ async def test_failover_on_a_three_node_cluster() -> None:
     async with open_embedded_nats_cluster(3) as nats:
         urls = nats.urls
         async with open_nats_transport(conn("setup", urls)) as admin:
-            await admin.call(
-                stream_ensure,
-                status_stream_name(CLUSTER),
-                [status_subject(CLUSTER)],
-                replicas=3,
-                op_timeout=5.0,
+            await admin.jetstream.ensure_stream(
+                status_stream_name(CLUSTER), [status_subject(CLUSTER)], replicas=3
             )
-            summary = await admin.call(stream_summary, status_stream_name(CLUSTER))
+            summary = await admin.jetstream.stream_summary(status_stream_name(CLUSTER))
+            assert summary is not None
             assert summary.replicas == 3
         async with trio.open_nursery() as nursery:
             ha = NatsHA(nursery, urls)
@@ -1047,8 +1091,7 @@ async def test_failover_on_a_three_node_cluster() -> None:
             # time out meanwhile (seen once on a loaded machine); bounded retries
             for attempt in range(5):
                 try:
-                    stored = await check.call(
-                        stream_read,
+                    stored = await check.jetstream.stream_read(
                         status_stream_name(CLUSTER),
                         status_subject(CLUSTER),
                         1,

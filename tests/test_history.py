@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
-from backbeat_trio._bridge.jetstream import StreamSummary, stream_summary
-from backbeat_trio._bridge.nats import NatsTransport, open_nats_transport
+from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._client.config import Config
 from backbeat_trio._core.beats import bar_subject, window_id
 from backbeat_trio._core.hlc import HLC
@@ -22,6 +22,9 @@ from backbeat_trio._services.history import (
 )
 from backbeat_trio._services.pulse import PulseConfig, run_pulse
 from backbeat_trio._services.reverb import ReverbConfig, run_reverb
+from backbeat_trio._transport.base import Transport
+from backbeat_trio._transport.jetstream import StreamSummary
+from backbeat_trio.testing import virtual_wall_clock
 from backbeat_trio.testing.memory import MemoryBroker
 
 BPB = 4
@@ -44,19 +47,17 @@ def conn(url: str, cluster: str) -> Config:
     return Config(cluster_id=cluster, agent_id="history", nats_url=url, connect_attempts=3)
 
 
-async def publish_reports(transport: NatsTransport, reports: list[BarReport]) -> None:
+async def publish_reports(transport: Transport, reports: list[BarReport]) -> None:
     for r in reports:
         transport.publish(bar_subject(r.cluster_id), encode(r), headers=bar_report_headers(r))
     await transport.flush()
 
 
 async def wait_stored(
-    transport: NatsTransport, cluster: str, count: int, *, last_seq: int = 0
+    transport: Transport, cluster: str, count: int, *, last_seq: int = 0
 ) -> StreamSummary:
     for _ in range(200):
-        summary: StreamSummary | None = await transport.call(
-            stream_summary, bar_stream_name(cluster)
-        )
+        summary = await transport.jetstream.stream_summary(bar_stream_name(cluster))
         if summary is not None and summary.messages >= count and summary.last_seq >= last_seq:
             return summary
         await trio.sleep(0.025)
@@ -77,13 +78,67 @@ def test_names_headers_and_the_resume_rule() -> None:
     assert not already_reported(r, 4)
 
 
-async def test_a_memory_transport_has_no_history() -> None:
+async def test_a_memory_transport_keeps_history() -> None:
     broker = MemoryBroker()
     transport = broker.connect()
-    assert await ensure_bar_stream(transport, "mem") == "BACKBEAT_BARS_mem"
+    cluster = "mem"
+    assert await replay_bars(transport, cluster) == []  # no stream yet
+    assert await last_reported_window(transport, cluster) is None
+    assert await ensure_bar_stream(transport, cluster, max_reports=20) == "BACKBEAT_BARS_mem"
     assert "BACKBEAT_BARS_mem" in broker.streams
-    assert await replay_bars(transport, "mem") == []
-    assert await last_reported_window(transport, "mem") is None
+    assert await replay_bars(transport, cluster) == []
+    stored = [report(cluster, BPB * i) for i in range(25)]
+    await publish_reports(transport, [*stored[:10], report(cluster, 0, claims=99), *stored[10:]])
+    transport.publish(bar_subject(cluster), b"not a report")  # junk is skipped
+    transport.publish(bar_subject(cluster), encode(report("elsewhere", 400)))  # another's too
+    summary = await wait_stored(transport, cluster, 20, last_seq=27)
+    assert summary.first_seq == 8  # 25 reports + 2 strays, the duplicate dropped, 20 kept
+    kept = [r.from_beat for r in stored[7:]]
+    assert [r.from_beat for r in await replay_bars(transport, cluster)] == kept
+    assert [r.from_beat for r in await replay_bars(transport, cluster, since_beat=41)] == (
+        list(range(40, 100, BPB))
+    )
+    limited = await replay_bars(transport, cluster, since_beat=41, limit=3)
+    assert [r.from_beat for r in limited] == [40, 44, 48]
+    assert await last_reported_window(transport, cluster) == 96  # past the junk at the end
+
+
+async def test_replay_on_a_memory_transport_returns_the_reverbs_reports(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # a pulse and a reverb on the memory bus, on virtual time: the reports the reverb published
+    # are the ones a replay returns (the memory bus keeps bar history like JetStream does)
+    cluster = "mem-live"
+    broker = MemoryBroker()
+    async with trio.open_nursery() as nursery:
+        reverb = await nursery.start(
+            lambda task_status: run_reverb(
+                ReverbConfig(cluster_id=cluster, beats_per_bar=BPB, allow_unsigned=True),
+                transport=broker.connect(),
+                wall_clock=virtual_wall_clock,
+                task_status=task_status,
+            )
+        )
+        await nursery.start(
+            lambda task_status: run_pulse(
+                PulseConfig(cluster_id=cluster, tempo_bpm=120, beats_per_bar=BPB),
+                transport=broker.connect(),
+                wall_clock=virtual_wall_clock,
+                task_status=task_status,
+            )
+        )
+        with trio.fail_after(60):
+            for _ in range(5):
+                await reverb.wait_for_report()
+        nursery.cancel_scope.cancel()
+    live = list(reverb.history)
+    assert len(live) >= 5
+    reader = broker.connect()
+    replayed = await replay_bars(reader, cluster)
+    assert [encode(r) for r in replayed] == [encode(r) for r in live]
+    assert await last_reported_window(reader, cluster) == live[-1].from_beat
+    since = await replay_bars(reader, cluster, since_beat=live[2].to_beat)
+    assert [r.window_id for r in since] == [r.window_id for r in live[2:]]
 
 
 async def test_bad_arguments_are_config_errors() -> None:

@@ -14,13 +14,13 @@ import pytest
 import trio
 import trio.testing
 
-from backbeat_trio._bridge.jetstream import stream_read
 from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._client.config import Config
 from backbeat_trio._core.beats import bar_subject
+from backbeat_trio._core.lease import decode_lease, lease_bucket_name
 from backbeat_trio._core.wire import BarReport, decode
 from backbeat_trio._errors import ConfigError
-from backbeat_trio._services.history import bar_stream_name
+from backbeat_trio._services.history import bar_stream_name, last_reported_window, replay_bars
 from backbeat_trio._services.pulse import PulseConfig, run_pulse
 from backbeat_trio._services.reverb import ReverbConfig, ReverbStatus, run_reverb
 from backbeat_trio.testing import virtual_wall_clock
@@ -131,8 +131,8 @@ async def test_ha_reverbs_report_every_window_once_across_a_crash(nats_url: str)
     # the bar stream holds each window once as well
     conn = Config(cluster_id=cluster, agent_id="check", nats_url=nats_url)
     async with open_nats_transport(conn) as transport:
-        stored = await transport.call(
-            stream_read, bar_stream_name(cluster), bar_subject(cluster), 1, max_msgs=10_000
+        stored = await transport.jetstream.stream_read(
+            bar_stream_name(cluster), bar_subject(cluster), 1, max_msgs=10_000
         )
     stored_windows = [decode(m.data, BarReport).window_id for m in stored]
     assert len(stored_windows) == len(set(stored_windows))
@@ -172,18 +172,39 @@ def test_reverb_ha_settings_are_checked() -> None:
     assert timings.lease_span < 4.0
 
 
-async def test_ha_on_a_memory_transport_needs_a_lease_store() -> None:
-    transport = MemoryBroker().connect()
-    with pytest.raises(ConfigError, match="lease_store"):
-        await run_reverb(ReverbConfig(cluster_id="c", ha=True), transport=transport)
+async def test_ha_on_a_memory_transport_keeps_its_lease_in_the_transports_kv(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # no lease store given: the reverb lease is a key of the transport's own KV bucket
+    broker = MemoryBroker()
+    cfg = ReverbConfig(cluster_id="c", ha=True, lease_ttl=1.0, allow_unsigned=True)
+    async with trio.open_nursery() as nursery:
+        status = await nursery.start(
+            lambda task_status: run_reverb(
+                cfg,
+                transport=broker.connect(),
+                wall_clock=virtual_wall_clock,
+                task_status=task_status,
+            )
+        )
+        assert status.lease is not None
+        with trio.fail_after(5):
+            await status.lease.wait_for_role("leader")
+        entry = broker.kv_get(lease_bucket_name("c"), "reverb-lease")
+        assert entry is not None
+        assert entry.revision == status.lease.lease_revision
+        assert decode_lease(entry.value) is not None
+        nursery.cancel_scope.cancel()
 
 
-# --- deterministic, on MockClock with the in-memory bus (no bar stream at all) -----------------
+# --- deterministic, on MockClock with the in-memory bus -----------------------------------------
 class MemoryReverbs:
-    """A pulse and two HA reverbs on a memory bus and a memory lease store."""
+    """A pulse and two HA reverbs on a memory bus and a memory lease store (``bar_stream``: the
+    reverbs create the memory bar stream, else no stream at all)."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, *, bar_stream: bool = False) -> None:
         self.nursery = nursery
+        self.bar_stream = bar_stream
         self.broker = MemoryBroker()
         self.store = MemoryLeaseStore()
         self.seen: list[tuple[float, BarReport]] = []
@@ -201,6 +222,7 @@ class MemoryReverbs:
                 ha=True,
                 lease_ttl=1.0,
                 release_on_exit=False,
+                create_stream=self.bar_stream,
             )
             scope = self.scopes[rid] = trio.CancelScope()
             store = self.store.handle()
@@ -270,6 +292,34 @@ async def test_a_crash_without_a_bar_stream_loses_and_doubles_nothing(
         await wait_until(lambda: sum(1 for at, _ in mem.seen if at > crashed_at) >= 6)
         assert mem.publisher() == new
         assert mem.statuses[new].reports_caught_up >= 1
+        nursery.cancel_scope.cancel()
+    assert_every_window_once(mem.seen)
+
+
+async def test_a_crash_with_a_memory_bar_stream_resumes_from_its_history(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # the memory bus keeps bar history too: the successor asks it, and a replay returns exactly
+    # the reports that were published
+    async with trio.open_nursery() as nursery:
+        mem = MemoryReverbs(nursery, bar_stream=True)
+        await mem.start()
+        assert bar_stream_name("mem") in mem.broker.streams
+        await wait_until(lambda: len(mem.seen) >= 6)
+        old = mem.publisher()
+        new = next(r for r in mem.statuses if r != old)
+        count = len(mem.seen)
+        await wait_until(lambda: len(mem.seen) > count)
+        mem.scopes[old].cancel()
+        crashed_at = trio.current_time()
+        await wait_until(lambda: sum(1 for at, _ in mem.seen if at > crashed_at) >= 6)
+        assert mem.publisher() == new
+        reader = mem.broker.connect()
+        replayed = await replay_bars(reader, "mem")
+        published = [r for _, r in mem.seen]
+        assert len(replayed) >= 12
+        assert [r.window_id for r in replayed] == [r.window_id for r in published[: len(replayed)]]
+        assert await last_reported_window(reader, "mem") == replayed[-1].from_beat
         nursery.cancel_scope.cancel()
     assert_every_window_once(mem.seen)
 

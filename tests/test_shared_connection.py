@@ -220,9 +220,8 @@ async def test_history_helpers_accept_a_view(nats_url: str) -> None:
     ):
         name = await bb3.ensure_bar_stream(view, cluster, max_reports=5)
 
-        async def max_msgs(nc: Any, js: Any) -> int:
-            return int((await js.stream_info(name)).config.max_msgs)
-
-        assert await conn.call(max_msgs) == 5  # the options reached JetStream through the view
+        summary = await conn.jetstream.stream_summary(name)
+        assert summary is not None
+        assert summary.max_msgs == 5  # the options reached JetStream through the view
         assert await bb3.last_reported_window(view, cluster) is None
         assert await bb3.replay_bars(view, cluster) == []

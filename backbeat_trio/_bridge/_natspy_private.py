@@ -223,6 +223,13 @@ def pongs_received(nc: Any) -> int:
     return int(nc._pongs_received)
 
 
+# --- server facts --------------------------------------------------------------------------------
+def server_cluster(nc: Any) -> str | None:
+    """The NATS cluster name the connected server announced in its INFO, or None."""
+    cluster = (nc._server_info or {}).get("cluster")
+    return str(cluster) if cluster else None
+
+
 # --- receive -------------------------------------------------------------------------------------
 class DirectPending:
     """Stands in for a nats-py subscription's pending ``asyncio.Queue``: nats-py's parser calls

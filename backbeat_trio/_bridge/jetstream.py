@@ -1,15 +1,14 @@
-"""The asyncio half of the JetStream KV and stream-history bridge.
+"""JetStream over nats-py: :class:`NatsJetStream` and the asyncio coroutines behind it.
 
-Every function here is a plain ``async def f(nc, js, ...)`` coroutine function that runs on the
-asyncio side through :meth:`~backbeat_trio._transport.NatsTransport.call`, which passes nats-py's
-connection (``nc``) and JetStream context (``js``) and translates any exception that escapes into a
-:class:`~backbeat_trio._errors.BackbeatError`. Nothing here is called from trio directly: the trio
-halves are :mod:`backbeat_trio._ha` (the pulse lease) and :mod:`backbeat_trio._history` (bar
-reports).
+:class:`NatsJetStream` is the :class:`~backbeat_trio._transport.jetstream.JetStream` of a
+:class:`~backbeat_trio._bridge.nats.NatsTransport` (``transport.jetstream``). Each of its methods
+runs one of the plain ``async def f(nc, ..., op_timeout)`` coroutine functions below on the asyncio
+side and translates whatever nats-py raises into a
+:class:`~backbeat_trio._errors.BackbeatError` (:func:`translate_error`, the one place that does).
 
-The functions return plain values (ints, bytes, tuples), never nats-py objects, so nothing from
-the asyncio world leaks across the bridge. Each takes an ``op_timeout`` and builds a JetStream
-context with it, so one slow call cannot hold a caller past its own bound.
+The coroutines return plain values (ints, bytes, the NamedTuples of the transport layer), never
+nats-py objects, so nothing from the asyncio world leaks across the bridge. Each builds a JetStream
+context with its ``op_timeout``, so one slow request cannot hold a caller past its own bound.
 
 Outcomes that callers must tell apart are *returned*, not raised: a compare-and-set that lost
 (``None`` from :func:`kv_write`) is a definite answer, while an exception (timeout, no responders,
@@ -19,23 +18,42 @@ connection lost) means the outcome is unknown -- the write may or may not have b
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final, NamedTuple
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+
+from .._errors import BackbeatError, JetStreamError, NotConnected
+from .._transport.base import Message, Subscription
+from .._transport.jetstream import (
+    KVEntry,
+    KVWatch,
+    StoredMessage,
+    StreamSummary,
+    kv_stream,
+    kv_subject,
+)
+from . import _natspy_private as private
+
+if TYPE_CHECKING:
+    from .nats import NatsTransport
 
 __all__ = [
-    "KV_OPERATION_HEADER",
-    "StoredMessage",
-    "StreamSummary",
+    "NatsJetStream",
     "kv_ensure_bucket",
     "kv_read",
-    "kv_stream",
-    "kv_subject",
     "kv_write",
     "stream_ensure",
+    "stream_find_name",
     "stream_find_seq",
     "stream_last",
     "stream_read",
     "stream_summary",
+    "translate_error",
 ]
+
+log = logging.getLogger("backbeat_trio.jetstream")
+
+T = TypeVar("T")
 
 #: JetStream's "wrong last sequence" error codes (JSStreamWrongLastSequenceErrF and its
 #: constant twin): the expected-last-subject-sequence check failed, i.e. a CAS lost.
@@ -44,39 +62,8 @@ _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
 #: insufficient resources): a request for replicas > 1 falls back to 1 on these.
 _NO_REPLICAS: Final = frozenset({10074, 10005, 10023})
 _EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
-#: Header marking a KV delete or purge entry.
-KV_OPERATION_HEADER: Final = "KV-Operation"
-
-
-class StoredMessage(NamedTuple):
-    """One message read back from a stream."""
-
-    seq: int
-    subject: str
-    data: bytes
-    headers: dict[str, str] | None
-
-
-class StreamSummary(NamedTuple):
-    """What callers need from ``stream_info``."""
-
-    name: str
-    first_seq: int
-    last_seq: int
-    messages: int
-    replicas: int
-    leader: str | None
-    subjects: tuple[str, ...]
-
-
-def kv_stream(bucket: str) -> str:
-    """The stream behind KV bucket ``bucket``."""
-    return f"KV_{bucket}"
-
-
-def kv_subject(bucket: str, key: str) -> str:
-    """The subject a KV key's writes are published on."""
-    return f"$KV.{bucket}.{key}"
+#: Seconds per JetStream API request unless a caller asks for another bound.
+DEFAULT_OP_TIMEOUT: Final = 5.0
 
 
 def _err_code(exc: BaseException) -> int | None:
@@ -84,44 +71,246 @@ def _err_code(exc: BaseException) -> int | None:
     return code if isinstance(code, int) else None
 
 
+def translate_error(what: str, exc: Exception) -> BackbeatError:
+    """The :class:`BackbeatError` for what nats-py raised while doing ``what``.
+
+    A connection that is closed, draining or gone is :class:`NotConnected`; a refusal, a timeout
+    or no answer at all is :class:`JetStreamError` (``code`` set for a refusal).
+    """
+    import nats.errors
+    import nats.js.errors
+
+    if isinstance(exc, BackbeatError):
+        return exc
+    if isinstance(
+        exc,
+        nats.errors.ConnectionClosedError
+        | nats.errors.ConnectionDrainingError
+        | nats.errors.NoServersError
+        | nats.errors.StaleConnectionError
+        | nats.errors.OutboundBufferLimitError,
+    ):
+        return NotConnected(f"{what}: the connection is down ({type(exc).__name__})")
+    if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
+        return JetStreamError(f"{what}: JetStream did not answer (is it enabled?)")
+    if isinstance(exc, TimeoutError):  # nats-py's TimeoutError is one too
+        return JetStreamError(f"{what}: JetStream did not answer in time")
+    if isinstance(exc, nats.js.errors.APIError):
+        code = _err_code(exc)
+        return JetStreamError(f"{what}: {exc.description or exc} (code {code})", code=code)
+    return JetStreamError(f"{what} failed: {type(exc).__name__}: {exc}")
+
+
+# --- the JetStream of a NatsTransport -------------------------------------------------------------
+class NatsJetStream:
+    """:class:`~backbeat_trio._transport.jetstream.JetStream` over a NATS connection.
+
+    Args:
+        transport: returns the transport to use for each call (a view's raises ``NotConnected``
+            once it is closed).
+        op_timeout: seconds per JetStream API request.
+    """
+
+    def __init__(
+        self, transport: Callable[[], NatsTransport], op_timeout: float = DEFAULT_OP_TIMEOUT
+    ) -> None:
+        self._transport = transport
+        self.op_timeout = op_timeout
+
+    def __repr__(self) -> str:
+        return f"<NatsJetStream op_timeout={self.op_timeout}>"
+
+    def with_op_timeout(self, op_timeout: float) -> NatsJetStream:
+        """This JetStream with another per-request bound."""
+        return NatsJetStream(self._transport, op_timeout)
+
+    async def _run(
+        self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T:
+        transport = self._transport()
+        nc = transport._nc
+        if nc is None or nc.is_closed:
+            raise NotConnected(f"{what}: the NATS connection is closed")
+        try:
+            result: T = await transport._aio(fn)(nc, *args, op_timeout=self.op_timeout, **kwargs)
+        except Exception as exc:
+            raise translate_error(what, exc) from exc
+        return result
+
+    # -- streams ---------------------------------------------------------------------------------
+    async def find_stream(self, subject: str) -> str | None:
+        """The stream capturing ``subject``; None when none does (or JetStream is off)."""
+        try:
+            return await self._run(f"find the stream of {subject!r}", stream_find_name, subject)
+        except BackbeatError as exc:
+            # no JetStream here (the client then delivers claims over core NATS): not an error
+            log.debug("no stream found for %r: %s", subject, exc)
+            return None
+
+    async def ensure_stream(
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        replicas: int = 1,
+        max_msgs: int = -1,
+        max_age: float | None = None,
+        duplicate_window: float = 120.0,
+        description: str = "",
+    ) -> int:
+        """Create the stream unless it exists; returns its replica count."""
+        return await self._run(
+            f"cannot create JetStream stream {name!r}",
+            stream_ensure,
+            name,
+            list(subjects),
+            replicas=replicas,
+            max_msgs=max_msgs,
+            max_age=max_age,
+            duplicate_window=duplicate_window,
+            description=description,
+        )
+
+    async def stream_summary(self, name: str) -> StreamSummary | None:
+        """The stream's bounds and placement; None when it does not exist."""
+        return await self._run(f"stream info of {name!r}", stream_summary, name)
+
+    async def stream_read(
+        self,
+        name: str,
+        subject: str,
+        start_seq: int,
+        *,
+        max_msgs: int,
+        stop_seq: int | None = None,
+    ) -> list[StoredMessage]:
+        """Messages on ``subject`` from ``start_seq`` on (see :func:`stream_read`)."""
+        return await self._run(
+            f"read stream {name!r}",
+            stream_read,
+            name,
+            subject,
+            start_seq,
+            max_msgs=max_msgs,
+            stop_seq=stop_seq,
+        )
+
+    async def stream_find(self, name: str, subject: str, seq: int) -> StoredMessage | None:
+        """The first message on ``subject`` at or after ``seq``."""
+        return await self._run(f"read stream {name!r}", stream_find_seq, name, subject, seq)
+
+    async def stream_last(self, name: str, subject: str) -> StoredMessage | None:
+        """The last message on ``subject``."""
+        return await self._run(f"read stream {name!r}", stream_last, name, subject)
+
+    async def stream_subscribe(
+        self,
+        subject: str,
+        stream: str,
+        *,
+        buffer: int = 65536,
+        deliver: Literal["new", "last_per_subject"] = "new",
+    ) -> Subscription:
+        """:meth:`NatsTransport.stream_subscribe`."""
+        return await self._transport().stream_subscribe(
+            subject, stream, buffer=buffer, deliver=deliver
+        )
+
+    # -- key/value -------------------------------------------------------------------------------
+    async def ensure_kv(
+        self, bucket: str, *, replicas: int = 1, history: int = 1, description: str = ""
+    ) -> int:
+        """Create the KV bucket unless it exists; returns its replica count."""
+        return await self._run(
+            f"cannot create KV bucket {bucket!r}",
+            kv_ensure_bucket,
+            bucket,
+            replicas=replicas,
+            history=history,
+            description=description,
+        )
+
+    async def kv_read(self, bucket: str, key: str) -> KVEntry | None:
+        """The key's latest revision, read from the stream leader."""
+        return await self._run(f"read {bucket}/{key}", kv_read, bucket, key)
+
+    async def kv_write(self, bucket: str, key: str, value: bytes, *, last: int) -> int | None:
+        """Compare-and-set; None when the CAS lost, an error when the outcome is unknown."""
+        return await self._run(f"write {bucket}/{key}", kv_write, bucket, key, value, last=last)
+
+    async def kv_watch(self, bucket: str, key: str, *, buffer: int = 256) -> KVWatch:
+        """An ordered consumer on the key: its latest revision, then every new one."""
+        watch = KVWatch(key, buffer)
+
+        def deliver(msg: Message) -> None:
+            watch._deliver_message(msg, _stream_sequence)
+
+        sub = await self._transport().stream_subscribe(
+            kv_subject(bucket, key),
+            kv_stream(bucket),
+            buffer=buffer,
+            deliver="last_per_subject",
+            handler=deliver,
+        )
+        watch._stop = sub.unsubscribe
+        return watch
+
+
+def _stream_sequence(msg: Message) -> int:
+    """A JetStream-delivered message's stream sequence (a KV key's revision)."""
+    return int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
+
+
+# --- the asyncio side -----------------------------------------------------------------------------
 async def _replicas_of(jsx: Any, stream: str) -> int:
     info = await jsx.stream_info(stream)
     return int(info.config.num_replicas or 1)
 
 
-# --- key/value ------------------------------------------------------------------------------------
-async def kv_ensure_bucket(
+def _clustered(nc: Any) -> bool:
+    # the server's INFO names its cluster (a private field of nats-py's); on the public path a
+    # pool of more than one server (configured or discovered from the cluster) stands in for it
+    if private.fast_path_enabled():
+        return private.server_cluster(nc) is not None
+    return len(nc.servers) > 1
+
+
+class _ReplicaPlacement:
+    """What to ask for after JetStream could not place ``count`` > 1 replicas.
+
+    On a single server: one replica, at once. On a cluster the refusal can be temporary (right
+    after the servers start, JetStream's meta group may not know every peer yet), so the same
+    count is asked for again every 0.25 s for up to half of ``op_timeout`` before settling for
+    one replica (seen: an R3 stream created as R1 on a 3-node cluster started under load).
+    """
+
+    def __init__(self, nc: Any, op_timeout: float) -> None:
+        self._clustered = _clustered(nc)
+        self._until = asyncio.get_running_loop().time() + op_timeout / 2
+
+    async def next_count(self, count: int) -> int:
+        if self._clustered and asyncio.get_running_loop().time() < self._until:
+            await asyncio.sleep(0.25)
+            return count
+        return 1
+
+
+async def _ensure_replicated(
     nc: Any,
-    js: Any,
-    bucket: str,
-    *,
+    jsx: Any,
+    stream: str,
     replicas: int,
-    history: int = 1,
-    description: str = "",
-    op_timeout: float = 5.0,
+    op_timeout: float,
+    create: Callable[[int], Awaitable[object]],
 ) -> int:
-    """Create the KV bucket ``bucket`` unless it exists; several callers may race safely.
+    """Create ``stream`` with ``create(count)`` unless it exists; returns its replica count.
 
-    An existing bucket is used as it is (its settings are not changed). When ``replicas`` > 1
-    cannot be placed (a single server, too few peers) the bucket is created with one replica.
-
-    Args:
-        nc: nats-py connection (passed by ``NatsTransport.call``).
-        js: its JetStream context (unused; a context with ``op_timeout`` is built instead).
-        bucket: the bucket name (``[A-Za-z0-9_-]+``).
-        replicas: wanted replica count.
-        history: values kept per key.
-        description: stream description.
-        op_timeout: seconds per JetStream API request.
-
-    Returns:
-        The bucket's replica count.
+    An existing stream is used as it is. A refused ``count`` > 1 (a single server, too few
+    peers) is asked for again as :class:`_ReplicaPlacement` says, else settled at one replica.
+    Several callers may race: one that lost the creation race uses what the winner made.
     """
     import nats.js.errors
-    from nats.js.api import KeyValueConfig
 
-    jsx = nc.jetstream(timeout=op_timeout)
-    stream = kv_stream(bucket)
     try:
         return await _replicas_of(jsx, stream)
     except nats.js.errors.NotFoundError:
@@ -129,11 +318,8 @@ async def kv_ensure_bucket(
     count = max(1, replicas)
     placing = _ReplicaPlacement(nc, op_timeout)
     while True:
-        config = KeyValueConfig(
-            bucket=bucket, history=history, replicas=count, description=description or None
-        )
         try:
-            await jsx.create_key_value(config)
+            await create(count)
             return count
         except nats.js.errors.APIError as exc:
             if _err_code(exc) in _NO_REPLICAS and count > 1:
@@ -146,15 +332,35 @@ async def kv_ensure_bucket(
                 raise exc from None
 
 
-async def kv_read(
-    nc: Any, js: Any, bucket: str, key: str, *, op_timeout: float = 5.0
-) -> tuple[int, bytes | None] | None:
-    """Read a key's latest revision from the stream leader (never a possibly stale replica).
+async def kv_ensure_bucket(
+    nc: Any,
+    bucket: str,
+    *,
+    replicas: int,
+    history: int = 1,
+    description: str = "",
+    op_timeout: float = DEFAULT_OP_TIMEOUT,
+) -> int:
+    """Create the KV bucket ``bucket`` (``[A-Za-z0-9_-]+``) unless it exists; its replica count."""
+    from nats.js.api import KeyValueConfig
 
-    Returns:
-        None when the key has never been written (or was purged away); ``(revision, None)`` when
-        its latest entry is a delete/purge marker; otherwise ``(revision, value)``.
-    """
+    jsx = nc.jetstream(timeout=op_timeout)
+
+    async def create(count: int) -> None:
+        await jsx.create_key_value(
+            KeyValueConfig(
+                bucket=bucket, history=history, replicas=count, description=description or None
+            )
+        )
+
+    return await _ensure_replicated(nc, jsx, kv_stream(bucket), replicas, op_timeout, create)
+
+
+async def kv_read(
+    nc: Any, bucket: str, key: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT
+) -> KVEntry | None:
+    """A key's latest revision, read from the stream leader (never a possibly stale replica);
+    None when the key has never been written (or was purged away)."""
     import nats.js.errors
 
     jsx = nc.jetstream(timeout=op_timeout)
@@ -162,33 +368,26 @@ async def kv_read(
         msg = await jsx.get_msg(kv_stream(bucket), subject=kv_subject(bucket, key), direct=False)
     except nats.js.errors.NotFoundError:
         return None
-    headers = msg.headers or {}
-    if headers.get(KV_OPERATION_HEADER) in ("DEL", "PURGE"):
-        return int(msg.seq), None
-    return int(msg.seq), bytes(msg.data or b"")
+    return KVEntry.of(int(msg.seq), bytes(msg.data or b""), msg.headers)
 
 
 async def kv_write(
     nc: Any,
-    js: Any,
     bucket: str,
     key: str,
     value: bytes,
     *,
     last: int,
-    op_timeout: float = 5.0,
+    op_timeout: float = DEFAULT_OP_TIMEOUT,
 ) -> int | None:
-    """Compare-and-set: store ``value`` only if the key's latest revision is ``last``.
-
-    ``last=0`` is "create": it succeeds only while the key has no entry at all.
+    """Compare-and-set: store ``value`` only if the key's latest revision is ``last`` (0: none).
 
     Returns:
         The new revision, or None when the key's latest revision was not ``last`` (the CAS lost;
         nothing was stored).
 
     Raises:
-        Exception: timeout, no responders, connection loss... -- the outcome is then *unknown*
-            (``NatsTransport.call`` turns it into a ``BackbeatError``).
+        Exception: timeout, no responders, connection loss... -- the outcome is then *unknown*.
     """
     import nats.js.errors
 
@@ -207,30 +406,22 @@ async def kv_write(
     return int(ack.seq)
 
 
-# --- streams --------------------------------------------------------------------------------------
-class _ReplicaPlacement:
-    """What to ask for after JetStream could not place ``count`` > 1 replicas.
+async def stream_find_name(
+    nc: Any, subject: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT
+) -> str | None:
+    """The stream capturing ``subject``; None when none does."""
+    import nats.js.errors
 
-    On a single server: one replica, at once. On a cluster the refusal can be temporary (right
-    after the servers start, JetStream's meta group may not know every peer yet), so the same
-    count is asked for again every 0.25 s for up to half of ``op_timeout`` before settling for
-    one replica (seen: an R3 stream created as R1 on a 3-node cluster started under load).
-    """
-
-    def __init__(self, nc: Any, op_timeout: float) -> None:
-        self._clustered = bool((getattr(nc, "_server_info", None) or {}).get("cluster"))
-        self._until = asyncio.get_running_loop().time() + op_timeout / 2
-
-    async def next_count(self, count: int) -> int:
-        if self._clustered and asyncio.get_running_loop().time() < self._until:
-            await asyncio.sleep(0.25)
-            return count
-        return 1
+    jsx = nc.jetstream(timeout=op_timeout)
+    try:
+        name = await jsx.find_stream_name_by_subject(subject)
+    except nats.js.errors.NotFoundError:
+        return None
+    return str(name) if name else None
 
 
 async def stream_ensure(
     nc: Any,
-    js: Any,
     name: str,
     subjects: list[str],
     *,
@@ -239,50 +430,31 @@ async def stream_ensure(
     max_age: float | None = None,
     duplicate_window: float = 120.0,
     description: str = "",
-    op_timeout: float = 5.0,
+    op_timeout: float = DEFAULT_OP_TIMEOUT,
 ) -> int:
-    """Create a stream unless it exists (an existing one is left as it is).
-
-    Replicas > 1 that cannot be placed fall back to 1.
-
-    Returns:
-        The stream's replica count.
-    """
-    import nats.js.errors
+    """Create a stream unless it exists (an existing one is left as it is); its replica count."""
     from nats.js.api import StreamConfig
 
     jsx = nc.jetstream(timeout=op_timeout)
-    try:
-        return await _replicas_of(jsx, name)
-    except nats.js.errors.NotFoundError:
-        pass
-    count = max(1, replicas)
-    placing = _ReplicaPlacement(nc, op_timeout)
-    while True:
-        config = StreamConfig(
-            name=name,
-            description=description or None,
-            subjects=list(subjects),
-            num_replicas=count,
-            max_msgs=max_msgs,
-            max_age=max_age,
-            duplicate_window=duplicate_window,
+
+    async def create(count: int) -> None:
+        await jsx.add_stream(
+            StreamConfig(
+                name=name,
+                description=description or None,
+                subjects=list(subjects),
+                num_replicas=count,
+                max_msgs=max_msgs,
+                max_age=max_age,
+                duplicate_window=duplicate_window,
+            )
         )
-        try:
-            await jsx.add_stream(config)
-            return count
-        except nats.js.errors.APIError as exc:
-            if _err_code(exc) in _NO_REPLICAS and count > 1:
-                count = await placing.next_count(count)
-                continue
-            try:
-                return await _replicas_of(jsx, name)
-            except nats.js.errors.NotFoundError:
-                raise exc from None
+
+    return await _ensure_replicated(nc, jsx, name, replicas, op_timeout, create)
 
 
 async def stream_summary(
-    nc: Any, js: Any, name: str, *, op_timeout: float = 5.0
+    nc: Any, name: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT
 ) -> StreamSummary | None:
     """The stream's bounds, size, replica count and current leader; None when it does not exist."""
     import nats.js.errors
@@ -294,6 +466,7 @@ async def stream_summary(
         return None
     state = info.state
     cluster = getattr(info, "cluster", None)
+    max_msgs = info.config.max_msgs
     return StreamSummary(
         name=name,
         first_seq=int(state.first_seq or 0),
@@ -302,13 +475,14 @@ async def stream_summary(
         replicas=int(info.config.num_replicas or 1),
         leader=getattr(cluster, "leader", None) if cluster is not None else None,
         subjects=tuple(info.config.subjects or ()),
+        max_msgs=-1 if max_msgs is None else int(max_msgs),
     )
 
 
-def _stored(msg: Any) -> StoredMessage:
+def _stored(msg: Any, seq: int) -> StoredMessage:
     headers = msg.headers
     return StoredMessage(
-        seq=int(msg.seq),
+        seq=seq,
         subject=str(msg.subject),
         data=bytes(msg.data or b""),
         headers={str(k): str(v) for k, v in headers.items()} if headers else None,
@@ -316,7 +490,7 @@ def _stored(msg: Any) -> StoredMessage:
 
 
 async def stream_last(
-    nc: Any, js: Any, name: str, subject: str, *, op_timeout: float = 5.0
+    nc: Any, name: str, subject: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT
 ) -> StoredMessage | None:
     """The last message ``name`` stores on ``subject``; None when there is none (or no stream)."""
     import nats.js.errors
@@ -326,11 +500,11 @@ async def stream_last(
         msg = await jsx.get_msg(name, subject=subject, direct=False)
     except nats.js.errors.NotFoundError:
         return None
-    return _stored(msg)
+    return _stored(msg, int(msg.seq))
 
 
 async def stream_find_seq(
-    nc: Any, js: Any, name: str, subject: str, seq: int, *, op_timeout: float = 5.0
+    nc: Any, name: str, subject: str, seq: int, *, op_timeout: float = DEFAULT_OP_TIMEOUT
 ) -> StoredMessage | None:
     """The first message on ``subject`` at or after sequence ``seq``; None when there is none."""
     import nats.js.errors
@@ -340,12 +514,11 @@ async def stream_find_seq(
         msg = await jsx.get_msg(name, seq=max(1, seq), subject=subject, next=True, direct=False)
     except nats.js.errors.NotFoundError:
         return None
-    return _stored(msg)
+    return _stored(msg, int(msg.seq))
 
 
 async def stream_read(
     nc: Any,
-    js: Any,
     name: str,
     subject: str,
     start_seq: int,
@@ -353,7 +526,7 @@ async def stream_read(
     max_msgs: int,
     stop_seq: int | None = None,
     batch: int = 256,
-    op_timeout: float = 5.0,
+    op_timeout: float = DEFAULT_OP_TIMEOUT,
 ) -> list[StoredMessage]:
     """Read up to ``max_msgs`` messages on ``subject`` from ``start_seq`` on, in stream order.
 
@@ -403,15 +576,7 @@ async def stream_read(
                 if seq > stop_seq:
                     done = True
                     break
-                headers = msg.headers
-                out.append(
-                    StoredMessage(
-                        seq=seq,
-                        subject=str(msg.subject),
-                        data=bytes(msg.data or b""),
-                        headers={str(k): str(v) for k, v in headers.items()} if headers else None,
-                    )
-                )
+                out.append(_stored(msg, seq))
                 if len(out) >= max_msgs or seq >= stop_seq or not meta.num_pending:
                     done = True
                     break
@@ -422,6 +587,6 @@ async def stream_read(
             consumer = (await psub.consumer_info()).name
             await psub.unsubscribe()
             await jsx.delete_consumer(name, consumer)
-        except Exception:  # best effort: the consumer expires on its own (inactive_threshold)
-            pass
+        except Exception as exc:  # the consumer expires on its own (inactive_threshold)
+            log.debug("read of %r: its consumer is left to expire: %r", name, exc)
     return out

@@ -36,6 +36,7 @@ import trio_asyncio
 from .._errors import BackbeatError, NotConnected
 from .._transport.base import ConnEvent, EventKind, Message, Subscription, _offer
 from . import _natspy_private as private
+from .jetstream import NatsJetStream
 from .loop import asyncio_loop as _asyncio_loop
 from .options import connect_accepts, connect_nats, nats_failures
 from .options import nats_options as _nats_options
@@ -50,7 +51,6 @@ __all__ = [
     "NatsTransportView",
     "_asyncio_loop",
     "_nats_options",
-    "nats_transport_of",
     "open_nats_transport",
 ]
 
@@ -470,13 +470,14 @@ class NatsTransport:
         return bytes(msg.data)
 
     # -- JetStream ------------------------------------------------------------------------------
+    @property
+    def jetstream(self) -> NatsJetStream:
+        """Streams and key/value buckets on this connection (:class:`NatsJetStream`)."""
+        return NatsJetStream(lambda: self)
+
     async def find_stream(self, subject: str) -> str | None:
         """The JetStream stream capturing ``subject``, or None (also when JetStream is off)."""
-        try:
-            name = await trio_asyncio.aio_as_trio(self._js.find_stream_name_by_subject)(subject)
-        except Exception:
-            return None
-        return str(name) if name else None
+        return await self.jetstream.find_stream(subject)
 
     async def ensure_stream(
         self,
@@ -486,11 +487,7 @@ class NatsTransport:
         duplicate_window: float = 120.0,
         replicas: int = 1,
     ) -> int:
-        """Create (or keep) a stream capturing ``subjects``.
-
-        An existing stream is left as it is. ``replicas`` > 1 asks for a replicated stream on a
-        NATS cluster; where it cannot be placed (a single server, too few peers) the stream gets
-        one replica.
+        """Create (or keep) a stream capturing ``subjects``: :meth:`NatsJetStream.ensure_stream`.
 
         Returns:
             The stream's replica count.
@@ -498,20 +495,9 @@ class NatsTransport:
         Raises:
             BackbeatError: JetStream refused (not enabled, or subjects overlap another stream).
         """
-        from .._bridge.jetstream import stream_ensure
-
-        try:
-            return int(
-                await self.call(
-                    stream_ensure,
-                    name,
-                    list(subjects),
-                    replicas=replicas,
-                    duplicate_window=duplicate_window,
-                )
-            )
-        except BackbeatError as exc:
-            raise BackbeatError(f"cannot create JetStream stream {name!r}: {exc}") from exc
+        return await self.jetstream.ensure_stream(
+            name, subjects, duplicate_window=duplicate_window, replicas=replicas
+        )
 
     async def stream_subscribe(
         self,
@@ -520,13 +506,15 @@ class NatsTransport:
         *,
         buffer: int = 65536,
         deliver: Literal["new", "last_per_subject"] = "new",
+        handler: Callable[[Message], None] | None = None,
     ) -> Subscription:
         """Receive what ``stream`` stores on ``subject`` from now on (an ordered consumer).
 
         Unlike a core subscription, this sees each ``Nats-Msg-Id`` once: the stream has already
         dropped re-published duplicates. ``deliver="last_per_subject"`` starts with the latest
         stored message of each matching subject (a key/value watch). Each message's
-        ``metadata.sequence.stream`` is its stream sequence (a KV key's revision).
+        ``metadata.sequence.stream`` is its stream sequence (a KV key's revision). ``handler``
+        as for :meth:`subscribe`.
         """
         from nats.js.api import DeliverPolicy
 
@@ -536,29 +524,11 @@ class NatsTransport:
             buffer,
             f"stream subscribe {stream}/",
             self._js.subscribe,
+            handler=handler,
             stream=stream,
             ordered_consumer=True,
             deliver_policy=policy,
         )
-
-    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(nc, js, *args)`` (a coroutine function) on the asyncio side.
-
-        The escape hatch for rare JetStream/KV management calls; translates errors.
-        """
-        try:
-            return await trio_asyncio.aio_as_trio(fn)(self._nc, self._js, *args, **kwargs)
-        except BackbeatError:
-            raise
-        except Exception as exc:
-            raise BackbeatError(f"{getattr(fn, '__name__', fn)} failed: {exc}") from exc
-
-
-def nats_transport_of(transport: object) -> NatsTransport | None:
-    """The NATS connection behind ``transport`` (itself, or a view's), else None."""
-    if isinstance(transport, NatsTransportView):
-        return transport.transport
-    return transport if isinstance(transport, NatsTransport) else None
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

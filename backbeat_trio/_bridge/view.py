@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
 from .._errors import NotConnected
 from .._transport.base import ConnEvent, Message, Subscription, _offer
+from .jetstream import NatsJetStream
 
 if TYPE_CHECKING:
     from .nats import NatsTransport
@@ -88,9 +89,14 @@ class NatsTransportView:
         """:meth:`NatsTransport.new_inbox`."""
         return self._shared_transport().new_inbox()
 
+    @property
+    def jetstream(self) -> NatsJetStream:
+        """:attr:`NatsTransport.jetstream` (through this view while it is open)."""
+        return NatsJetStream(self._shared_transport)
+
     async def find_stream(self, subject: str) -> str | None:
         """:meth:`NatsTransport.find_stream`."""
-        return await self._shared_transport().find_stream(subject)
+        return await self.jetstream.find_stream(subject)
 
     async def ensure_stream(
         self,
@@ -101,7 +107,7 @@ class NatsTransportView:
         replicas: int = 1,
     ) -> int:
         """:meth:`NatsTransport.ensure_stream`."""
-        return await self._shared_transport().ensure_stream(
+        return await self.jetstream.ensure_stream(
             name, subjects, duplicate_window=duplicate_window, replicas=replicas
         )
 
@@ -112,15 +118,12 @@ class NatsTransportView:
         *,
         buffer: int = 65536,
         deliver: Literal["new", "last_per_subject"] = "new",
+        handler: Callable[[Message], None] | None = None,
     ) -> Subscription:
         """:meth:`NatsTransport.stream_subscribe`."""
         return await self._shared_transport().stream_subscribe(
-            subject, stream, buffer=buffer, deliver=deliver
+            subject, stream, buffer=buffer, deliver=deliver, handler=handler
         )
-
-    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """:meth:`NatsTransport.call`."""
-        return await self._shared_transport().call(fn, *args, **kwargs)
 
     async def __aenter__(self) -> NatsTransportView:
         return self

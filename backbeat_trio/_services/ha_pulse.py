@@ -33,17 +33,17 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from .._bridge.nats import nats_transport_of, open_nats_transport
+from .._bridge.nats import open_nats_transport
 from .._core.beats import beat_subject, tempo_subject
 from .._core.hlc import HLC
 from .._core.lease import LeaseElection, LeaseTimings, ScheduleSnapshot
 from .._core.schedule import PulseSchedule, ScheduledBeat
 from .._errors import ConfigError, NotConnected
 from .._services.lease import (
+    KVLeaseStore,
     LeaseKeeper,
     LeaseStatus,
     LeaseStore,
-    NatsLeaseStore,
     _finite_positive,
     ensure_lease_store,
 )
@@ -397,15 +397,14 @@ async def run_ha_pulse(
     Args:
         cfg: its settings.
         transport: an already-open transport (tests); by default it connects to ``cfg.nats_url``.
-        store: the lease store; by default the JetStream KV bucket on ``transport`` (which must
-            then be a :class:`NatsTransport`).
+        store: the lease store; by default the KV bucket ``BACKBEAT_HA_<cluster_id>`` on
+            ``transport``'s JetStream.
         wall_clock: POSIX seconds (tests on MockClock pass a virtual one).
         task_status: ``nursery.start`` gets a live :class:`HAPulseStatus` once the lease bucket
             exists (it may be a follower then).
 
     Raises:
         NotConnected: the first connect failed.
-        ConfigError: no store given and the transport is not a NATS transport.
         BackbeatError: the lease bucket could not be created.
     """
     async with contextlib.AsyncExitStack() as stack:
@@ -413,11 +412,8 @@ async def run_ha_pulse(
         if transport is None:
             transport = await stack.enter_async_context(open_nats_transport(cfg))
         if store is None:
-            nats = nats_transport_of(transport)
-            if nats is None:
-                raise ConfigError("store", "a lease store is required with a non-NATS transport")
-            store = NatsLeaseStore(
-                nats,
+            store = KVLeaseStore(
+                transport,
                 cfg.cluster_id,
                 replicas=cfg.lease_replicas,
                 op_timeout=cfg.timings().op_timeout,

@@ -10,10 +10,8 @@ window reported twice within the stream's duplicate window is stored once.
 * :func:`last_reported_window` tells a restarting reverb which window it reported last, so it
   resumes without reporting a window again (:func:`already_reported`).
 
-This module is pure trio; the JetStream calls are the coroutine functions of
-:mod:`backbeat_trio._kv`, run through :meth:`NatsTransport.call`. On a transport that is not a
-NATS transport (the in-memory test bus) there is no history: :func:`replay_bars` returns ``[]`` and
-:func:`last_reported_window` None.
+This module is pure trio and works on any transport: it uses the transport's
+:class:`~backbeat_trio._transport.jetstream.JetStream` (over NATS, or the in-memory test bus).
 """
 
 from __future__ import annotations
@@ -21,20 +19,11 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-from .._bridge.jetstream import (
-    StoredMessage,
-    StreamSummary,
-    stream_ensure,
-    stream_find_seq,
-    stream_last,
-    stream_read,
-    stream_summary,
-)
-from .._bridge.nats import NatsTransport, nats_transport_of
 from .._core.beats import bar_subject, validate_id
 from .._core.wire import BarReport, decode
 from .._errors import ConfigError, WireError
 from .._transport.base import Transport
+from .._transport.jetstream import JetStream, StoredMessage, StreamSummary
 
 __all__ = [
     "DEFAULT_BAR_HISTORY",
@@ -93,7 +82,7 @@ async def ensure_bar_stream(
     falls back to one replica.
 
     Args:
-        transport: an open transport (a non-NATS transport gets a plain stream, if it has any).
+        transport: an open transport.
         cluster_id: the cluster.
         replicas: wanted replica count.
         max_reports: reports kept (the oldest are dropped); -1: no limit.
@@ -111,21 +100,14 @@ async def ensure_bar_stream(
         raise ConfigError("max_reports", f"must be an int > 0 or -1, got {max_reports!r}")
     if max_age is not None and not max_age > 0:
         raise ConfigError("max_age", f"must be > 0 seconds or None, got {max_age!r}")
-    subject = bar_subject(cluster_id)
-    nats = nats_transport_of(transport)
-    if nats is None:
-        await transport.ensure_stream(name, [subject], duplicate_window=BAR_DUPLICATE_WINDOW)
-        return name
-    await nats.call(
-        stream_ensure,
+    await _jetstream(transport).ensure_stream(
         name,
-        [subject],
+        [bar_subject(cluster_id)],
         replicas=replicas,
         max_msgs=max_reports,
         max_age=max_age,
         duplicate_window=BAR_DUPLICATE_WINDOW,
         description=f"BACKBEAT bar reports of cluster {cluster_id}",
-        op_timeout=_OP_TIMEOUT,
     )
     return name
 
@@ -142,15 +124,12 @@ def _decode_report(msg: StoredMessage, cluster_id: str) -> BarReport | None:
     return report
 
 
-async def _summary(transport: NatsTransport, cluster_id: str) -> StreamSummary | None:
-    got: StreamSummary | None = await transport.call(
-        stream_summary, bar_stream_name(cluster_id), op_timeout=_OP_TIMEOUT
-    )
-    return got
+def _jetstream(transport: Transport) -> JetStream:
+    return transport.jetstream.with_op_timeout(_OP_TIMEOUT)
 
 
 async def _first_seq_ending_at_or_after(
-    transport: NatsTransport, cluster_id: str, summary: StreamSummary, since_beat: int
+    js: JetStream, cluster_id: str, summary: StreamSummary, since_beat: int
 ) -> int:
     # Reports are appended window after window, so ``to_beat`` grows with the sequence: a binary
     # search over sequences finds the first report that ends at or after ``since_beat`` in
@@ -163,9 +142,7 @@ async def _first_seq_ending_at_or_after(
         if lo >= hi:
             break
         mid = (lo + hi) // 2
-        msg: StoredMessage | None = await transport.call(
-            stream_find_seq, name, subject, mid, op_timeout=_OP_TIMEOUT
-        )
+        msg = await js.stream_find(name, subject, mid)
         if msg is None or msg.seq >= hi:
             hi = mid
             continue
@@ -190,8 +167,7 @@ async def replay_bars(
     reports of this cluster are skipped (and logged).
 
     Args:
-        transport: an open transport; history needs a :class:`NatsTransport` (anything else
-            returns ``[]``).
+        transport: an open transport.
         cluster_id: the cluster.
         since_beat: the first beat of interest (a window ending before it is left out).
         limit: at most this many reports (the oldest matching ones).
@@ -208,28 +184,24 @@ async def replay_bars(
         raise ConfigError("since_beat", f"must be an int >= 0, got {since_beat!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ConfigError("limit", f"must be an int >= 1, got {limit!r}")
-    nats = nats_transport_of(transport)
-    if nats is None:
-        return []
-    summary = await _summary(nats, cluster_id)
+    js = _jetstream(transport)
+    summary = await js.stream_summary(bar_stream_name(cluster_id))
     if summary is None or summary.messages == 0:
         return []
     start = summary.first_seq
     if since_beat > 0:
-        start = await _first_seq_ending_at_or_after(nats, cluster_id, summary, since_beat)
+        start = await _first_seq_ending_at_or_after(js, cluster_id, summary, since_beat)
     reports: list[BarReport] = []
     # Bounded: each round reads at least one message or stops; at most limit + skipped rounds.
     for _ in range(limit + 64):
         if start > summary.last_seq or len(reports) >= limit:
             break
-        msgs: list[StoredMessage] = await nats.call(
-            stream_read,
+        msgs = await js.stream_read(
             summary.name,
             bar_subject(cluster_id),
             start,
             max_msgs=min(limit - len(reports), 4096),
             stop_seq=summary.last_seq,
-            op_timeout=_OP_TIMEOUT,
         )
         if not msgs:
             break
@@ -250,7 +222,7 @@ async def last_reported_window(transport: Transport, cluster_id: str) -> int | N
     :func:`already_reported`, so it never reports a window twice.
 
     Args:
-        transport: an open transport (anything but a :class:`NatsTransport` gives None).
+        transport: an open transport.
         cluster_id: the cluster.
 
     Returns:
@@ -260,11 +232,8 @@ async def last_reported_window(transport: Transport, cluster_id: str) -> int | N
         BackbeatError: JetStream did not answer.
     """
     validate_id("cluster_id", cluster_id)
-    nats = nats_transport_of(transport)
-    if nats is None:
-        return None
-    msg: StoredMessage | None = await nats.call(
-        stream_last, bar_stream_name(cluster_id), bar_subject(cluster_id), op_timeout=_OP_TIMEOUT
+    msg = await _jetstream(transport).stream_last(
+        bar_stream_name(cluster_id), bar_subject(cluster_id)
     )
     if msg is None:
         return None

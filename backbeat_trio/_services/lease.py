@@ -15,15 +15,6 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import trio
 
-from .._bridge.jetstream import (
-    KV_OPERATION_HEADER,
-    kv_ensure_bucket,
-    kv_read,
-    kv_stream,
-    kv_subject,
-    kv_write,
-)
-from .._bridge.nats import NatsTransport
 from .._core.lease import (
     LeaseElection,
     LeaseRecord,
@@ -35,7 +26,8 @@ from .._core.lease import (
     lease_bucket_name,
 )
 from .._errors import BackbeatError, ConfigError
-from .._transport.base import Message, Subscription
+from .._transport.base import Transport
+from .._transport.jetstream import KVEntry, KVWatch
 
 if TYPE_CHECKING:
     pass
@@ -74,23 +66,19 @@ class LeaseStore(Protocol):
         """Store ``value`` if the latest revision is ``last`` (0: no key); the new revision."""
         ...
 
-    async def watch(self) -> Subscription:
-        """A subscription to the key's stored revisions, the latest first (see :meth:`entry`).
+    async def watch(self) -> KVWatch:
+        """The key's stored revisions, the latest first, then every new one.
 
-        Optional: a store without ``watch``/``entry`` is polled every ``poll_interval``.
+        Optional: a store without ``watch`` is polled every ``poll_interval``.
         """
         ...
 
-    def entry(self, msg: Message) -> tuple[int, bytes | None]:
-        """``(revision, value)`` of a message from :meth:`watch`; value None for a delete."""
-        ...
 
-
-class NatsLeaseStore:
-    """The lease in a JetStream KV bucket, through :meth:`NatsTransport.call`.
+class KVLeaseStore:
+    """The lease as one key of a KV bucket on any transport's JetStream (NATS or in-memory).
 
     Args:
-        transport: an open NATS transport.
+        transport: an open transport.
         cluster_id: the cluster (the bucket is :func:`lease_bucket_name`).
         replicas: wanted replica count of the bucket (falls back to 1 on a single server).
         op_timeout: seconds for each JetStream request.
@@ -99,7 +87,7 @@ class NatsLeaseStore:
 
     def __init__(
         self,
-        transport: NatsTransport,
+        transport: Transport,
         cluster_id: str,
         *,
         replicas: int = 3,
@@ -113,54 +101,37 @@ class NatsLeaseStore:
         self.op_timeout = op_timeout
 
     def __repr__(self) -> str:
-        return f"<NatsLeaseStore {self.bucket}/{self.key} replicas={self.replicas}>"
+        return f"<KVLeaseStore {self.bucket}/{self.key} replicas={self.replicas}>"
 
     async def ensure(self) -> None:
         """Create the bucket (history 1) unless it exists; records the replica count in use."""
-        self.replicas = int(
-            await self.transport.call(
-                kv_ensure_bucket,
-                self.bucket,
-                replicas=self.replicas,
-                history=1,
-                description="BACKBEAT pulse lease",
-                op_timeout=max(self.op_timeout, 2.0),
-            )
+        js = self.transport.jetstream.with_op_timeout(max(self.op_timeout, 2.0))
+        self.replicas = await js.ensure_kv(
+            self.bucket, replicas=self.replicas, history=1, description="BACKBEAT pulse lease"
         )
 
-    async def read(self) -> tuple[int, bytes | None] | None:
+    async def read(self) -> KVEntry | None:
         """The key's latest revision and value, read from the stream leader."""
-        got = await self.transport.call(kv_read, self.bucket, self.key, op_timeout=self.op_timeout)
-        if got is None:
-            return None
-        revision, value = got
-        return int(revision), value
+        return await self.transport.jetstream.with_op_timeout(self.op_timeout).kv_read(
+            self.bucket, self.key
+        )
 
     async def write(self, value: bytes, *, last: int) -> int | None:
         """Compare-and-set write."""
-        got = await self.transport.call(
-            kv_write, self.bucket, self.key, value, last=last, op_timeout=self.op_timeout
+        return await self.transport.jetstream.with_op_timeout(self.op_timeout).kv_write(
+            self.bucket, self.key, value, last=last
         )
-        return None if got is None else int(got)
 
-    async def watch(self) -> Subscription:
-        """An ordered JetStream consumer on the key: its latest revision, then every new one.
+    async def watch(self) -> KVWatch:
+        """An ordered consumer on the key: its latest revision, then every new one.
 
         Only *stored* writes arrive (a lost compare-and-set never does), each with its revision.
         """
-        return await self.transport.stream_subscribe(
-            kv_subject(self.bucket, self.key),
-            kv_stream(self.bucket),
-            buffer=_WATCH_BUFFER,
-            deliver="last_per_subject",
-        )
+        return await self.transport.jetstream.kv_watch(self.bucket, self.key, buffer=_WATCH_BUFFER)
 
-    def entry(self, msg: Message) -> tuple[int, bytes | None]:
-        """The revision (stream sequence) and value of a watched message."""
-        revision = int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
-        if (msg.headers or {}).get(KV_OPERATION_HEADER) in ("DEL", "PURGE"):
-            return revision, None
-        return revision, bytes(msg.data)
+
+#: The name the KV lease store had when only NATS could hold it.
+NatsLeaseStore = KVLeaseStore
 
 
 # --- configuration and status ---------------------------------------------------------------------
@@ -281,7 +252,7 @@ class LeaseKeeper:
         self.status = status
         self.election = election
         self.wall_clock = wall_clock
-        self.watch: Subscription | None = None
+        self.watch: KVWatch | None = None
         self._next_read = -math.inf
         self._last_read = -math.inf  # when the latest successful read was answered
         # a read found a revision the watch had not delivered: poll until the watch shows life
@@ -355,15 +326,10 @@ class LeaseKeeper:
         self.status.watching = False
         if watch is not None:
             with trio.move_on_after(1.0, shield=True):
-                await watch.unsubscribe()
+                await watch.aclose()
 
-    def _observe_entry(self, msg: Message) -> None:
-        try:
-            revision, value = self.store.entry(msg)
-        except Exception as exc:  # not a JetStream message, a malformed reply subject...
-            self._kv_error(f"unreadable lease watch message: {exc!r}")
-            self.election.needs_read = True
-            return
+    def _observe_entry(self, entry: KVEntry) -> None:
+        revision, value = entry
         self.status.kv_watched += 1
         e = self.election
         if not e.known or e.revision is None or revision > e.revision:
@@ -447,7 +413,7 @@ class LeaseKeeper:
             # what arrived while leading is our own writes: stale now (the read below is newer)
             with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                 while True:
-                    self.watch.messages.receive_nowait()
+                    self.watch.entries.receive_nowait()
             e.needs_read = True
         while True:
             now = trio.current_time()
@@ -478,14 +444,14 @@ class LeaseKeeper:
                 continue
             with trio.move_on_at(wake):
                 try:
-                    msg = await self.watch.messages.receive()
+                    entry = await self.watch.entries.receive()
                 except trio.EndOfChannel:  # the store closed its watch: poll from now on
                     log.warning("%s: the lease watch ended; polling instead", self.owner_id)
                     self.watch = None
                     self.status.watching = False
                     self._next_read = trio.current_time()
                     continue
-                self._observe_entry(msg)
+                self._observe_entry(entry)
 
     async def renew_while_leading(self) -> None:
         """Lead without a schedule: renew every ``renew_interval``; return when leadership ends."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .._bridge.nats import nats_transport_of, open_nats_transport
+from .._bridge.nats import open_nats_transport
 from .._client.client import open_client
 from .._client.config import Config
 from .._core.aggregate import BarAggregator
@@ -47,10 +47,10 @@ from .._services.history import (
 )
 from .._services.lease import (
     REVERB_LEASE_KEY,
+    KVLeaseStore,
     LeaseKeeper,
     LeaseStatus,
     LeaseStore,
-    NatsLeaseStore,
     ensure_lease_store,
 )
 from .._transport.base import Subscription, Transport
@@ -210,13 +210,12 @@ async def run_reverb(
         cfg: its settings.
         transport: an already-open transport (tests); by default it connects.
         lease_store: where the reverb lease lives (``cfg.ha``); by default the KV bucket
-            ``BACKBEAT_HA_<cluster_id>`` on ``transport``, which must then be a NATS transport.
+            ``BACKBEAT_HA_<cluster_id>`` on ``transport``'s JetStream.
         wall_clock: POSIX seconds (tests on MockClock pass a virtual one).
         task_status: ``nursery.start`` gets a live :class:`ReverbStatus` once it is subscribed.
 
     Raises:
         NotConnected: the first connect failed.
-        ConfigError: ``cfg.ha`` without a lease store on a non-NATS transport.
         BackbeatError: the lease bucket could not be created (``cfg.ha``).
     """
     async with contextlib.AsyncExitStack() as stack:
@@ -226,11 +225,8 @@ async def run_reverb(
         if cfg.ha:
             timings = cfg.lease_timings()
             if lease_store is None:
-                nats = nats_transport_of(transport)
-                if nats is None:
-                    raise ConfigError("lease_store", "ha needs a lease store on this transport")
-                lease_store = NatsLeaseStore(
-                    nats,
+                lease_store = KVLeaseStore(
+                    transport,
                     cfg.cluster_id,
                     # the bucket is shared with the HA pulses: never the one to make it smaller
                     replicas=max(3, cfg.replicas),
@@ -276,12 +272,17 @@ async def _reverb_loop(
     subject = status_subject(cfg.cluster_id)
     stream = status_stream_name(cfg.cluster_id)
     if cfg.create_stream:
-        with contextlib.suppress(Exception):
+        # without JetStream the reverb still works: claims at most once, no bar history
+        try:
             await transport.ensure_stream(
                 stream, [subject], duplicate_window=cfg.duplicate_window, replicas=cfg.replicas
             )
-        with contextlib.suppress(Exception):
+        except BackbeatError as exc:
+            log.warning("no status stream %s: %s", stream, exc)
+        try:
             await ensure_bar_stream(transport, cfg.cluster_id, replicas=cfg.replicas)
+        except BackbeatError as exc:
+            log.warning("no bar stream for %s: %s", cfg.cluster_id, exc)
     try:
         resume_after = await last_reported_window(transport, cfg.cluster_id)
     except BackbeatError:

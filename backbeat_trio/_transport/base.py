@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import trio
 
 if TYPE_CHECKING:
-    pass
+    from .jetstream import JetStream
 
 
 EventKind = Literal[
@@ -144,6 +144,12 @@ class Transport(Protocol):
 
     def new_inbox(self) -> str: ...
 
+    @property
+    def jetstream(self) -> JetStream:
+        """Streams and key/value buckets on this bus (:class:`~.jetstream.JetStream`)."""
+        ...
+
+    # The stream calls the client uses, kept here for it: each is ``self.jetstream``'s.
     async def find_stream(self, subject: str) -> str | None: ...
 
     async def ensure_stream(

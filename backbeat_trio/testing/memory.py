@@ -13,8 +13,16 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 import trio
 
-from .._errors import NotConnected
+from .._errors import JetStreamError, NotConnected
 from .._transport.base import ConnEvent, MemoryMessage, Message, Subscription, _offer
+from .._transport.jetstream import (
+    KVEntry,
+    KVWatch,
+    StoredMessage,
+    StreamSummary,
+    kv_stream,
+    kv_subject,
+)
 
 if TYPE_CHECKING:
     pass
@@ -35,17 +43,90 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(p) == len(s)
 
 
+#: What a stream hands each of its watchers: the stored copy and the message as published.
+_StreamWatcher = Callable[[StoredMessage, MemoryMessage], None]
+
+
 @dataclass
 class _MemoryStream:
     name: str
     subjects: list[str]
-    messages: list[MemoryMessage] = field(default_factory=list)
+    max_msgs: int = -1
+    #: messages kept per subject (a KV bucket's history); -1: no limit
+    max_per_subject: int = -1
+    messages: list[StoredMessage] = field(default_factory=list)
+    last_seq: int = 0
     msg_ids: set[str] = field(default_factory=set)
+    watchers: list[tuple[str, _StreamWatcher]] = field(default_factory=list)
+
+    def captures(self, subject: str) -> bool:
+        return any(subject_matches(p, subject) for p in self.subjects)
+
+    def last_on(self, subject: str) -> StoredMessage | None:
+        for stored in reversed(self.messages):
+            if subject_matches(subject, stored.subject):
+                return stored
+        return None
+
+    def store(self, msg: MemoryMessage) -> StoredMessage | None:
+        """Store ``msg`` (None: a duplicate ``Nats-Msg-Id``, dropped) and tell the watchers."""
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+        if msg_id is not None:
+            if msg_id in self.msg_ids:
+                return None
+            self.msg_ids.add(msg_id)
+        self.last_seq += 1
+        stored = StoredMessage(self.last_seq, msg.subject, msg.data, msg.headers)
+        self.messages.append(stored)
+        if self.max_per_subject > 0:
+            same = [i for i, m in enumerate(self.messages) if m.subject == msg.subject]
+            for i in reversed(same[: -self.max_per_subject]):
+                del self.messages[i]
+        if self.max_msgs > 0 and len(self.messages) > self.max_msgs:
+            del self.messages[: len(self.messages) - self.max_msgs]
+        for subject, watcher in list(self.watchers):
+            if subject_matches(subject, msg.subject):
+                watcher(stored, msg)
+        return stored
+
+    def watch(
+        self, subject: str, watcher: _StreamWatcher, *, last_per_subject: bool = False
+    ) -> Callable[[], None]:
+        """Call ``watcher`` for each message stored on ``subject`` from now on (first, with
+        ``last_per_subject``, for the latest stored one of each matching subject); returns the
+        function that stops it."""
+        if last_per_subject:
+            latest = {m.subject: m for m in self.messages if subject_matches(subject, m.subject)}
+            for stored in sorted(latest.values()):
+                watcher(stored, MemoryMessage(stored.subject, stored.data, "", stored.headers))
+        entry = (subject, watcher)
+        self.watchers.append(entry)
+
+        def stop() -> None:
+            if entry in self.watchers:
+                self.watchers.remove(entry)
+
+        return stop
+
+    def summary(self) -> StreamSummary:
+        first = self.messages[0].seq if self.messages else self.last_seq + 1
+        return StreamSummary(
+            name=self.name,
+            first_seq=first,
+            last_seq=self.last_seq,
+            messages=len(self.messages),
+            replicas=1,
+            leader="memory",
+            subjects=tuple(self.subjects),
+            max_msgs=self.max_msgs,
+        )
 
 
 class MemoryBroker:
-    """A tiny in-process NATS look-alike: subjects with wildcards, headers, reply subjects and a
-    JetStream-like stream that acks publishes and drops duplicate ``Nats-Msg-Id`` s.
+    """A tiny in-process NATS look-alike: subjects with wildcards, headers, reply subjects and
+    JetStream-like streams that ack publishes, drop duplicate ``Nats-Msg-Id`` s and keep their
+    messages with sequence numbers (range reads, last per subject), and KV buckets on such
+    streams (revisions, compare-and-set, watches): see :class:`MemoryJetStream`.
 
     ``set_down()`` / ``set_up()`` simulate an outage: transports see disconnected/reconnected
     events and what is published meanwhile is lost (as bytes in flight are on a real server).
@@ -54,7 +135,6 @@ class MemoryBroker:
     def __init__(self) -> None:
         self._transports: list[MemoryTransport] = []
         self.streams: dict[str, _MemoryStream] = {}
-        self._stream_subs: dict[str, list[Subscription]] = {}
         self.up = True
         self.lost_while_down = 0
         self.lost_in_flight = 0
@@ -72,10 +152,66 @@ class MemoryBroker:
         self._transports.append(t)
         return t
 
-    def add_stream(self, name: str, subjects: Sequence[str]) -> None:
-        """Create a stream that captures ``subjects``."""
-        self.streams.setdefault(name, _MemoryStream(name, list(subjects)))
+    def add_stream(
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        max_msgs: int = -1,
+        max_per_subject: int = -1,
+    ) -> None:
+        """Create a stream that captures ``subjects`` (an existing one is left as it is)."""
+        self.streams.setdefault(
+            name, _MemoryStream(name, list(subjects), max_msgs, max_per_subject)
+        )
 
+    def stream_of(self, subject: str) -> _MemoryStream | None:
+        """The stream capturing ``subject``, if any."""
+        for stream in self.streams.values():
+            if stream.captures(subject):
+                return stream
+        return None
+
+    # -- key/value (synchronous; :class:`MemoryJetStream` and the memory lease store use them) --
+    def add_kv(self, bucket: str, *, history: int = 1) -> None:
+        """Create KV bucket ``bucket`` (its stream ``KV_<bucket>``) unless it exists."""
+        self.add_stream(kv_stream(bucket), [f"$KV.{bucket}.>"], max_per_subject=max(1, history))
+
+    def _kv(self, bucket: str) -> _MemoryStream:
+        stream = self.streams.get(kv_stream(bucket))
+        if stream is None:
+            raise JetStreamError(f"KV bucket {bucket!r} does not exist", code=10059)
+        return stream
+
+    def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+        """The key's latest revision; None when it was never written."""
+        stored = self._kv(bucket).last_on(kv_subject(bucket, key))
+        return None if stored is None else KVEntry.of(stored.seq, stored.data, stored.headers)
+
+    def kv_put(self, bucket: str, key: str, value: bytes, *, last: int) -> int | None:
+        """Compare-and-set (``last`` 0: the key has no entry); None when the CAS lost."""
+        stream, subject = self._kv(bucket), kv_subject(bucket, key)
+        current = stream.last_on(subject)
+        if (0 if current is None else current.seq) != last:
+            return None
+        msg = MemoryMessage(subject, bytes(value))
+        stored = stream.store(msg)
+        assert stored is not None  # no Nats-Msg-Id: never a duplicate
+        self._deliver_core(msg)
+        return stored.seq
+
+    def kv_watch(
+        self, bucket: str, key: str, deliver: Callable[[KVEntry], None]
+    ) -> Callable[[], None]:
+        """Hand ``deliver`` the key's latest revision, then each new one; returns the function
+        that stops it."""
+
+        def watcher(stored: StoredMessage, _msg: MemoryMessage) -> None:
+            deliver(KVEntry.of(stored.seq, stored.data, stored.headers))
+
+        return self._kv(bucket).watch(kv_subject(bucket, key), watcher, last_per_subject=True)
+
+    # -- outages ---------------------------------------------------------------------------------
     def set_down(self) -> None:
         """Simulate the server going away."""
         self.up = False
@@ -103,28 +239,23 @@ class MemoryBroker:
             self.lost_in_flight += 1
             return 0
         taken = 0
-        for stream in self.streams.values():
-            if any(subject_matches(p, msg.subject) for p in stream.subjects):
-                if not self.jetstream_available:
-                    if msg.reply:
-                        self._route(MemoryMessage(msg.reply, b"", headers={"Status": "503"}))
-                    break
-                msg_id = (msg.headers or {}).get("Nats-Msg-Id")
-                duplicate = msg_id is not None and msg_id in stream.msg_ids
-                taken += 1
-                if not duplicate:
-                    stream.messages.append(msg)
-                    if msg_id is not None:
-                        stream.msg_ids.add(msg_id)
-                    for sub in self._stream_subs.get(stream.name, ()):
-                        if subject_matches(sub.subject, msg.subject):
-                            sub._deliver(msg)
+        stream = self.stream_of(msg.subject)
+        if stream is not None:
+            if not self.jetstream_available:
                 if msg.reply:
-                    ack = {"stream": stream.name, "seq": len(stream.messages)}
-                    if duplicate:
+                    self._route(MemoryMessage(msg.reply, b"", headers={"Status": "503"}))
+            else:
+                taken += 1
+                stored = stream.store(msg)
+                if msg.reply:
+                    ack: dict[str, object] = {"stream": stream.name, "seq": stream.last_seq}
+                    if stored is None:
                         ack["duplicate"] = True
                     self._route(MemoryMessage(msg.reply, msgspec.json.encode(ack)))
-                break
+        return taken + self._deliver_core(msg)
+
+    def _deliver_core(self, msg: MemoryMessage) -> int:
+        taken = 0
         for t in self._transports:
             for sub in t._subs:
                 if subject_matches(sub.subject, msg.subject):
@@ -225,13 +356,14 @@ class MemoryTransport:
         finally:
             await sub.unsubscribe()
 
+    @property
+    def jetstream(self) -> MemoryJetStream:
+        """Streams and KV buckets on the broker (:class:`MemoryJetStream`)."""
+        return MemoryJetStream(self)
+
     async def find_stream(self, subject: str) -> str | None:
         """The stream capturing ``subject``, if any."""
-        await trio.lowlevel.checkpoint()
-        for stream in self._broker.streams.values():
-            if any(subject_matches(p, subject) for p in stream.subjects):
-                return stream.name
-        return None
+        return await self.jetstream.find_stream(subject)
 
     async def ensure_stream(
         self,
@@ -242,9 +374,9 @@ class MemoryTransport:
         replicas: int = 1,
     ) -> int:
         """Create the stream on the broker (one replica: the broker is one process)."""
-        await trio.lowlevel.checkpoint()
-        self._broker.add_stream(name, subjects)
-        return 1
+        return await self.jetstream.ensure_stream(
+            name, subjects, duplicate_window=duplicate_window, replicas=replicas
+        )
 
     async def stream_subscribe(
         self,
@@ -255,14 +387,9 @@ class MemoryTransport:
         deliver: Literal["new", "last_per_subject"] = "new",
     ) -> Subscription:
         """Like :meth:`subscribe`, but only messages ``stream`` stored (duplicates dropped)."""
-        await trio.lowlevel.checkpoint()
-
-        def unsubscribe() -> None:
-            self._broker._stream_subs.get(stream, []).remove(sub)
-
-        sub = Subscription(subject, buffer, unsubscribe)
-        self._broker._stream_subs.setdefault(stream, []).append(sub)
-        return sub
+        return await self.jetstream.stream_subscribe(
+            subject, stream, buffer=buffer, deliver=deliver
+        )
 
     async def aclose(self) -> None:
         """Detach from the broker (also when called in a cancelled scope)."""
@@ -274,3 +401,161 @@ class MemoryTransport:
         if self in self._broker._transports:
             self._broker._transports.remove(self)
         await trio.lowlevel.checkpoint()
+
+
+class MemoryJetStream:
+    """The :class:`~backbeat_trio._transport.jetstream.JetStream` of a :class:`MemoryTransport`:
+    the broker's streams and KV buckets, answered at once (each call checkpoints).
+
+    Like JetStream, it raises ``NotConnected`` while the broker is down (or the transport closed)
+    and :class:`~backbeat_trio._errors.JetStreamError` while ``broker.jetstream_available`` is
+    False; the outcome of a write is then unknown to the caller (here: nothing was stored).
+    """
+
+    def __init__(self, transport: MemoryTransport) -> None:
+        self._transport = transport
+        self._broker = transport._broker
+
+    def __repr__(self) -> str:
+        return f"<MemoryJetStream of {self._broker!r}>"
+
+    def with_op_timeout(self, op_timeout: float) -> MemoryJetStream:
+        """This JetStream (it answers at once: nothing to bound)."""
+        return self
+
+    async def _ready(self, what: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._transport._closed:
+            raise NotConnected(f"{what}: the transport is closed")
+        if not self._broker.up:
+            raise NotConnected(f"{what}: the connection is down")
+        if not self._broker.jetstream_available:
+            raise JetStreamError(f"{what}: JetStream did not answer (is it enabled?)")
+
+    def _stream(self, name: str) -> _MemoryStream | None:
+        return self._broker.streams.get(name)
+
+    # -- streams ---------------------------------------------------------------------------------
+    async def find_stream(self, subject: str) -> str | None:
+        """The stream capturing ``subject``, if any."""
+        await trio.lowlevel.checkpoint()
+        stream = self._broker.stream_of(subject)
+        return None if stream is None else stream.name
+
+    async def ensure_stream(
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        replicas: int = 1,
+        max_msgs: int = -1,
+        max_age: float | None = None,
+        duplicate_window: float = 120.0,
+        description: str = "",
+    ) -> int:
+        """Create the stream unless it exists; one replica (the broker is one process).
+        ``max_age`` and ``duplicate_window`` are not enforced (duplicates are dropped for ever)."""
+        await self._ready(f"cannot create stream {name!r}")
+        self._broker.add_stream(name, subjects, max_msgs=max_msgs)
+        return 1
+
+    async def stream_summary(self, name: str) -> StreamSummary | None:
+        """The stream's bounds; None when it does not exist."""
+        await self._ready(f"stream info of {name!r}")
+        stream = self._stream(name)
+        return None if stream is None else stream.summary()
+
+    async def stream_read(
+        self,
+        name: str,
+        subject: str,
+        start_seq: int,
+        *,
+        max_msgs: int,
+        stop_seq: int | None = None,
+    ) -> list[StoredMessage]:
+        """Up to ``max_msgs`` messages on ``subject`` from ``start_seq`` to ``stop_seq``."""
+        await self._ready(f"read stream {name!r}")
+        stream = self._stream(name)
+        if stream is None or max_msgs <= 0:
+            return []
+        stop = stream.last_seq if stop_seq is None else stop_seq
+        out = [
+            m
+            for m in stream.messages
+            if start_seq <= m.seq <= stop and subject_matches(subject, m.subject)
+        ]
+        return out[:max_msgs]
+
+    async def stream_find(self, name: str, subject: str, seq: int) -> StoredMessage | None:
+        """The first message on ``subject`` at or after ``seq``."""
+        await self._ready(f"read stream {name!r}")
+        stream = self._stream(name)
+        if stream is None:
+            return None
+        return next(
+            (m for m in stream.messages if m.seq >= seq and subject_matches(subject, m.subject)),
+            None,
+        )
+
+    async def stream_last(self, name: str, subject: str) -> StoredMessage | None:
+        """The last message on ``subject``."""
+        await self._ready(f"read stream {name!r}")
+        stream = self._stream(name)
+        return None if stream is None else stream.last_on(subject)
+
+    async def stream_subscribe(
+        self,
+        subject: str,
+        stream: str,
+        *,
+        buffer: int = 65536,
+        deliver: Literal["new", "last_per_subject"] = "new",
+    ) -> Subscription:
+        """What ``stream`` stores on ``subject`` (each ``Nats-Msg-Id`` once), delivered as it was
+        published; ``last_per_subject`` starts with the latest stored message of each subject."""
+        await trio.lowlevel.checkpoint()
+        found = self._stream(stream)
+        if found is None:
+            raise JetStreamError(f"stream subscribe {stream}/{subject!r}: no such stream")
+        stop: list[Callable[[], None]] = []
+
+        def unsubscribe() -> None:
+            while stop:
+                stop.pop()()
+
+        sub = Subscription(subject, buffer, unsubscribe)
+        stop.append(
+            found.watch(
+                subject,
+                lambda _stored, msg: sub._deliver(msg),
+                last_per_subject=deliver == "last_per_subject",
+            )
+        )
+        return sub
+
+    # -- key/value -------------------------------------------------------------------------------
+    async def ensure_kv(
+        self, bucket: str, *, replicas: int = 1, history: int = 1, description: str = ""
+    ) -> int:
+        """Create the KV bucket unless it exists; one replica."""
+        await self._ready(f"cannot create KV bucket {bucket!r}")
+        self._broker.add_kv(bucket, history=history)
+        return 1
+
+    async def kv_read(self, bucket: str, key: str) -> KVEntry | None:
+        """The key's latest revision; None when it was never written."""
+        await self._ready(f"read {bucket}/{key}")
+        return self._broker.kv_get(bucket, key)
+
+    async def kv_write(self, bucket: str, key: str, value: bytes, *, last: int) -> int | None:
+        """Compare-and-set; None when the CAS lost."""
+        await self._ready(f"write {bucket}/{key}")
+        return self._broker.kv_put(bucket, key, value, last=last)
+
+    async def kv_watch(self, bucket: str, key: str, *, buffer: int = 256) -> KVWatch:
+        """The key's latest revision, then every new one."""
+        await self._ready(f"watch {bucket}/{key}")
+        watch = KVWatch(key, buffer)
+        watch._stop = self._broker.kv_watch(bucket, key, watch._deliver)
+        return watch

@@ -196,9 +196,10 @@ METHODOLOGY = """\
   `time.perf_counter()` (rates), `time.process_time()` (CPU), `trio.current_time()` (the pulse's own
   clock) and `time.time()` where two processes must agree (beat latency).
 1. **Codec** — same process, one message each, `n` calls timed per repetition, ours and baseline
-   alternating. *Ours:* `backbeat_trio._wire` (msgspec, Structs with `Annotated` constraints, one
-   encoder/decoder). *Baseline:* stdlib `json` with compact separators + hand validation of exactly
-   the same constraints (regexes compiled once, `__slots__` dataclasses, hand-written `to_dict`).
+   alternating. *Ours:* `backbeat_trio._core.wire` (msgspec, Structs with `Annotated`
+   constraints, one encoder/decoder). *Baseline:* stdlib `json` with compact separators + hand
+   validation of exactly the same constraints (regexes compiled once, `__slots__` dataclasses,
+   hand-written `to_dict`).
    A self-check asserts both write identical bytes and accept/reject the same input.
    `encode_claim` (what `emit_status` runs: encode + validate) is shown for information.
 2. **Beat latency** — three processes on the same stream at 1200 BPM: the pulse, one

@@ -911,7 +911,7 @@ class NatsHA:
 
         async def run(task_status: trio.TaskStatus[HAPulseStatus]) -> None:
             with scope:
-                async with open_nats_transport(cfg.connection_config()) as transport:
+                async with open_nats_transport(cfg) as transport:
                     store = CuttableStore(
                         NatsLeaseStore(
                             transport, CLUSTER, replicas=3, op_timeout=cfg.timings().op_timeout

@@ -33,6 +33,7 @@ __all__ = [
     "ensure_bar_stream",
     "last_reported_window",
     "replay_bars",
+    "resumed_duplicate",
 ]
 
 log = logging.getLogger("backbeat_trio.history")
@@ -59,6 +60,10 @@ def bar_report_headers(report: BarReport) -> dict[str, str]:
     return {"Nats-Msg-Id": f"bar:{report.cluster_id}:{report.window_id}"}
 
 
+#: How many windows behind the stored one a restarted reverb treats as repeats.
+RESUME_WINDOWS = 4
+
+
 def already_reported(report: BarReport, last_window: int | None) -> bool:
     """True when ``report``'s window is at or before ``last_window``.
 
@@ -66,6 +71,19 @@ def already_reported(report: BarReport, last_window: int | None) -> bool:
     each report and skips those that were reported already.
     """
     return last_window is not None and report.from_beat <= last_window
+
+
+def resumed_duplicate(report: BarReport, last: int | None, beats_per_bar: int) -> bool:
+    """True when a restarted reverb's ``report`` repeats one its predecessor stored.
+
+    A restarted reverb first closes the window in progress, which its predecessor may already
+    have reported. Only windows just behind the stored one count as repeats: a window far
+    behind it means the pulse started a new timeline, whose reports must go out.
+    """
+    if not already_reported(report, last):
+        return False
+    assert last is not None
+    return last - report.from_beat <= RESUME_WINDOWS * beats_per_bar
 
 
 async def ensure_bar_stream(

@@ -1,15 +1,13 @@
 """The reverb: verifies claims, aggregates each window and publishes one BarReport per window.
 
-Aggregation is the sans-IO :class:`~backbeat_trio._aggregate.BarAggregator`. The reverb follows the
-beat as an ordinary client (so it keeps time locally when the pulse goes quiet) and closes a
-window when the next one starts, i.e. when the window's last beat ends. It also creates the
-JetStream stream that makes claims durable, and reads claims *from that stream*, so a claim an
-agent re-published after a reconnect is counted once, not rejected as a replay.
+Aggregation is the sans-IO :class:`~backbeat_trio._core.aggregate.BarAggregator`. The reverb
+follows the beat as an ordinary client (so it keeps time locally when the pulse goes quiet) and
+closes a window when the next one starts, i.e. when the window's last beat ends. It also creates
+the JetStream stream that makes claims durable, and reads claims *from that stream*, so a claim
+an agent re-published after a reconnect is counted once, not rejected as a replay.
 
 With ``ha=True`` several reverbs run per cluster: all of them aggregate, but only the holder of the
-``reverb-lease`` key (the HA pulse's election, :class:`~backbeat_trio._ha.LeaseKeeper`) publishes.
-A reverb that takes over first publishes the windows it aggregated as a standby that the bar
-stream does not hold yet, so a failover delays a report but does not lose it.
+``reverb-lease`` key publishes (:mod:`backbeat_trio._services.reverb_ha`).
 """
 
 from __future__ import annotations
@@ -37,13 +35,13 @@ from .._core.beats import (
 from .._core.hlc import HLC
 from .._core.lease import LeaseElection, LeaseTimings
 from .._core.signing import Keyring, ReplayCache, verify_claim
-from .._core.wire import BarReport, StatusClaim, decode, encode
+from .._core.wire import BarReport, StatusClaim, encode
 from .._errors import BackbeatError, ConfigError, NotConnected, SignatureError, WireError
 from .._services.history import (
-    already_reported,
     bar_report_headers,
     ensure_bar_stream,
     last_reported_window,
+    resumed_duplicate,
 )
 from .._services.lease import (
     REVERB_LEASE_KEY,
@@ -53,6 +51,7 @@ from .._services.lease import (
     LeaseStore,
     ensure_lease_store,
 )
+from .._services.reverb_ha import HAReports, hold_lease
 from .._transport.base import Subscription, Transport
 from .._transport.options import ConnectionOptions
 
@@ -60,11 +59,8 @@ __all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
 
 log = logging.getLogger("backbeat_trio.reverb")
 
-_RESUME_WINDOWS = 4
 #: Reports an HA standby keeps for the catch-up when it takes over.
 _STANDBY_KEPT = 16
-#: Windows an HA reverb remembers having seen published on the bar subject.
-_PUBLISHED_KEPT = 256
 #: ReverbStatus.latest_claims keeps at most this many agents (the least recently heard go first).
 MAX_TRACKED_AGENTS = 10_000
 
@@ -246,19 +242,6 @@ async def run_reverb(
         await _reverb_loop(cfg, transport, keeper, wall_clock, task_status)
 
 
-async def _hold_lease(keeper: LeaseKeeper, release_on_exit: bool) -> None:
-    await keeper.open_watch()
-    try:
-        while True:
-            await keeper.follow(lambda: None)
-            await keeper.renew_while_leading()
-    finally:
-        if release_on_exit:
-            with trio.move_on_after(keeper.t.op_timeout + 0.5, shield=True):
-                await keeper.release(None)
-        await keeper.close_watch()
-
-
 async def _reverb_loop(
     cfg: ReverbConfig,
     transport: Transport,
@@ -309,7 +292,7 @@ async def _reverb_loop(
             _claims_loop, claims_sub, aggregator, keyring, cfg.allow_unsigned, replay, hlc, status
         )
         if keeper is not None:
-            nursery.start_soon(_hold_lease, keeper, cfg.release_on_exit)
+            nursery.start_soon(hold_lease, keeper, cfg.release_on_exit)
         task_status.started(status)
 
         def publish(report: BarReport) -> None:
@@ -320,16 +303,16 @@ async def _reverb_loop(
                     "bar report for window %s not published: disconnected", report.window_id
                 )
 
-        ha: _HAReports | None = None
+        ha: HAReports | None = None
         if keeper is not None:
-            ha = _HAReports(cfg, transport, keeper, status, publish)
+            ha = HAReports(cfg, transport, keeper, status, publish)
             await nursery.start(ha.watch_published)
         async for frame in beats:
             left = aggregator.observe_beat(frame, trio.current_time())
             if left is None:
                 continue
             report = aggregator.close_window(left, str(hlc.now()))
-            if _resumed_duplicate(report, resume_after, cfg.beats_per_bar):
+            if resumed_duplicate(report, resume_after, cfg.beats_per_bar):
                 log.info("window %d was reported before this reverb restarted", left)
                 continue
             resume_after = None  # past the restart point: nothing else can be a repeat
@@ -344,92 +327,6 @@ async def _reverb_loop(
             event, status.report_event = status.report_event, trio.Event()
             event.set()
         nursery.cancel_scope.cancel()
-
-
-class _HAReports:
-    """An HA reverb's reports: published while it holds the lease, else kept (the last 16).
-
-    Every instance subscribes to the bar subject and remembers which windows were published (by
-    anyone), so a reverb that takes over publishes exactly the kept windows nobody reported --
-    the ones the dead publisher never sent -- and no window twice. The bar stream's history is a
-    second source when it exists. Nothing is published while disconnected (nats-py would buffer
-    it and send it after the lease may have passed to another reverb).
-    """
-
-    def __init__(
-        self,
-        cfg: ReverbConfig,
-        transport: Transport,
-        keeper: LeaseKeeper,
-        status: ReverbStatus,
-        publish: Callable[[BarReport], None],
-    ) -> None:
-        self.cfg = cfg
-        self.transport = transport
-        self.keeper = keeper
-        self.status = status
-        self.publish = publish
-        self.published: set[str] = set()
-        self._published_order: deque[str] = deque()
-        # bound on reading the bar history while taking over: well inside the lease
-        self.history_bound = min(1.0, cfg.lease_ttl / 4)
-
-    def _may_publish(self) -> bool:
-        return self.transport.connected and self.keeper.election.may_publish(trio.current_time())
-
-    def _remember(self, window_id: str) -> None:
-        if window_id in self.published:
-            return
-        self.published.add(window_id)
-        self._published_order.append(window_id)
-        if len(self._published_order) > _PUBLISHED_KEPT:
-            self.published.discard(self._published_order.popleft())
-
-    async def watch_published(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Remember the window of every report seen on the bar subject."""
-        sub = await self.transport.subscribe(bar_subject(self.cfg.cluster_id), buffer=1024)
-        task_status.started()
-        async for msg in sub.messages:
-            with contextlib.suppress(WireError):
-                self._remember(decode(msg.data, BarReport).window_id)
-
-    async def report(self, report: BarReport) -> None:
-        """A window closed: publish it (after any kept ones) or keep it."""
-        status = self.status
-        status.standby.append(report)
-        if not self._may_publish():
-            status.reports_standby += 1
-            return
-        last: int | None = None
-        if len(status.standby) > 1:  # windows kept while on standby: what does the stream hold?
-            try:
-                with trio.fail_after(self.history_bound):
-                    last = await last_reported_window(self.transport, self.cfg.cluster_id)
-            except (BackbeatError, trio.TooSlowError) as exc:
-                log.warning("taking over: bar history unreadable (%s); using what was seen", exc)
-        while status.standby:
-            if not self._may_publish():  # the lease or the connection went while reading
-                return
-            kept = status.standby.popleft()
-            if kept.window_id in self.published or _resumed_duplicate(
-                kept, last, self.cfg.beats_per_bar
-            ):
-                continue
-            self.publish(kept)
-            self._remember(kept.window_id)
-            if kept is not report:
-                status.reports_caught_up += 1
-                log.info("took over: published window %s, missed on standby", kept.window_id)
-
-
-def _resumed_duplicate(report: BarReport, last: int | None, beats_per_bar: int) -> bool:
-    # A restarted reverb first closes the window in progress, which its predecessor may already
-    # have reported. Only windows just behind the stored one count as repeats: a window far
-    # behind it means the pulse started a new timeline, whose reports must go out.
-    if not already_reported(report, last):
-        return False
-    assert last is not None
-    return last - report.from_beat <= _RESUME_WINDOWS * beats_per_bar
 
 
 async def _claims_loop(

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 
 import trio_asyncio
 
+from .._util.groups import unwrapped
+
 log = logging.getLogger("backbeat_trio.transport")
 
 # Loops opened by the SDK (weakly: a closed loop that nobody holds may go).
@@ -44,7 +46,8 @@ async def asyncio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
     if loop is not None:
         yield loop
         return
-    async with trio_asyncio.open_loop() as own:
+    # the loop's nurseries wrap what is raised inside them (a refused connect, too) in groups
+    async with unwrapped(), trio_asyncio.open_loop() as own:
         _SDK_LOOPS.add(own)
         try:
             yield own

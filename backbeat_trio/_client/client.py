@@ -34,9 +34,9 @@ from .._core.wire import BeatFrame, HealthStatus, StatusClaim
 from .._errors import BeatBudgetExceeded, NotConnected, UndeliveredClaims
 from .._transport.base import ConnEvent, Message, Transport
 from .._util.channel import DropOldestChannel
+from .._util.groups import exception_to_raise, reraise
 from .._util.sleep import SPIN_S, precise_clock
 from .budgets import BeatBudgets
-from .closing import exception_to_raise, reraise
 from .delivery import ClaimDelivery
 from .fanout import BeatCallback, BeatFanout
 

@@ -1,25 +1,30 @@
-"""How a client's block ends: what leaves ``open_client`` when its nursery raised.
+"""What leaves an SDK block when a nursery inside it raised an exception group.
 
-A group holding one real error is not leaked to the user; the user's own exception wins over the
-client's internal cancellation and failures (as trio-websocket's ``open_websocket`` does).
+A group holding one real error is not leaked to the user; the user's own exception wins over
+internal cancellation and failures (as trio-websocket's ``open_websocket`` does). Used at the
+edges the user sees: ``open_client`` and ``open_nats_transport`` (so ``run_pulse`` and
+``run_reverb`` surface a refused connect as a plain ``NotConnected``, not wrapped in the groups
+of the trio-asyncio loop's nurseries).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import trio
 
-__all__ = ["exception_to_raise", "reraise"]
+__all__ = ["exception_to_raise", "reraise", "unwrapped"]
 
-log = logging.getLogger("backbeat_trio.client")
+log = logging.getLogger("backbeat_trio")
 
 
 def exception_to_raise(
     group: BaseExceptionGroup[Any], user_exc: BaseException | None
 ) -> BaseException | None:
-    """What leaves ``open_client`` when its nursery raised ``group`` (None: the whole group).
+    """What leaves the block when its nursery raised ``group`` (None: the whole group).
 
     The user's own exception wins over internal cancellation and over internal failures (those
     are logged); otherwise a single internal failure is raised on its own, not wrapped.
@@ -28,7 +33,7 @@ def exception_to_raise(
     real = [e for e in internal if not isinstance(e, trio.Cancelled)]
     if user_exc is not None and not _only_cancelled(user_exc):
         for exc in real:
-            log.error("client task failed while the block raised", exc_info=exc)
+            log.error("a task failed while the block raised", exc_info=exc)
         return user_exc
     if len(real) == 1:
         return real[0]
@@ -69,3 +74,15 @@ def _leaves(
         else:
             out.append(exc)
     return out
+
+
+@contextlib.asynccontextmanager
+async def unwrapped() -> AsyncIterator[None]:
+    """Let a group holding one real error (beside cancellations) out as that error alone."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        chosen = exception_to_raise(group, None)
+        if chosen is None:
+            raise
+        reraise(chosen)

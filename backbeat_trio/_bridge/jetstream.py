@@ -210,10 +210,32 @@ class NatsJetStream:
         *,
         buffer: int = 65536,
         deliver: Literal["new", "last_per_subject"] = "new",
+        handler: Callable[[Message], None] | None = None,
     ) -> Subscription:
-        """:meth:`NatsTransport.stream_subscribe`."""
-        return await self._transport().stream_subscribe(
-            subject, stream, buffer=buffer, deliver=deliver
+        """Receive what ``stream`` stores on ``subject`` from now on (an ordered consumer).
+
+        Unlike a core subscription, this sees each ``Nats-Msg-Id`` once: the stream has already
+        dropped re-published duplicates. ``deliver="last_per_subject"`` starts with the latest
+        stored message of each matching subject (a key/value watch). Each message's
+        ``metadata.sequence.stream`` is its stream sequence (a KV key's revision). ``handler``
+        as for :meth:`NatsTransport.subscribe`.
+
+        Raises:
+            NotConnected: the subscription could not be made.
+        """
+        from nats.js.api import DeliverPolicy
+
+        transport = self._transport()
+        policy = DeliverPolicy.NEW if deliver == "new" else DeliverPolicy.LAST_PER_SUBJECT
+        return await transport._bridged(
+            subject,
+            buffer,
+            f"stream subscribe {stream}/",
+            transport._js.subscribe,
+            handler=handler,
+            stream=stream,
+            ordered_consumer=True,
+            deliver_policy=policy,
         )
 
     # -- key/value -------------------------------------------------------------------------------
@@ -245,7 +267,7 @@ class NatsJetStream:
         def deliver(msg: Message) -> None:
             watch._deliver_message(msg, _stream_sequence)
 
-        sub = await self._transport().stream_subscribe(
+        sub = await self.stream_subscribe(
             kv_subject(bucket, key),
             kv_stream(bucket),
             buffer=buffer,

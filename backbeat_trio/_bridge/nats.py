@@ -28,7 +28,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio_asyncio
@@ -474,61 +474,6 @@ class NatsTransport:
     def jetstream(self) -> NatsJetStream:
         """Streams and key/value buckets on this connection (:class:`NatsJetStream`)."""
         return NatsJetStream(lambda: self)
-
-    async def find_stream(self, subject: str) -> str | None:
-        """The JetStream stream capturing ``subject``, or None (also when JetStream is off)."""
-        return await self.jetstream.find_stream(subject)
-
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: Sequence[str],
-        *,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> int:
-        """Create (or keep) a stream capturing ``subjects``: :meth:`NatsJetStream.ensure_stream`.
-
-        Returns:
-            The stream's replica count.
-
-        Raises:
-            BackbeatError: JetStream refused (not enabled, or subjects overlap another stream).
-        """
-        return await self.jetstream.ensure_stream(
-            name, subjects, duplicate_window=duplicate_window, replicas=replicas
-        )
-
-    async def stream_subscribe(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        buffer: int = 65536,
-        deliver: Literal["new", "last_per_subject"] = "new",
-        handler: Callable[[Message], None] | None = None,
-    ) -> Subscription:
-        """Receive what ``stream`` stores on ``subject`` from now on (an ordered consumer).
-
-        Unlike a core subscription, this sees each ``Nats-Msg-Id`` once: the stream has already
-        dropped re-published duplicates. ``deliver="last_per_subject"`` starts with the latest
-        stored message of each matching subject (a key/value watch). Each message's
-        ``metadata.sequence.stream`` is its stream sequence (a KV key's revision). ``handler``
-        as for :meth:`subscribe`.
-        """
-        from nats.js.api import DeliverPolicy
-
-        policy = DeliverPolicy.NEW if deliver == "new" else DeliverPolicy.LAST_PER_SUBJECT
-        return await self._bridged(
-            subject,
-            buffer,
-            f"stream subscribe {stream}/",
-            self._js.subscribe,
-            handler=handler,
-            stream=stream,
-            ordered_consumer=True,
-            deliver_policy=policy,
-        )
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -93,37 +93,6 @@ class NatsTransportView:
     def jetstream(self) -> NatsJetStream:
         """:attr:`NatsTransport.jetstream` (through this view while it is open)."""
         return NatsJetStream(self._shared_transport)
-
-    async def find_stream(self, subject: str) -> str | None:
-        """:meth:`NatsTransport.find_stream`."""
-        return await self.jetstream.find_stream(subject)
-
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: Sequence[str],
-        *,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> int:
-        """:meth:`NatsTransport.ensure_stream`."""
-        return await self.jetstream.ensure_stream(
-            name, subjects, duplicate_window=duplicate_window, replicas=replicas
-        )
-
-    async def stream_subscribe(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        buffer: int = 65536,
-        deliver: Literal["new", "last_per_subject"] = "new",
-        handler: Callable[[Message], None] | None = None,
-    ) -> Subscription:
-        """:meth:`NatsTransport.stream_subscribe`."""
-        return await self._shared_transport().stream_subscribe(
-            subject, stream, buffer=buffer, deliver=deliver, handler=handler
-        )
 
     async def __aenter__(self) -> NatsTransportView:
         return self

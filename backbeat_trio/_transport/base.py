@@ -7,7 +7,7 @@ Pure trio: nothing here imports asyncio or nats-py. The NATS implementation live
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -148,27 +148,6 @@ class Transport(Protocol):
     def jetstream(self) -> JetStream:
         """Streams and key/value buckets on this bus (:class:`~.jetstream.JetStream`)."""
         ...
-
-    # The stream calls the client uses, kept here for it: each is ``self.jetstream``'s.
-    async def find_stream(self, subject: str) -> str | None: ...
-
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: Sequence[str],
-        *,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> int: ...
-
-    async def stream_subscribe(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        buffer: int = 65536,
-        deliver: Literal["new", "last_per_subject"] = "new",
-    ) -> Subscription: ...
 
 
 def _offer(send: trio.MemorySendChannel[ConnEvent], event: ConnEvent) -> bool:

@@ -361,36 +361,6 @@ class MemoryTransport:
         """Streams and KV buckets on the broker (:class:`MemoryJetStream`)."""
         return MemoryJetStream(self)
 
-    async def find_stream(self, subject: str) -> str | None:
-        """The stream capturing ``subject``, if any."""
-        return await self.jetstream.find_stream(subject)
-
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: Sequence[str],
-        *,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> int:
-        """Create the stream on the broker (one replica: the broker is one process)."""
-        return await self.jetstream.ensure_stream(
-            name, subjects, duplicate_window=duplicate_window, replicas=replicas
-        )
-
-    async def stream_subscribe(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        buffer: int = 65536,
-        deliver: Literal["new", "last_per_subject"] = "new",
-    ) -> Subscription:
-        """Like :meth:`subscribe`, but only messages ``stream`` stored (duplicates dropped)."""
-        return await self.jetstream.stream_subscribe(
-            subject, stream, buffer=buffer, deliver=deliver
-        )
-
     async def aclose(self) -> None:
         """Detach from the broker (also when called in a cancelled scope)."""
         self._closed = True

@@ -34,7 +34,7 @@ import trio
 import trio_asyncio
 
 from .._errors import BackbeatError, NotConnected
-from .._transport.base import ConnEvent, EventKind, Message, Subscription, _offer
+from .._transport.base import ConnEvent, EventFeed, EventKind, Message, Subscription
 from . import _natspy_private as private
 from .jetstream import NatsJetStream
 from .loop import asyncio_loop as _asyncio_loop
@@ -60,14 +60,14 @@ log = logging.getLogger("backbeat_trio.transport")
 MAX_QUEUED_PUBLISHES = 65_536
 
 
-class NatsTransport:
+class NatsTransport(EventFeed):
     """nats-py bridged into trio. Build it with :func:`open_nats_transport`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, event_buffer: int = 1024) -> None:
+        super().__init__(event_buffer)
         self._loop = loop
         self._nc: Any = None
         self._js: Any = None
-        self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
         self._outq: collections.deque[private.Queued] = collections.deque()
         self._wake = asyncio.Event()
         # set while the drainer has nothing queued or in hand (what flush() waits for)
@@ -82,7 +82,6 @@ class NatsTransport:
         self.published = 0
         self.publish_errors = 0
         self.direct_writes = 0  # of ``published``: written at once, without the drainer
-        self.events_dropped = 0
         self.last_error: str | None = None
         self._views: list[NatsTransportView] = []
 
@@ -134,8 +133,7 @@ class NatsTransport:
         event = ConnEvent(kind, detail)
         for view in self._views:
             view._push(event)
-        if not _offer(self._event_send, event):
-            self.events_dropped += 1
+        self._push(event)
 
     async def _on_disconnected(self) -> None:
         self._emit("disconnected")
@@ -159,11 +157,6 @@ class NatsTransport:
 
     async def _on_lame_duck(self) -> None:
         self._emit("lame_duck")
-
-    @property
-    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
-        """Connection events; one consumer (the client's reconnect-supervisor) reads them."""
-        return self._events
 
     @property
     def connected(self) -> bool:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import msgspec
 import trio
 
 from .._errors import JetStreamError, NotConnected
-from .._transport.base import ConnEvent, MemoryMessage, Message, Subscription, _offer
+from .._transport.base import ConnEvent, EventFeed, MemoryMessage, Message, Subscription
 from .._transport.jetstream import (
     KVEntry,
     KVWatch,
@@ -23,9 +23,6 @@ from .._transport.jetstream import (
     kv_stream,
     kv_subject,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +213,7 @@ class MemoryBroker:
         """Simulate the server going away."""
         self.up = False
         for t in self._transports:
-            t._emit(ConnEvent("disconnected"))
+            t._push(ConnEvent("disconnected"))
 
     def lose_next(self, count: int = 1) -> None:
         """The next ``count`` messages vanish in flight with no event at all (a connection dying
@@ -227,7 +224,7 @@ class MemoryBroker:
         """Simulate the server coming back."""
         self.up = True
         for t in self._transports:
-            t._emit(ConnEvent("reconnected", "memory"))
+            t._push(ConnEvent("reconnected", "memory"))
 
     def _route(self, msg: MemoryMessage) -> int:
         """Deliver ``msg``; returns how many subscriptions (and streams) took it."""
@@ -264,31 +261,23 @@ class MemoryBroker:
         return taken
 
 
-class MemoryTransport:
+class MemoryTransport(EventFeed):
     """The :class:`Transport` interface over a :class:`MemoryBroker`; pure trio, deterministic."""
 
     def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__()
         self._broker = broker
         self._subs: list[Subscription] = []
-        self._event_send, self._events = trio.open_memory_channel[ConnEvent](1024)
         self._closed = False
         self.published = 0
 
     def __repr__(self) -> str:
         return f"<MemoryTransport connected={self.connected} published={self.published}>"
 
-    def _emit(self, ev: ConnEvent) -> None:
-        _offer(self._event_send, ev)  # a full channel drops it
-
     @property
     def connected(self) -> bool:
         """True while the broker is up and this transport open."""
         return self._broker.up and not self._closed
-
-    @property
-    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
-        """Connection events."""
-        return self._events
 
     def publish(
         self,

@@ -59,11 +59,14 @@ class _MemoryStream:
     def captures(self, subject: str) -> bool:
         return any(subject_matches(p, subject) for p in self.subjects)
 
+    def stored_on(self, subject: str) -> list[StoredMessage]:
+        """The messages kept on ``subject`` (wildcards allowed), oldest first."""
+        return [m for m in self.messages if subject_matches(subject, m.subject)]
+
     def last_on(self, subject: str) -> StoredMessage | None:
-        for stored in reversed(self.messages):
-            if subject_matches(subject, stored.subject):
-                return stored
-        return None
+        return next(
+            (m for m in reversed(self.messages) if subject_matches(subject, m.subject)), None
+        )
 
     def store(self, msg: MemoryMessage) -> StoredMessage | None:
         """Store ``msg`` (None: a duplicate ``Nats-Msg-Id``, dropped) and tell the watchers."""
@@ -93,7 +96,7 @@ class _MemoryStream:
         ``last_per_subject``, for the latest stored one of each matching subject); returns the
         function that stops it."""
         if last_per_subject:
-            latest = {m.subject: m for m in self.messages if subject_matches(subject, m.subject)}
+            latest = {m.subject: m for m in self.stored_on(subject)}
             for stored in sorted(latest.values()):
                 watcher(stored, MemoryMessage(stored.subject, stored.data, "", stored.headers))
         entry = (subject, watcher)
@@ -439,12 +442,7 @@ class MemoryJetStream:
         if stream is None or max_msgs <= 0:
             return []
         stop = stream.last_seq if stop_seq is None else stop_seq
-        out = [
-            m
-            for m in stream.messages
-            if start_seq <= m.seq <= stop and subject_matches(subject, m.subject)
-        ]
-        return out[:max_msgs]
+        return [m for m in stream.stored_on(subject) if start_seq <= m.seq <= stop][:max_msgs]
 
     async def stream_find(self, name: str, subject: str, seq: int) -> StoredMessage | None:
         """The first message on ``subject`` at or after ``seq``."""
@@ -452,10 +450,7 @@ class MemoryJetStream:
         stream = self._stream(name)
         if stream is None:
             return None
-        return next(
-            (m for m in stream.messages if m.seq >= seq and subject_matches(subject, m.subject)),
-            None,
-        )
+        return next((m for m in stream.stored_on(subject) if m.seq >= seq), None)
 
     async def stream_last(self, name: str, subject: str) -> StoredMessage | None:
         """The last message on ``subject``."""

@@ -113,7 +113,7 @@ async def _claims_once(url: str, cmd: dict[str, Any]) -> dict[str, Any]:
     if jetstream:
         admin = Config(cluster_id=cluster, agent_id="bench-admin", nats_url=url)
         async with open_nats_transport(admin) as t:
-            await t.ensure_stream(status_stream_name(cluster), [status_subject(cluster)])
+            await t.jetstream.ensure_stream(status_stream_name(cluster), [status_subject(cluster)])
     cfg = Config(
         cluster_id=cluster,
         agent_id="bench-claims",
@@ -299,7 +299,7 @@ async def _recovery_rep(
     admin = Config(cluster_id=cj, agent_id="bench-admin", nats_url=url)
     async with open_nats_transport(admin) as t:
         for c in (cj, cc):
-            await t.ensure_stream(status_stream_name(c), [status_subject(c)])
+            await t.jetstream.ensure_stream(status_stream_name(c), [status_subject(c)])
     common: dict[str, Any] = {"nats_url": url, "close_grace": 15.0}
     cfg_js = Config(cluster_id=cj, agent_id="bench-js", jetstream=True, **common)
     cfg_core = Config(cluster_id=cc, agent_id="bench-core", jetstream=False, **common)

@@ -220,7 +220,7 @@ async def test_cancel_a_client_at_random_points_over_nats(soak: bool) -> None:
         async with trio_asyncio.open_loop() as loop:
             setup = bb3.Config(cluster_id="cancel-nats", agent_id="setup", nats_url=server.url)
             async with open_nats_transport(setup) as transport:
-                await transport.ensure_stream(
+                await transport.jetstream.ensure_stream(
                     status_stream_name("cancel-nats"), [status_subject("cancel-nats")]
                 )
             for run in range(runs):

@@ -40,7 +40,9 @@ async def create_status_stream(url: str, cluster: str) -> None:
     """Create ``BACKBEAT_STATUS_<cluster>`` the way the reverb does (through our transport)."""
     cfg = bb3.Config(cluster_id=cluster, agent_id="stream-setup", nats_url=url)
     async with open_nats_transport(cfg) as transport:
-        await transport.ensure_stream(status_stream_name(cluster), [status_subject(cluster)])
+        await transport.jetstream.ensure_stream(
+            status_stream_name(cluster), [status_subject(cluster)]
+        )
 
 
 async def read_stream(url: str, stream: str) -> list[tuple[dict[str, str], bytes]]:

@@ -96,8 +96,8 @@ async def test_flush_and_close_with_the_server_gone_leave_no_asyncio_task() -> N
                 async with open_nats_transport(conn("gone", server.url)) as transport:
                     sub = await transport.subscribe("public.gone", buffer=64)
                     stream = f"PUBLIC_GONE_{attempt}"
-                    await transport.ensure_stream(stream, [f"public.js.{attempt}"])
-                    await transport.stream_subscribe(f"public.js.{attempt}", stream)
+                    await transport.jetstream.ensure_stream(stream, [f"public.js.{attempt}"])
+                    await transport.jetstream.stream_subscribe(f"public.js.{attempt}", stream)
                     transport.publish("public.gone", b"1")
                     await transport.flush()
                     await sub.messages.receive()

@@ -18,6 +18,7 @@ connection lost) means the outcome is unknown -- the write may or may not have b
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
@@ -210,11 +211,22 @@ class NatsJetStream:
         *,
         buffer: int = 65536,
         deliver: Literal["new", "last_per_subject"] = "new",
+        handler: Callable[[Message], None] | None = None,
     ) -> Subscription:
-        """:meth:`NatsTransport.stream_subscribe`."""
-        return await self._transport().stream_subscribe(
-            subject, stream, buffer=buffer, deliver=deliver
-        )
+        """An ordered consumer on ``stream`` (see :meth:`JetStream.stream_subscribe`); each
+        message's ``metadata.sequence.stream`` is its stream sequence (a KV key's revision).
+        ``handler`` as for :meth:`NatsTransport.subscribe`.
+
+        Raises:
+            NotConnected: the subscription could not be made.
+        """
+        from nats.js.api import DeliverPolicy
+
+        t = self._transport()
+        policy = DeliverPolicy.NEW if deliver == "new" else DeliverPolicy.LAST_PER_SUBJECT
+        options: dict[str, Any] = dict(stream=stream, ordered_consumer=True, deliver_policy=policy)
+        what = f"stream subscribe {stream}/"
+        return await t._bridged(subject, buffer, what, t._js.subscribe, handler=handler, **options)
 
     # -- key/value -------------------------------------------------------------------------------
     async def ensure_kv(
@@ -241,16 +253,10 @@ class NatsJetStream:
     async def kv_watch(self, bucket: str, key: str, *, buffer: int = 256) -> KVWatch:
         """An ordered consumer on the key: its latest revision, then every new one."""
         watch = KVWatch(key, buffer)
-
-        def deliver(msg: Message) -> None:
-            watch._deliver_message(msg, _stream_sequence)
-
-        sub = await self._transport().stream_subscribe(
-            kv_subject(bucket, key),
-            kv_stream(bucket),
-            buffer=buffer,
-            deliver="last_per_subject",
-            handler=deliver,
+        deliver = functools.partial(watch._deliver_message, revision=_stream_sequence)
+        subject, stream = kv_subject(bucket, key), kv_stream(bucket)
+        sub = await self.stream_subscribe(
+            subject, stream, buffer=buffer, deliver="last_per_subject", handler=deliver
         )
         watch._stop = sub.unsubscribe
         return watch

@@ -28,13 +28,13 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio_asyncio
 
 from .._errors import BackbeatError, NotConnected
-from .._transport.base import ConnEvent, EventKind, Message, Subscription, _offer
+from .._transport.base import ConnEvent, EventFeed, EventKind, Message, Subscription
 from . import _natspy_private as private
 from .jetstream import NatsJetStream
 from .loop import asyncio_loop as _asyncio_loop
@@ -60,14 +60,14 @@ log = logging.getLogger("backbeat_trio.transport")
 MAX_QUEUED_PUBLISHES = 65_536
 
 
-class NatsTransport:
+class NatsTransport(EventFeed):
     """nats-py bridged into trio. Build it with :func:`open_nats_transport`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, event_buffer: int = 1024) -> None:
+        super().__init__(event_buffer)
         self._loop = loop
         self._nc: Any = None
         self._js: Any = None
-        self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
         self._outq: collections.deque[private.Queued] = collections.deque()
         self._wake = asyncio.Event()
         # set while the drainer has nothing queued or in hand (what flush() waits for)
@@ -82,7 +82,6 @@ class NatsTransport:
         self.published = 0
         self.publish_errors = 0
         self.direct_writes = 0  # of ``published``: written at once, without the drainer
-        self.events_dropped = 0
         self.last_error: str | None = None
         self._views: list[NatsTransportView] = []
 
@@ -134,8 +133,7 @@ class NatsTransport:
         event = ConnEvent(kind, detail)
         for view in self._views:
             view._push(event)
-        if not _offer(self._event_send, event):
-            self.events_dropped += 1
+        self._push(event)
 
     async def _on_disconnected(self) -> None:
         self._emit("disconnected")
@@ -159,11 +157,6 @@ class NatsTransport:
 
     async def _on_lame_duck(self) -> None:
         self._emit("lame_duck")
-
-    @property
-    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
-        """Connection events; one consumer (the client's reconnect-supervisor) reads them."""
-        return self._events
 
     @property
     def connected(self) -> bool:
@@ -474,61 +467,6 @@ class NatsTransport:
     def jetstream(self) -> NatsJetStream:
         """Streams and key/value buckets on this connection (:class:`NatsJetStream`)."""
         return NatsJetStream(lambda: self)
-
-    async def find_stream(self, subject: str) -> str | None:
-        """The JetStream stream capturing ``subject``, or None (also when JetStream is off)."""
-        return await self.jetstream.find_stream(subject)
-
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: Sequence[str],
-        *,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> int:
-        """Create (or keep) a stream capturing ``subjects``: :meth:`NatsJetStream.ensure_stream`.
-
-        Returns:
-            The stream's replica count.
-
-        Raises:
-            BackbeatError: JetStream refused (not enabled, or subjects overlap another stream).
-        """
-        return await self.jetstream.ensure_stream(
-            name, subjects, duplicate_window=duplicate_window, replicas=replicas
-        )
-
-    async def stream_subscribe(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        buffer: int = 65536,
-        deliver: Literal["new", "last_per_subject"] = "new",
-        handler: Callable[[Message], None] | None = None,
-    ) -> Subscription:
-        """Receive what ``stream`` stores on ``subject`` from now on (an ordered consumer).
-
-        Unlike a core subscription, this sees each ``Nats-Msg-Id`` once: the stream has already
-        dropped re-published duplicates. ``deliver="last_per_subject"`` starts with the latest
-        stored message of each matching subject (a key/value watch). Each message's
-        ``metadata.sequence.stream`` is its stream sequence (a KV key's revision). ``handler``
-        as for :meth:`subscribe`.
-        """
-        from nats.js.api import DeliverPolicy
-
-        policy = DeliverPolicy.NEW if deliver == "new" else DeliverPolicy.LAST_PER_SUBJECT
-        return await self._bridged(
-            subject,
-            buffer,
-            f"stream subscribe {stream}/",
-            self._js.subscribe,
-            handler=handler,
-            stream=stream,
-            ordered_consumer=True,
-            deliver_policy=policy,
-        )
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

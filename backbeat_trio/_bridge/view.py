@@ -3,20 +3,47 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
 from .._errors import NotConnected
-from .._transport.base import ConnEvent, Message, Subscription, _offer
+from .._transport.base import EventFeed, Transport
 from .jetstream import NatsJetStream
 
 if TYPE_CHECKING:
     from .nats import NatsTransport
 
 
-class NatsTransportView:
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _forwarded(
+    method: Callable[Concatenate[Transport, P], R],
+) -> Callable[Concatenate[NatsTransportView, P], R]:
+    """A view's ``method``: the shared transport's, while the view is open."""
+    name = method.__name__
+
+    if inspect.iscoroutinefunction(method):
+
+        async def forward_async(view: NatsTransportView, /, *args: Any, **kwargs: Any) -> Any:
+            return await getattr(view._shared_transport(), name)(*args, **kwargs)
+
+        forward: Callable[..., Any] = forward_async
+    else:
+
+        def forward(view: NatsTransportView, /, *args: Any, **kwargs: Any) -> Any:
+            return getattr(view._shared_transport(), name)(*args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = name
+    forward.__doc__ = f"The shared transport's :meth:`~NatsTransport.{name}`."
+    return forward
+
+
+class NatsTransportView(EventFeed):
     """One user's handle on a shared :class:`NatsTransport` (made by :meth:`NatsTransport.view`).
 
     It is a :class:`Transport`: its own ``events`` channel (every connection event), everything
@@ -28,9 +55,8 @@ class NatsTransportView:
     """
 
     def __init__(self, transport: NatsTransport, event_buffer: int = 1024) -> None:
+        super().__init__(event_buffer)
         self.transport = transport
-        self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
-        self.events_dropped = 0
         self._detached = False
 
     def __repr__(self) -> str:
@@ -42,88 +68,21 @@ class NatsTransportView:
             raise NotConnected("this view of the NATS connection was closed")
         return self.transport
 
-    def _push(self, event: ConnEvent) -> None:
-        if not _offer(self._event_send, event):
-            self.events_dropped += 1
-
     @property
     def connected(self) -> bool:
         """True while the shared connection is up."""
         return not self._detached and self.transport.connected
 
-    @property
-    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
-        """This view's connection events (one consumer)."""
-        return self._events
-
-    def publish(
-        self,
-        subject: str,
-        payload: bytes,
-        *,
-        headers: dict[str, str] | None = None,
-        reply: str = "",
-    ) -> None:
-        """:meth:`NatsTransport.publish`."""
-        self._shared_transport().publish(subject, payload, headers=headers, reply=reply)
-
-    async def flush(self) -> None:
-        """:meth:`NatsTransport.flush` (waits for everything queued on the connection)."""
-        await self._shared_transport().flush()
-
-    async def subscribe(
-        self,
-        subject: str,
-        *,
-        buffer: int = 1024,
-        handler: Callable[[Message], None] | None = None,
-    ) -> Subscription:
-        """:meth:`NatsTransport.subscribe`."""
-        return await self._shared_transport().subscribe(subject, buffer=buffer, handler=handler)
-
-    async def request(self, subject: str, payload: bytes) -> bytes:
-        """:meth:`NatsTransport.request`."""
-        return await self._shared_transport().request(subject, payload)
-
-    def new_inbox(self) -> str:
-        """:meth:`NatsTransport.new_inbox`."""
-        return self._shared_transport().new_inbox()
+    publish = _forwarded(Transport.publish)
+    flush = _forwarded(Transport.flush)
+    subscribe = _forwarded(Transport.subscribe)
+    request = _forwarded(Transport.request)
+    new_inbox = _forwarded(Transport.new_inbox)
 
     @property
     def jetstream(self) -> NatsJetStream:
         """:attr:`NatsTransport.jetstream` (through this view while it is open)."""
         return NatsJetStream(self._shared_transport)
-
-    async def find_stream(self, subject: str) -> str | None:
-        """:meth:`NatsTransport.find_stream`."""
-        return await self.jetstream.find_stream(subject)
-
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: Sequence[str],
-        *,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> int:
-        """:meth:`NatsTransport.ensure_stream`."""
-        return await self.jetstream.ensure_stream(
-            name, subjects, duplicate_window=duplicate_window, replicas=replicas
-        )
-
-    async def stream_subscribe(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        buffer: int = 65536,
-        deliver: Literal["new", "last_per_subject"] = "new",
-        handler: Callable[[Message], None] | None = None,
-    ) -> Subscription:
-        """:meth:`NatsTransport.stream_subscribe`."""
-        return await self._shared_transport().stream_subscribe(
-            subject, stream, buffer=buffer, deliver=deliver, handler=handler
-        )
 
     async def __aenter__(self) -> NatsTransportView:
         return self

@@ -49,7 +49,7 @@ class ClaimDelivery:
         """
         if want is False:
             return
-        stream = await self._transport.find_stream(self._status_subject)
+        stream = await self._transport.jetstream.find_stream(self._status_subject)
         if stream is None:
             if want:
                 raise NotConnected(

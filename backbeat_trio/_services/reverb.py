@@ -257,7 +257,7 @@ async def _reverb_loop(
     if cfg.create_stream:
         # without JetStream the reverb still works: claims at most once, no bar history
         try:
-            await transport.ensure_stream(
+            await transport.jetstream.ensure_stream(
                 stream, [subject], duplicate_window=cfg.duplicate_window, replicas=cfg.replicas
             )
         except BackbeatError as exc:
@@ -270,10 +270,10 @@ async def _reverb_loop(
         resume_after = await last_reported_window(transport, cfg.cluster_id)
     except BackbeatError:
         resume_after = None
-    found = await transport.find_stream(subject)
+    found = await transport.jetstream.find_stream(subject)
     status.stream = found
     if found is not None:
-        claims_sub = await transport.stream_subscribe(subject, found)
+        claims_sub = await transport.jetstream.stream_subscribe(subject, found)
     else:
         log.warning("no JetStream stream captures %s; reading claims at most once", subject)
         claims_sub = await transport.subscribe(subject, buffer=65536)

@@ -7,15 +7,17 @@ Pure trio: nothing here imports asyncio or nats-py. The NATS implementation live
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 import trio
 
 if TYPE_CHECKING:
     from .jetstream import JetStream
 
+
+T = TypeVar("T")
 
 EventKind = Literal[
     "connected", "disconnected", "reconnected", "closed", "error", "slow_consumer", "lame_duck"
@@ -50,7 +52,57 @@ class ConnEvent:
     detail: str = ""
 
 
-class Subscription:
+def _offer(send: trio.MemorySendChannel[T], item: T) -> bool | None:
+    """Hand ``item`` over without waiting: True when the channel took it, False when it is full,
+    None when it is closed (its reader has gone: nothing to count)."""
+    try:
+        send.send_nowait(item)
+    except trio.WouldBlock:
+        return False
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        return None
+    return True
+
+
+class _Feed(Generic[T]):
+    """A bounded trio channel its producer never waits on: ``delivered`` counts what it took,
+    ``dropped`` what it could not take while full."""
+
+    def __init__(self, buffer: int) -> None:
+        self._send, self._receive = trio.open_memory_channel[T](buffer)
+        self.delivered = 0
+        self.dropped = 0
+
+    def _deliver(self, item: T) -> None:
+        taken = _offer(self._send, item)
+        if taken:
+            self.delivered += 1
+        elif taken is False:
+            self.dropped += 1
+
+
+class EventFeed:
+    """A transport's connection events for one reader (the ``events`` of :class:`Transport`).
+
+    Attributes:
+        events_dropped: events a full ``events`` channel could not take.
+    """
+
+    def __init__(self, event_buffer: int = 1024) -> None:
+        self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
+        self.events_dropped = 0
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
+        """Connection events; one consumer (the client's reconnect-supervisor) reads them."""
+        return self._events
+
+    def _push(self, event: ConnEvent) -> None:
+        if _offer(self._event_send, event) is False:
+            self.events_dropped += 1
+
+
+class Subscription(_Feed[Message]):
     """A subscription: ``messages`` is a bounded trio channel; overflow is counted in
     ``dropped``.
 
@@ -69,13 +121,12 @@ class Subscription:
         unsubscribe: Callable[[], Any],
         handler: Callable[[Message], None] | None = None,
     ) -> None:
+        super().__init__(buffer)
         self.subject = subject
-        self._send, self.messages = trio.open_memory_channel[Message](buffer)
+        self.messages = self._receive
         self._unsubscribe = unsubscribe
         self._handler = handler
         self.failure: Exception | None = None
-        self.dropped = 0
-        self.delivered = 0
 
     def __repr__(self) -> str:
         how = " inline" if self._handler is not None else ""
@@ -96,13 +147,7 @@ class Subscription:
                 return
             self.delivered += 1
             return
-        try:
-            self._send.send_nowait(msg)
-            self.delivered += 1
-        except trio.WouldBlock:
-            self.dropped += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+        super()._deliver(msg)
 
     async def unsubscribe(self) -> None:
         """Stop the subscription and close its channel."""
@@ -148,36 +193,3 @@ class Transport(Protocol):
     def jetstream(self) -> JetStream:
         """Streams and key/value buckets on this bus (:class:`~.jetstream.JetStream`)."""
         ...
-
-    # The stream calls the client uses, kept here for it: each is ``self.jetstream``'s.
-    async def find_stream(self, subject: str) -> str | None: ...
-
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: Sequence[str],
-        *,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> int: ...
-
-    async def stream_subscribe(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        buffer: int = 65536,
-        deliver: Literal["new", "last_per_subject"] = "new",
-    ) -> Subscription: ...
-
-
-def _offer(send: trio.MemorySendChannel[ConnEvent], event: ConnEvent) -> bool:
-    """Hand ``event`` over without waiting; False when the channel is full (a closed channel
-    takes nothing, silently: its reader has gone)."""
-    try:
-        send.send_nowait(event)
-    except trio.WouldBlock:
-        return False
-    except (trio.ClosedResourceError, trio.BrokenResourceError):
-        pass
-    return True

@@ -19,7 +19,7 @@ from typing import Final, Literal, NamedTuple, Protocol
 
 import trio
 
-from .base import Message, Subscription
+from .base import Message, Subscription, _Feed
 
 __all__ = [
     "KV_OPERATION_HEADER",
@@ -85,7 +85,7 @@ class KVEntry(NamedTuple):
         return cls(revision, bytes(data))
 
 
-class KVWatch:
+class KVWatch(_Feed[KVEntry]):
     """The stored revisions of one key: ``entries`` is a bounded trio channel, the latest
     revision first, then every new one; overflow is counted in ``dropped``.
 
@@ -94,24 +94,14 @@ class KVWatch:
     """
 
     def __init__(self, key: str, buffer: int) -> None:
+        super().__init__(buffer)
         self.key = key
-        self._send, self.entries = trio.open_memory_channel[KVEntry](buffer)
+        self.entries = self._receive
         self._stop: Callable[[], Awaitable[None] | None] | None = None
-        self.delivered = 0
-        self.dropped = 0
         self.unreadable = 0
 
     def __repr__(self) -> str:
         return f"<KVWatch {self.key!r} delivered={self.delivered} dropped={self.dropped}>"
-
-    def _deliver(self, entry: KVEntry) -> None:
-        try:
-            self._send.send_nowait(entry)
-            self.delivered += 1
-        except trio.WouldBlock:
-            self.dropped += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
 
     def _deliver_message(self, msg: Message, revision: Callable[[Message], int]) -> None:
         """Deliver a stream message (``revision`` reads its stream sequence); an unreadable one

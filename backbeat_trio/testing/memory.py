@@ -8,13 +8,13 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import msgspec
 import trio
 
 from .._errors import JetStreamError, NotConnected
-from .._transport.base import ConnEvent, MemoryMessage, Message, Subscription, _offer
+from .._transport.base import ConnEvent, EventFeed, MemoryMessage, Message, Subscription
 from .._transport.jetstream import (
     KVEntry,
     KVWatch,
@@ -23,9 +23,6 @@ from .._transport.jetstream import (
     kv_stream,
     kv_subject,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,11 +59,14 @@ class _MemoryStream:
     def captures(self, subject: str) -> bool:
         return any(subject_matches(p, subject) for p in self.subjects)
 
+    def stored_on(self, subject: str) -> list[StoredMessage]:
+        """The messages kept on ``subject`` (wildcards allowed), oldest first."""
+        return [m for m in self.messages if subject_matches(subject, m.subject)]
+
     def last_on(self, subject: str) -> StoredMessage | None:
-        for stored in reversed(self.messages):
-            if subject_matches(subject, stored.subject):
-                return stored
-        return None
+        return next(
+            (m for m in reversed(self.messages) if subject_matches(subject, m.subject)), None
+        )
 
     def store(self, msg: MemoryMessage) -> StoredMessage | None:
         """Store ``msg`` (None: a duplicate ``Nats-Msg-Id``, dropped) and tell the watchers."""
@@ -96,7 +96,7 @@ class _MemoryStream:
         ``last_per_subject``, for the latest stored one of each matching subject); returns the
         function that stops it."""
         if last_per_subject:
-            latest = {m.subject: m for m in self.messages if subject_matches(subject, m.subject)}
+            latest = {m.subject: m for m in self.stored_on(subject)}
             for stored in sorted(latest.values()):
                 watcher(stored, MemoryMessage(stored.subject, stored.data, "", stored.headers))
         entry = (subject, watcher)
@@ -216,7 +216,7 @@ class MemoryBroker:
         """Simulate the server going away."""
         self.up = False
         for t in self._transports:
-            t._emit(ConnEvent("disconnected"))
+            t._push(ConnEvent("disconnected"))
 
     def lose_next(self, count: int = 1) -> None:
         """The next ``count`` messages vanish in flight with no event at all (a connection dying
@@ -227,7 +227,7 @@ class MemoryBroker:
         """Simulate the server coming back."""
         self.up = True
         for t in self._transports:
-            t._emit(ConnEvent("reconnected", "memory"))
+            t._push(ConnEvent("reconnected", "memory"))
 
     def _route(self, msg: MemoryMessage) -> int:
         """Deliver ``msg``; returns how many subscriptions (and streams) took it."""
@@ -264,31 +264,23 @@ class MemoryBroker:
         return taken
 
 
-class MemoryTransport:
+class MemoryTransport(EventFeed):
     """The :class:`Transport` interface over a :class:`MemoryBroker`; pure trio, deterministic."""
 
     def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__()
         self._broker = broker
         self._subs: list[Subscription] = []
-        self._event_send, self._events = trio.open_memory_channel[ConnEvent](1024)
         self._closed = False
         self.published = 0
 
     def __repr__(self) -> str:
         return f"<MemoryTransport connected={self.connected} published={self.published}>"
 
-    def _emit(self, ev: ConnEvent) -> None:
-        _offer(self._event_send, ev)  # a full channel drops it
-
     @property
     def connected(self) -> bool:
         """True while the broker is up and this transport open."""
         return self._broker.up and not self._closed
-
-    @property
-    def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
-        """Connection events."""
-        return self._events
 
     def publish(
         self,
@@ -360,36 +352,6 @@ class MemoryTransport:
     def jetstream(self) -> MemoryJetStream:
         """Streams and KV buckets on the broker (:class:`MemoryJetStream`)."""
         return MemoryJetStream(self)
-
-    async def find_stream(self, subject: str) -> str | None:
-        """The stream capturing ``subject``, if any."""
-        return await self.jetstream.find_stream(subject)
-
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: Sequence[str],
-        *,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> int:
-        """Create the stream on the broker (one replica: the broker is one process)."""
-        return await self.jetstream.ensure_stream(
-            name, subjects, duplicate_window=duplicate_window, replicas=replicas
-        )
-
-    async def stream_subscribe(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        buffer: int = 65536,
-        deliver: Literal["new", "last_per_subject"] = "new",
-    ) -> Subscription:
-        """Like :meth:`subscribe`, but only messages ``stream`` stored (duplicates dropped)."""
-        return await self.jetstream.stream_subscribe(
-            subject, stream, buffer=buffer, deliver=deliver
-        )
 
     async def aclose(self) -> None:
         """Detach from the broker (also when called in a cancelled scope)."""
@@ -480,12 +442,7 @@ class MemoryJetStream:
         if stream is None or max_msgs <= 0:
             return []
         stop = stream.last_seq if stop_seq is None else stop_seq
-        out = [
-            m
-            for m in stream.messages
-            if start_seq <= m.seq <= stop and subject_matches(subject, m.subject)
-        ]
-        return out[:max_msgs]
+        return [m for m in stream.stored_on(subject) if start_seq <= m.seq <= stop][:max_msgs]
 
     async def stream_find(self, name: str, subject: str, seq: int) -> StoredMessage | None:
         """The first message on ``subject`` at or after ``seq``."""
@@ -493,10 +450,7 @@ class MemoryJetStream:
         stream = self._stream(name)
         if stream is None:
             return None
-        return next(
-            (m for m in stream.messages if m.seq >= seq and subject_matches(subject, m.subject)),
-            None,
-        )
+        return next((m for m in stream.stored_on(subject) if m.seq >= seq), None)
 
     async def stream_last(self, name: str, subject: str) -> StoredMessage | None:
         """The last message on ``subject``."""

@@ -526,6 +526,7 @@ async def test_followers_watch_the_lease_instead_of_polling_it(
                 assert f.kv_reads <= elapsed / t.ttl + 3, (f.kv_reads, elapsed)
                 assert f.kv_watched >= statuses[leader].kv_writes - 2
                 assert f.lease_revision == ha.store.key_revision
+                assert f.watch_fallbacks == 0  # the watch never lagged: no polling
             else:
                 assert f.kv_watched == 0
                 assert f.kv_reads >= elapsed / t.poll_interval / 2, (f.kv_reads, elapsed)
@@ -566,6 +567,7 @@ async def test_a_follower_whose_watch_died_still_takes_over_within_the_ttl(
         reads_before = follower.kv_reads
         await ha.wait_beats(8)
         assert follower.kv_reads - reads_before >= 8  # polling (the watch alone: ~1 per TTL)
+        assert follower.watch_fallbacks == 1  # it noticed once, and has polled since
         ha.scopes["p1"].cancel()  # a crash
         await ha.wait_beats(10, node=node_of("p2"))
         switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
@@ -1061,13 +1063,20 @@ async def test_failover_on_a_three_node_cluster() -> None:
                 assert successor is not None
                 # it followed through the watch (an ordered JetStream consumer on the key):
                 # before the kill it read the key less often than the watch told it of renewals.
-                # (After the kill its watch may have lived on the dead server: it then polls
-                # until nats-py's ordered consumer resets, so totals say nothing.)
-                assert ha.status[successor].watching
+                after = ha.status[successor]
+                assert after.watching
                 reads, watched = followed[successor]
                 assert watched >= 3, followed
                 assert reads < watched, followed
-                assert ha.status[successor].kv_watched > watched  # and still watches since
+                # Since the kill: the watch delivered again, or -- its consumer lived on the
+                # killed server (consumers are placed apart from the client's connection), and
+                # nats-py resets an ordered consumer only after two missed idle heartbeats (10 to
+                # 20 s) -- a read found a revision the watch had missed and it polled from then
+                # on (docs/scale.md). Either way it took over within the bound asserted below.
+                assert after.kv_watched > watched or after.watch_fallbacks >= 1, (
+                    followed[successor],
+                    (after.kv_reads, after.kv_watched, after.watch_fallbacks),
+                )
                 assert client.current_beat is not None
                 assert client.current_beat >= ha.seen[-1].index - 2  # it follows the successor
                 # stop emitting first: a beat during the flush would add a claim after it

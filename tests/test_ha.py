@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import pytest
 import trio
 import trio.testing
+from _ha_harness import Fleet, collect, open_fleet, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -336,13 +339,13 @@ def node_of(pulse_id: str) -> int:
 async def collect_beats(
     transport: Transport, seen: list[Seen], *, task_status: trio.TaskStatus[None]
 ) -> None:
-    sub = await transport.subscribe(beat_subject(CLUSTER), buffer=65536)
-    task_status.started()
-    async for msg in sub.messages:
-        frame = decode(msg.data, BeatFrame)
+    def record(data: bytes) -> None:
+        frame = decode(data, BeatFrame)
         seen.append(
             Seen(trio.current_time(), frame.beat_index, HLCStamp.parse(frame.hlc).node, frame)
         )
+
+    await collect(transport, beat_subject(CLUSTER), record, buffer=65536, task_status=task_status)
 
 
 def assert_one_publisher_at_a_time(seen: list[Seen], *, max_switches: int) -> list[int]:
@@ -364,18 +367,52 @@ def assert_same_grid(seen: list[Seen]) -> None:
     assert max(base) - min(base) < 1e-3
 
 
-class MemoryHA:
-    """HA pulses on a memory bus and a memory lease store, each stoppable on its own."""
+def one_handover(seen: list[Seen]) -> tuple[Seen, Seen]:
+    """Exactly one switch of publisher: the last frame before it and the first after it."""
+    switches = assert_one_publisher_at_a_time(seen, max_switches=1)
+    assert len(switches) == 1
+    return seen[switches[0] - 1], seen[switches[0]]
+
+
+class PulseFleet(Fleet[HAPulseStatus]):
+    """HA pulses, each in its own cancel scope, and the beats seen on the beat subject."""
+
+    #: how long ``wait_beats`` waits, and how often it looks
+    bound = 60.0
+    step = BEAT / 4
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        super().__init__(nursery, lambda status: status.leading)
+        self.seen: list[Seen] = []
+
+    async def wait_beats(
+        self, count: int, *, node: int | None = None, where: Callable[[Seen], bool] | None = None
+    ) -> None:
+        start = len(self.seen)
+
+        def counted() -> int:
+            return sum(
+                1
+                for s in self.seen[start:]
+                if (node is None or s.node == node) and (where is None or where(s))
+            )
+
+        await wait_until(
+            lambda: counted() >= count,
+            bound=self.bound,
+            step=self.step,
+            what=lambda: f"fewer than {count} beats: {self.seen[start:][-5:]}",
+        )
+
+
+class MemoryHA(PulseFleet):
+    """HA pulses on a memory bus and a memory lease store."""
 
     def __init__(self, nursery: trio.Nursery, *, latency: float = 0.0) -> None:
-        self.nursery = nursery
+        super().__init__(nursery)
         self.broker = MemoryBroker()
         self.store = MemoryLeaseStore(latency=latency)
         self.handles: dict[str, MemoryLeaseStore] = {}
-        self.scopes: dict[str, trio.CancelScope] = {}
-        self.status: dict[str, HAPulseStatus] = {}
-        self.every_status: list[HAPulseStatus] = []
-        self.seen: list[Seen] = []
 
     async def watch(self) -> None:
         await self.nursery.start(collect_beats, self.broker.connect(), self.seen)
@@ -404,48 +441,38 @@ class MemoryHA:
         handle.latency = self.store.latency
         self.handles[pulse_id] = handle
         store: LeaseStore = handle if wrap is None else wrap(handle)
-        scope = trio.CancelScope()
-        self.scopes[pulse_id] = scope
-        transport = self.broker.connect()
+        return await self.start_scoped(
+            pulse_id,
+            functools.partial(
+                run_ha_pulse,
+                cfg,
+                transport=self.broker.connect(),
+                store=store,
+                wall_clock=virtual_wall_clock,
+            ),
+        )
 
-        async def run(task_status: trio.TaskStatus[HAPulseStatus]) -> None:
-            with scope:
-                await run_ha_pulse(
-                    cfg,
-                    transport=transport,
-                    store=store,
-                    wall_clock=virtual_wall_clock,
-                    task_status=task_status,
-                )
 
-        status: HAPulseStatus = await self.nursery.start(run)
-        self.status[pulse_id] = status
-        self.every_status.append(status)
-        return status
+def open_memory_ha(*, latency: float = 0.0) -> AbstractAsyncContextManager[MemoryHA]:
+    """A :class:`MemoryHA` that watches the beat subject; every pulse stops with the block."""
 
-    def leaders(self) -> list[str]:
-        return [p for p, s in self.status.items() if s.leading and not self.scopes[p].cancel_called]
+    async def make(nursery: trio.Nursery) -> MemoryHA:
+        ha = MemoryHA(nursery, latency=latency)
+        await ha.watch()
+        return ha
 
-    async def wait_beats(self, count: int, *, node: int | None = None) -> None:
-        start = len(self.seen)
-        for _ in range(int(60 / BEAT) * 4):
-            if sum(1 for s in self.seen[start:] if node is None or s.node == node) >= count:
-                return
-            await trio.sleep(BEAT / 4)
-        raise AssertionError(f"fewer than {count} beats in 60 s: {self.seen[start:][-5:]}")
+    return open_fleet(make)
 
 
 async def test_three_pulses_elect_exactly_one_leader(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        ha = MemoryHA(nursery)
-        await ha.watch()
+    async with open_memory_ha() as ha:
         for p in ("p1", "p2", "p3"):
-            nursery.start_soon(ha.start, p)  # concurrently: all three race for the empty key
+            ha.nursery.start_soon(ha.start, p)  # concurrently: all three race for the empty key
         await ha.wait_beats(50)
-        assert len(ha.leaders()) == 1
-        leader = ha.leaders()[0]
+        assert len(ha.holders()) == 1
+        leader = ha.holders()[0]
         assert_one_publisher_at_a_time(ha.seen, max_switches=0)
         assert ha.seen[0].node == node_of(leader)
         assert [s.index for s in ha.seen] == list(range(len(ha.seen)))  # no beat lost
@@ -453,24 +480,19 @@ async def test_three_pulses_elect_exactly_one_leader(
         assert ha.store.conflicts >= 2  # the two losers did race
         followers = [s for p, s in ha.status.items() if p != leader]
         assert all(s.holder == leader and s.pulse.published == 0 for s in followers)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_crashed_leader_is_replaced_within_the_ttl(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        ha = MemoryHA(nursery)
-        await ha.watch()
+    async with open_memory_ha() as ha:
         for p in ("p1", "p2", "p3"):
             await ha.start(p)
         await ha.wait_beats(20)
-        old = ha.leaders()[0]
-        ha.scopes[old].cancel()  # a crash: no release
+        old = ha.holders()[0]
+        ha.crash(old)  # a crash: no release
         await ha.wait_beats(20)
-        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
-        assert len(switches) == 1
-        before, after = ha.seen[switches[0] - 1], ha.seen[switches[0]]
+        before, after = one_handover(ha.seen)
         assert before.node == node_of(old)
         assert after.node != node_of(old)
         t = ha.status[old].timings
@@ -478,13 +500,12 @@ async def test_a_crashed_leader_is_replaced_within_the_ttl(
         assert gap <= t.ttl + t.poll_interval + BEAT + 0.01, gap
         assert gap >= t.ttl - t.poll_interval - BEAT
         assert_same_grid(ha.seen)
-        new = [p for p in ha.leaders() if p != old]
+        new = [p for p in ha.holders() if p != old]
         assert len(new) == 1
         change = ha.status[new[0]].changes[-1]
         assert change.role == "leader"
         assert change.next_beat is not None
         assert before.index < change.next_beat <= after.index
-        nursery.cancel_scope.cancel()
 
 
 class PollOnlyStore:
@@ -507,16 +528,14 @@ class PollOnlyStore:
 async def test_followers_watch_the_lease_instead_of_polling_it(
     autojump_clock: trio.testing.MockClock, watch: bool
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        ha = MemoryHA(nursery)
-        await ha.watch()
+    async with open_memory_ha() as ha:
         statuses: dict[str, HAPulseStatus] = {}
         for p in ("p1", "p2", "p3"):
             statuses[p] = await ha.start(p, wrap=None if watch else PollOnlyStore)
         start = trio.current_time()
         await ha.wait_beats(40)
         elapsed = trio.current_time() - start
-        leader = ha.leaders()[0]
+        leader = ha.holders()[0]
         followers = [s for p, s in statuses.items() if p != leader]
         t = followers[0].timings
         for f in followers:
@@ -526,18 +545,17 @@ async def test_followers_watch_the_lease_instead_of_polling_it(
                 assert f.kv_reads <= elapsed / t.ttl + 3, (f.kv_reads, elapsed)
                 assert f.kv_watched >= statuses[leader].kv_writes - 2
                 assert f.lease_revision == ha.store.key_revision
+                assert f.watch_fallbacks == 0  # the watch never lagged: no polling
             else:
                 assert f.kv_watched == 0
                 assert f.kv_reads >= elapsed / t.poll_interval / 2, (f.kv_reads, elapsed)
         # and the watching followers still take over within the TTL when the leader crashes
-        ha.scopes[leader].cancel()
+        ha.crash(leader)
         await ha.wait_beats(10, node=None)
-        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
-        assert len(switches) == 1
-        gap = ha.seen[switches[0]].at - ha.seen[switches[0] - 1].at
+        before, after = one_handover(ha.seen)
+        gap = after.at - before.at
         assert gap <= t.ttl + t.poll_interval + BEAT + 0.01, gap
         assert_same_grid(ha.seen)
-        nursery.cancel_scope.cancel()
 
 
 class DeadWatchStore(PollOnlyStore):
@@ -553,9 +571,7 @@ async def test_a_follower_whose_watch_died_still_takes_over_within_the_ttl(
 ) -> None:
     # the leader's watch works; the follower's went silent: its reads find revisions the watch
     # never delivered, so it polls, and sees the leader's last write within a poll
-    async with trio.open_nursery() as nursery:
-        ha = MemoryHA(nursery)
-        await ha.watch()
+    async with open_memory_ha() as ha:
         await ha.start("p1")
         await ha.wait_beats(5)
         follower = await ha.start("p2", wrap=DeadWatchStore)
@@ -566,40 +582,34 @@ async def test_a_follower_whose_watch_died_still_takes_over_within_the_ttl(
         reads_before = follower.kv_reads
         await ha.wait_beats(8)
         assert follower.kv_reads - reads_before >= 8  # polling (the watch alone: ~1 per TTL)
-        ha.scopes["p1"].cancel()  # a crash
+        assert follower.watch_fallbacks == 1  # it noticed once, and has polled since
+        ha.crash("p1")  # a crash
         await ha.wait_beats(10, node=node_of("p2"))
-        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
-        gap = ha.seen[switches[0]].at - ha.seen[switches[0] - 1].at
+        before, after = one_handover(ha.seen)
+        gap = after.at - before.at
         assert gap <= t.ttl + t.poll_interval + BEAT + 0.01, gap
         assert_same_grid(ha.seen)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_released_lease_hands_over_within_a_poll(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        ha = MemoryHA(nursery)
-        await ha.watch()
+    async with open_memory_ha() as ha:
         await ha.start("p1", release_on_exit=True)
         await ha.wait_beats(10)
         await ha.start("p2")
-        ha.scopes["p1"].cancel()
+        ha.scopes["p1"].cancel()  # a stop: p1 releases its lease on the way out
         await ha.wait_beats(10, node=node_of("p2"))
-        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
-        gap = ha.seen[switches[0]].at - ha.seen[switches[0] - 1].at
-        assert gap <= 2 * BEAT + ha.status["p2"].timings.poll_interval + 1e-6
-        assert ha.seen[switches[0]].index - ha.seen[switches[0] - 1].index <= 2
+        before, after = one_handover(ha.seen)
+        assert after.at - before.at <= 2 * BEAT + ha.status["p2"].timings.poll_interval + 1e-6
+        assert after.index - before.index <= 2
         assert_same_grid(ha.seen)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_leader_cut_off_from_the_lease_stops_before_a_successor_starts(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        ha = MemoryHA(nursery)
-        await ha.watch()
+    async with open_memory_ha() as ha:
         await ha.start("p1")
         await ha.wait_beats(5)
         await ha.start("p2")
@@ -613,12 +623,10 @@ async def test_a_leader_cut_off_from_the_lease_stops_before_a_successor_starts(
         await ha.wait_beats(10)
         assert old.role == "follower"
         assert old.holder == "p2"
-        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
-        last_old, first_new = ha.seen[switches[0] - 1], ha.seen[switches[0]]
+        last_old, first_new = one_handover(ha.seen)
         assert last_old.node == node_of("p1")
         assert first_new.at - last_old.at >= old.timings.guard
         assert_same_grid(ha.seen)
-        nursery.cancel_scope.cancel()
 
 
 async def test_chaos_with_a_slow_store_never_shows_two_publishers(
@@ -629,19 +637,17 @@ async def test_chaos_with_a_slow_store_never_shows_two_publishers(
     pulses = [f"p{i}" for i in range(1, 6)]
     assert len({node_of(p) for p in pulses}) == len(pulses)
     acquisitions = 0
-    async with trio.open_nursery() as nursery:
-        ha = MemoryHA(nursery, latency=0.04)
-        await ha.watch()
+    async with open_memory_ha(latency=0.04) as ha:
         for p in pulses:
-            nursery.start_soon(ha.start, p)
+            ha.nursery.start_soon(ha.start, p)
         await ha.wait_beats(5)
         for round_ in range(12):
-            leaders = ha.leaders()
+            leaders = ha.holders()
             assert len(leaders) <= 1
             if leaders:
                 victim = leaders[0]
                 if round_ % 2:
-                    ha.scopes[victim].cancel()
+                    ha.crash(victim)
                     await ha.wait_beats(3)
                     await ha.start(victim)  # comes back as a new instance
                 else:
@@ -650,7 +656,6 @@ async def test_chaos_with_a_slow_store_never_shows_two_publishers(
                     ha.handles[victim].partitioned = False
             await ha.wait_beats(3)
         acquisitions = sum(s.terms for s in ha.every_status)
-        nursery.cancel_scope.cancel()
     switches = assert_one_publisher_at_a_time(ha.seen, max_switches=acquisitions)
     assert len(switches) >= 6
     guard = ha.every_status[0].timings.guard
@@ -659,9 +664,7 @@ async def test_chaos_with_a_slow_store_never_shows_two_publishers(
 
 
 async def test_a_tempo_change_survives_a_failover(autojump_clock: trio.testing.MockClock) -> None:
-    async with trio.open_nursery() as nursery:
-        ha = MemoryHA(nursery)
-        await ha.watch()
+    async with open_memory_ha() as ha:
         await ha.start("p1")
         await ha.start("p2")
         await ha.wait_beats(4)
@@ -673,24 +676,21 @@ async def test_a_tempo_change_survives_a_failover(autojump_clock: trio.testing.M
         assert b'"accepted":true' in answer
         await ha.wait_beats(8)
         assert ha.seen[-1].frame.tempo_bpm == 330
-        leader = ha.leaders()[0]
-        ha.scopes[leader].cancel()
+        leader = ha.holders()[0]
+        ha.crash(leader)
         await ha.wait_beats(8, node=node_of("p2" if leader == "p1" else "p1"))
         assert ha.seen[-1].frame.tempo_bpm == 330
         assert_one_publisher_at_a_time(ha.seen, max_switches=1)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_restarted_cluster_continues_the_recorded_indices(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        ha = MemoryHA(nursery)
-        await ha.watch()
+    async with open_memory_ha() as ha:
         await ha.start("p1")
         await ha.wait_beats(10)
         last = ha.seen[-1].index
-        ha.scopes["p1"].cancel()
+        ha.crash("p1")
         await trio.sleep(5.0)  # every pulse down for a while
         await ha.start("p1")  # a new process: a new instance, waits the old lease out
         await ha.wait_beats(5)
@@ -699,7 +699,6 @@ async def test_a_restarted_cluster_continues_the_recorded_indices(
         assert fresh[0].index > last + 5 / BEAT - 1  # indices kept counting with time
         assert_one_publisher_at_a_time(ha.seen, max_switches=0)
         assert_same_grid(ha.seen)
-        nursery.cancel_scope.cancel()
 
 
 class SlowClaimStore:
@@ -764,13 +763,11 @@ async def test_run_ha_pulse_keeps_its_lease_in_the_memory_transports_kv(
 ) -> None:
     # no store given: the lease lives in the transport's own KV bucket, on memory as on NATS
     broker = MemoryBroker()
-    seen: list[Seen] = []
     async with trio.open_nursery() as nursery:
+        pulses = PulseFleet(nursery)
+        seen = pulses.seen
         await nursery.start(collect_beats, broker.connect(), seen)
-        statuses: dict[str, HAPulseStatus] = {}
-        scopes: dict[str, trio.CancelScope] = {}
         for p in ("p1", "p2"):
-            scope = scopes[p] = trio.CancelScope()
             cfg = HAPulseConfig(
                 cluster_id=CLUSTER,
                 pulse_id=p,
@@ -778,31 +775,22 @@ async def test_run_ha_pulse_keeps_its_lease_in_the_memory_transports_kv(
                 lease_ttl=1.0,
                 release_on_exit=False,
             )
-
-            async def run(
-                task_status: trio.TaskStatus[HAPulseStatus],
-                cfg: HAPulseConfig = cfg,
-                scope: trio.CancelScope = scope,
-            ) -> None:
-                with scope:
-                    await run_ha_pulse(
-                        cfg,
-                        transport=broker.connect(),
-                        wall_clock=virtual_wall_clock,
-                        task_status=task_status,
-                    )
-
-            statuses[p] = await nursery.start(run)
+            await pulses.start_scoped(
+                p,
+                functools.partial(
+                    run_ha_pulse, cfg, transport=broker.connect(), wall_clock=virtual_wall_clock
+                ),
+            )
         await trio.sleep(20 * BEAT)
-        leaders = [p for p, st in statuses.items() if st.leading]
+        leaders = pulses.holders()
         assert len(leaders) == 1
-        follower = statuses["p2" if leaders == ["p1"] else "p1"]
+        follower = pulses.status["p2" if leaders == ["p1"] else "p1"]
         assert follower.watching  # the memory KV's watch
         assert follower.kv_watched >= 2
         entry = broker.kv_get(lease_bucket_name(CLUSTER), "pulse-lease")
         assert entry is not None
         assert entry.revision == follower.lease_revision
-        scopes[leaders[0]].cancel()  # a crash: the follower takes over within the TTL
+        pulses.crash(leaders[0])  # a crash: the follower takes over within the TTL
         crashed_at = trio.current_time()
         await trio.sleep(10 * BEAT)
         assert follower.leading
@@ -874,17 +862,17 @@ class CuttableStore:
         return watch
 
 
-class NatsHA:
-    """HA pulses on a real cluster, each with its own connection (all URLs) and cancel scope."""
+class NatsHA(PulseFleet):
+    """HA pulses on a real cluster, each with its own connection (all URLs)."""
+
+    bound = 30.0
+    step = BEAT / 2
 
     def __init__(self, nursery: trio.Nursery, urls: list[str], **changes: object) -> None:
-        self.nursery = nursery
+        super().__init__(nursery)
         self.urls = urls
         self.changes = changes
-        self.scopes: dict[str, trio.CancelScope] = {}
-        self.status: dict[str, HAPulseStatus] = {}
         self.stores: dict[str, CuttableStore] = {}
-        self.seen: list[Seen] = []
 
     async def watch(self) -> None:
         async def watcher(task_status: trio.TaskStatus[None]) -> None:
@@ -906,40 +894,29 @@ class NatsHA:
         }
         values.update(self.changes)
         cfg = HAPulseConfig(**values)  # type: ignore[arg-type]
-        scope = trio.CancelScope()
-        self.scopes[pulse_id] = scope
 
         async def run(task_status: trio.TaskStatus[HAPulseStatus]) -> None:
-            with scope:
-                async with open_nats_transport(cfg) as transport:
-                    store = CuttableStore(
-                        NatsLeaseStore(
-                            transport, CLUSTER, replicas=3, op_timeout=cfg.timings().op_timeout
-                        )
+            async with open_nats_transport(cfg) as transport:
+                store = CuttableStore(
+                    NatsLeaseStore(
+                        transport, CLUSTER, replicas=3, op_timeout=cfg.timings().op_timeout
                     )
-                    self.stores[pulse_id] = store
-                    await run_ha_pulse(
-                        cfg, transport=transport, store=store, task_status=task_status
-                    )
+                )
+                self.stores[pulse_id] = store
+                await run_ha_pulse(cfg, transport=transport, store=store, task_status=task_status)
 
-        status: HAPulseStatus = await self.nursery.start(run)
-        self.status[pulse_id] = status
-        return status
+        return await self.start_scoped(pulse_id, run)
 
-    def leader(self) -> str | None:
-        live = [p for p, s in self.status.items() if s.leading and not self.scopes[p].cancel_called]
-        assert len(live) <= 1, live
-        return live[0] if live else None
 
-    async def wait_beats(
-        self, count: int, *, where: Callable[[Seen], bool] | None = None, bound: float = 30.0
-    ) -> None:
-        start = len(self.seen)
-        for _ in range(int(bound / (BEAT / 2))):
-            if sum(1 for s in self.seen[start:] if where is None or where(s)) >= count:
-                return
-            await trio.sleep(BEAT / 2)
-        raise AssertionError(f"fewer than {count} beats in {bound} s: {self.seen[start:][-5:]}")
+def open_nats_ha(urls: list[str]) -> AbstractAsyncContextManager[NatsHA]:
+    """A :class:`NatsHA` that watches the beat subject; every pulse stops with the block."""
+
+    async def make(nursery: trio.Nursery) -> NatsHA:
+        ha = NatsHA(nursery, urls)
+        await ha.watch()
+        return ha
+
+    return open_fleet(make)
 
 
 def server_of(nats: NatsCluster, connection_name: str) -> NatsServerProcess:
@@ -975,14 +952,12 @@ async def test_nats_lease_store_compare_and_set(nats_url: str) -> None:
 async def test_split_brain_attempt_on_a_three_node_cluster() -> None:
     # Three pulses start at the same moment (a create race), then the leader is cut off from
     # the KV while it can still publish beats: the successor must not start until it stopped.
-    async with open_embedded_nats_cluster(3) as nats, trio.open_nursery() as nursery:
-        ha = NatsHA(nursery, nats.urls)
-        await ha.watch()
+    async with open_embedded_nats_cluster(3) as nats, open_nats_ha(nats.urls) as ha:
         async with trio.open_nursery() as starters:
             for i, p in enumerate(("p1", "p2", "p3")):
                 starters.start_soon(ha.start, p, i)
         await ha.wait_beats(10)
-        old = ha.leader()
+        old = ha.holder()
         assert old is not None
         ha.stores[old].cut = True
         await ha.wait_beats(10, where=lambda s: s.node != node_of(old))
@@ -990,13 +965,10 @@ async def test_split_brain_attempt_on_a_three_node_cluster() -> None:
         await ha.wait_beats(10)
         assert ha.status[old].role == "follower"
         assert ha.status[old].holder not in (None, old)
-        switches = assert_one_publisher_at_a_time(ha.seen, max_switches=1)
-        assert len(switches) == 1
-        last_old, first_new = ha.seen[switches[0] - 1], ha.seen[switches[0]]
+        last_old, first_new = one_handover(ha.seen)
         assert last_old.node == node_of(old)
         assert first_new.at - last_old.at > 0.1
         assert_same_grid(ha.seen)
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.nats
@@ -1014,13 +986,11 @@ async def test_failover_on_a_three_node_cluster() -> None:
             summary = await admin.jetstream.stream_summary(status_stream_name(CLUSTER))
             assert summary is not None
             assert summary.replicas == 3
-        async with trio.open_nursery() as nursery:
-            ha = NatsHA(nursery, urls)
-            await ha.watch()
+        async with open_nats_ha(urls) as ha:
             for i, p in enumerate(("p1", "p2", "p3")):
                 await ha.start(p, i)
             await ha.wait_beats(10)
-            leader = ha.leader()
+            leader = ha.holder()
             assert leader is not None
             doomed = server_of(nats, f"backbeat-ha-pulse:{leader}")
             pinned = [doomed.url] + [u for u in urls if u != doomed.url]
@@ -1039,11 +1009,12 @@ async def test_failover_on_a_three_node_cluster() -> None:
                             claim = StatusClaim(state="executing", notes=f"at {frame.beat_index}")
                             emitted.append(client.emit_status_nowait(claim))
 
-                nursery.start_soon(emit_each_beat)
+                ha.nursery.start_soon(emit_each_beat)
                 await ha.wait_beats(5)
-                # how each follower learnt of the lease so far: through its watch, mostly
-                followed = {
-                    p: (st.kv_reads, st.kv_watched) for p, st in ha.status.items() if p != leader
+                # how each pulse learnt of the lease so far (followers: through the watch, mostly)
+                at_kill = {
+                    p: (st.kv_reads, st.kv_watched, st.watch_fallbacks)
+                    for p, st in ha.status.items()
                 }
                 await trio.to_thread.run_sync(doomed.kill)
                 killed_at = trio.current_time()
@@ -1051,23 +1022,35 @@ async def test_failover_on_a_three_node_cluster() -> None:
                 assert server_of(nats, f"backbeat-trio:{agent}") is not doomed
                 assert client.health().reconnect_count >= 1
 
-                crashed = ha.leader()
+                crashed = ha.holder()
                 assert crashed is not None
-                ha.scopes[crashed].cancel()
+                ha.crash(crashed)
                 await ha.wait_beats(
                     10, where=lambda s: s.node != node_of(crashed) and s.at > killed_at
                 )
-                successor = ha.leader()
+                successor = ha.holder()
                 assert successor is not None
-                # it followed through the watch (an ordered JetStream consumer on the key):
-                # before the kill it read the key less often than the watch told it of renewals.
-                # (After the kill its watch may have lived on the dead server: it then polls
-                # until nats-py's ordered consumer resets, so totals say nothing.)
-                assert ha.status[successor].watching
-                reads, watched = followed[successor]
-                assert watched >= 3, followed
-                assert reads < watched, followed
-                assert ha.status[successor].kv_watched > watched  # and still watches since
+                # Before the kill every follower followed through the watch (an ordered
+                # JetStream consumer on the key): it read the key less often than the watch told
+                # it of renewals.
+                for reads, watched, _ in (v for p, v in at_kill.items() if p != leader):
+                    assert watched >= 3, at_kill
+                    assert reads < watched, at_kill
+                # The successor may be any pulse but the crashed one: the first leader, cut off
+                # by the kill, may have lost its lease to a follower meanwhile. Since the kill it
+                # followed for more than a TTL while the leader wrote each beat: its watch
+                # delivered again, or -- its consumer lived on the killed server (consumers are
+                # placed apart from the client's connection) and nats-py resets an ordered
+                # consumer only after two missed idle heartbeats (10 to 20 s) -- a read found a
+                # revision the watch had missed and it polled from then on (docs/scale.md).
+                # Either way it took over within the bound asserted below.
+                after = ha.status[successor]
+                assert after.watching
+                _, watched, fallbacks = at_kill[successor]
+                assert after.kv_watched > watched or after.watch_fallbacks > fallbacks, (
+                    at_kill,
+                    (successor, after.kv_reads, after.kv_watched, after.watch_fallbacks),
+                )
                 assert client.current_beat is not None
                 assert client.current_beat >= ha.seen[-1].index - 2  # it follows the successor
                 # stop emitting first: a beat during the flush would add a claim after it
@@ -1075,7 +1058,6 @@ async def test_failover_on_a_three_node_cluster() -> None:
                 with trio.fail_after(10):
                     await client.flush_claims()
                 assert client.pending_claims == 0  # every claim was acknowledged
-            nursery.cancel_scope.cancel()
 
         switches = assert_one_publisher_at_a_time(ha.seen, max_switches=3)
         crash_switch = [i for i in switches if ha.seen[i - 1].node == node_of(crashed)][-1]

@@ -7,12 +7,15 @@ window missing -- the successor publishes what it aggregated on standby that the
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
 import trio.testing
+from _ha_harness import Fleet, collect, open_fleet, wait_until
 
 from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._client.config import Config
@@ -25,10 +28,19 @@ from backbeat_trio._services.pulse import PulseConfig, run_pulse
 from backbeat_trio._services.reverb import ReverbConfig, ReverbStatus, run_reverb
 from backbeat_trio.testing import virtual_wall_clock
 from backbeat_trio.testing.lease import MemoryLeaseStore
-from backbeat_trio.testing.memory import MemoryBroker, MemoryTransport
+from backbeat_trio.testing.memory import MemoryBroker
 
 TEMPO = 600  # 100 ms beats
 BPB = 4  # 400 ms windows
+
+
+def bar_recorder(seen: list[tuple[float, BarReport]]) -> Callable[[bytes], None]:
+    """Appends each report with the time it arrived to ``seen``."""
+
+    def record(data: bytes) -> None:
+        seen.append((trio.current_time(), decode(data, BarReport)))
+
+    return record
 
 
 async def collect_bars(
@@ -40,26 +52,20 @@ async def collect_bars(
 ) -> None:
     conn = Config(cluster_id=cluster, agent_id="bar-watch", nats_url=url)
     async with open_nats_transport(conn) as transport:
-        sub = await transport.subscribe(bar_subject(cluster), buffer=4096)
-        task_status.started()
-        async for msg in sub.messages:
-            seen.append((trio.current_time(), decode(msg.data, BarReport)))
-
-
-async def wait_until(predicate: Callable[[], bool], bound: float = 20.0) -> None:
-    for _ in range(int(bound / 0.02)):
-        if predicate():
-            return
-        await trio.sleep(0.02)
-    raise AssertionError(f"not true within {bound} s")
+        await collect(
+            transport,
+            bar_subject(cluster),
+            bar_recorder(seen),
+            buffer=4096,
+            task_status=task_status,
+        )
 
 
 async def start_ha_fleet(
     nursery: trio.Nursery, url: str, cluster: str, **changes: object
-) -> tuple[dict[str, ReverbStatus], dict[str, trio.CancelScope]]:
+) -> Fleet[ReverbStatus]:
     """Two HA reverbs (each in its own cancel scope), then a pulse, on a real server."""
-    statuses: dict[str, ReverbStatus] = {}
-    scopes: dict[str, trio.CancelScope] = {}
+    fleet: Fleet[ReverbStatus] = Fleet(nursery, lambda status: status.publishing)
     for rid in ("r1", "r2"):
         values: dict[str, object] = {
             "cluster_id": cluster,
@@ -71,22 +77,23 @@ async def start_ha_fleet(
         }
         values.update(changes)
         cfg = ReverbConfig(**values)  # type: ignore[arg-type]
-        scope = scopes[rid] = trio.CancelScope()
-
-        async def run(
-            task_status: trio.TaskStatus[ReverbStatus],
-            cfg: ReverbConfig = cfg,
-            scope: trio.CancelScope = scope,
-        ) -> None:
-            with scope:
-                await run_reverb(cfg, task_status=task_status)
-
-        statuses[rid] = await nursery.start(run)
+        await fleet.start_scoped(rid, functools.partial(run_reverb, cfg))
     await nursery.start(
         run_pulse,
         PulseConfig(cluster_id=cluster, nats_url=url, tempo_bpm=TEMPO, beats_per_bar=BPB),
     )
-    return statuses, scopes
+    return fleet
+
+
+async def crash_right_after_a_report(
+    fleet: Fleet[ReverbStatus], seen: list[tuple[float, BarReport]], old: str, *, reports_after: int
+) -> None:
+    """Crash ``old`` (no release) just after a report, then wait for ``reports_after`` more."""
+    count = len(seen)
+    await wait_until(lambda: len(seen) > count)
+    fleet.crash(old)
+    crashed_at = trio.current_time()
+    await wait_until(lambda: sum(1 for at, _ in seen if at > crashed_at) >= reports_after)
 
 
 @pytest.mark.nats
@@ -95,7 +102,7 @@ async def test_ha_reverbs_report_every_window_once_across_a_crash(nats_url: str)
     seen: list[tuple[float, BarReport]] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(collect_bars, nats_url, cluster, seen)
-        statuses, scopes = await start_ha_fleet(
+        fleet = await start_ha_fleet(
             nursery,
             nats_url,
             cluster,
@@ -103,24 +110,18 @@ async def test_ha_reverbs_report_every_window_once_across_a_crash(nats_url: str)
             release_on_exit=False,  # a crash
         )
         await wait_until(lambda: len(seen) >= 4)
-        leaders = [r for r, s in statuses.items() if s.publishing]
+        leaders = fleet.holders()
         assert len(leaders) == 1, leaders
         old = leaders[0]
-        new = next(r for r in statuses if r != old)
-        assert statuses[new].reports_standby >= 3  # it aggregated, but did not publish
-        count = len(seen)
-        await wait_until(lambda: len(seen) > count)  # crash right after a report
-        scopes[old].cancel()
-        crashed_at = trio.current_time()
-        await wait_until(lambda: sum(1 for at, _ in seen if at > crashed_at) >= 5)
+        new = next(r for r in fleet.status if r != old)
+        assert fleet.status[new].reports_standby >= 3  # it aggregated, but did not publish
+        await crash_right_after_a_report(fleet, seen, old, reports_after=5)
         nursery.cancel_scope.cancel()
 
-    reports = [r for _, r in seen]
-    windows = [r.window_id for r in reports]
-    assert len(windows) == len(set(windows)), windows  # no window twice on the bar subject
-    starts = [r.from_beat for r in reports]
-    assert all(b - a == BPB for a, b in itertools.pairwise(starts)), starts  # none missing
-    successor = statuses[new]
+    # no window twice on the bar subject, none missing
+    assert_every_window_once(seen)
+    windows = [r.window_id for _, r in seen]
+    successor = fleet.status[new]
     assert successor.lease is not None
     assert successor.lease.terms == 1
     # it followed the lease through the watch: the current value when it started, then the
@@ -146,18 +147,17 @@ async def test_a_stopped_ha_reverb_hands_over_at_once(nats_url: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(collect_bars, nats_url, cluster, seen)
         # a TTL of 30 s: only the release can hand over within this test
-        statuses, scopes = await start_ha_fleet(nursery, nats_url, cluster, lease_ttl=30.0)
+        fleet = await start_ha_fleet(nursery, nats_url, cluster, lease_ttl=30.0)
         await wait_until(lambda: len(seen) >= 2)
-        old = next(r for r, s in statuses.items() if s.publishing)
-        new = next(r for r in statuses if r != old)
-        scopes[old].cancel()
+        old = fleet.holders()[0]
+        new = next(r for r in fleet.status if r != old)
+        fleet.scopes[old].cancel()  # a stop: the reverb releases its lease on the way out
         stopped_at = trio.current_time()
-        await wait_until(lambda: statuses[new].publishing, bound=5.0)
+        await wait_until(lambda: fleet.status[new].publishing, bound=5.0)
         assert trio.current_time() - stopped_at < 2.0
         await wait_until(lambda: sum(1 for at, _ in seen if at > stopped_at) >= 3)
         nursery.cancel_scope.cancel()
-    starts = [r.from_beat for _, r in seen]
-    assert all(b - a == BPB for a, b in itertools.pairwise(starts)), starts
+    assert_every_window_once(seen)
 
 
 def test_reverb_ha_settings_are_checked() -> None:
@@ -198,21 +198,27 @@ async def test_ha_on_a_memory_transport_keeps_its_lease_in_the_transports_kv(
 
 
 # --- deterministic, on MockClock with the in-memory bus -----------------------------------------
-class MemoryReverbs:
+class MemoryReverbs(Fleet[ReverbStatus]):
     """A pulse and two HA reverbs on a memory bus and a memory lease store (``bar_stream``: the
     reverbs create the memory bar stream, else no stream at all)."""
 
     def __init__(self, nursery: trio.Nursery, *, bar_stream: bool = False) -> None:
-        self.nursery = nursery
+        super().__init__(nursery, lambda status: status.publishing)
         self.bar_stream = bar_stream
         self.broker = MemoryBroker()
         self.store = MemoryLeaseStore()
         self.seen: list[tuple[float, BarReport]] = []
-        self.statuses: dict[str, ReverbStatus] = {}
-        self.scopes: dict[str, trio.CancelScope] = {}
 
     async def start(self) -> None:
-        self.nursery.start_soon(self._collect, self.broker.connect())
+        await self.nursery.start(
+            functools.partial(
+                collect,
+                self.broker.connect(),
+                bar_subject("mem"),
+                bar_recorder(self.seen),
+                buffer=4096,
+            )
+        )
         for rid in ("r1", "r2"):
             cfg = ReverbConfig(
                 cluster_id="mem",
@@ -224,48 +230,48 @@ class MemoryReverbs:
                 release_on_exit=False,
                 create_stream=self.bar_stream,
             )
-            scope = self.scopes[rid] = trio.CancelScope()
-            store = self.store.handle()
-            transport = self.broker.connect()
-
-            async def run(
-                task_status: trio.TaskStatus[ReverbStatus],
-                cfg: ReverbConfig = cfg,
-                scope: trio.CancelScope = scope,
-                store: MemoryLeaseStore = store,
-                transport: MemoryTransport = transport,
-            ) -> None:
-                with scope:
-                    await run_reverb(
-                        cfg,
-                        transport=transport,
-                        lease_store=store,
-                        wall_clock=virtual_wall_clock,
-                        task_status=task_status,
-                    )
-
-            self.statuses[rid] = await self.nursery.start(run)
+            await self.start_scoped(
+                rid,
+                functools.partial(
+                    run_reverb,
+                    cfg,
+                    transport=self.broker.connect(),
+                    lease_store=self.store.handle(),
+                    wall_clock=virtual_wall_clock,
+                ),
+            )
         pulse_cfg = PulseConfig(cluster_id="mem", tempo_bpm=TEMPO, beats_per_bar=BPB)
         await self.nursery.start(
-            lambda task_status: run_pulse(
-                pulse_cfg,
-                transport=self.broker.connect(),
-                wall_clock=virtual_wall_clock,
-                task_status=task_status,
+            functools.partial(
+                run_pulse, pulse_cfg, transport=self.broker.connect(), wall_clock=virtual_wall_clock
             )
         )
 
-    async def _collect(self, transport: MemoryTransport) -> None:
-        sub = await transport.subscribe(bar_subject("mem"), buffer=4096)
-        async for msg in sub.messages:
-            self.seen.append((trio.current_time(), decode(msg.data, BarReport)))
+    async def crash_the_publisher(self) -> str:
+        """After 6 reports, crash the publisher right after a report and wait for 6 more;
+        returns the other reverb, which publishes them."""
+        await wait_until(lambda: len(self.seen) >= 6)
+        old = self.publisher()
+        new = next(r for r in self.status if r != old)
+        await crash_right_after_a_report(self, self.seen, old, reports_after=6)
+        assert self.publisher() == new
+        return new
 
     def publisher(self) -> str:
-        leaders = [
-            r for r, s in self.statuses.items() if s.publishing and not self.scopes[r].cancel_called
-        ]
-        assert len(leaders) == 1, leaders
-        return leaders[0]
+        holder = self.holder()
+        assert holder is not None
+        return holder
+
+
+def open_memory_reverbs(*, bar_stream: bool = False) -> AbstractAsyncContextManager[MemoryReverbs]:
+    """Started :class:`MemoryReverbs`; they all stop with the block."""
+
+    async def make(nursery: trio.Nursery) -> MemoryReverbs:
+        mem = MemoryReverbs(nursery, bar_stream=bar_stream)
+        await mem.start()
+        return mem
+
+    return open_fleet(make)
 
 
 def assert_every_window_once(seen: list[tuple[float, BarReport]]) -> None:
@@ -279,20 +285,9 @@ async def test_a_crash_without_a_bar_stream_loses_and_doubles_nothing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # no bar history to ask: the successor relies on the reports it saw on the bar subject
-    async with trio.open_nursery() as nursery:
-        mem = MemoryReverbs(nursery)
-        await mem.start()
-        await wait_until(lambda: len(mem.seen) >= 6)
-        old = mem.publisher()
-        new = next(r for r in mem.statuses if r != old)
-        count = len(mem.seen)
-        await wait_until(lambda: len(mem.seen) > count)
-        mem.scopes[old].cancel()
-        crashed_at = trio.current_time()
-        await wait_until(lambda: sum(1 for at, _ in mem.seen if at > crashed_at) >= 6)
-        assert mem.publisher() == new
-        assert mem.statuses[new].reports_caught_up >= 1
-        nursery.cancel_scope.cancel()
+    async with open_memory_reverbs() as mem:
+        new = await mem.crash_the_publisher()
+        assert mem.status[new].reports_caught_up >= 1
     assert_every_window_once(mem.seen)
 
 
@@ -301,43 +296,29 @@ async def test_a_crash_with_a_memory_bar_stream_resumes_from_its_history(
 ) -> None:
     # the memory bus keeps bar history too: the successor asks it, and a replay returns exactly
     # the reports that were published
-    async with trio.open_nursery() as nursery:
-        mem = MemoryReverbs(nursery, bar_stream=True)
-        await mem.start()
+    async with open_memory_reverbs(bar_stream=True) as mem:
         assert bar_stream_name("mem") in mem.broker.streams
-        await wait_until(lambda: len(mem.seen) >= 6)
-        old = mem.publisher()
-        new = next(r for r in mem.statuses if r != old)
-        count = len(mem.seen)
-        await wait_until(lambda: len(mem.seen) > count)
-        mem.scopes[old].cancel()
-        crashed_at = trio.current_time()
-        await wait_until(lambda: sum(1 for at, _ in mem.seen if at > crashed_at) >= 6)
-        assert mem.publisher() == new
+        await mem.crash_the_publisher()
         reader = mem.broker.connect()
         replayed = await replay_bars(reader, "mem")
         published = [r for _, r in mem.seen]
         assert len(replayed) >= 12
         assert [r.window_id for r in replayed] == [r.window_id for r in published[: len(replayed)]]
         assert await last_reported_window(reader, "mem") == replayed[-1].from_beat
-        nursery.cancel_scope.cancel()
     assert_every_window_once(mem.seen)
 
 
 async def test_reports_wait_out_a_disconnection_instead_of_being_buffered(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        mem = MemoryReverbs(nursery)
-        await mem.start()
+    async with open_memory_reverbs() as mem:
         await wait_until(lambda: len(mem.seen) >= 3)
         leader = mem.publisher()
-        before = mem.statuses[leader].reports_standby
+        before = mem.status[leader].reports_standby
         mem.broker.set_down()  # the reverbs keep time locally and close windows meanwhile
         await trio.sleep(3 * BPB * 60 / TEMPO)
-        assert mem.statuses[leader].reports_standby > before  # kept, not handed to the bus
+        assert mem.status[leader].reports_standby > before  # kept, not handed to the bus
         mem.broker.set_up()
         count = len(mem.seen)
         await wait_until(lambda: len(mem.seen) >= count + 5)
-        nursery.cancel_scope.cancel()
     assert_every_window_once(mem.seen)

@@ -182,6 +182,9 @@ class LeaseStatus:
             writes lost, requests failed or timed out.
         kv_watched: revisions that arrived through the watch (no read needed).
         watching: the key is watched (else it is polled every ``poll_interval``).
+        watch_fallbacks: times a read found a revision the watch had not delivered (the watch
+            lags or died silently, e.g. its consumer lived on a server that went away), so the
+            follower polled every ``poll_interval`` until the watch delivered news again.
         changes: the latest role changes, oldest first.
     """
 
@@ -198,6 +201,7 @@ class LeaseStatus:
     kv_errors: int = 0
     kv_watched: int = 0
     watching: bool = False
+    watch_fallbacks: int = 0
     last_error: str | None = None
     changes: deque[LeadershipChange] = field(default_factory=lambda: deque(maxlen=_CHANGES_KEPT))
     role_event: trio.Event = field(default_factory=trio.Event)
@@ -431,6 +435,8 @@ class LeaseKeeper:
                 if self.watch is not None and known is not None and e.revision != known:
                     # the watch had not delivered this revision (it lags, or died silently):
                     # poll, so a crash of the leader is still seen within a poll
+                    if not self._watch_lagging:
+                        self.status.watch_fallbacks += 1
                     self._watch_lagging = True
                 now = self._last_read = trio.current_time()
                 self._next_read = now + self.read_interval

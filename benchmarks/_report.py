@@ -126,6 +126,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _git(*git_args: str) -> str:
+    """What ``git`` prints (stripped) for ``git_args``, run in the repository."""
+    res = subprocess.run(
+        ["git", *git_args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    return res.stdout.strip()
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -160,22 +172,8 @@ def machine_info() -> dict[str, Any]:
     except Exception as exc:
         info["nats_server"] = f"unknown ({exc!r})"
     try:
-        res = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-        info["git"] = res.stdout.strip() or "-"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-        if dirty.stdout.strip():
+        info["git"] = _git("rev-parse", "--short", "HEAD") or "-"
+        if _git("status", "--porcelain", "--untracked-files=no"):
             info["git"] += " (with uncommitted changes)"
     except Exception:
         info["git"] = "-"

@@ -71,19 +71,16 @@ FULL = Params(
     recovery_outage=0.5,
     recovery_post=4.0,
 )
-QUICK = Params(
+# the same repetitions, tempo and windows as FULL; smaller sizes
+QUICK = dataclasses.replace(
+    FULL,
     quick=True,
-    codec_reps=5,
     codec_n=2_000,
-    beats_reps=5,
     beats_real=20,
     beats_degraded=20,
-    claims_reps=5,
     claims_n=1_000,
     claims_js_n=500,
     scale_ns=(10, 40),
-    scale_tempo=600,
-    scale_windows=5,
     scale_window_beats=3,
     scale_cluster_ns=(30,),
     recovery_reps=3,
@@ -193,6 +190,40 @@ async def start_workers(
     return workers
 
 
+WORKER_MODULES = {
+    "pulse": "benchmarks._w_pulse",
+    "bb": "benchmarks._w_client",
+    "plain": "benchmarks._w_plain",
+}
+
+
+@contextlib.asynccontextmanager
+async def open_server_with_workers(
+    logdir: Path, role: str, names: dict[str, str]
+) -> AsyncIterator[tuple[NatsServerProcess, dict[str, Worker]]]:
+    """A JetStream server and, on it, a worker per ``names`` entry (key → worker name): key
+    ``pulse`` runs the pulse worker, ``bb`` the backbeat_trio worker and ``plain`` the plain
+    nats-py worker, both in ``role``. The workers close before the server."""
+    async with (
+        open_embedded_nats_process(jetstream=True) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        wargs = {"role": role, "url": server.url}
+        specs = {
+            key: (name, WORKER_MODULES[key], {"url": server.url} if key == "pulse" else wargs)
+            for key, name in names.items()
+        }
+        yield server, await start_workers(stack, specs, logdir)
+
+
+async def start_pulse(pulse: Worker, cluster: str, tempo: int, beats: int) -> None:
+    """Have the pulse worker beat ``cluster`` (the first beat 0.1 s out); back once it started."""
+    await pulse.send(
+        {"cmd": "run", "cluster": cluster, "tempo": tempo, "beats": beats, "lead": 0.1}
+    )
+    await pulse.expect("started", 30.0)
+
+
 @contextlib.asynccontextmanager
 async def open_server_and_cluster(
     size: int,
@@ -217,6 +248,25 @@ class Outcome:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     latency_samples: dict[str, list[float]] = field(default_factory=dict)
+
+
+def solo_row(
+    bench: str,
+    figure: str,
+    unit: str,
+    ours: list[float],
+    goal: str = "(info)",
+    met: bool | None = None,
+) -> Row:
+    """A figure with no baseline to compare it with."""
+    return Row(bench, figure, unit, ours, None, "", goal, met)
+
+
+def info_row(
+    bench: str, figure: str, unit: str, ours: list[float], base: list[float], base_label: str
+) -> Row:
+    """A figure compared with a baseline, with no goal to meet."""
+    return Row(bench, figure, unit, ours, base, base_label, "(info)", None)
 
 
 def bench_codec(p: Params, out: Outcome) -> None:
@@ -261,20 +311,9 @@ async def bench_beats(p: Params, out: Outcome, logdir: Path) -> None:
     transit_ours: list[list[float]] = []
     transit_base: list[list[float]] = []
     extras: list[str] = []
-    async with (
-        open_embedded_nats_process(jetstream=True) as server,
-        contextlib.AsyncExitStack() as stack,
-    ):
-        url = server.url
-        workers = await start_workers(
-            stack,
-            {
-                "pulse": ("pulse", "benchmarks._w_pulse", {"url": url}),
-                "bb": ("bb-beats", "benchmarks._w_client", {"role": "beats", "url": url}),
-                "plain": ("plain-beats", "benchmarks._w_plain", {"role": "beats", "url": url}),
-            },
-            logdir,
-        )
+    async with open_server_with_workers(
+        logdir, "beats", {"pulse": "pulse", "bb": "bb-beats", "plain": "plain-beats"}
+    ) as (_, workers):
         pulse, bb, plain = workers["pulse"], workers["bb"], workers["plain"]
         for rep in range(p.beats_reps):
             cluster = f"lat{rep}"
@@ -290,16 +329,7 @@ async def bench_beats(p: Params, out: Outcome, logdir: Path) -> None:
             await plain.send({"cmd": "sub", "cluster": cluster})
             await bb.expect("ready", 30.0)
             await plain.expect("ready", 30.0)
-            await pulse.send(
-                {
-                    "cmd": "run",
-                    "cluster": cluster,
-                    "tempo": BEAT_TEMPO,
-                    "beats": p.beats_real,
-                    "lead": 0.1,
-                }
-            )
-            await pulse.expect("started", 30.0)
+            await start_pulse(pulse, cluster, BEAT_TEMPO, p.beats_real)
             pres = await pulse.expect("result", p.beats_real * d + 60.0)
             bres = await bb.expect("result", p.beats_degraded * d + 60.0)
             await plain.send({"cmd": "finish"})  # it has long had every pulse frame by now
@@ -357,15 +387,13 @@ async def bench_beats(p: Params, out: Outcome, logdir: Path) -> None:
         ours = [percentile(x, q) * ms for x in transit_ours]
         base = [percentile(x, q) * ms for x in transit_base]
         out.rows.append(
-            Row(
+            info_row(
                 "2 Beat latency",
                 f"{label} transit: pulse's publish call → consumer",
                 "ms",
                 ours,
                 base,
                 "plain asyncio nats-py subscriber",
-                "(info)",
-                None,
             )
         )
     out.latency_samples["backbeat_trio (beats() consumer)"] = [v for x in lat_ours for v in x]
@@ -375,37 +403,17 @@ async def bench_beats(p: Params, out: Outcome, logdir: Path) -> None:
     last = [x[-1] * ms if x else math.nan for x in sched_err]
     p50 = [percentile(x, 50) * ms for x in sched_err]
     out.rows.append(
-        Row(
-            "3 Pulse schedule",
-            f"publish error p50 ({n} beats @ {BEAT_TEMPO} BPM)",
-            "ms",
-            p50,
-            None,
-            "",
-            "(info)",
-            None,
-        )
+        solo_row("3 Pulse schedule", f"publish error p50 ({n} beats @ {BEAT_TEMPO} BPM)", "ms", p50)
     )
     out.rows.append(
-        Row(
-            "3 Pulse schedule",
-            "publish error p99",
-            "ms",
-            p99,
-            None,
-            "",
-            "≤ 2 ms",
-            median(p99) <= 2.0,
-        )
+        solo_row("3 Pulse schedule", "publish error p99", "ms", p99, "≤ 2 ms", median(p99) <= 2.0)
     )
     out.rows.append(
-        Row(
+        solo_row(
             "3 Pulse schedule",
             "error of the last beat (drift)",
             "ms",
             last,
-            None,
-            "",
             "|·| ≤ 1 ms",
             abs(median(last)) <= 1.0,
         )
@@ -419,39 +427,22 @@ async def bench_beats(p: Params, out: Outcome, logdir: Path) -> None:
         for x in deg_err
     ]
     out.rows.append(
-        Row(
+        solo_row(
             "4 Degraded beats",
             f"error of the last local beat ({nd} @ {BEAT_TEMPO} BPM) vs ideal",
             "ms",
             end,
-            None,
-            "",
             "|·| ≤ 1 ms",
             abs(median(end)) <= 1.0,
         )
     )
+    out.rows.append(solo_row("4 Degraded beats", "error p50 (local beats 3…end)", "ms", steady))
     out.rows.append(
-        Row(
-            "4 Degraded beats",
-            "error p50 (local beats 3…end)",
-            "ms",
-            steady,
-            None,
-            "",
-            "(info)",
-            None,
-        )
-    )
-    out.rows.append(
-        Row(
+        solo_row(
             "4 Degraded beats",
             f"accumulated drift: median(last {k}) − median(first {k} after beat 2)",
             "ms",
             trend,
-            None,
-            "",
-            "(info)",
-            None,
         )
     )
     first = [x[0] * ms if x else math.nan for x in deg_err]
@@ -467,19 +458,9 @@ async def bench_beats(p: Params, out: Outcome, logdir: Path) -> None:
 
 async def bench_claims(p: Params, out: Outcome, logdir: Path) -> None:
     results: dict[tuple[str, str], dict[str, Any]] = {}
-    async with (
-        open_embedded_nats_process(jetstream=True) as server,
-        contextlib.AsyncExitStack() as stack,
-    ):
-        wargs = {"role": "claims", "url": server.url}
-        workers = await start_workers(
-            stack,
-            {
-                "bb": ("claims-bb", "benchmarks._w_client", wargs),
-                "plain": ("claims-plain", "benchmarks._w_plain", wargs),
-            },
-            logdir,
-        )
+    async with open_server_with_workers(
+        logdir, "claims", {"bb": "claims-bb", "plain": "claims-plain"}
+    ) as (_, workers):
         for mode in ("signed", "unsigned", "js"):
             count = p.claims_js_n if mode == "js" else p.claims_n
             for impl in ("bb", "plain"):
@@ -568,16 +549,7 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
                     await w.send({"cmd": "go"})
                     ready = await w.expect("ready", 300.0)
                     beats = 10 + p.scale_windows * p.scale_window_beats + 40
-                    await pulse.send(
-                        {
-                            "cmd": "run",
-                            "cluster": wargs["cluster"],
-                            "tempo": p.scale_tempo,
-                            "beats": beats,
-                            "lead": 0.1,
-                        }
-                    )
-                    await pulse.expect("started", 30.0)
+                    await start_pulse(pulse, wargs["cluster"], p.scale_tempo, beats)
                     results[impl] = await w.expect("result", beats * d + 120.0)
                     results[impl]["connect_s"] = ready["connect_s"]
                     await pulse.send({"cmd": "stop"})
@@ -587,64 +559,52 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
             bench = "6 Scale"
             label = "N plain nats-py subscribers, one asyncio process"
             out.rows.append(
-                Row(
+                info_row(
                     bench,
                     f"N={n}: CPU per agent-beat",
                     "µs",
                     res["cpu_us_per_agent_beat"],
                     base["cpu_us_per_agent_beat"],
                     label,
-                    "(info)",
-                    None,
                 )
             )
             out.rows.append(
-                Row(
+                info_row(
                     bench,
                     f"N={n}: RSS per client",
                     "KiB",
                     [res["rss_per_client_running"] / 1024],
                     [base["rss_per_client_running"] / 1024],
                     label,
-                    "(info)",
-                    None,
                 )
             )
             out.rows.append(
-                Row(
+                info_row(
                     bench,
                     f"N={n}: beat latency p99",
                     "ms",
                     [v * 1e3 for v in res["latency_p99"]],
                     [v * 1e3 for v in base["latency_p99"]],
                     label,
-                    "(info)",
-                    None,
                 )
             )
             want_w = n * p.scale_window_beats
             out.rows.append(
-                Row(
+                info_row(
                     bench,
                     f"N={n}: agent-beats delivered per window",
                     "% of N × beats",
                     [100.0 * v / want_w for v in res["agent_beats"]],
                     [100.0 * v / want_w for v in base["agent_beats"]],
                     label,
-                    "(info)",
-                    None,
                 )
             )
             out.rows.append(
-                Row(
+                solo_row(
                     bench,
                     f"N={n}: beats synthesised locally (client fell behind the pulse)",
                     "%",
                     _synthesised_pct(res),
-                    None,
-                    "",
-                    "(info)",
-                    None,
                 )
             )
             shared = results.get("shared")
@@ -689,28 +649,14 @@ def _shared_connection_rows(
         ),
     ):
         out.rows.append(
-            Row(
-                "6 Scale",
-                f"N={n}, one shared connection: {figure}",
-                unit,
-                ours,
-                theirs,
-                label,
-                "(info)",
-                None,
+            info_row(
+                "6 Scale", f"N={n}, one shared connection: {figure}", unit, ours, theirs, label
             )
         )
     synthesised = _synthesised_pct(shared)
     out.rows.append(
-        Row(
-            "6 Scale",
-            f"N={n}, one shared connection: beats synthesised locally",
-            "%",
-            synthesised,
-            None,
-            "",
-            "(info)",
-            None,
+        solo_row(
+            "6 Scale", f"N={n}, one shared connection: beats synthesised locally", "%", synthesised
         )
     )
 
@@ -749,10 +695,7 @@ async def _scale_split_run(
     await trio.sleep(idle_s)
     idle_rate = (_cpu_seconds(server_pids) - idle0) / idle_s
     beats = 10 + p.scale_windows * p.scale_window_beats + 40
-    await pulse.send(
-        {"cmd": "run", "cluster": cluster, "tempo": p.scale_tempo, "beats": beats, "lead": 0.1}
-    )
-    await pulse.expect("started", 30.0)
+    await start_pulse(pulse, cluster, p.scale_tempo, beats)
     wall0, cpu0 = time.time(), _cpu_seconds(server_pids)
     results = [await w.expect("result", beats * d + 120.0) for w in workers]
     wall1, cpu1 = time.time(), _cpu_seconds(server_pids)
@@ -878,7 +821,7 @@ def _scale_cluster_rows(
     want_w = n * p.scale_window_beats
 
     def row(figure: str, unit: str, ours: list[float], theirs: list[float]) -> None:
-        out.rows.append(Row(bench, f"{head}: {figure}", unit, ours, theirs, label, "(info)", None))
+        out.rows.append(info_row(bench, f"{head}: {figure}", unit, ours, theirs, label))
 
     def local_share(r: dict[str, Any]) -> list[float]:
         return [100.0 * lb / max(1, ab) for lb, ab in zip(r["local"], r["delivered"], strict=True)]
@@ -938,24 +881,11 @@ async def bench_recovery(p: Params, out: Outcome, logdir: Path) -> None:
     restart_s: list[float] = []
     lost = {"js": [], "core": [], "plain": []}  # type: dict[str, list[float]]
     extras: list[str] = []
-    async with (
-        open_embedded_nats_process(jetstream=True) as server,
-        contextlib.AsyncExitStack() as stack,
-    ):
-        url = server.url
-        workers = await start_workers(
-            stack,
-            {
-                "pulse": ("pulse-recovery", "benchmarks._w_pulse", {"url": url}),
-                "bb": ("bb-recovery", "benchmarks._w_client", {"role": "recovery", "url": url}),
-                "plain": (
-                    "plain-recovery",
-                    "benchmarks._w_plain",
-                    {"role": "recovery", "url": url},
-                ),
-            },
-            logdir,
-        )
+    async with open_server_with_workers(
+        logdir,
+        "recovery",
+        {"pulse": "pulse-recovery", "bb": "bb-recovery", "plain": "plain-recovery"},
+    ) as (server, workers):
         pulse, bbw, plain = workers["pulse"], workers["bb"], workers["plain"]
         for rep in range(p.recovery_reps):
             cj, cc, cp = f"rec{rep}js", f"rec{rep}core", f"rec{rep}plain"
@@ -967,16 +897,7 @@ async def bench_recovery(p: Params, out: Outcome, logdir: Path) -> None:
             )
             await bbw.expect("ready", 30.0)
             await plain.expect("ready", 30.0)
-            await pulse.send(
-                {
-                    "cmd": "run",
-                    "cluster": cj,
-                    "tempo": RECOVERY_TEMPO,
-                    "beats": 100_000,
-                    "lead": 0.1,
-                }
-            )
-            await pulse.expect("started", 30.0)
+            await start_pulse(pulse, cj, RECOVERY_TEMPO, 100_000)
             await trio.sleep(0.3 if p.quick else 0.5)
             await bbw.send({"cmd": "start"})
             await plain.send({"cmd": "start"})
@@ -1023,20 +944,16 @@ async def bench_recovery(p: Params, out: Outcome, logdir: Path) -> None:
             )
     bench = "7 Recovery"
     out.rows.append(
-        Row(
+        info_row(
             bench,
             "restart ready → first pulse beat delivered",
             "s",
             first_bb,
             first_plain,
             "plain nats-py subscriber (reconnect_time_wait=1 s)",
-            "(info)",
-            None,
         )
     )
-    out.rows.append(
-        Row(bench, "kill → first pulse beat delivered", "s", since_kill, None, "", "(info)", None)
-    )
+    out.rows.append(solo_row(bench, "kill → first pulse beat delivered", "s", since_kill))
     out.rows.append(
         Row(
             bench,
@@ -1050,15 +967,13 @@ async def bench_recovery(p: Params, out: Outcome, logdir: Path) -> None:
         )
     )
     out.rows.append(
-        Row(
+        info_row(
             bench,
             "claims lost, core mode",
             "claims",
             lost["core"],
             lost["plain"],
             "plain nats-py publisher",
-            "(info)",
-            None,
         )
     )
     out.notes.append(

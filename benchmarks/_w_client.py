@@ -17,9 +17,11 @@ Roles (argv JSON ``role``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -95,14 +97,6 @@ async def _beats_once(url: str, cmd: dict[str, Any]) -> None:
     )
 
 
-async def _role_beats(url: str, cmds: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
-    async for cmd in cmds:
-        if cmd["cmd"] == "exit":
-            return
-        if cmd["cmd"] == "sub":
-            await _beats_once(url, cmd)
-
-
 # -------------------------------------------------------------------------------------- claims
 async def _claims_once(url: str, cmd: dict[str, Any]) -> dict[str, Any]:
     mode = str(cmd["mode"])
@@ -157,12 +151,8 @@ async def _claims_once(url: str, cmd: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _role_claims(url: str, cmds: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
-    async for cmd in cmds:
-        if cmd["cmd"] == "exit":
-            return
-        if cmd["cmd"] == "run":
-            send(await _claims_once(url, cmd))
+async def _claims_answered(url: str, cmd: dict[str, Any]) -> None:
+    send(await _claims_once(url, cmd))
 
 
 # --------------------------------------------------------------------------------------- scale
@@ -358,12 +348,17 @@ async def _recovery_rep(
     send(result)
 
 
-async def _role_recovery(url: str, cmds: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+async def _serve(
+    cmds: trio.MemoryReceiveChannel[dict[str, Any]],
+    name: str,
+    handle: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
+    """Hand each ``name`` command to ``handle`` until ``exit``; other commands are ignored."""
     async for cmd in cmds:
         if cmd["cmd"] == "exit":
             return
-        if cmd["cmd"] == "setup":
-            await _recovery_rep(url, cmd, cmds)
+        if cmd["cmd"] == name:
+            await handle(cmd)
 
 
 async def _main() -> None:
@@ -375,13 +370,13 @@ async def _main() -> None:
         nursery.start_soon(read_commands, cmd_send)
         send({"event": "hello"})
         if role == "beats":
-            await _role_beats(url, cmds)
+            await _serve(cmds, "sub", functools.partial(_beats_once, url))
         elif role == "claims":
-            await _role_claims(url, cmds)
+            await _serve(cmds, "run", functools.partial(_claims_answered, url))
         elif role == "scale":
             await _role_scale(a, cmds)
         elif role == "recovery":
-            await _role_recovery(url, cmds)
+            await _serve(cmds, "setup", lambda cmd: _recovery_rep(url, cmd, cmds))
         else:
             raise SystemExit(f"unknown role {role!r}")
         nursery.cancel_scope.cancel()

@@ -131,7 +131,7 @@ async def _main() -> None:
     url = str(a["url"])
     async with trio_asyncio.open_loop():
         base = PulseConfig(cluster_id="bench", nats_url=url, pulse_id=PULSE_ID)
-        async with open_nats_transport(base.connection_config()) as transport:
+        async with open_nats_transport(base) as transport:
             send({"event": "hello"})
             cmd_send, cmds = trio.open_memory_channel[dict[str, Any]](math.inf)
             async with trio.open_nursery() as nursery:

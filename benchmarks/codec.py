@@ -16,11 +16,13 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from backbeat_trio import BeatFrame, StatusClaim
 from backbeat_trio._core.wire import _encoder, decode, encode, encode_claim
+
+T = TypeVar("T")
 
 BEAT_TAG = "backbeat.beatframe.v1"
 CLAIM_TAG = "backbeat.statusclaim.v1"
@@ -206,6 +208,12 @@ def claim_decode_stdlib(data: bytes) -> StatusClaimDC:
 
 
 # ------------------------------------------------------------------------------------- samples
+def _dataclass_twin(dc_type: type[T], struct: Any) -> T:
+    """The baseline's dataclass holding the same values as ``struct`` (lists copied)."""
+    values = {f.name: getattr(struct, f.name) for f in fields(dc_type)}
+    return dc_type(**{k: list(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 DEADLINE = _dt.datetime(2026, 11, 26, 21, 0, 0, 123456, tzinfo=_dt.UTC)
 FRAME = BeatFrame(
     cluster_id="prod-cluster",
@@ -217,16 +225,7 @@ FRAME = BeatFrame(
     tempo_bpm=120,
     window_id="0123456789abcdef0123456789abcdef",
 )
-FRAME_DC = BeatFrameDC(
-    cluster_id=FRAME.cluster_id,
-    beat_index=FRAME.beat_index,
-    downbeat=FRAME.downbeat,
-    phase=FRAME.phase,
-    hlc=FRAME.hlc,
-    deadline_at=FRAME.deadline_at,
-    tempo_bpm=FRAME.tempo_bpm,
-    window_id=FRAME.window_id,
-)
+FRAME_DC = _dataclass_twin(BeatFrameDC, FRAME)
 CLAIM = StatusClaim(
     agent_id="agent-7",
     task_id="task:0a1b2c3d",
@@ -238,17 +237,7 @@ CLAIM = StatusClaim(
     progress=0.375,
     notes="waiting for the build artifact from agent-3 before the review phase",
 )
-CLAIM_DC = StatusClaimDC(
-    agent_id=CLAIM.agent_id,
-    task_id=CLAIM.task_id,
-    beat_index=CLAIM.beat_index,
-    hlc=CLAIM.hlc,
-    state=CLAIM.state,
-    wait_for=list(CLAIM.wait_for),
-    beats_left=CLAIM.beats_left,
-    progress=CLAIM.progress,
-    notes=CLAIM.notes,
-)
+CLAIM_DC = _dataclass_twin(StatusClaimDC, CLAIM)
 
 
 def _check_equivalence() -> None:

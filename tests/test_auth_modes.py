@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,15 +170,30 @@ async def three_beats(mode: AuthMode, cluster: str) -> bb3.HealthStatus:
         return bb.health()
 
 
+def beat_service(
+    kind: str, cluster: str, mode: AuthMode, **credentials: Any
+) -> tuple[bb3.PulseConfig | bb3.HAPulseConfig, Callable[..., Awaitable[Any]]]:
+    """The config (600 BPM, with ``credentials``) and the run function of a beat-making service:
+    ``pulse``, or ``ha-pulse`` (its lease bucket is JetStream KV: it is made, the pulse leads)."""
+    if kind == "pulse":
+        pulse = bb3.PulseConfig(cluster_id=cluster, nats_url=mode.url, tempo_bpm=600, **credentials)
+        return pulse, bb3.run_pulse
+    ha = bb3.HAPulseConfig(
+        cluster_id=cluster, nats_url=mode.url, tempo_bpm=600, lease_replicas=1, **credentials
+    )
+    return ha, bb3.run_ha_pulse
+
+
 # --- the right credentials -----------------------------------------------------------------------
+@pytest.mark.parametrize(("service", "prefix"), [("pulse", "auth"), ("ha-pulse", "auth-ha")])
 @fail_on_bare_cancel
-async def test_a_client_gets_beats_from_a_pulse_with_the_same_credentials(mode: AuthMode) -> None:
-    cluster = f"auth-{mode.name}"
+async def test_a_client_gets_beats_from_a_pulse_on_a_transport_with_the_same_credentials(
+    mode: AuthMode, service: str, prefix: str
+) -> None:
+    cluster = f"{prefix}-{mode.name}"
+    cfg, run = beat_service(service, cluster, mode)
     async with authed_transport(mode, cluster, "pulse-1") as t, trio.open_nursery() as nursery:
-        pulse = bb3.PulseConfig(cluster_id=cluster, nats_url=mode.url, tempo_bpm=600)
-        await nursery.start(
-            lambda task_status: bb3.run_pulse(pulse, transport=t, task_status=task_status)
-        )
+        await nursery.start(lambda task_status: run(cfg, transport=t, task_status=task_status))
         health = await three_beats(mode, cluster)
         nursery.cancel_scope.cancel()
     assert health.connected
@@ -214,29 +229,16 @@ async def test_jetstream_works_for_the_authenticated_user(mode: AuthMode) -> Non
     assert status.claims_counted >= 1
 
 
-@fail_on_bare_cancel
-async def test_an_ha_pulse_leads_with_the_credentials(mode: AuthMode) -> None:
-    """The HA pulse's lease bucket is JetStream KV: it is made, the pulse leads and beats."""
-    cluster = f"auth-ha-{mode.name}"
-    cfg = bb3.HAPulseConfig(cluster_id=cluster, nats_url=mode.url, tempo_bpm=600, lease_replicas=1)
-    async with authed_transport(mode, cluster, "pulse-1") as t, trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: bb3.run_ha_pulse(cfg, transport=t, task_status=task_status)
-        )
-        health = await three_beats(mode, cluster)
-        nursery.cancel_scope.cancel()
-    assert health.last_beat >= 2
-
-
 # --- the service configs taking the credentials themselves (pending issue 11 defect 2) -----------
+@pytest.mark.parametrize(("service", "prefix"), [("pulse", "auth-pc"), ("ha-pulse", "auth-hc")])
 @fail_on_bare_cancel
-async def test_a_pulse_config_takes_the_credentials(mode: AuthMode) -> None:
-    cluster = f"auth-pc-{mode.name}"
-    pulse = bb3.PulseConfig(
-        cluster_id=cluster, nats_url=mode.url, tempo_bpm=600, **mode.credentials
-    )
+async def test_a_pulse_config_takes_the_credentials(
+    mode: AuthMode, service: str, prefix: str
+) -> None:
+    cluster = f"{prefix}-{mode.name}"
+    cfg, run = beat_service(service, cluster, mode, **mode.credentials)
     async with trio.open_nursery() as nursery:
-        await nursery.start(bb3.run_pulse, pulse)
+        await nursery.start(run, cfg)
         health = await three_beats(mode, cluster)
         nursery.cancel_scope.cancel()
     assert health.last_beat >= 2
@@ -252,19 +254,6 @@ async def test_a_reverb_config_takes_the_credentials(mode: AuthMode) -> None:
         status = await nursery.start(bb3.run_reverb, reverb)
         nursery.cancel_scope.cancel()
     assert status.stream == f"BACKBEAT_STATUS_{cluster}"
-
-
-@fail_on_bare_cancel
-async def test_an_ha_pulse_config_takes_the_credentials(mode: AuthMode) -> None:
-    cluster = f"auth-hc-{mode.name}"
-    cfg = bb3.HAPulseConfig(
-        cluster_id=cluster, nats_url=mode.url, tempo_bpm=600, lease_replicas=1, **mode.credentials
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(bb3.run_ha_pulse, cfg)
-        health = await three_beats(mode, cluster)
-        nursery.cancel_scope.cancel()
-    assert health.last_beat >= 2
 
 
 # --- wrong credentials ---------------------------------------------------------------------------

@@ -16,11 +16,13 @@ docs/guarantees.md — so the generator never makes one.)
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as _dt
 import itertools
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -38,7 +40,7 @@ from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._core.beats import beat_subject, phase_for, tempo_subject, window_id
 from backbeat_trio._core.hlc import HLCStamp, node_id_for
 from backbeat_trio._embedded import NatsServerProcess
-from backbeat_trio.testing import open_fake_cluster, virtual_wall_clock
+from backbeat_trio.testing import FakeCluster, open_fake_cluster, virtual_wall_clock
 
 CLUSTER = "hostile"
 TEMPO = 120  # the fake pulse's tempo: 0.5 s beats
@@ -490,23 +492,35 @@ async def test_two_stale_frames_in_a_row_are_both_refused(
     await _hostile_run([(ahead_5, 0.3), (ahead_1, 0.02)])
 
 
-@fail_on_bare_cancel
-async def test_a_year_9999_frame_then_silence_does_not_kill_the_client(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    completed = False
+@contextlib.asynccontextmanager
+async def open_client_after_a_beat() -> AsyncIterator[tuple[FakeCluster, bb3.Client]]:
+    """The fake cluster at ``TEMPO`` and agent-1's client on it, once its first beat is in."""
     async with (
         open_fake_cluster(CLUSTER, tempo_bpm=TEMPO) as cluster,
         cluster.open_client("agent-1") as bb,
     ):
         await bb.wait_for_beat()
+        yield cluster, bb
+
+
+async def eight_more_beats(bb: bb3.Client) -> None:
+    """Eight beats, each within four beat lengths."""
+    for _ in range(8):
+        with trio.fail_after(2.0):
+            await bb.wait_for_beat()
+
+
+@fail_on_bare_cancel
+async def test_a_year_9999_frame_then_silence_does_not_kill_the_client(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    completed = False
+    async with open_client_after_a_beat() as (cluster, bb):
         assert bb.current_frame is not None
         hostile = Hostile("year-9999", "old", index_delta=1, deadline="shift", shift=1e12)
         cluster.publish_raw(hostile.render(CLUSTER, bb.current_frame, virtual_wall_clock(), TEMPO))
         cluster.stop_pulse()
-        for _ in range(8):  # the client keeps time alone
-            with trio.fail_after(2.0):
-                await bb.wait_for_beat()
+        await eight_more_beats(bb)  # the client keeps time alone
         assert bb.degraded
         assert rejected_frames(bb.health().metrics) == 1
         completed = True
@@ -550,18 +564,12 @@ async def test_hostile_tempo_requests_do_not_stop_the_pulse(
     autojump_clock: trio.testing.MockClock, payloads: list[bytes]
 ) -> None:
     completed = False
-    async with (
-        open_fake_cluster(CLUSTER, tempo_bpm=TEMPO) as cluster,
-        cluster.open_client("agent-1") as bb,
-    ):
-        await bb.wait_for_beat()
+    async with open_client_after_a_beat() as (cluster, bb):
         for payload in payloads:
             cluster.publish_raw(payload, subject=tempo_subject(CLUSTER))
         first = bb.current_beat
         assert first is not None
-        for _ in range(8):
-            with trio.fail_after(2.0):
-                await bb.wait_for_beat()
+        await eight_more_beats(bb)
         assert cluster.pulse is not None
         assert cluster.pulse.bad_tempo_messages == len(payloads)
         assert cluster.pulse.tempo_changes == 0

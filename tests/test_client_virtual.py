@@ -81,6 +81,33 @@ async def cluster(autojump_clock: trio.testing.MockClock) -> AsyncIterator[bbt.F
         yield c
 
 
+@pytest.fixture
+async def js_cluster(autojump_clock: trio.testing.MockClock) -> AsyncIterator[bbt.FakeCluster]:
+    """The fake cluster with the JetStream status stream (the client's JetStream delivery).
+    A test using it names ``autojump_clock`` too: pytest-trio takes the clock from the test's own
+    arguments."""
+    async with bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, jetstream=True) as c:
+        yield c
+
+
+def stored_ids(cluster: bbt.FakeCluster) -> list[str]:
+    """The message ids of the claims in the status stream, in stored order."""
+    stream = cluster.broker.streams[f"BACKBEAT_STATUS_{CLUSTER}"]
+    return [m.headers["Nats-Msg-Id"] for m in stream.messages]
+
+
+async def silence_pulse(
+    cluster: bbt.FakeCluster, bb: bb3.Client, *, after: int, for_s: float
+) -> bb3.DropOldestChannel[bb3.BeatFrame]:
+    """A 64-frame beats channel that has taken ``after`` beats before the pulse stopped, then
+    ``for_s`` seconds of silence."""
+    chan = bb.beats(buffer=64)
+    await take(chan, after)
+    cluster.stop_pulse()
+    await trio.sleep(for_s)
+    return chan
+
+
 async def spy(cluster: bbt.FakeCluster, subject: str = STATUS) -> Subscription:
     """A raw subscription on the in-memory bus (sees headers too)."""
     return await cluster.broker.connect().subscribe(subject, buffer=10_000)
@@ -604,10 +631,7 @@ async def test_pulse_return_resyncs_without_duplicates(
     cluster: bbt.FakeCluster, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with cluster.open_client() as bb:
-        chan = bb.beats(buffer=64)
-        await take(chan, 3)
-        cluster.stop_pulse()
-        await trio.sleep(4.5)
+        chan = await silence_pulse(cluster, bb, after=3, for_s=4.5)
         assert bb.degraded
         await cluster.start_pulse()  # resumes the same timeline
         await trio.sleep(4.2)
@@ -625,10 +649,7 @@ async def test_pulse_returning_ahead_is_a_counted_forward_jump(
     cluster: bbt.FakeCluster, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with cluster.open_client() as bb:
-        chan = bb.beats(buffer=64)
-        await take(chan, 2)
-        cluster.stop_pulse()
-        await trio.sleep(2.5)
+        chan = await silence_pulse(cluster, bb, after=2, for_s=2.5)
         last_local = bb.current_beat
         assert last_local is not None
         await cluster.start_pulse(start_index=last_local + 10)
@@ -646,10 +667,7 @@ async def test_pulse_restarted_from_zero_never_moves_the_client_backwards(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with cluster.open_client() as bb:
-        chan = bb.beats(buffer=64)
-        await take(chan, 6)
-        cluster.stop_pulse()
-        await trio.sleep(1.5)
+        chan = await silence_pulse(cluster, bb, after=6, for_s=1.5)
         await cluster.start_pulse(start_index=0)
         frames = await take(chan, 6)
         assert bb.degraded  # the old-index pulse is not trusted
@@ -774,75 +792,69 @@ async def test_core_mode_queues_claims_while_disconnected_then_sends_them_in_ord
 
 
 async def test_jetstream_mode_keeps_claims_until_acked_and_republishes_in_order(
-    autojump_clock: trio.testing.MockClock,
+    js_cluster: bbt.FakeCluster, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, jetstream=True) as cluster:
-        stream = cluster.broker.streams[f"BACKBEAT_STATUS_{CLUSTER}"]
-        async with cluster.open_client() as bb:
-            assert bb.delivery_mode == "jetstream"
-            assert bb.health().delivery == "jetstream"
-            await bb.wait_for_beat()
-            first = await bb.emit_status(bb3.StatusClaim(notes="before"))
+    async with js_cluster.open_client() as bb:
+        assert bb.delivery_mode == "jetstream"
+        assert bb.health().delivery == "jetstream"
+        await bb.wait_for_beat()
+        first = await bb.emit_status(bb3.StatusClaim(notes="before"))
+        await bb.flush_claims()
+        assert bb.metrics.claims_acked == 1
+        # the server "dies": publishes (and their acks) vanish until it is back
+        js_cluster.broker.set_down()
+        lost = [await bb.emit_status(bb3.StatusClaim(notes=f"down {i}")) for i in range(5)]
+        assert bb.pending_claims == 5
+        js_cluster.broker.set_up()
+        with trio.fail_after(30):
             await bb.flush_claims()
-            assert bb.metrics.claims_acked == 1
-            # the server "dies": publishes (and their acks) vanish until it is back
-            cluster.broker.set_down()
-            lost = [await bb.emit_status(bb3.StatusClaim(notes=f"down {i}")) for i in range(5)]
-            assert bb.pending_claims == 5
-            cluster.broker.set_up()
-            with trio.fail_after(30):
-                await bb.flush_claims()
-            assert bb.pending_claims == 0
-            assert bb.metrics.claims_acked == 6
-        ids = [m.headers["Nats-Msg-Id"] for m in stream.messages]
-        assert ids == [f"agent-1:{c.hlc}" for c in [first, *lost]]  # each once, in order
+        assert bb.pending_claims == 0
+        assert bb.metrics.claims_acked == 6
+    ids = stored_ids(js_cluster)
+    assert ids == [f"agent-1:{c.hlc}" for c in [first, *lost]]  # each once, in order
 
 
 async def test_unacked_claim_is_retried_while_acks_keep_flowing(
-    autojump_clock: trio.testing.MockClock,
+    js_cluster: bbt.FakeCluster, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, jetstream=True) as cluster:
-        stream = cluster.broker.streams[f"BACKBEAT_STATUS_{CLUSTER}"]
-        async with cluster.open_client() as bb:
-            await bb.wait_for_beat()
-            # one claim vanishes silently (no disconnect event at all)
-            cluster.broker.lose_next()
-            dropped = await bb.emit_status(bb3.StatusClaim(notes="vanished"))
-            assert cluster.broker.lost_in_flight == 1
-            # a steady flow of other claims (and acks) must not starve its retry
-            for i in range(40):
-                await bb.emit_status(bb3.StatusClaim(notes=f"{i}"))
-                await trio.sleep(0.25)
-            assert bb.pending_claims == 0
-        ids = [m.headers["Nats-Msg-Id"] for m in stream.messages]
-        assert ids.count(f"agent-1:{dropped.hlc}") == 1
-        assert len(ids) == 41
-        assert bb.metrics.claims_republished >= 1
+    async with js_cluster.open_client() as bb:
+        await bb.wait_for_beat()
+        # one claim vanishes silently (no disconnect event at all)
+        js_cluster.broker.lose_next()
+        dropped = await bb.emit_status(bb3.StatusClaim(notes="vanished"))
+        assert js_cluster.broker.lost_in_flight == 1
+        # a steady flow of other claims (and acks) must not starve its retry
+        for i in range(40):
+            await bb.emit_status(bb3.StatusClaim(notes=f"{i}"))
+            await trio.sleep(0.25)
+        assert bb.pending_claims == 0
+    ids = stored_ids(js_cluster)
+    assert ids.count(f"agent-1:{dropped.hlc}") == 1
+    assert len(ids) == 41
+    assert bb.metrics.claims_republished >= 1
 
 
 async def test_refused_publishes_are_retried_in_order_holding_new_claims(
-    autojump_clock: trio.testing.MockClock,
+    js_cluster: bbt.FakeCluster, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, jetstream=True) as cluster:
-        stream = cluster.broker.streams[f"BACKBEAT_STATUS_{CLUSTER}"]
-        async with cluster.open_client() as bb:
-            await bb.wait_for_beat()
-            cluster.broker.jetstream_available = False  # answers 503, stores nothing
-            refused = [await bb.emit_status(bb3.StatusClaim(notes=f"r{i}")) for i in range(3)]
-            await trio.testing.wait_all_tasks_blocked()
-            assert any("no JetStream responder" in e for e in bb.health().errors)
-            # JetStream is back before the retry: new claims must still not overtake
-            cluster.broker.jetstream_available = True
-            held = [await bb.emit_status(bb3.StatusClaim(notes=f"h{i}")) for i in range(2)]
-            assert stream.messages == []
-            assert bb.pending_claims == 5
-            with trio.fail_after(10):
-                await bb.flush_claims()
-            later = await bb.emit_status(bb3.StatusClaim(notes="after"))
+    async with js_cluster.open_client() as bb:
+        await bb.wait_for_beat()
+        js_cluster.broker.jetstream_available = False  # answers 503, stores nothing
+        refused = [await bb.emit_status(bb3.StatusClaim(notes=f"r{i}")) for i in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert any("no JetStream responder" in e for e in bb.health().errors)
+        # JetStream is back before the retry: new claims must still not overtake
+        js_cluster.broker.jetstream_available = True
+        held = [await bb.emit_status(bb3.StatusClaim(notes=f"h{i}")) for i in range(2)]
+        assert stored_ids(js_cluster) == []
+        assert bb.pending_claims == 5
+        with trio.fail_after(10):
             await bb.flush_claims()
-        ids = [m.headers["Nats-Msg-Id"] for m in stream.messages]
-        assert ids == [f"agent-1:{c.hlc}" for c in [*refused, *held, later]]
-        assert bb.metrics.claims_republished >= 1
+        later = await bb.emit_status(bb3.StatusClaim(notes="after"))
+        await bb.flush_claims()
+    ids = stored_ids(js_cluster)
+    assert ids == [f"agent-1:{c.hlc}" for c in [*refused, *held, later]]
+    assert bb.metrics.claims_republished >= 1
 
 
 async def test_undelivered_claims_are_raised_at_close(

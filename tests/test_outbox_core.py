@@ -205,19 +205,28 @@ class Model:
 
 ACTIONS = ["emit", "arrive", "disconnect", "reconnect", "start_ping", "pong", "tick"]
 JS_ACTIONS = ["emit", "arrive", "disconnect", "reconnect", "ack", "refuse", "tick"]
+SIZES = st.integers(1, 12)
+
+
+def runs_of(actions: list[str]) -> st.SearchStrategy[list[tuple[str, int]]]:
+    """Up to 60 steps drawn from ``actions``, each with a small argument."""
+    return st.lists(st.tuples(st.sampled_from(actions), st.integers(0, 6)), max_size=60)
+
+
+def model_after(steps: list[tuple[str, int]], size: int, *, jetstream: bool = False) -> Model:
+    """A model of an outbox holding ``size`` claims, after ``steps`` (each checked on the way)."""
+    model = Model(new_outbox(size, jetstream=jetstream))
+    for action, arg in steps:
+        model.step(action, arg)
+    return model
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    steps=st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 6)), max_size=60),
-    size=st.integers(1, 12),
-)
+@given(steps=runs_of(ACTIONS), size=SIZES)
 def test_core_mode_every_claim_is_confirmed_pending_or_reported(
     steps: list[tuple[str, int]], size: int
 ) -> None:
-    model = Model(new_outbox(size))
-    for action, arg in steps:
-        model.step(action, arg)
+    model = model_after(steps, size)
     # then the connection is back and PONGs come: nothing stays queued or unconfirmed
     model.step("reconnect", 0)
     model.step("pong", 0)
@@ -237,16 +246,11 @@ def test_core_mode_every_claim_is_confirmed_pending_or_reported(
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    steps=st.lists(st.tuples(st.sampled_from(JS_ACTIONS), st.integers(0, 6)), max_size=60),
-    size=st.integers(1, 12),
-)
+@given(steps=runs_of(JS_ACTIONS), size=SIZES)
 def test_jetstream_every_claim_is_acked_once_or_still_pending(
     steps: list[tuple[str, int]], size: int
 ) -> None:
-    model = Model(new_outbox(size, jetstream=True))
-    for action, arg in steps:
-        model.step(action, arg)
+    model = model_after(steps, size, jetstream=True)
     # then the network heals: every claim ends up stored once and acknowledged
     for _ in range(size + 4):
         for action in ("reconnect", "arrive", "tick"):

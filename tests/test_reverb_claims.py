@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -92,6 +93,12 @@ def craft_all(keys: Keys, beat: int, copies: int) -> list[Crafted]:
     def signed(data: bytes, key: SigningKey, agent: str = "agent-1") -> dict[str, str]:
         return sign_headers(key, agent, data)
 
+    def altered(what: str, key: SigningKey, changes: dict[str, str], reason: str) -> Crafted:
+        """A fresh agent-1 claim signed with ``key``, its headers then changed by ``changes``;
+        both reverbs reject it for ``reason``."""
+        data = body()
+        return Crafted(what, data, {**signed(data, key), **changes}, reason, reason)
+
     out: list[Crafted] = []
     for _ in range(copies):
         ok1 = body()
@@ -111,9 +118,11 @@ def craft_all(keys: Keys, beat: int, copies: int) -> list[Crafted]:
         out.append(Crafted("replay", ok1, replay_headers, "replay", "replay"))
 
         # forged signatures
-        data = body()
-        forged = {**signed(data, keys.agent_1), HEADER_SIG: b64(os.urandom(64))}
-        out.append(Crafted("random signature", data, forged, "bad_signature", "bad_signature"))
+        out.append(
+            altered(
+                "random signature", keys.agent_1, {HEADER_SIG: b64(os.urandom(64))}, "bad_signature"
+            )
+        )
         data = body()
         other = signed(body(), keys.agent_1)  # a genuine signature, of other bytes
         out.append(
@@ -142,45 +151,32 @@ def craft_all(keys: Keys, beat: int, copies: int) -> list[Crafted]:
                 "unknown_agent",
             )
         )
-        data = body()
         out.append(
-            Crafted(
+            altered(
                 "agent-1 claim signed with agent-2's key",
-                data,
-                {**signed(data, keys.agent_2), HEADER_KEY: b64(bytes(keys.agent_2.verify_key))},
-                "wrong_key",
+                keys.agent_2,
+                {HEADER_KEY: b64(bytes(keys.agent_2.verify_key))},
                 "wrong_key",
             )
         )
-        data = body()
         out.append(
-            Crafted(
+            altered(
                 "agent-2's signature under agent-1's key header",
-                data,
-                {**signed(data, keys.agent_2), HEADER_KEY: b64(bytes(keys.agent_1.verify_key))},
-                "bad_signature",
+                keys.agent_2,
+                {HEADER_KEY: b64(bytes(keys.agent_1.verify_key))},
                 "bad_signature",
             )
         )
-        data = body()
         out.append(
-            Crafted(
+            altered(
                 "headers name another agent",
-                data,
-                {**signed(data, keys.agent_1), HEADER_AGENT: "agent-2"},
-                "agent_mismatch",
+                keys.agent_1,
+                {HEADER_AGENT: "agent-2"},
                 "agent_mismatch",
             )
         )
-        data = body()
         out.append(
-            Crafted(
-                "signature not base64",
-                data,
-                {**signed(data, keys.agent_1), HEADER_SIG: "not base64!"},
-                "malformed",
-                "malformed",
-            )
+            altered("signature not base64", keys.agent_1, {HEADER_SIG: "not base64!"}, "malformed")
         )
         data = body()
         headers = signed(data, keys.agent_1)
@@ -232,6 +228,26 @@ class ReportLog:
         return self.by_node[node_id_for(reverb_id)]
 
 
+@contextlib.asynccontextmanager
+async def open_attacker_and_pulse(
+    nats_url: str, cluster: str
+) -> AsyncIterator[tuple[trio.Nursery, NatsTransport]]:
+    """In a trio-asyncio loop of its own: the attacker's connection and a 240 BPM pulse running in
+    a nursery; the caller starts its reverbs there and cancels the nursery when done."""
+    async with trio_asyncio.open_loop():
+        attacker_cfg = bb3.Config(cluster_id=cluster, agent_id="attacker", nats_url=nats_url)
+        async with trio.open_nursery() as nursery, open_nats_transport(attacker_cfg) as attacker:
+            await nursery.start(
+                bb3.run_pulse, bb3.PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=240)
+            )
+            yield nursery, attacker
+
+
+def fresh_claim(agent: str, task_id: str, notes: str) -> bb3.StatusClaim:
+    """A claim by ``agent`` stamped by a new HLC of its own."""
+    return bb3.StatusClaim(agent_id=agent, task_id=task_id, hlc=str(HLC(agent).now()), notes=notes)
+
+
 async def wait_for_reports(
     status: bb3.ReverbStatus, predicate: Callable[[], bool], what: str
 ) -> None:
@@ -251,61 +267,55 @@ async def test_reverb_rejects_every_bad_claim_and_accepts_every_valid_one(
     copies = 3
     valid_from_client = 20
     reports = ReportLog()
-    async with trio_asyncio.open_loop():
 
-        def reverb_cfg(reverb_id: str, allow_unsigned: bool) -> bb3.ReverbConfig:
-            return bb3.ReverbConfig(
-                cluster_id=cluster,
-                nats_url=nats_url,
-                keyring=keys.keyring(),
-                allow_unsigned=allow_unsigned,
-                reverb_id=reverb_id,
-            )
-
-        attacker_cfg = bb3.Config(cluster_id=cluster, agent_id="attacker", nats_url=nats_url)
-        agent_cfg = bb3.Config(
-            cluster_id=cluster, agent_id="agent-3", nats_url=nats_url, signing_key=keys.agent_3
+    def reverb_cfg(reverb_id: str, allow_unsigned: bool) -> bb3.ReverbConfig:
+        return bb3.ReverbConfig(
+            cluster_id=cluster,
+            nats_url=nats_url,
+            keyring=keys.keyring(),
+            allow_unsigned=allow_unsigned,
+            reverb_id=reverb_id,
         )
-        async with trio.open_nursery() as nursery, open_nats_transport(attacker_cfg) as attacker:
-            await nursery.start(reports.collect, attacker, cluster)
-            await nursery.start(
-                bb3.run_pulse, bb3.PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=240)
-            )
-            strict = await nursery.start(bb3.run_reverb, reverb_cfg(STRICT, False))
-            lenient = await nursery.start(bb3.run_reverb, reverb_cfg(LENIENT, True))
-            assert strict.stream == lenient.stream == f"BACKBEAT_STATUS_{cluster}"
-            async with bb3.open_client(agent_cfg) as agent:
-                assert agent.delivery_mode == "jetstream"
-                with trio.fail_after(10):
-                    beat = (await agent.wait_for_beat()).beat_index
-                crafted = craft_all(keys, beat, copies)
-                for c in crafted:
-                    attacker.publish(status_subject(cluster), c.body, headers=c.headers)
-                await attacker.flush()
-                for i in range(valid_from_client):
-                    await agent.emit_status(bb3.StatusClaim(state="executing", notes=f"real {i}"))
-                with trio.fail_after(20):
-                    await agent.flush_claims()
 
-            def judged(status: bb3.ReverbStatus) -> int:
-                return status.claims_counted + status.claims_late + status.rejected
-
-            total = len(crafted) + valid_from_client
-            for status in (strict, lenient):
-                await wait_for_reports(status, lambda s=status: judged(s) >= total, "every claim")
-                # two more windows close, so every claim and rejection is in a published report
-                with trio.fail_after(10):
-                    await status.wait_for_report()
-                    await status.wait_for_report()
+    agent_cfg = bb3.Config(
+        cluster_id=cluster, agent_id="agent-3", nats_url=nats_url, signing_key=keys.agent_3
+    )
+    async with open_attacker_and_pulse(nats_url, cluster) as (nursery, attacker):
+        await nursery.start(reports.collect, attacker, cluster)
+        strict = await nursery.start(bb3.run_reverb, reverb_cfg(STRICT, False))
+        lenient = await nursery.start(bb3.run_reverb, reverb_cfg(LENIENT, True))
+        assert strict.stream == lenient.stream == f"BACKBEAT_STATUS_{cluster}"
+        async with bb3.open_client(agent_cfg) as agent:
+            assert agent.delivery_mode == "jetstream"
             with trio.fail_after(10):
-                while any(
-                    len(reports.of(r)) < s.reports
-                    for r, s in ((STRICT, strict), (LENIENT, lenient))
-                ):
-                    await reports.changed.wait()
-            # (a reverb already woken by a beat may still publish one more report after this)
-            reports_made = {STRICT: strict.reports, LENIENT: lenient.reports}
-            nursery.cancel_scope.cancel()
+                beat = (await agent.wait_for_beat()).beat_index
+            crafted = craft_all(keys, beat, copies)
+            for c in crafted:
+                attacker.publish(status_subject(cluster), c.body, headers=c.headers)
+            await attacker.flush()
+            for i in range(valid_from_client):
+                await agent.emit_status(bb3.StatusClaim(state="executing", notes=f"real {i}"))
+            with trio.fail_after(20):
+                await agent.flush_claims()
+
+        def judged(status: bb3.ReverbStatus) -> int:
+            return status.claims_counted + status.claims_late + status.rejected
+
+        total = len(crafted) + valid_from_client
+        for status in (strict, lenient):
+            await wait_for_reports(status, lambda s=status: judged(s) >= total, "every claim")
+            # two more windows close, so every claim and rejection is in a published report
+            with trio.fail_after(10):
+                await status.wait_for_report()
+                await status.wait_for_report()
+        with trio.fail_after(10):
+            while any(
+                len(reports.of(r)) < s.reports for r, s in ((STRICT, strict), (LENIENT, lenient))
+            ):
+                await reports.changed.wait()
+        # (a reverb already woken by a beat may still publish one more report after this)
+        reports_made = {STRICT: strict.reports, LENIENT: lenient.reports}
+        nursery.cancel_scope.cancel()
 
     for reverb_id, status, verdict in ((STRICT, strict, "strict"), (LENIENT, lenient, "lenient")):
         expected = collections.Counter(getattr(c, verdict) for c in crafted)
@@ -337,32 +347,25 @@ async def _one_reverb(
 ) -> bb3.ReverbStatus:
     """Publish ``claims`` (then one valid claim) at a strict reverb; return its status once the
     valid claim is in."""
-    async with trio_asyncio.open_loop():
-        attacker_cfg = bb3.Config(cluster_id=cluster, agent_id="attacker", nats_url=nats_url)
-        rcfg = bb3.ReverbConfig(cluster_id=cluster, nats_url=nats_url, keyring=keys.keyring())
-        async with trio.open_nursery() as nursery, open_nats_transport(attacker_cfg) as attacker:
-            await nursery.start(
-                bb3.run_pulse, bb3.PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=240)
-            )
-            status = await nursery.start(bb3.run_reverb, rcfg)
-            for body, headers in claims:
-                attacker.publish(status_subject(cluster), body, headers=headers)
-            last = bb3.StatusClaim(
-                agent_id="agent-2", task_id="task:last", hlc=str(HLC("agent-2").now()), notes="last"
-            )
-            last_body = encode_claim(last)
-            attacker.publish(
-                status_subject(cluster),
-                last_body,
-                headers=sign_headers(keys.agent_2, "agent-2", last_body),
-            )
-            await attacker.flush()
-            await wait_for_reports(
-                status, lambda: "agent-2" in status.latest_claims, "the last valid claim"
-            )
-            with trio.fail_after(10):  # rejection_reasons is refreshed with each report
-                await status.wait_for_report()
-            nursery.cancel_scope.cancel()
+    rcfg = bb3.ReverbConfig(cluster_id=cluster, nats_url=nats_url, keyring=keys.keyring())
+    async with open_attacker_and_pulse(nats_url, cluster) as (nursery, attacker):
+        status = await nursery.start(bb3.run_reverb, rcfg)
+        for body, headers in claims:
+            attacker.publish(status_subject(cluster), body, headers=headers)
+        last = fresh_claim("agent-2", "task:last", "last")
+        last_body = encode_claim(last)
+        attacker.publish(
+            status_subject(cluster),
+            last_body,
+            headers=sign_headers(keys.agent_2, "agent-2", last_body),
+        )
+        await attacker.flush()
+        await wait_for_reports(
+            status, lambda: "agent-2" in status.latest_claims, "the last valid claim"
+        )
+        with trio.fail_after(10):  # rejection_reasons is refreshed with each report
+            await status.wait_for_report()
+        nursery.cancel_scope.cancel()
     return status
 
 
@@ -371,9 +374,7 @@ async def test_a_replay_under_the_same_message_id_is_absorbed_by_the_stream(
     nats_server: NatsServerProcess, nats_url: str
 ) -> None:
     keys = Keys()
-    claim = bb3.StatusClaim(
-        agent_id="agent-1", task_id="task:once", hlc=str(HLC("agent-1").now()), notes="once"
-    )
+    claim = fresh_claim("agent-1", "task:once", "once")
     body = encode_claim(claim)
     headers = {**sign_headers(keys.agent_1, "agent-1", body), "Nats-Msg-Id": f"agent-1:{claim.hlc}"}
     status = await _one_reverb(nats_url, "reverb-dedupe", keys, [(body, headers)] * 3)
@@ -388,9 +389,7 @@ async def test_a_claim_with_invalid_utf8_is_rejected_and_the_reverb_goes_on(
     nats_server: NatsServerProcess, nats_url: str
 ) -> None:
     keys = Keys()
-    claim = bb3.StatusClaim(
-        agent_id="agent-1", task_id="task:utf8", hlc=str(HLC("agent-1").now()), notes="NOTE"
-    )
+    claim = fresh_claim("agent-1", "task:utf8", "NOTE")
     body = encode_claim(claim).replace(b"NOTE", b"N\xffTE")
     status = await _one_reverb(
         nats_url, "reverb-utf8", keys, [(body, sign_headers(keys.agent_1, "agent-1", body))]

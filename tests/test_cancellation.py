@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import backbeat_trio as bb3
+from backbeat_trio._bridge._natspy_private import fast_path_enabled
 from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._core.beats import status_stream_name, status_subject
 from backbeat_trio._embedded import NatsServerProcess
@@ -263,7 +264,15 @@ async def test_cancel_a_client_at_random_points_over_nats(soak: bool) -> None:
                 aio_left = {t for t in asyncio.all_tasks(loop) if not t.done()} - aio_tasks_before
                 if aio_left:  # nats-py cancels its tasks on close; give them a moment to end
                     await trio_asyncio.aio_as_trio(asyncio.wait)(aio_left, timeout=1.0)
-                assert all(t.done() for t in aio_left), (run, aio_left)
+                left = {t for t in aio_left if not t.done()}
+                if kill_first and not fast_path_enabled():
+                    # the one documented public-path leftover (NatsTransport.aclose): nats-py's
+                    # own request-reply subscription, whose task a close() that failed on the
+                    # dead socket never ends; it ends with its loop (here: the test's)
+                    mux = {t for t in left if _is_nats_request_mux(t)}
+                    assert len(mux) <= 1, (run, mux)
+                    left -= mux
+                assert not left, (run, left)
                 # and no socket left open
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -317,3 +326,12 @@ async def test_closing_while_the_server_is_gone_leaves_no_asyncio_task() -> None
             finally:
                 if server.running:
                     await trio.to_thread.run_sync(server.kill)
+
+
+def _is_nats_request_mux(task: asyncio.Task[object]) -> bool:
+    """Whether ``task`` runs the messages of nats-py's request-reply subscription (read off the
+    coroutine's frame: nats-py gives no public handle on that subscription)."""
+    frame = getattr(task.get_coro(), "cr_frame", None)
+    sub = frame.f_locals.get("self") if frame is not None else None
+    callback = getattr(sub, "_cb", None)
+    return getattr(callback, "__name__", "") == "_request_sub_callback"

@@ -1132,8 +1132,10 @@ def test_replicas_refused_on_a_cluster_are_asked_for_again_before_one_is_settled
     from backbeat_trio._bridge.jetstream import _ReplicaPlacement
 
     class FakeNc:
+        # what the fast path reads (the server's INFO) and what the public path reads (the pool)
         def __init__(self, cluster: str | None) -> None:
             self._server_info = {"cluster": cluster} if cluster else {}
+            self.servers = ["nats://a:4222", "nats://b:4222"] if cluster else ["nats://a:4222"]
 
     async def asks(nc: FakeNc, op_timeout: float) -> tuple[list[int], float]:
         loop = asyncio.get_running_loop()

@@ -45,6 +45,7 @@ TRANSPORT_TESTS = (
     "tests/test_transport_fast.py",
     "tests/test_public_path.py",
     "tests/test_shared_connection.py",
+    "tests/test_many_agents.py",
     "tests/test_cancellation.py",
     "tests/test_ownership.py",
     "tests/test_client_nats.py",

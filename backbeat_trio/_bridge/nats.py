@@ -27,14 +27,15 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 import trio_asyncio
 
 from .._errors import BackbeatError, NotConnected
 from .._transport.base import ConnEvent, EventFeed, EventKind, Message, Subscription
+from .._transport.shared import Prepare, SharedSubscription, SharedSubscriptions
 from . import _natspy_private as private
 from .jetstream import NatsJetStream
 from .loop import asyncio_loop as _asyncio_loop
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("backbeat_trio.transport")
+
+T = TypeVar("T")
 
 #: Messages the trio side may queue for the asyncio drainer before publish() refuses.
 MAX_QUEUED_PUBLISHES = 65_536
@@ -84,6 +87,11 @@ class NatsTransport(EventFeed):
         self.direct_writes = 0  # of ``published``: written at once, without the drainer
         self.last_error: str | None = None
         self._views: list[NatsTransportView] = []
+        self._shared = SharedSubscriptions(self._subscribe_inline)
+        self.drain_batches = 0  # wake-ups of the drainer that wrote queued messages
+        self.flush_rounds = 0  # PINGs sent by flush(), shared by the callers of one round
+        self._flush_pending: asyncio.Task[None] | None = None  # the round not yet started
+        self._flush_running: asyncio.Task[None] | None = None  # the latest round started
 
     def __repr__(self) -> str:
         url = getattr(self._nc, "connected_url", None)
@@ -201,6 +209,7 @@ class NatsTransport(EventFeed):
         if self._closed:
             return
         self._closed = True
+        self._shared.close()
         # the flush has its own bound: a flush that cannot finish (a stalled server) must not
         # use up the time the connection needs to be closed
         with trio.move_on_after(1.5, shield=True):
@@ -308,6 +317,8 @@ class NatsTransport(EventFeed):
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if q:
+                self.drain_batches += 1
             while q:
                 if fast and nc.is_connected and self._encode_queued(nc, 4096):
                     try:
@@ -339,26 +350,12 @@ class NatsTransport(EventFeed):
         """
         if self._nc is None or not self._nc.is_connected:
             raise NotConnected("not connected: cannot flush")
-
-        nc = self._nc
-        fast = self.fast
-
-        async def _flush() -> None:
-            self._wake.set()
-            await self._idle.wait()  # everything queued so far is in nats-py's buffer
-            pongs = private.pongs_received(nc) if fast else None
-            await nc.flush(timeout=5)
-            # nats-py's flush returns at once, without any PONG, when its read loop has already
-            # died with the connection; only a PONG proves the server has what was written
-            if not nc.is_connected or (pongs is not None and private.pongs_received(nc) == pongs):
-                raise NotConnected("the connection dropped before the server answered")
-
         # nats-py's PING waits on a future it keeps in a list until the PONG arrives; cancelling
         # that future (a trio cancel scope around this flush) makes the PONG's set_result raise
         # inside nats-py's read loop, which then stops reading for every user of the connection
         # until its stale-ping check reconnects (10-15 s). So the flush runs shielded to its
         # own end (bounded by its 5 s timeout); a caller that gives up just stops waiting.
-        task = self._loop.create_task(_flush())
+        task = self._flush_round()
         try:
             await trio_asyncio.run_aio_future(asyncio.shield(task))
         except trio.Cancelled:
@@ -368,6 +365,41 @@ class NatsTransport(EventFeed):
             raise
         except Exception as exc:
             raise NotConnected(f"flush failed: {type(exc).__name__}: {exc}") from exc
+
+    def _flush_round(self) -> asyncio.Task[None]:
+        """The flush a caller arriving now waits for.
+
+        Callers share flushes: many clients on one connection confirming their claims at the
+        same moment cost one PING, not one each. A round that has not started yet covers every
+        message queued before it starts, so a caller joins it; once it started, a new round
+        (which waits for it) is needed.
+        """
+        pending = self._flush_pending
+        if pending is None:
+            pending = self._flush_pending = self._loop.create_task(
+                self._run_flush_round(self._flush_running)
+            )
+        return pending
+
+    async def _run_flush_round(self, previous: asyncio.Task[None] | None) -> None:
+        # asyncio side
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})
+        self._flush_pending = None  # later callers need a round that starts after this point
+        self._flush_running = asyncio.current_task()
+        nc = self._nc
+        if not nc.is_connected:
+            raise NotConnected("not connected: cannot flush")
+        self.flush_rounds += 1
+        fast = self.fast
+        self._wake.set()
+        await self._idle.wait()  # everything queued so far is in nats-py's buffer
+        pongs = private.pongs_received(nc) if fast else None
+        await nc.flush(timeout=5)
+        # nats-py's flush returns at once, without any PONG, when its read loop has already
+        # died with the connection; only a PONG proves the server has what was written
+        if not nc.is_connected or (pongs is not None and private.pongs_received(nc) == pongs):
+            raise NotConnected("the connection dropped before the server answered")
 
     # -- subscribe / request --------------------------------------------------------------------
     async def _bridged(
@@ -439,6 +471,38 @@ class NatsTransport(EventFeed):
             direct=self.fast,
             handler=handler,
         )
+
+    async def _subscribe_inline(
+        self, subject: str, handler: Callable[[Message], None]
+    ) -> Subscription:
+        return await self.subscribe(subject, buffer=1, handler=handler)
+
+    async def subscribe_shared(
+        self,
+        subject: str,
+        *,
+        key: Hashable,
+        prepare: Callable[[], Prepare[T]],
+        handler: Callable[[T], None] | None = None,
+        buffer: int = 1024,
+    ) -> SharedSubscription[T]:
+        """Join the one subscription to ``subject`` that every user of this connection with
+        the same ``key`` shares: the server sends each message once, ``prepare`` (made by the
+        first member) turns it into one item, and each member's ``handler`` gets that item as
+        nats-py parses the message (see :mod:`backbeat_trio._transport.shared`). The last
+        member to leave ends the subscription.
+
+        Raises:
+            NotConnected: the transport is closed, or subscribing failed.
+        """
+        return await self._shared.join(
+            subject, key=key, prepare=prepare, handler=handler, buffer=buffer
+        )
+
+    @property
+    def shared_subscriptions(self) -> SharedSubscriptions:
+        """The shared subscriptions of this connection (their members and ``prepare`` counters)."""
+        return self._shared
 
     def new_inbox(self) -> str:
         """A fresh unique inbox subject."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
 from .._errors import NotConnected
 from .._transport.base import EventFeed, Transport
+from .._transport.shared import Prepare, SharedSubscription
 from .jetstream import NatsJetStream
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def _forwarded(
@@ -78,6 +80,20 @@ class NatsTransportView(EventFeed):
     subscribe = _forwarded(Transport.subscribe)
     request = _forwarded(Transport.request)
     new_inbox = _forwarded(Transport.new_inbox)
+
+    async def subscribe_shared(
+        self,
+        subject: str,
+        *,
+        key: Hashable,
+        prepare: Callable[[], Prepare[T]],
+        handler: Callable[[T], None] | None = None,
+        buffer: int = 1024,
+    ) -> SharedSubscription[T]:
+        """The shared transport's :meth:`~NatsTransport.subscribe_shared`."""
+        return await self._shared_transport().subscribe_shared(
+            subject, key=key, prepare=prepare, handler=handler, buffer=buffer
+        )
 
     @property
     def jetstream(self) -> NatsJetStream:

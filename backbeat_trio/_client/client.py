@@ -27,12 +27,13 @@ from .._bridge.nats import open_nats_transport
 from .._client.config import Config
 from .._core.beats import beat_subject, status_subject
 from .._core.hlc import HLC
-from .._core.intake import ADOPTED, DELIVERED, BeatTracker
+from .._core.intake import ADOPTED, DELIVERED, BeatTracker, FrameScreen, ScreenedFrame
 from .._core.metrics import ClientMetrics, ErrorLog
 from .._core.outbox import Outbox
 from .._core.wire import BeatFrame, HealthStatus, StatusClaim
 from .._errors import BeatBudgetExceeded, NotConnected, UndeliveredClaims
 from .._transport.base import ConnEvent, Message, Transport
+from .._transport.shared import SharedSubscription, SharingTransport, ViewableTransport
 from .._util.channel import DropOldestChannel
 from .._util.groups import exception_to_raise, reraise
 from .._util.sleep import SPIN_S, precise_clock
@@ -67,8 +68,11 @@ class Client:
         transport: Transport,
         *,
         wall_clock: Callable[[], float] = time.time,
+        share_beats: bool = False,
     ) -> None:
         self.config = config
+        # on a connection shared with other clients: one beat subscription for all of them
+        self._share_beats = share_beats
         self.metrics = ClientMetrics()
         self._errors = ErrorLog(self.metrics)
         self._transport = transport
@@ -115,6 +119,7 @@ class Client:
         self._nursery: trio.Nursery | None = None
         self._last_emit_yield = -math.inf
         self._closing = False
+        self._shared_beats: SharedSubscription[ScreenedFrame] | None = None
 
     def __repr__(self) -> str:
         tracker = self._tracker
@@ -388,6 +393,19 @@ class Client:
             self._budgets.reproject()
             self._rearm_sampler()
 
+    def _intake_screened(self, screened: ScreenedFrame) -> None:
+        """Deliver one frame the connection's shared subscription already decoded and screened."""
+        outcome = self._tracker.accept(
+            screened.frame, trio.current_time(), self._wall(), screened.stamp
+        )
+        if outcome == DELIVERED:
+            self._budgets.reproject()
+            self._fanout.put(screened.frame)
+            self._rearm_sampler()
+        elif outcome == ADOPTED:
+            self._budgets.reproject()
+            self._rearm_sampler()
+
     def _rearm_sampler(self) -> None:
         """The schedule moved: move the sampler's alarm. A sleeping sampler is not woken (a
         healthy pulse then costs no sampler wake-up per beat) unless the alarm is now due."""
@@ -400,15 +418,19 @@ class Client:
     # ------------------------------------------------------------------ tasks
     async def _run_subscriber(self, *, task_status: trio.TaskStatus[None]) -> None:
         # Over NATS, frames are taken in as nats-py parses them: a beat then wakes its consumers
-        # directly, one task hop (~0.1 ms here) sooner than through a channel read by this task.
-        # ``_intake`` is synchronous and never blocks.
+        # directly, one task hop sooner than through a channel read by this task. ``_intake``
+        # is synchronous and never blocks.
+        transport = self._transport
+        if self._share_beats and isinstance(transport, SharingTransport):
+            await self._run_shared_subscriber(transport, task_status=task_status)
+            return
         intake = self._intake
         current_time = trio.current_time
 
         def handle(msg: Message) -> None:
             intake(msg.data, current_time())
 
-        subscribe = self._transport.subscribe
+        subscribe = transport.subscribe
         if _takes_keyword(subscribe, "handler"):
             sub = await subscribe(self._beat_subject, buffer=4096, handler=handle)
         else:  # a transport written before ``handler`` existed
@@ -419,6 +441,34 @@ class Client:
             # delivers here instead: take those in the same way
             async for msg in sub.messages:
                 handle(msg)
+                if sub.dropped:
+                    self.metrics.transport_dropped += sub.dropped
+                    sub.dropped = 0
+            if sub.failure is not None:
+                raise sub.failure
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await sub.unsubscribe()
+
+    async def _run_shared_subscriber(
+        self, transport: SharingTransport, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        # One subscription per connection and cluster: the frame is decoded and screened once
+        # (what is refused is counted by the connection's FrameScreen and reaches no client),
+        # then each client's tracker judges it against its own clock, schedule and channels.
+        config = self.config
+        sub = await transport.subscribe_shared(
+            self._beat_subject,
+            key=("beat", config.cluster_id, config.max_frame_bytes),
+            prepare=lambda: FrameScreen(config.cluster_id, config.max_frame_bytes),
+            handler=self._intake_screened,
+            buffer=4096,
+        )
+        self._shared_beats = sub
+        task_status.started()
+        try:
+            async for screened in sub.messages:  # a transport that runs no handler inline
+                self._intake_screened(screened)
                 if sub.dropped:
                     self.metrics.transport_dropped += sub.dropped
                     sub.dropped = 0
@@ -557,8 +607,15 @@ async def open_client(
 
     Args:
         config: a validated :class:`Config`.
-        transport: use this transport instead of connecting with nats-py (tests: a
-            :class:`~backbeat_trio.testing` memory transport).
+        transport: use this connection instead of opening one. Many clients can share one
+            :class:`~backbeat_trio.NatsTransport` (from :func:`~backbeat_trio.open_nats_transport`):
+            each client takes its own view of it (its own connection events), all of them share
+            one subscription to the beat (each frame is decoded once and handed to every
+            client; what the shared subscription refuses as malformed, oversized or another
+            cluster's is counted once, by the connection's ``shared_subscriptions``, and reaches
+            no client) and one writer for their claims. The connection stays open when the
+            client closes; it must outlive the client. Tests: a :mod:`~backbeat_trio.testing`
+            memory transport.
         wall_clock: the wall clock (POSIX seconds); tests on MockClock pass a virtual one.
 
     Raises:
@@ -571,9 +628,14 @@ async def open_client(
     user_exc: BaseException | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
+            shared = transport is not None
             if transport is None:
                 transport = await stack.enter_async_context(open_nats_transport(config))
-            client = Client(config, transport, wall_clock=wall_clock)
+            elif isinstance(transport, ViewableTransport):
+                # a connection others may use too: this client opens (and closes) its own view,
+                # with its own connection events; the connection is the caller's
+                transport = await stack.enter_async_context(transport.view())
+            client = Client(config, transport, wall_clock=wall_clock, share_beats=shared)
             await client._detect_mode()
             async with trio.open_nursery() as nursery:
                 services = await nursery.start(client._run_services)

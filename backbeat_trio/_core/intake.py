@@ -20,8 +20,8 @@ from typing import Final, Literal
 
 from .._errors import WireError
 from .beats import phase_for, window_id
-from .hlc import HLC
-from .metrics import ErrorLog
+from .hlc import HLC, HLCStamp
+from .metrics import ClientMetrics, ErrorLog
 from .tempo import TempoEstimator
 from .wire import BeatFrame, decode
 
@@ -33,6 +33,8 @@ __all__ = [
     "REFUSED",
     "BeatTracker",
     "IntakeOutcome",
+    "ScreenedFrame",
+    "screen_frame",
 ]
 
 #: :meth:`BeatTracker.intake` outcomes (plain ints: the per-frame path allocates nothing for them).
@@ -53,6 +55,101 @@ RECALIBRATE_AFTER = 8
 is measured afresh (a clock was stepped), instead of refusing the pulse for ever."""
 
 log = logging.getLogger("backbeat_trio.client")
+
+
+def screen_frame(
+    data: bytes, cluster_id: str, max_frame_bytes: int, errors: ErrorLog
+) -> BeatFrame | None:
+    """What every tracker of ``cluster_id`` would refuse alike: an oversized payload, one that
+    does not decode as a valid :class:`BeatFrame`, another cluster's frame. Counted in
+    ``errors.metrics`` (``oversized``, ``malformed``, ``wrong_cluster``) and noted.
+
+    Returns:
+        The decoded frame, or None when it is refused.
+    """
+    metrics = errors.metrics
+    if len(data) > max_frame_bytes:
+        metrics.oversized += 1
+        errors.note(f"oversized beat frame ({len(data)} bytes)")
+        return None
+    try:
+        frame = decode(data, BeatFrame)
+    except (WireError, UnicodeDecodeError) as exc:
+        # UnicodeDecodeError: invalid UTF-8 inside a JSON string gets past _wire.decode
+        metrics.malformed += 1
+        text = str(exc) if isinstance(exc, WireError) else f"invalid BeatFrame: {exc!r}"
+        errors.note(text[:200])
+        return None
+    if frame.cluster_id != cluster_id:
+        metrics.wrong_cluster += 1
+        errors.note(f"beat frame for cluster {frame.cluster_id!r}")
+        return None
+    return frame
+
+
+class ScreenedFrame:
+    """A beat frame screened once for every client on a connection: the frame and its parsed
+    HLC stamp (both immutable, so every client may hold them)."""
+
+    __slots__ = ("frame", "stamp")
+
+    def __init__(self, frame: BeatFrame, stamp: HLCStamp) -> None:
+        self.frame = frame
+        self.stamp = stamp
+
+    def __repr__(self) -> str:
+        return f"<ScreenedFrame beat={self.frame.beat_index} {self.frame.cluster_id}>"
+
+
+class FrameScreen:
+    """Decodes and screens a beat subject's payloads once for all the clients that share a
+    subscription to it (:func:`screen_frame`): what it refuses is counted here, once per
+    process, and reaches no client.
+
+    Args:
+        cluster_id: the cluster whose beat subject this is.
+        max_frame_bytes: larger payloads are refused unread.
+
+    Attributes:
+        metrics: ``malformed``, ``oversized`` and ``wrong_cluster`` count the refusals; ``beats``
+            the frames passed on.
+        errors: the texts of the latest refusals.
+    """
+
+    __slots__ = ("cluster_id", "errors", "max_frame_bytes", "metrics")
+
+    def __init__(self, cluster_id: str, max_frame_bytes: int) -> None:
+        self.cluster_id = cluster_id
+        self.max_frame_bytes = max_frame_bytes
+        self.metrics = ClientMetrics()
+        self.errors = ErrorLog(self.metrics)
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        return (
+            f"<FrameScreen {self.cluster_id} passed={m.beats} malformed={m.malformed} "
+            f"oversized={m.oversized} wrong_cluster={m.wrong_cluster}>"
+        )
+
+    @property
+    def refused(self) -> int:
+        """Payloads refused so far."""
+        m = self.metrics
+        return m.malformed + m.oversized + m.wrong_cluster
+
+    def __call__(self, data: bytes) -> ScreenedFrame | None:
+        """Screen one payload: the frame with its parsed stamp, or None (refused, counted)."""
+        frame = screen_frame(data, self.cluster_id, self.max_frame_bytes, self.errors)
+        if frame is None:
+            return None
+        try:
+            stamp = HLCStamp.parse(frame.hlc)
+        except WireError as exc:  # the wire check should have refused it already
+            self.metrics.malformed += 1
+            self.errors.note(str(exc)[:200])
+            return None
+        self.metrics.beats += 1
+        return ScreenedFrame(frame, stamp)
 
 
 class BeatTracker:
@@ -143,7 +240,7 @@ class BeatTracker:
 
     # ------------------------------------------------------------------ frames in
     def intake(self, data: bytes, now: float, wall: float) -> IntakeOutcome:
-        """Judge one raw beat payload.
+        """Judge one raw beat payload (:func:`screen_frame`, then :meth:`accept`).
 
         Args:
             data: the payload as received.
@@ -154,24 +251,28 @@ class BeatTracker:
             :data:`REFUSED`, :data:`ADOPTED` or :data:`DELIVERED` (then :attr:`last_frame` is
             the beat to deliver).
         """
+        frame = screen_frame(data, self.cluster_id, self.max_frame_bytes, self.errors)
+        if frame is None:
+            return REFUSED
+        return self.accept(frame, now, wall)
+
+    def accept(
+        self, frame: BeatFrame, now: float, wall: float, stamp: HLCStamp | None = None
+    ) -> IntakeOutcome:
+        """Judge one decoded frame of this tracker's cluster (screened by :func:`screen_frame`,
+        here or once for many trackers by a :class:`FrameScreen`).
+
+        Args:
+            frame: the decoded, validated frame.
+            now: local monotonic arrival time (seconds).
+            wall: local wall-clock arrival time (POSIX seconds).
+            stamp: ``frame.hlc`` already parsed (saves each of many trackers parsing it).
+
+        Returns:
+            :data:`REFUSED`, :data:`ADOPTED` or :data:`DELIVERED`.
+        """
         metrics = self.metrics
-        if len(data) > self.max_frame_bytes:
-            metrics.oversized += 1
-            self.errors.note(f"oversized beat frame ({len(data)} bytes)")
-            return REFUSED
-        try:
-            frame = decode(data, BeatFrame)
-        except (WireError, UnicodeDecodeError) as exc:
-            # UnicodeDecodeError: invalid UTF-8 inside a JSON string gets past _wire.decode
-            metrics.malformed += 1
-            text = str(exc) if isinstance(exc, WireError) else f"invalid BeatFrame: {exc!r}"
-            self.errors.note(text[:200])
-            return REFUSED
-        if frame.cluster_id != self.cluster_id:
-            metrics.wrong_cluster += 1
-            self.errors.note(f"beat frame for cluster {frame.cluster_id!r}")
-            return REFUSED
-        self.hlc.update(frame.hlc)
+        self.hlc.update(frame.hlc if stamp is None else stamp)
         last = self.last_index
         # While degraded, the pulse's frame for the beat we synthesised is how it comes back;
         # anything else at or below the last delivered index is a duplicate, a replay or a

@@ -28,7 +28,7 @@ from benchmarks._stats import median, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
-ALL = ("codec", "beats", "claims", "scale", "scale-cluster", "recovery")
+ALL = ("codec", "beats", "claims", "scale", "scale-cluster", "many", "recovery")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Params:
     scale_windows: int
     scale_window_beats: int
     scale_cluster_ns: tuple[int, ...]
+    many_ns: tuple[int, ...]
     recovery_reps: int
     recovery_outage: float
     recovery_post: float
@@ -67,6 +68,7 @@ FULL = Params(
     scale_windows=5,
     scale_window_beats=20,
     scale_cluster_ns=(30, 90, 150, 300),
+    many_ns=(1000, 2000),
     recovery_reps=5,
     recovery_outage=0.5,
     recovery_post=4.0,
@@ -83,6 +85,7 @@ QUICK = dataclasses.replace(
     scale_ns=(10, 40),
     scale_window_beats=3,
     scale_cluster_ns=(30,),
+    many_ns=(200,),
     recovery_reps=3,
     recovery_outage=0.3,
     recovery_post=1.5,
@@ -1006,6 +1009,10 @@ async def _run(p: Params, only: tuple[str, ...], write: bool) -> int:
                 await bench_scale(p, out, logdir)
             elif name == "scale-cluster":
                 await bench_scale_cluster(p, out, logdir)
+            elif name == "many":
+                from benchmarks.many import bench_many  # it builds on this module's helpers
+
+                await bench_many(p, out, logdir)
             elif name == "recovery":
                 await bench_recovery(p, out, logdir)
         except Exception as exc:

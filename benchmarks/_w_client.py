@@ -177,7 +177,8 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
     all_ready = trio.Event()
     stop = trio.Event()
 
-    # "shared": every client on one connection (NatsTransport.view), else one connection each
+    # "shared": every client on one connection (open_client(cfg, transport=conn)), else one
+    # connection each
     conn: Any = None
 
     async def agent(i: int) -> None:
@@ -189,8 +190,9 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
             connect_attempts=3,
         )
         async with contextlib.AsyncExitStack() as stack:
-            transport = None if conn is None else await stack.enter_async_context(conn.view())
-            bb = await stack.enter_async_context(open_client(cfg, transport=transport))
+            # shared: handed the connection, each client takes its own view of it and joins the
+            # connection's one beat subscription
+            bb = await stack.enter_async_context(open_client(cfg, transport=conn))
             chan = bb.beats(buffer=64)
             clients.append(bb)
             if len(clients) == n:

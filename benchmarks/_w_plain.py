@@ -9,9 +9,9 @@ Roles (argv JSON ``role``):
   msgspec, sign it with libsodium (PyNaCl), ``await nc.publish(...)`` with the same headers;
   then ``nc.flush()`` (core) or wait for every PubAck (JetStream: acks on one wildcard inbox, as
   the SDK does).
-* ``scale``: N nats-py connections in this one process, each subscribed to the beats with a
-  callback that decodes the frame and computes its scheduled start (what the backbeat_trio scale
-  worker's consumers do).
+* ``scale``: N nats-py connections in this one process (with ``one_connection``: one connection
+  with N subscriptions), each subscribed to the beats with a callback that decodes the frame and
+  computes its scheduled start (what the backbeat_trio scale worker's consumers do).
 * ``recovery``: publishes claims at the SDK workers' rate through a server restart and subscribes to
   the beats, with ``reconnect_time_wait`` equal to the SDK's ``reconnect_delay`` default (1 s).
 """
@@ -233,7 +233,15 @@ async def _role_scale(a: dict[str, Any], queue: asyncio.Queue[dict[str, Any]]) -
         return nc
 
     t0 = time.perf_counter()
-    ncs = await asyncio.gather(*(connect(i) for i in range(n)))
+    if a.get("one_connection"):
+        # one connection, one subscription (and its callback) per agent
+        nc = await _connect(url, name="plain-shared")
+        for _ in range(n):
+            await nc.subscribe(f"backbeat.beat.{a['cluster']}", cb=cb)
+        await nc.flush()
+        ncs = [nc]
+    else:
+        ncs = await asyncio.gather(*(connect(i) for i in range(n)))
     send({"event": "ready", "connect_s": time.perf_counter() - t0})
     for _ in range(int(30.0 / duration)):  # settle on a few beats (bounded)
         if len(recs) >= 3 * n:
@@ -243,6 +251,7 @@ async def _role_scale(a: dict[str, Any], queue: asyncio.Queue[dict[str, Any]]) -
     p99: list[float] = []
     p50: list[float] = []
     delivered: list[int] = []
+    cpu_s: list[float] = []
     for _ in range(windows):
         start = len(recs)
         c0 = time.process_time()
@@ -251,6 +260,7 @@ async def _role_scale(a: dict[str, Any], queue: asyncio.Queue[dict[str, Any]]) -
         lat = [w - s for w, s in recs[start:]]
         delivered.append(len(lat))
         cpu_us.append((c1 - c0) / max(1, len(lat)) * 1e6)
+        cpu_s.append(c1 - c0)
         p99.append(percentile(lat, 99))
         p50.append(percentile(lat, 50))
     gc.collect()
@@ -262,6 +272,7 @@ async def _role_scale(a: dict[str, Any], queue: asyncio.Queue[dict[str, Any]]) -
             "latency_p99": p99,
             "latency_p50": p50,
             "agent_beats": delivered,
+            "cpu_s": cpu_s,
             "rss_per_client_running": (rss2 - rss0) / n,
         }
     )

@@ -139,3 +139,33 @@ def test_going_backwards_restarts_the_fit() -> None:
 def test_window_must_hold_two_beats() -> None:
     with pytest.raises(ValueError, match="window"):
         TempoEstimator(window=1)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            # beat index step (0, rarely: a repeat, which restarts the estimate)
+            st.sampled_from([1, 1, 1, 1, 1, 1, 2, 3, 0]),
+            st.sampled_from([60] * 12 + [600]),  # a tempo change (rarely) restarts it too
+            st.one_of(st.none(), st.floats(-5.0, 5.0)),  # offset (None: no wall clock)
+        ),
+        max_size=60,
+    )
+)
+def test_the_kept_clock_offset_is_the_minimum_over_the_window(
+    steps: list[tuple[int, int, float | None]],
+) -> None:
+    est = TempoEstimator(window=8)
+    index = 0
+    shadow: list[tuple[int, int, float | None]] = []  # what the window should hold
+    for step, tempo, offset in steps:
+        index += step
+        if shadow and (index <= shadow[-1][0] or shadow[-1][1] != tempo):
+            shadow.clear()
+        shadow = [*shadow, (index, tempo, offset)][-8:]
+        if offset is None:
+            est.observe(index, float(index), tempo)
+        else:
+            est.observe(index, float(index), tempo, wall_arrival=offset, scheduled_start=0.0)
+        offsets = [o for _, _, o in shadow if o is not None]
+        assert est.clock_offset == (min(offsets) if offsets else 0.0)

@@ -268,7 +268,7 @@ class Client:
         if self._closing:
             await trio.lowlevel.checkpoint()
             raise NotConnected("the client is closed: no more beats")
-        await self._fanout.beat_event.wait()
+        await self._fanout.wait()
         if self._closing:
             raise NotConnected("the client closed while waiting for a beat")
         frame = self._tracker.last_frame

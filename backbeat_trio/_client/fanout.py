@@ -41,6 +41,7 @@ class BeatFanout:
         "_downbeats",
         "_errors",
         "_metrics",
+        "_waiting",
         "beat_event",
         "closed",
     )
@@ -52,6 +53,7 @@ class BeatFanout:
         self._beats: list[DropOldestChannel[BeatFrame]] = []
         self._downbeats: list[DropOldestChannel[BeatFrame]] = []
         self.beat_event = trio.Event()
+        self._waiting = 0  # tasks in wait_for_beat(): without any, no new Event per beat
         self.closed = False
 
     def __repr__(self) -> str:
@@ -113,18 +115,32 @@ class BeatFanout:
 
     def put(self, frame: BeatFrame) -> None:
         """Deliver ``frame``; channels their consumers closed are forgotten."""
-        for where, wanted in ((self._beats, True), (self._downbeats, frame.downbeat)):
-            if not wanted:
-                continue
-            alive = []
-            for chan in where:
-                before = chan.dropped
-                if chan.put(frame):
-                    alive.append(chan)
+        self._put(self._beats, frame)
+        if frame.downbeat and self._downbeats:
+            self._put(self._downbeats, frame)
+        if self._waiting:
+            event, self.beat_event = self.beat_event, trio.Event()
+            event.set()
+
+    def _put(self, where: list[DropOldestChannel[BeatFrame]], frame: BeatFrame) -> None:
+        gone = False
+        for chan in where:
+            before = chan.dropped
+            if chan.put(frame):
+                if chan.dropped != before:
                     self._metrics.dropped += chan.dropped - before
-            where[:] = alive
-        event, self.beat_event = self.beat_event, trio.Event()
-        event.set()
+            else:
+                gone = True
+        if gone:  # forget the channels their consumers closed
+            where[:] = [chan for chan in where if chan.accepting]
+
+    async def wait(self) -> None:
+        """Until the next :meth:`put` (or :meth:`close`)."""
+        self._waiting += 1
+        try:
+            await self.beat_event.wait()
+        finally:
+            self._waiting -= 1
 
     def close(self) -> None:
         """End every channel and wake every ``wait_for_beat``."""

@@ -33,6 +33,7 @@ class TempoEstimator:
         if window < 2:
             raise ValueError("window must be >= 2")
         self._samples: deque[_Sample] = deque(maxlen=window)
+        self._offset: float | None = None  # clock_offset of the current samples, once computed
 
     def __repr__(self) -> str:
         return (
@@ -43,6 +44,7 @@ class TempoEstimator:
     def reset(self) -> None:
         """Forget every sample (after a resync the old arrivals say nothing about the new tempo)."""
         self._samples.clear()
+        self._offset = None
 
     def observe(
         self,
@@ -63,14 +65,23 @@ class TempoEstimator:
             scheduled_start: the pulse's start of this beat (``deadline_at`` - one beat, POSIX s).
         """
         if self._samples and beat_index <= self._samples[-1].beat_index:
-            self._samples.clear()
+            self.reset()
         # a tempo change restarts the fit: intervals at two tempos make a meaningless line
         if self._samples and self._samples[-1].nominal_interval != 60.0 / tempo_bpm:
-            self._samples.clear()
+            self.reset()
         offset = None
         if wall_arrival is not None and scheduled_start is not None:
             offset = wall_arrival - scheduled_start
-        self._samples.append(_Sample(beat_index, arrival, 60.0 / tempo_bpm, offset))
+        samples = self._samples
+        cached = self._offset
+        if cached is not None and len(samples) == samples.maxlen:
+            evicted = samples[0].offset
+            if evicted is not None and evicted <= cached:
+                cached = None  # the minimum leaves the window: recompute when asked
+        samples.append(_Sample(beat_index, arrival, 60.0 / tempo_bpm, offset))
+        if cached is not None and offset is not None:
+            cached = min(cached, offset)
+        self._offset = cached
 
     @property
     def samples(self) -> int:
@@ -109,5 +120,11 @@ class TempoEstimator:
     @property
     def clock_offset(self) -> float:
         """Local wall clock minus the pulse's clock, in seconds (network delay filtered out)."""
-        offsets = [s.offset for s in self._samples if s.offset is not None]
-        return min(offsets) if offsets else 0.0
+        # read several times per frame by the intake: computed once per new sample
+        cached = self._offset
+        if cached is None:
+            offsets = [s.offset for s in self._samples if s.offset is not None]
+            if not offsets:
+                return 0.0
+            cached = self._offset = min(offsets)
+        return cached

@@ -41,6 +41,11 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         """True once the consumer closed it."""
         return self._recv_closed
 
+    @property
+    def accepting(self) -> bool:
+        """True while :meth:`put` takes items (neither side closed)."""
+        return not (self._recv_closed or self._send_closed)
+
     def put(self, item: T) -> bool:
         """Add an item (producer side). Returns False when the consumer has gone away."""
         if self._recv_closed or self._send_closed:
@@ -76,20 +81,16 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
 
     async def receive(self) -> T:
         """Wait for the next item."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            item = self.receive_nowait()
-        except trio.WouldBlock:
-            pass
-        else:
+        if self._items or self._send_closed or self._recv_closed:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            item = self.receive_nowait()  # raises at the end or once closed
             await trio.lowlevel.cancel_shielded_checkpoint()
             return item
+        # nothing yet: parking is this call's checkpoint; put() and both closes wake it
         while True:
             await self._lot.park()
-            try:
+            if self._items or self._send_closed or self._recv_closed:
                 return self.receive_nowait()
-            except trio.WouldBlock:
-                continue
 
     def close(self) -> None:
         """Stop receiving (the producer forgets this channel)."""

@@ -1,0 +1,204 @@
+"""Benchmark 6c, many agents in one process on one connection (``open_client(cfg,
+transport=conn)``: one beat subscription, each frame decoded once, fanned out to every client).
+
+Three workers per N, one after the other against one nats-server and one real ``run_pulse``:
+
+* ``shared``: N full ``open_client`` agents on one connection, each with a ``beats()`` consumer;
+* ``plain-one``: plain asyncio nats-py, one connection with one subscription (and callback
+  decoding the frame) per agent — the baseline of the goals;
+* ``plain``: plain asyncio nats-py, one connection and subscription per agent (info).
+
+CPU per agent-beat is the worker process's CPU time over the agent-beats it delivered in a window;
+latency is arrival minus the beat's scheduled start; "synthesised" counts beats a client delivered
+from its own metronome because the pulse's frame was late; RSS per agent is the growth of the
+worker's RSS from before its agents connected to the end, over N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from benchmarks._report import Row
+from benchmarks._runner import (
+    Outcome,
+    Params,
+    info_row,
+    open_embedded_nats_process,
+    open_worker,
+    solo_row,
+    start_pulse,
+    start_workers,
+)
+from benchmarks._stats import median
+
+BENCH = "6c Many agents, one connection"
+IMPLS = (
+    ("shared", "benchmarks._w_client", {"shared": True}),
+    ("plain-one", "benchmarks._w_plain", {"one_connection": True}),
+    ("plain", "benchmarks._w_plain", {}),
+)
+GOAL_N = 1000  # the size the goals are set for; larger sizes report where it breaks
+
+
+async def bench_many(p: Params, out: Outcome, logdir: Path) -> None:
+    d = 60.0 / p.scale_tempo
+    async with (
+        open_embedded_nats_process(jetstream=True) as server,
+        open_worker("pulse-many", "benchmarks._w_pulse", {"url": server.url}, logdir) as pulse,
+    ):
+        for n in p.many_ns:
+            results: dict[str, dict[str, Any]] = {}
+            for impl, module, extra in IMPLS:
+                cluster = f"many{n}{impl.replace('-', '')}"
+                wargs = {
+                    "role": "scale",
+                    "url": server.url,
+                    "cluster": cluster,
+                    "n": n,
+                    "windows": p.scale_windows,
+                    "window_beats": p.scale_window_beats,
+                    "tempo": p.scale_tempo,
+                    **extra,
+                }
+                async with contextlib.AsyncExitStack() as stack:
+                    workers = await start_workers(
+                        stack, {impl: (f"many-{n}-{impl}", module, wargs)}, logdir
+                    )
+                    w = workers[impl]
+                    await w.send({"cmd": "go"})
+                    ready = await w.expect("ready", 600.0)
+                    beats = 10 + p.scale_windows * p.scale_window_beats + 40
+                    await start_pulse(pulse, cluster, p.scale_tempo, beats)
+                    results[impl] = await w.expect("result", beats * d + 300.0)
+                    results[impl]["connect_s"] = ready["connect_s"]
+                    await pulse.send({"cmd": "stop"})
+                    await pulse.expect("result", 30.0)
+                    await w.close()
+            _rows(p, out, n, results)
+
+
+def _goal_row(
+    figure: str, unit: str, ours: list[float], base: list[float], goal: str, limit: float
+) -> Row:
+    met = median(ours) <= limit * median(base)
+    return Row(
+        BENCH,
+        figure,
+        unit,
+        ours,
+        base,
+        "plain nats-py, one subscription per agent on one connection",
+        goal,
+        met,
+    )
+
+
+def _rows(p: Params, out: Outcome, n: int, results: dict[str, dict[str, Any]]) -> None:
+    ours, one, per = results["shared"], results["plain-one"], results["plain"]
+    goals = n == GOAL_N
+    cpu = ours["cpu_us_per_agent_beat"]
+    lat = [v * 1e3 for v in ours["latency_p99"]]
+    one_lat = [v * 1e3 for v in one["latency_p99"]]
+    if goals:
+        out.rows.append(
+            _goal_row(
+                f"N={n}: CPU per agent-beat",
+                "µs",
+                cpu,
+                one["cpu_us_per_agent_beat"],
+                "≤ 0.5× baseline",
+                0.5,
+            )
+        )
+        out.rows.append(
+            _goal_row(f"N={n}: beat latency p99", "ms", lat, one_lat, "≤ 1.2× baseline", 1.2)
+        )
+    else:
+        label = "plain nats-py, one subscription per agent on one connection"
+        out.rows.append(
+            info_row(
+                BENCH, f"N={n}: CPU per agent-beat", "µs", cpu, one["cpu_us_per_agent_beat"], label
+            )
+        )
+        out.rows.append(info_row(BENCH, f"N={n}: beat latency p99", "ms", lat, one_lat, label))
+    label = "plain nats-py, one connection per agent"
+    out.rows.append(
+        info_row(
+            BENCH,
+            f"N={n}: CPU per agent-beat, vs a connection per agent",
+            "µs",
+            cpu,
+            per["cpu_us_per_agent_beat"],
+            label,
+        )
+    )
+    out.rows.append(
+        info_row(
+            BENCH,
+            f"N={n}: beat latency p99, vs a connection per agent",
+            "ms",
+            lat,
+            [v * 1e3 for v in per["latency_p99"]],
+            label,
+        )
+    )
+    synth = [
+        100.0 * lb / max(1, ab)
+        for lb, ab in zip(ours["local_beats"], ours["agent_beats"], strict=True)
+    ]
+    out.rows.append(
+        solo_row(
+            BENCH,
+            f"N={n}: beats synthesised locally",
+            "%",
+            synth,
+            "0 %" if goals else "(info)",
+            (max(synth) == 0.0) if goals else None,
+        )
+    )
+    window_s = p.scale_window_beats * 60.0 / p.scale_tempo
+    out.rows.append(
+        solo_row(
+            BENCH,
+            f"N={n}: CPU busy (share of one core)",
+            "%",
+            [100.0 * c / window_s for c in ours["cpu_s"]],
+        )
+    )
+    for impl, res in (
+        ("one connection, one subscription per agent", one),
+        ("a connection per agent", per),
+    ):
+        out.rows.append(
+            info_row(
+                BENCH,
+                f"N={n}: RSS per agent, vs plain nats-py with {impl}",
+                "KiB",
+                [ours["rss_per_client_running"] / 1024],
+                [res["rss_per_client_running"] / 1024],
+                f"plain nats-py, {impl}",
+            )
+        )
+    want = n * p.scale_window_beats
+    out.rows.append(
+        info_row(
+            BENCH,
+            f"N={n}: agent-beats delivered per window",
+            "% of N × beats",
+            [100.0 * v / want for v in ours["agent_beats"]],
+            [100.0 * v / want for v in one["agent_beats"]],
+            "plain nats-py, one subscription per agent on one connection",
+        )
+    )
+    out.notes.append(
+        f"Many agents N={n}: connect {ours['connect_s']:.2f} s (plain one connection "
+        f"{one['connect_s']:.2f} s, a connection each {per['connect_s']:.2f} s); latency p50 "
+        f"{median(ours['latency_p50']) * 1e3:.2f} ms (plain one connection "
+        f"{median(one['latency_p50']) * 1e3:.2f} ms, a connection each "
+        f"{median(per['latency_p50']) * 1e3:.2f} ms); stale {ours['stale']}, dropped "
+        f"{ours['dropped']}, degraded beats {ours['degraded_beats']}; baseline CPU busy "
+        + ", ".join(f"{100 * c / window_s:.0f}" for c in one.get("cpu_s", []))
+        + " % of a core (one connection)."
+    )

@@ -413,7 +413,8 @@ class Client:
         if scope is None:
             self._wake_sampler.set()
         else:
-            scope.deadline = self._tracker.alarm() - self._sampler_spin
+            tracker = self._tracker
+            scope.deadline = tracker.alarm() - (self._sampler_spin if tracker.degraded else 0.0)
 
     # ------------------------------------------------------------------ tasks
     async def _run_subscriber(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -482,12 +483,16 @@ class Client:
         """The local metronome: notices a silent pulse and keeps time alone (degradation)."""
         task_status.started()
         tracker = self._tracker
-        spin = self._sampler_spin = SPIN_S if precise_clock() else 0.0
+        self._sampler_spin = SPIN_S if precise_clock() else 0.0
         while True:
             if tracker.last_index is None:
                 self._wake_sampler = trio.Event()
                 await self._wake_sampler.wait()
                 continue
+            # Only local beats need the spin's precision: while the pulse is healthy the alarm
+            # just notices its silence (a jitter tolerance late already), and a sampler spinning
+            # while frames queue behind a busy process would take the time they need.
+            spin = self._sampler_spin if tracker.degraded else 0.0
             # Sleep until the alarm; frames move it (``_rearm_sampler``) without waking us.
             with trio.CancelScope() as scope:
                 scope.deadline = tracker.alarm() - spin

@@ -23,6 +23,7 @@ from backbeat_trio._services.ha_pulse import HAPulseConfig, HAPulseStatus, run_h
 from backbeat_trio._transport.base import Transport
 from tests._ha_harness import wait_until
 from tests._http import Response, get, request
+from tests.test_cli import Background
 
 pytestmark = pytest.mark.nats
 
@@ -428,3 +429,94 @@ def test_every_documented_metric_name_appears_in_the_operations_guide() -> None:
     guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     missing = [name for name in METRIC_NAMES if name not in guide]
     assert not missing
+
+
+# --- the command line -----------------------------------------------------------------------------
+def _http(url: str, *, data: bytes | None = None, token: str | None = None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _admin_url(proc: Background, stream: str = "stderr") -> str:
+    import re
+
+    line = proc.wait_line(lambda line: "admin API on http://" in line, stream=stream, timeout=20)
+    found = re.search(r"http://[^\s:]+:\d+", line)
+    assert found, line
+    return found.group(0)
+
+
+def _wait_status(url: str, code: int, bound: float = 15.0) -> bytes:
+    import time
+
+    deadline = time.monotonic() + bound
+    while True:
+        status, body = _http(url)
+        if status == code or time.monotonic() > deadline:
+            assert status == code, body
+            return body
+        time.sleep(0.1)
+
+
+def test_cli_pulse_and_reverb_serve_the_admin_api(nats_url: str) -> None:
+    import signal
+
+    where = ("-s", nats_url, "-c", "adm-cli")
+    with (
+        Background(
+            "pulse", "--tempo", "600", "-q", "--http", "127.0.0.1:0", *where,
+            BACKBEAT_ADMIN_TOKEN=TOKEN,
+        ) as pulse,
+        Background("reverb", "--allow-unsigned", "--http", "127.0.0.1:0", *where) as reverb,
+    ):  # fmt: skip
+        purl = _admin_url(pulse)
+        rurl = _admin_url(reverb)
+        assert purl.startswith("http://127.0.0.1:")
+        _wait_status(f"{purl}/readyz", 200)
+        status, body = _http(f"{purl}/tempo", data=b'{"tempo_bpm": 630}', token=TOKEN)
+        assert status == 200, body
+        assert msgspec.json.decode(body)["accepted"] is True
+        _wait_status(f"{rurl}/readyz", 200)
+        metrics = samples(_wait_status(f"{rurl}/metrics", 200).decode())
+        assert value(metrics, "backbeat_reverb_publishing", reverb_id="reverb-1") == 1
+        assert value(metrics, "backbeat_nats_connected", cluster_id="adm-cli") == 1
+        status, body = _http(f"{rurl}/tempo", data=b'{"tempo_bpm": 630}', token=TOKEN)
+        assert status == 404  # no pulse behind the reverb's server
+        pulse_metrics = samples(_wait_status(f"{purl}/metrics", 200).decode())
+        assert value(pulse_metrics, "backbeat_pulse_tempo_changes_total") == 1
+        assert pulse.stop(signal.SIGTERM) == 0
+        assert reverb.stop(signal.SIGTERM) == 0
+    with pytest.raises(OSError, match="refused"):
+        _http(f"{purl}/healthz")
+
+
+def test_cli_cluster_serves_leader_and_metrics_of_every_instance() -> None:
+    import signal
+
+    with Background(
+        "cluster", "--servers", "1", "--pulses", "2", "--reverbs", "1", "--tempo", "300",
+        "--cluster-id", "adm-cl", "--http", "127.0.0.1:0",
+    ) as proc:  # fmt: skip
+        url = _admin_url(proc, stream="stdout")
+        leader = msgspec.json.decode(_wait_status(f"{url}/leader", 200))
+        assert leader["pulse"]["holder"] in ("pulse-1", "pulse-2")
+        assert set(leader["pulse"]["instances"]) == {"pulse-1", "pulse-2"}
+        _wait_status(f"{url}/readyz", 200)
+        metrics = samples(_wait_status(f"{url}/metrics", 200).decode())
+        leaders = [
+            value(metrics, "backbeat_pulse_leader", pulse_id=p) for p in ("pulse-1", "pulse-2")
+        ]
+        assert sorted(leaders) == [0, 1]
+        status, body = _http(f"{url}/tempo", data=b'{"tempo_bpm": 310}', token=TOKEN)
+        assert status == 403  # no --http-token: read-only
+        assert b"read-only" in body
+        assert proc.stop(signal.SIGTERM) == 0

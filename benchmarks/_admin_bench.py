@@ -1,4 +1,4 @@
-"""Benchmark 7: what the admin server costs a pulse at 1200 BPM.
+"""Benchmark 8: what the admin server costs a pulse at 1200 BPM.
 
 One real ``run_pulse`` with its admin server (worker ``_w_admin``) publishes for the whole run;
 the orchestrator alternates blocks without and with a scraper that GETs ``/metrics`` every
@@ -112,7 +112,7 @@ async def bench_admin(p: Params, out: Outcome, logdir: Path) -> None:
                 f"{res['skipped_late']}"
             )
     label = "same pulse, no scraper (alternating blocks)"
-    bench = "7 Admin server"
+    bench = "8 Admin server"
     out.rows.append(
         info_row(
             bench,

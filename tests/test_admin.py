@@ -429,6 +429,16 @@ def test_every_documented_metric_name_appears_in_the_operations_guide() -> None:
     guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     missing = [name for name in METRIC_NAMES if name not in guide]
     assert not missing
+    # the sample Grafana dashboard is valid JSON with the two panels it promises
+    import json
+    import re
+
+    (panel_json,) = re.findall(r"```json\n(.*?)```", guide, re.S)
+    exprs = " ".join(
+        t["expr"] for panel in json.loads(panel_json)["panels"] for t in panel["targets"]
+    )
+    assert "backbeat_pulse_publish_error_seconds_bucket" in exprs
+    assert "backbeat_reverb_claims_rejected_total" in exprs
 
 
 # --- the command line -----------------------------------------------------------------------------

@@ -57,6 +57,8 @@ from ._errors import NotConnected as NotConnected
 from ._errors import SignatureError as SignatureError
 from ._errors import UndeliveredClaims as UndeliveredClaims
 from ._errors import WireError as WireError
+from ._ops import client_collector as client_collector
+from ._ops import serve_admin as serve_admin
 from ._services.ha_pulse import HAPulseConfig as HAPulseConfig
 from ._services.ha_pulse import HAPulseStatus as HAPulseStatus
 from ._services.ha_pulse import run_ha_pulse as run_ha_pulse
@@ -113,6 +115,7 @@ __all__ = [
     "WireError",
     "bar_start",
     "beat_duration",
+    "client_collector",
     "ensure_bar_stream",
     "from_legacy",
     "generate_signing_key",
@@ -129,6 +132,7 @@ __all__ = [
     "run_pulse",
     "run_reverb",
     "save_signing_key",
+    "serve_admin",
     "sign_headers",
     "to_legacy",
     "verify_claim",

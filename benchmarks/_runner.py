@@ -28,7 +28,7 @@ from benchmarks._stats import median, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
-ALL = ("codec", "beats", "claims", "scale", "scale-cluster", "many", "recovery")
+ALL = ("codec", "beats", "claims", "scale", "scale-cluster", "many", "recovery", "admin")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class Params:
     recovery_reps: int
     recovery_outage: float
     recovery_post: float
+    admin_reps: int
+    admin_blocks: int
+    admin_block_s: float
 
 
 FULL = Params(
@@ -72,6 +75,9 @@ FULL = Params(
     recovery_reps=5,
     recovery_outage=0.5,
     recovery_post=4.0,
+    admin_reps=3,
+    admin_blocks=8,
+    admin_block_s=4.0,
 )
 # the same repetitions, tempo and windows as FULL; smaller sizes
 QUICK = dataclasses.replace(
@@ -89,6 +95,9 @@ QUICK = dataclasses.replace(
     recovery_reps=3,
     recovery_outage=0.3,
     recovery_post=1.5,
+    admin_reps=1,
+    admin_blocks=4,
+    admin_block_s=1.5,
 )
 BEAT_TEMPO = 1200
 SCALE_NODES = 3
@@ -1015,6 +1024,10 @@ async def _run(p: Params, only: tuple[str, ...], write: bool) -> int:
                 await bench_many(p, out, logdir)
             elif name == "recovery":
                 await bench_recovery(p, out, logdir)
+            elif name == "admin":
+                from benchmarks._admin_bench import bench_admin
+
+                await bench_admin(p, out, logdir)
         except Exception as exc:
             failures.append(f"{name}: {exc!r}")
             traceback.print_exc()

@@ -102,12 +102,16 @@ def test_the_cores_are_sans_io_and_import_nothing_above_them() -> None:
 @pytest.mark.parametrize(
     ("layer", "forbidden"),
     [
-        ("_transport", ("_bridge", "_client", "_services", "_cli", "testing", "_embedded")),
-        ("_util", ("_bridge", "_client", "_services", "_cli", "testing", "_embedded")),
-        ("_bridge", ("_client", "_services", "_cli", "testing", "_embedded")),
-        ("_client", ("_services", "_cli", "testing", "_embedded")),
-        ("_services", ("_cli", "testing", "_embedded")),
-        ("testing", ("_cli", "_embedded")),
+        (
+            "_transport",
+            ("_bridge", "_client", "_services", "_ops", "_cli", "testing", "_embedded"),
+        ),
+        ("_util", ("_bridge", "_client", "_services", "_ops", "_cli", "testing", "_embedded")),
+        ("_bridge", ("_client", "_services", "_ops", "_cli", "testing", "_embedded")),
+        ("_client", ("_services", "_ops", "_cli", "testing", "_embedded")),
+        ("_services", ("_ops", "_cli", "testing", "_embedded")),
+        ("_ops", ("_cli", "testing", "_embedded")),
+        ("testing", ("_ops", "_cli", "_embedded")),
     ],
 )
 def test_imports_point_down_the_layers(layer: str, forbidden: tuple[str, ...]) -> None:
@@ -136,6 +140,24 @@ def test_nothing_in_the_library_imports_the_cli_or_rich() -> None:
         return _layer(target) != "_cli" and target.split(".")[0] != "rich"
 
     assert not _violations("the library reaching the CLI", ok)
+
+
+def test_the_ops_dependencies_stay_in_ops_and_load_lazily() -> None:
+    ops_deps = ("hypercorn", "prometheus_client")
+
+    def ok(name: str, target: str) -> bool:
+        return target.split(".")[0] not in ops_deps or _layer(name) == "_ops"
+
+    assert not _violations("hypercorn/prometheus_client outside _ops", ok)
+    # the package front and _ops/__init__ load them only when an entry point is called
+    for front in ("backbeat_trio", "backbeat_trio._ops"):
+        eager = [t for t in _imports(front, runtime_only=True) if t.split(".")[0] in ops_deps]
+        assert not eager, (front, eager)
+        assert not [
+            t
+            for t in _imports(front, runtime_only=True)
+            if t.startswith("backbeat_trio._ops.") and t != "backbeat_trio._ops"
+        ], front
 
 
 def test_nats_py_private_names_are_read_in_one_gated_module() -> None:

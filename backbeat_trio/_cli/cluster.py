@@ -86,6 +86,8 @@ async def run_local_cluster(
     restart_after: float | None = None,
     duration: float | None = None,
     out: Callable[[str], None] = print,
+    http: str | None = None,
+    http_token: str | None = None,
     task_status: trio.TaskStatus[LocalCluster] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start a local NATS cluster with HA pulses and reverbs; report leadership changes.
@@ -108,6 +110,8 @@ async def run_local_cluster(
         restart_after: seconds before a crashed pulse restarts (default: the lease TTL).
         duration: stop after this many seconds; None: run until cancelled.
         out: where lines go (default ``print``).
+        http: ``"HOST:PORT"`` of an admin server over every pulse and reverb (None: none).
+        http_token: the bearer token its ``POST /tempo`` requires (None: read-only).
         task_status: ``nursery.start`` gets the :class:`LocalCluster` once a pulse leads.
 
     Raises:
@@ -182,6 +186,8 @@ async def run_local_cluster(
                         say,
                     )
                 await first_beat.wait()
+                if http is not None:
+                    await nursery.start(_serve_cluster_admin, local, http, http_token, say)
                 task_status.started(local)
                 if failover_every is None:
                     await trio.sleep_forever()
@@ -196,6 +202,40 @@ async def run_local_cluster(
                         )
                         for instance_id in crashed:
                             local.crash(instance_id)
+
+
+async def _serve_cluster_admin(
+    local: LocalCluster,
+    bind: str,
+    token: str | None,
+    say: Callable[[str], None],
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # one admin server over every instance (live mappings: restarted instances show up), with a
+    # connection of its own for /readyz and /bars
+    from .._ops import serve_admin
+
+    conn = ConnectionOptions(
+        nats_url=local.urls,
+        reconnect_delay=0.25,
+        connect_attempts=3,
+        name="backbeat-cluster-admin",
+    )
+    async with open_nats_transport(conn) as transport, trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            functools.partial(
+                serve_admin,
+                bind,
+                pulse=local.pulses,
+                reverb=local.reverbs,
+                transport=transport,
+                cluster_id=local.cluster_id,
+                token=token,
+            )
+        )
+        mode = "tempo changes need the token" if token else "read-only: no --http-token"
+        say(f"admin API on http://{bound}: /healthz /readyz /metrics /tempo /leader /bars ({mode})")
+        task_status.started(bound)
 
 
 def _rotated(urls: Sequence[str], by: int) -> list[str]:

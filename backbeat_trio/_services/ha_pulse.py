@@ -218,7 +218,9 @@ class _HAPulse:
             timings=self.t,
             cluster_id=cfg.cluster_id,
             pulse_id=cfg.pulse_id,
-            pulse=PulseStatus(cfg.cluster_id, cfg.tempo_bpm, cfg.beats_per_bar),
+            pulse=PulseStatus(
+                cfg.cluster_id, cfg.tempo_bpm, cfg.beats_per_bar, pulse_id=cfg.pulse_id
+            ),
         )
         self.lease = LeaseKeeper(
             cfg.pulse_id, self.t, store, self.status, self.election, wall_clock
@@ -366,9 +368,7 @@ class _HAPulse:
         except NotConnected:
             st.skipped_disconnected += 1
             return
-        st.published += 1
-        st.last_beat = beat.beat_index
-        st.tempo_bpm = beat.tempo_bpm
+        st.record_publish(beat)
 
     async def release(self) -> None:
         """Stop leading, then mark the lease released so a follower takes over at once."""

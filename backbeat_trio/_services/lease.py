@@ -186,6 +186,14 @@ class LeaseStatus:
             lags or died silently, e.g. its consumer lived on a server that went away), so the
             follower polled every ``poll_interval`` until the watch delivered news again.
         changes: the latest role changes, oldest first.
+        expires_at: the latest record's ``expires_at`` (its writer's wall clock, POSIX seconds;
+            informational), None before a record was seen.
+        released: the latest record says its holder stepped down.
+        takeover_at: ``trio.current_time()`` from which a follower may take over the lease it
+            saw (``-inf``: at once; ``inf``: nothing read yet): a follower before it follows a
+            live leader.
+        valid_until: while leading, ``trio.current_time()`` until which this instance may act
+            on the lease.
     """
 
     owner_id: str
@@ -205,6 +213,10 @@ class LeaseStatus:
     last_error: str | None = None
     changes: deque[LeadershipChange] = field(default_factory=lambda: deque(maxlen=_CHANGES_KEPT))
     role_event: trio.Event = field(default_factory=trio.Event)
+    expires_at: float | None = None
+    released: bool = False
+    takeover_at: float = math.inf
+    valid_until: float = -math.inf
 
     def __repr__(self) -> str:
         return (
@@ -282,6 +294,10 @@ class LeaseKeeper:
         st.holder = e.holder
         st.lease_revision = e.revision
         st.terms = e.terms
+        st.expires_at = e.record.expires_at if e.record is not None else None
+        st.released = e.record is not None and e.record.released
+        st.takeover_at = e.expires_at()
+        st.valid_until = e.valid_until
         if e.role != st.role:
             st.role = e.role
             why = reason or e.lost_reason

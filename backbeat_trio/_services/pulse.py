@@ -26,6 +26,7 @@ from .._core.beats import (
     validate_tempo,
 )
 from .._core.hlc import HLC
+from .._core.latency import LatencyHistogram
 from .._core.schedule import PulseSchedule, ScheduledBeat, TempoDecision
 from .._core.wire import BeatFrame, TempoChange, decode
 from .._errors import ConfigError, NotConnected, WireError
@@ -33,7 +34,14 @@ from .._transport.base import Subscription, Transport
 from .._transport.options import ConnectionOptions
 from .._util.sleep import sleep_until_precise
 
-__all__ = ["PulseConfig", "PulseStatus", "make_beat_frame", "run_pulse", "tempo_listener"]
+__all__ = [
+    "PulseConfig",
+    "PulseStatus",
+    "TempoControl",
+    "make_beat_frame",
+    "run_pulse",
+    "tempo_listener",
+]
 
 log = logging.getLogger("backbeat_trio.pulse")
 
@@ -88,7 +96,15 @@ class PulseConfig(ConnectionOptions):
 
 @dataclass
 class PulseStatus:
-    """What a running pulse reports (returned by ``nursery.start(run_pulse, cfg)``)."""
+    """What a running pulse reports (returned by ``nursery.start(run_pulse, cfg)``).
+
+    Attributes:
+        publish_error: how late each published beat went out against the ideal schedule
+            (seconds from the beat's due time to the return of ``publish``).
+        last_published_at: ``trio.current_time()`` of the latest publish (None before one).
+        tempo_refused: tempo requests refused (``tempo_refusals`` keeps the latest reasons).
+        tempo_control: where tempo requests go while this pulse publishes (None otherwise).
+    """
 
     cluster_id: str
     tempo_bpm: int
@@ -101,6 +117,20 @@ class PulseStatus:
     tempo_refusals: list[str] = field(default_factory=list)
     bad_tempo_messages: int = 0
     schedule: PulseSchedule | None = None
+    pulse_id: str = ""
+    publish_error: LatencyHistogram = field(default_factory=LatencyHistogram)
+    last_published_at: float | None = None
+    tempo_refused: int = 0
+    tempo_control: TempoControl | None = None
+
+    def record_publish(self, beat: ScheduledBeat) -> None:
+        """Count a beat just published (its publish error measured now)."""
+        now = trio.current_time()
+        self.publish_error.observe(now - beat.due)
+        self.last_published_at = now
+        self.published += 1
+        self.last_beat = beat.beat_index
+        self.tempo_bpm = beat.tempo_bpm
 
     def __repr__(self) -> str:
         return (
@@ -154,7 +184,9 @@ async def _pulse_loop(
         t0=t0,
         max_tempo_step=cfg.max_tempo_step,
     )
-    status = PulseStatus(cfg.cluster_id, cfg.tempo_bpm, cfg.beats_per_bar, schedule=schedule)
+    status = PulseStatus(
+        cfg.cluster_id, cfg.tempo_bpm, cfg.beats_per_bar, schedule=schedule, pulse_id=cfg.pulse_id
+    )
     encoder = msgspec.json.Encoder()
 
     def to_wall(t: float) -> _dt.datetime:
@@ -182,9 +214,7 @@ async def _pulse_loop(
             except NotConnected:
                 status.skipped_disconnected += 1
                 continue
-            status.published += 1
-            status.last_beat = beat.beat_index
-            status.tempo_bpm = beat.tempo_bpm
+            status.record_publish(beat)
 
 
 def make_beat_frame(
@@ -203,28 +233,47 @@ def make_beat_frame(
     )
 
 
-async def tempo_listener(
-    cfg: PulseConfig,
-    transport: Transport,
-    sub: Subscription,
-    schedule: PulseSchedule,
-    hlc: HLC,
-    status: PulseStatus,
-) -> None:
-    async for msg in sub.messages:
-        try:
-            change = decode(msg.data, TempoChange)
-            if change.cluster_id != cfg.cluster_id:
-                raise WireError(f"tempo change for cluster {change.cluster_id!r}")
-            if change.hlc:
-                hlc.update(change.hlc)
-        except WireError as exc:
-            status.bad_tempo_messages += 1
-            log.warning("ignored a bad tempo change: %s", exc)
-            _reply(transport, msg.reply, False, str(exc), None)
-            continue
+class TempoControl:
+    """A publishing pulse's tempo desk: every tempo request, from NATS or the admin API, goes
+    through :meth:`request`, so both get the same checks and the same answer.
+
+    Args:
+        cfg: the pulse's settings (cluster, ``allow_forced_tempo``).
+        schedule: the schedule the change goes to.
+        hlc: the pulse's clock (a request's HLC moves it forward).
+        status: the pulse's live view (counts changes and refusals).
+    """
+
+    def __init__(
+        self, cfg: PulseConfig, schedule: PulseSchedule, hlc: HLC, status: PulseStatus
+    ) -> None:
+        self.cfg = cfg
+        self.schedule = schedule
+        self.hlc = hlc
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"<TempoControl {self.cfg.cluster_id} {self.schedule.tempo_bpm} BPM>"
+
+    def request(self, change: TempoChange) -> TempoDecision:
+        """Check a decoded request and hand it to the schedule.
+
+        Args:
+            change: the request (already decoded and validated as a ``TempoChange``).
+
+        Returns:
+            The schedule's decision (refusals say why).
+
+        Raises:
+            WireError: the request names another cluster or carries a bad HLC.
+        """
+        cfg, status = self.cfg, self.status
+        if change.cluster_id != cfg.cluster_id:
+            raise WireError(f"tempo change for cluster {change.cluster_id!r}")
+        if change.hlc:
+            self.hlc.update(change.hlc)
         force = cfg.allow_forced_tempo and change.reason.startswith("force")
-        decision: TempoDecision = schedule.request_tempo(change.tempo_bpm, force=force)
+        decision = self.schedule.request_tempo(change.tempo_bpm, force=force)
         if decision.accepted:
             status.tempo_changes += 1
             log.info(
@@ -235,12 +284,40 @@ async def tempo_listener(
                 decision.reason,
             )
         else:
+            status.tempo_refused += 1
             status.tempo_refusals.append(decision.reason)
             del status.tempo_refusals[:-32]
             log.warning(
                 "refused tempo change from %s: %s", change.requested_by or "?", decision.reason
             )
-        _reply(transport, msg.reply, decision.accepted, decision.reason, decision.effective_beat)
+        return decision
+
+
+async def tempo_listener(
+    cfg: PulseConfig,
+    transport: Transport,
+    sub: Subscription,
+    schedule: PulseSchedule,
+    hlc: HLC,
+    status: PulseStatus,
+) -> None:
+    control = TempoControl(cfg, schedule, hlc, status)
+    status.tempo_control = control
+    try:
+        async for msg in sub.messages:
+            try:
+                decision = control.request(decode(msg.data, TempoChange))
+            except WireError as exc:
+                status.bad_tempo_messages += 1
+                log.warning("ignored a bad tempo change: %s", exc)
+                _reply(transport, msg.reply, False, str(exc), None)
+                continue
+            _reply(
+                transport, msg.reply, decision.accepted, decision.reason, decision.effective_beat
+            )
+    finally:
+        if status.tempo_control is control:
+            status.tempo_control = None
 
 
 def _reply(

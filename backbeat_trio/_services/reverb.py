@@ -154,7 +154,12 @@ class ReverbConfig(ConnectionOptions):
 
 @dataclass
 class ReverbStatus:
-    """A running reverb's live view (returned by ``nursery.start(run_reverb, cfg)``)."""
+    """A running reverb's live view (returned by ``nursery.start(run_reverb, cfg)``).
+
+    ``rejection_reasons`` is refreshed with each report; ``rejected_by_reason`` is the live tally
+    (the aggregator's own). ``reports`` counts windows closed; ``reports_published`` the reports
+    this reverb actually sent; ``issues_by_kind`` tallies the issues of every closed window.
+    """
 
     cluster_id: str
     stream: str | None = None
@@ -172,6 +177,10 @@ class ReverbStatus:
     reports_standby: int = 0  # windows aggregated while another reverb published (``ha``)
     reports_caught_up: int = 0  # standby windows published after taking over (``ha``)
     standby: deque[BarReport] = field(default_factory=lambda: deque(maxlen=_STANDBY_KEPT))
+    reverb_id: str = ""
+    reports_published: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    issues_by_kind: dict[str, int] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         role = "" if self.lease is None else f" {self.lease.role}"
@@ -249,7 +258,7 @@ async def _reverb_loop(
     wall_clock: Callable[[], float],
     task_status: trio.TaskStatus[ReverbStatus],
 ) -> None:
-    status = ReverbStatus(cfg.cluster_id)
+    status = ReverbStatus(cfg.cluster_id, reverb_id=cfg.reverb_id)
     if keeper is not None:
         status.lease = keeper.status
     subject = status_subject(cfg.cluster_id)
@@ -278,6 +287,7 @@ async def _reverb_loop(
         log.warning("no JetStream stream captures %s; reading claims at most once", subject)
         claims_sub = await transport.subscribe(subject, buffer=65536)
     aggregator = BarAggregator(cfg.cluster_id, beats_per_bar=cfg.beats_per_bar)
+    status.rejected_by_reason = aggregator.rejection_reasons
     hlc = HLC(cfg.reverb_id)
     keyring = cfg.keyring if cfg.keyring is not None else Keyring({})
     replay = ReplayCache()
@@ -302,6 +312,8 @@ async def _reverb_loop(
                 log.warning(
                     "bar report for window %s not published: disconnected", report.window_id
                 )
+            else:
+                status.reports_published += 1
 
         ha: HAReports | None = None
         if keeper is not None:
@@ -321,6 +333,8 @@ async def _reverb_loop(
             else:
                 await ha.report(report)
             status.reports += 1
+            for issue in report.issues:
+                status.issues_by_kind[issue.kind] = status.issues_by_kind.get(issue.kind, 0) + 1
             status.latest = report
             status.history.append(report)
             status.rejection_reasons = dict(aggregator.rejection_reasons)

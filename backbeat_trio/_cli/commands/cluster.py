@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ..admin import add_http_arguments, http_token
 from ..common import EXIT_FAILURE, EXIT_OK, PROG, UsageError, add_command, eprint, out, seconds
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="stop after this long (exit 0; 1 when no beat was seen)",
     )
+    add_http_arguments(p)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -111,6 +113,8 @@ async def run(args: argparse.Namespace) -> int:
         restart_after=args.restart_after,
         duration=args.duration,
         out=say,
+        http=args.http,
+        http_token=http_token(args),
     )
     if leadership == 0:
         eprint(f"{PROG} cluster: no beat was seen within --duration {args.duration:g} s")

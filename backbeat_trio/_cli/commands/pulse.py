@@ -4,11 +4,14 @@ of several instances, publishing only while it holds the lease)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..._core.beats import beat_subject, tempo_subject
+from ..admin import add_http_arguments, start_admin
 from ..common import (
     UsageError,
     add_command,
@@ -88,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --ha: lease TTL; a crashed leader is replaced within about this long "
         "(default: two beats plus 50 ms)",
     )
+    add_http_arguments(p)
 
 
 def _pulse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,6 +110,7 @@ def _pulse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> int:
     """Run the pulse until cancelled, printing a line per beat unless ``--quiet``."""
+    from ..._bridge.nats import open_nats_transport
     from ..._services.pulse import PulseConfig, run_pulse
 
     if args.ha:
@@ -113,13 +118,17 @@ async def run(args: argparse.Namespace) -> int:
     if args.lease_ttl is not None:
         raise UsageError("--lease-ttl needs --ha")
     cfg = PulseConfig(**_pulse_kwargs(args))
-    async with trio.open_nursery() as nursery:
-        status = await nursery.start(run_pulse, cfg)
+    async with contextlib.AsyncExitStack() as stack:
+        # with --http the command owns the connection, so the admin server can watch it too
+        transport = await stack.enter_async_context(open_nats_transport(cfg)) if args.http else None
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        status = await nursery.start(functools.partial(run_pulse, cfg, transport=transport))
         eprint(
             f"pulse {cfg.pulse_id}: cluster {cfg.cluster_id!r} at {cfg.tempo_bpm} BPM, "
             f"{cfg.beats_per_bar} beats per bar, on {beat_subject(cfg.cluster_id)}; "
             f"tempo requests on {tempo_subject(cfg.cluster_id)}"
         )
+        await start_admin(nursery, args, f"pulse {cfg.pulse_id}", pulse=status, transport=transport)
         printed: int | None = None
         while True:
             await trio.sleep(min(0.25, 30.0 / status.tempo_bpm))
@@ -145,6 +154,7 @@ async def _run_ha_pulse(args: argparse.Namespace) -> int:
             f"{cfg.tempo_bpm} BPM and {cfg.beats_per_bar} beats per bar unless the lease holds "
             f"a running schedule; beats on {beat_subject(cfg.cluster_id)} while it leads"
         )
+        await start_admin(nursery, args, f"pulse {cfg.pulse_id}", pulse=status)
         if not status.leading:
             holder = f" (held by {status.holder})" if status.holder else ""
             out(f"role follower: {cfg.pulse_id} waits for the lease{holder}")

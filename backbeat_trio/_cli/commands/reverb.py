@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..._core.beats import bar_subject, status_subject
+from ..admin import add_http_arguments, load_dashboard, start_admin
 from ..common import UsageError, add_command, env, env_int, eprint, load_keyring, out, seconds
 from ..connection import conn_parent, connection_kwargs
 from ..formatting import report_lines
@@ -71,10 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --ha: lease TTL; the longest a report is delayed by a crash (default 2)",
     )
     p.add_argument("--json", action="store_true", help="print each report as one JSON line")
+    add_http_arguments(p)
 
 
 async def run(args: argparse.Namespace) -> int:
     """Run the reverb until cancelled, printing every bar report."""
+    from ..._bridge.nats import open_nats_transport
     from ..._services.reverb import ReverbConfig, run_reverb
 
     keyring = load_keyring(args.keyring) if args.keyring else None
@@ -95,8 +99,9 @@ async def run(args: argparse.Namespace) -> int:
         lease_ttl=args.lease_ttl,
         **connection_kwargs(args),
     )
-    async with trio.open_nursery() as nursery:
-        status = await nursery.start(run_reverb, cfg)
+    # the command owns the connection: the reverb, the admin server and its dashboard share it
+    async with open_nats_transport(cfg) as transport, trio.open_nursery() as nursery:
+        status = await nursery.start(functools.partial(run_reverb, cfg, transport=transport))
         trusted = f"{len(keyring)} trusted key(s)" if keyring is not None else "no keyring"
         ha = f"; HA, lease TTL {cfg.lease_ttl:g} s" if cfg.ha else ""
         eprint(
@@ -105,6 +110,18 @@ async def run(args: argparse.Namespace) -> int:
             f"{status.stream or status_subject(cfg.cluster_id)}; reports on "
             f"{bar_subject(cfg.cluster_id)}{ha}"
         )
+        if args.http:
+            dashboard = load_dashboard(cfg.cluster_id)
+            if dashboard is not None:
+                await nursery.start(functools.partial(dashboard.run, transport))
+            await start_admin(
+                nursery,
+                args,
+                f"reverb {cfg.reverb_id}",
+                reverb=status,
+                transport=transport,
+                fallback=dashboard,
+            )
         handled = 0
         shown: tuple[str, str | None] = ("", None)
         while True:

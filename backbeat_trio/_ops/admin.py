@@ -1,0 +1,444 @@
+"""The admin server: health, readiness, Prometheus metrics, the tempo API, leader and bar history.
+
+One ASGI app (:class:`AdminApp`) over the live views the services already keep; it never
+publishes on NATS. A tempo change goes through the pulse's own
+:class:`~backbeat_trio._services.pulse.TempoControl`, the code path a ``TempoChange`` on NATS
+takes, so both get the same checks and the same answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import trio
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .._core.wire import TempoChange, decode
+from .._errors import BackbeatError, ConfigError, WireError
+from .._services.history import replay_bars
+from .._services.lease import LeaseStatus
+from .._services.reverb import ReverbStatus
+from .._transport.base import Transport
+from .asgi import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    error_response,
+    header,
+    json_response,
+    query_params,
+    read_body,
+    text_response,
+)
+from .metrics import PulseLike, Sources, make_registry, pulse_parts
+from .server import DEFAULT_BIND, serve_asgi
+
+if TYPE_CHECKING:
+    from .._client.client import Client
+
+__all__ = ["AdminApp", "serve_admin"]
+
+log = logging.getLogger("backbeat_trio.admin")
+
+#: ``/bars`` returns at most this many reports.
+MAX_BARS: Final = 1000
+DEFAULT_BARS: Final = 100
+#: How long ``/bars`` waits for the bar stream before answering 504.
+BARS_TIMEOUT_S: Final = 10.0
+#: A publishing pulse is "ready" while its latest beat is at most two beats plus this old.
+READY_SLACK_S: Final = 0.5
+_TEMPO_FIELDS: Final = frozenset({"tempo_bpm", "reason", "requested_by"})
+_TEMPO_TAG: Final = "backbeat.tempochange.v1"
+_ENDPOINTS: Final = "/healthz, /readyz, /metrics, /tempo, /leader, /bars"
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class AdminApp:
+    """The admin API as a raw ASGI 3 app (serve it with :func:`serve_asgi`).
+
+    Args:
+        sources: the live views it reports on.
+        token: the bearer token ``POST /tempo`` needs; None makes the API read-only.
+        fallback: the app that gets every request no admin route matches (the dashboard).
+    """
+
+    def __init__(
+        self, sources: Sources, *, token: str | None = None, fallback: ASGIApp | None = None
+    ) -> None:
+        self.sources = sources
+        self.token = token or None
+        self.fallback = fallback
+        self.registry = make_registry(sources)
+        self._routes: dict[str, dict[str, Handler]] = {
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+            "/metrics": {"GET": self._metrics},
+            "/tempo": {"GET": self._get_tempo, "POST": self._post_tempo},
+            "/leader": {"GET": self._leader},
+            "/bars": {"GET": self._bars},
+        }
+
+    def __repr__(self) -> str:
+        mode = "read-write" if self.token else "read-only"
+        return f"<AdminApp {self.sources.cluster_id} {mode} fallback={self.fallback is not None}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Route one request (ASGI 3)."""
+        if scope["type"] != "http":
+            if self.fallback is not None:
+                await self.fallback(scope, receive, send)
+            elif scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        path = scope.get("path", "/")
+        methods = self._routes.get(path.rstrip("/") or "/")
+        if methods is None:
+            if self.fallback is not None:
+                await self.fallback(scope, receive, send)
+                return
+            await error_response(send, 404, f"no such endpoint: {path} (try {_ENDPOINTS})")
+            return
+        handler = methods.get(scope.get("method", "GET"))
+        if handler is None:
+            allow = ", ".join(methods)
+            await error_response(
+                send, 405, f"{path} answers {allow} only", extra_headers=[("allow", allow)]
+            )
+            return
+        await handler(scope, receive, send)
+
+    # --- probes ----------------------------------------------------------------------------------
+    async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await json_response(send, 200, {"status": "ok"})
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the services here are ready, and why (or why not)."""
+        src = self.sources
+        if src.transport is not None and not src.transport.connected:
+            return False, "not connected to NATS"
+        reasons: list[str] = []
+        if src.pulses:
+            verdicts = {pid: _pulse_ready(st) for pid, st in dict(src.pulses).items()}
+            if not any(ok for ok, _ in verdicts.values()):
+                return False, "; ".join(f"{pid}: {why}" for pid, (_, why) in verdicts.items())
+            reasons += [f"{pid}: {why}" for pid, (ok, why) in verdicts.items() if ok]
+        if src.reverbs:
+            reasons += [
+                f"{rid}: {'publishing' if st.publishing else 'standby'}"
+                for rid, st in dict(src.reverbs).items()
+            ]
+        return True, "; ".join(reasons) or "connected"
+
+    async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ready, reason = self.readiness()
+        await json_response(send, 200 if ready else 503, {"ready": ready, "reason": reason})
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await text_response(send, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+
+    # --- tempo -----------------------------------------------------------------------------------
+    def _tempo_pulse(self) -> tuple[str, PulseLike] | None:
+        pulses = dict(self.sources.pulses)
+        for pid, st in pulses.items():
+            if pulse_parts(st)[0].tempo_control is not None:
+                return pid, st
+        return next(iter(pulses.items()), None)
+
+    async def _get_tempo(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self._tempo_pulse()
+        if found is None:
+            await error_response(send, 404, "no pulse runs behind this admin server")
+            return
+        pid, status = found
+        st, ha = pulse_parts(status)
+        schedule = st.schedule
+        pending = schedule.pending_tempo if schedule is not None else None
+        await json_response(
+            send,
+            200,
+            {
+                "cluster_id": st.cluster_id,
+                "pulse_id": pid,
+                "tempo_bpm": schedule.tempo_bpm if schedule is not None else st.tempo_bpm,
+                "pending_tempo_bpm": pending,
+                "effective_beat": schedule.next_downbeat if schedule and pending else None,
+                "beats_per_bar": st.beats_per_bar,
+                "max_tempo_step": schedule.max_tempo_step if schedule is not None else None,
+                "last_beat": st.last_beat,
+                "publishing": st.tempo_control is not None,
+                "leader": ha.holder if ha is not None else pid,
+                "writable": self.token is not None,
+            },
+        )
+
+    async def _post_tempo(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self._tempo_pulse()
+        if found is None:
+            await error_response(send, 404, "no pulse runs behind this admin server")
+            return
+        if self.token is None:
+            await error_response(
+                send,
+                403,
+                "the admin API is read-only: no admin token is configured "
+                "(--http-token or BACKBEAT_ADMIN_TOKEN)",
+            )
+            return
+        if not _authorized(header(scope, "authorization"), self.token):
+            await error_response(
+                send,
+                401,
+                "POST /tempo needs 'Authorization: Bearer <admin token>'",
+                extra_headers=[("www-authenticate", 'Bearer realm="backbeat"')],
+            )
+            return
+        body = await read_body(scope, receive)
+        if body is None:
+            await error_response(send, 413, "the request body is larger than 4096 bytes")
+            return
+        change_or_reason = _tempo_change(body, self.sources.cluster_id)
+        if isinstance(change_or_reason, str):
+            await json_response(send, 400, _answer(False, change_or_reason, None))
+            return
+        pid, status = found
+        st, ha = pulse_parts(status)
+        control = st.tempo_control
+        if control is None:
+            leader = ha.holder if ha is not None else None
+            where = f"; the lease holder is {leader}" if leader else ""
+            await error_response(send, 409, f"{pid} is not publishing{where}")
+            return
+        try:
+            decision = control.request(change_or_reason)
+        except WireError as exc:
+            await json_response(send, 400, _answer(False, str(exc), None))
+            return
+        answer = _answer(decision.accepted, decision.reason, decision.effective_beat)
+        await json_response(send, 200 if decision.accepted else 422, answer)
+
+    # --- HA and history --------------------------------------------------------------------------
+    async def _leader(self, scope: Scope, receive: Receive, send: Send) -> None:
+        out: dict[str, Any] = {}
+        pulse_leases = {
+            pid: ha for pid, st in dict(self.sources.pulses).items() if (ha := pulse_parts(st)[1])
+        }
+        if pulse_leases:
+            out["pulse"] = _lease_view(pulse_leases)
+        reverb_leases = {
+            rid: st.lease for rid, st in dict(self.sources.reverbs).items() if st.lease is not None
+        }
+        if reverb_leases:
+            out["reverb"] = _lease_view(reverb_leases)
+        if not out:
+            await error_response(send, 404, "no HA pulse or HA reverb runs behind this server")
+            return
+        await json_response(send, 200, out)
+
+    async def _bars(self, scope: Scope, receive: Receive, send: Send) -> None:
+        transport = self.sources.transport
+        if transport is None:
+            await error_response(send, 404, "no NATS connection here to read bar history from")
+            return
+        params = query_params(scope)
+        limit = _int_param(params, "limit", DEFAULT_BARS)
+        since = _int_param(params, "since", None)
+        if isinstance(limit, str) or isinstance(since, str):
+            await error_response(send, 400, limit if isinstance(limit, str) else str(since))
+            return
+        if limit is None or not 1 <= limit <= MAX_BARS:
+            await error_response(send, 400, f"limit must be in 1..{MAX_BARS}, got {limit}")
+            return
+        if since is None:
+            since = self._recent_start(limit)
+        try:
+            with trio.fail_after(BARS_TIMEOUT_S):
+                reports = await replay_bars(
+                    transport, self.sources.cluster_id, since_beat=since, limit=limit
+                )
+        except trio.TooSlowError:
+            await error_response(send, 504, "the bar stream did not answer in time")
+            return
+        except BackbeatError as exc:
+            await error_response(send, 503, f"bar history unavailable: {exc}")
+            return
+        await json_response(send, 200, {"since": since, "count": len(reports), "reports": reports})
+
+    def _recent_start(self, limit: int) -> int:
+        # without ?since: the latest ``limit`` windows a reverb here has seen (else from beat 0)
+        latest = [st.latest for st in dict(self.sources.reverbs).values() if st.latest]
+        if not latest:
+            return 0
+        newest = max(latest, key=lambda r: r.to_beat)
+        span = newest.to_beat - newest.from_beat + 1
+        return max(0, newest.from_beat - (limit - 1) * span)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+def _answer(accepted: bool, reason: str, effective_beat: int | None) -> dict[str, Any]:
+    # the body the pulse replies with on NATS
+    return {"accepted": accepted, "reason": reason, "effective_beat": effective_beat}
+
+
+def _authorized(value: str | None, token: str) -> bool:
+    if value is None:
+        return False
+    scheme, _, given = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def _tempo_change(body: bytes, cluster_id: str) -> TempoChange | str:
+    """The request as a ``TempoChange`` decoded with the wire rules, or why it is refused."""
+    try:
+        fields = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        return f"malformed JSON: {exc}"
+    if not isinstance(fields, dict):
+        return 'expected a JSON object like {"tempo_bpm": 66, "reason": "..."}'
+    unknown = sorted(set(fields) - _TEMPO_FIELDS)
+    if unknown:
+        return f"unknown field(s) {unknown}; expected {sorted(_TEMPO_FIELDS)}"
+    if "tempo_bpm" not in fields:
+        return "tempo_bpm is required"
+    message = {
+        "type": _TEMPO_TAG,
+        "cluster_id": cluster_id,
+        "requested_by": "admin-api",
+        **fields,
+    }
+    try:
+        return decode(msgspec.json.encode(message), TempoChange)
+    except WireError as exc:
+        return str(exc)
+
+
+def _int_param(params: dict[str, list[str]], name: str, default: int | None) -> int | str | None:
+    values = params.get(name)
+    if not values:
+        return default
+    text = values[-1]
+    if not text.isdigit() or len(text) > 19:
+        return f"{name} must be an int >= 0, got {text!r}"
+    return int(text)
+
+
+def _pulse_ready(status: PulseLike) -> tuple[bool, str]:
+    st, ha = pulse_parts(status)
+    now = trio.current_time()
+    if ha is not None and not ha.leading:
+        holder = ha.holder
+        if holder is None or ha.lease_revision is None:
+            return False, "no pulse holds the lease"
+        if ha.released:
+            return False, f"{holder} released the lease; nobody leads yet"
+        if now >= ha.takeover_at:
+            return False, f"the leader {holder} stopped renewing its lease"
+        return True, f"following {holder}"
+    if st.last_published_at is None:
+        return False, "no beat published yet"
+    quiet = now - st.last_published_at
+    if quiet > 2 * 60.0 / max(st.tempo_bpm, 1) + READY_SLACK_S:
+        return False, f"no beat published for {quiet:.1f} s"
+    return True, "publishing"
+
+
+def _lease_view(leases: Mapping[str, LeaseStatus]) -> dict[str, Any]:
+    # the freshest view among the instances here: the one that saw the latest revision
+    newest = max(leases.values(), key=lambda st: st.lease_revision or 0)
+    now_wall = time.time()
+    expires_at = newest.expires_at
+    changes = sorted(
+        (c for st in leases.values() for c in st.changes), key=lambda c: (c.wall, c.at)
+    )[-20:]
+    return {
+        "holder": newest.holder,
+        "revision": newest.lease_revision,
+        "released": newest.released,
+        "expires_at": expires_at,
+        "expires_in_s": None if expires_at is None else round(expires_at - now_wall, 3),
+        "ttl_s": newest.timings.ttl,
+        "instances": {
+            iid: {
+                "role": st.role,
+                "terms": st.terms,
+                "revision": st.lease_revision,
+                "kv_errors": st.kv_errors,
+            }
+            for iid, st in leases.items()
+        },
+        "changes": [
+            {
+                "wall": c.wall,
+                "instance": c.pulse_id,
+                "role": c.role,
+                "holder": c.holder,
+                "next_beat": c.next_beat,
+                "reason": c.reason,
+            }
+            for c in changes
+        ],
+    }
+
+
+# --- the service ----------------------------------------------------------------------------------
+def _keyed(value: Any, kind: Any, id_attr: str, default: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return value  # type: ignore[return-value]
+    if not isinstance(value, kind):
+        raise ConfigError(default, f"must be a status object or a mapping of them, got {value!r}")
+    key = getattr(value, id_attr, "") or default
+    return {key: value}
+
+
+async def serve_admin(
+    bind: str = DEFAULT_BIND,
+    *,
+    pulse: PulseLike | Mapping[str, PulseLike] | None = None,
+    reverb: ReverbStatus | Mapping[str, ReverbStatus] | None = None,
+    clients: Sequence[Client] | Callable[[], Sequence[Client]] = (),
+    transport: Transport | None = None,
+    cluster_id: str | None = None,
+    token: str | None = None,
+    fallback: ASGIApp | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin API for the services given, until cancelled.
+
+    See :func:`backbeat_trio.serve_admin`.
+    """
+    from .._services.ha_pulse import HAPulseStatus
+    from .._services.pulse import PulseStatus
+
+    pulses = _keyed(pulse, PulseStatus | HAPulseStatus, "pulse_id", "pulse")
+    reverbs = _keyed(reverb, ReverbStatus, "reverb_id", "reverb")
+    client_source: Callable[[], Sequence[Client]] = (
+        clients if callable(clients) else (lambda: tuple(clients))
+    )
+    if cluster_id is None:
+        known = [pulse_parts(st)[0].cluster_id for st in pulses.values()]
+        known += [st.cluster_id for st in reverbs.values()]
+        known += [c.config.cluster_id for c in client_source()]
+        if not known:
+            raise ConfigError("cluster_id", "give cluster_id, or a pulse, reverb or client")
+        cluster_id = known[0]
+    if token is not None and not isinstance(token, str):
+        raise ConfigError("token", "must be a string")
+    sources = Sources(
+        cluster_id=cluster_id,
+        pulses=pulses,
+        reverbs=reverbs,
+        clients=client_source,
+        transport=transport,
+    )
+    app = AdminApp(sources, token=token, fallback=fallback)
+    await serve_asgi(app, bind, task_status=task_status)

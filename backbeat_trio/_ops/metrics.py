@@ -1,0 +1,478 @@
+"""Prometheus collectors that read the services' live status objects at scrape time.
+
+Nothing here counts anything: the pulse, the reverb and the client keep their own counters
+(:class:`PulseStatus`, :class:`ReverbStatus`, :class:`ClientMetrics`); a scrape turns them into
+metric families. Each admin server registers one :class:`ServiceCollector` on a registry of its
+own, never prometheus-client's global one, so several services in one process don't collide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import CollectorRegistry
+
+from .._services.ha_pulse import HAPulseStatus
+from .._services.lease import LeaseStatus
+from .._services.pulse import PulseStatus
+from .._services.reverb import ReverbStatus
+from .._transport.base import Transport
+
+if TYPE_CHECKING:
+    from .._client.client import Client
+
+__all__ = [
+    "METRIC_NAMES",
+    "ClientCollector",
+    "PulseLike",
+    "ServiceCollector",
+    "Sources",
+    "make_registry",
+    "pulse_parts",
+]
+
+PulseLike = PulseStatus | HAPulseStatus
+
+#: Every metric family the collectors can produce (as exposed: counters end in ``_total``).
+METRIC_NAMES: Final = (
+    "backbeat_nats_connected",
+    "backbeat_pulse_beats_published_total",
+    "backbeat_pulse_beats_skipped_total",
+    "backbeat_pulse_publish_error_seconds",
+    "backbeat_pulse_tempo_bpm",
+    "backbeat_pulse_pending_tempo_bpm",
+    "backbeat_pulse_tempo_changes_total",
+    "backbeat_pulse_tempo_refusals_total",
+    "backbeat_pulse_bad_tempo_requests_total",
+    "backbeat_pulse_last_beat_index",
+    "backbeat_pulse_leader",
+    "backbeat_lease_leader",
+    "backbeat_lease_terms_total",
+    "backbeat_lease_revision",
+    "backbeat_lease_expiry_timestamp_seconds",
+    "backbeat_lease_kv_requests_total",
+    "backbeat_reverb_claims_accepted_total",
+    "backbeat_reverb_claims_rejected_total",
+    "backbeat_reverb_claims_late_total",
+    "backbeat_reverb_claims_dropped_total",
+    "backbeat_reverb_windows_closed_total",
+    "backbeat_reverb_bar_reports_published_total",
+    "backbeat_reverb_bar_issues_total",
+    "backbeat_reverb_agents_reporting",
+    "backbeat_reverb_agents_tracked",
+    "backbeat_reverb_publishing",
+    "backbeat_client_connected",
+    "backbeat_client_beats_total",
+    "backbeat_client_degraded_beats_total",
+    "backbeat_client_degraded",
+    "backbeat_client_frames_stale_total",
+    "backbeat_client_frames_dropped_total",
+    "backbeat_client_claims_total",
+    "backbeat_client_budgets_total",
+    "backbeat_client_reconnects_total",
+    "backbeat_client_tempo_bpm",
+    "backbeat_client_measured_bpm",
+    "backbeat_client_tempo_drift_seconds",
+    "backbeat_client_clock_offset_seconds",
+    "backbeat_client_last_beat_index",
+)
+
+_CLIENT_CLAIM_OUTCOMES: Final = (
+    ("ok", "claims_ok"),
+    ("confirmed", "claims_confirmed"),
+    ("unconfirmed", "claims_unconfirmed"),
+    ("failed", "claims_failed"),
+    ("acked", "claims_acked"),
+    ("republished", "claims_republished"),
+    ("queued", "claims_queued"),
+)
+_CLIENT_BUDGET_OUTCOMES: Final = (
+    ("created", "budgets_created"),
+    ("completed", "budgets_completed"),
+    ("timed_out", "budgets_timed_out"),
+)
+
+
+def pulse_parts(status: PulseLike) -> tuple[PulseStatus, HAPulseStatus | None]:
+    """The beat-publishing half of a pulse's status, and its lease half (HA pulses only)."""
+    if isinstance(status, HAPulseStatus):
+        return status.pulse, status
+    return status, None
+
+
+@dataclass
+class Sources:
+    """What one admin server reports on: live views, read at every request.
+
+    Attributes:
+        cluster_id: the cluster (a label on every metric).
+        pulses: pulse statuses by instance id (a live mapping may change between scrapes).
+        reverbs: reverb statuses by instance id.
+        clients: clients to export (called at each scrape, so the set may change).
+        transport: the connection the services use, for readiness and ``/bars``.
+    """
+
+    cluster_id: str
+    pulses: Mapping[str, PulseLike] = field(default_factory=dict)
+    reverbs: Mapping[str, ReverbStatus] = field(default_factory=dict)
+    clients: Callable[[], Sequence[Client]] = tuple
+    transport: Transport | None = None
+
+
+class ClientCollector:
+    """Exports the counters and estimates of one or several clients, labelled by ``agent_id``.
+
+    Register it on a ``prometheus_client.CollectorRegistry`` of your own application::
+
+        registry.register(bb3.ClientCollector(lambda: [client]))
+
+    Args:
+        clients: the clients, or a callable returning the current ones (read at every scrape).
+    """
+
+    def __init__(self, clients: Sequence[Client] | Callable[[], Sequence[Client]]) -> None:
+        self._clients: Callable[[], Sequence[Client]] = (
+            clients if callable(clients) else (lambda: tuple(clients))
+        )
+
+    def __repr__(self) -> str:
+        return f"<ClientCollector clients={len(self._clients())}>"
+
+    def collect(self) -> Iterator[Metric]:
+        """The client families (prometheus-client calls this at each scrape)."""
+        yield from _client_families(self._clients())
+
+
+class ServiceCollector:
+    """Every family an admin server exposes: its pulses, reverbs, clients and connection.
+
+    Args:
+        sources: what to read.
+    """
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+
+    def __repr__(self) -> str:
+        src = self.sources
+        return (
+            f"<ServiceCollector {src.cluster_id} pulses={len(src.pulses)} "
+            f"reverbs={len(src.reverbs)}>"
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        """All families (prometheus-client calls this at each scrape)."""
+        src = self.sources
+        if src.transport is not None:
+            g = GaugeMetricFamily(
+                "backbeat_nats_connected",
+                "1 while the service's NATS connection is up",
+                labels=["cluster_id"],
+            )
+            g.add_metric([src.cluster_id], 1.0 if src.transport.connected else 0.0)
+            yield g
+        pulses = dict(src.pulses)
+        reverbs = dict(src.reverbs)
+        if pulses:
+            yield from _pulse_families(src.cluster_id, pulses)
+        leases: list[tuple[str, str, LeaseStatus]] = []
+        for pid, st in pulses.items():
+            _, ha = pulse_parts(st)
+            if ha is not None:
+                leases.append(("pulse", pid, ha))
+        for rid, rst in reverbs.items():
+            if rst.lease is not None:
+                leases.append(("reverb", rid, rst.lease))
+        if leases:
+            yield from _lease_families(src.cluster_id, leases)
+        if reverbs:
+            yield from _reverb_families(src.cluster_id, reverbs)
+        clients = src.clients()
+        if clients:
+            yield from _client_families(clients)
+
+
+def make_registry(sources: Sources) -> CollectorRegistry:
+    """A fresh registry (not the global default) holding one :class:`ServiceCollector`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(sources))
+    return registry
+
+
+# --- families -------------------------------------------------------------------------------------
+def _counter(name: str, doc: str, labels: Sequence[str]) -> CounterMetricFamily:
+    # prometheus-client adds "_total" to a counter's samples; the family is named without it
+    return CounterMetricFamily(name.removesuffix("_total"), doc, labels=list(labels))
+
+
+def _pulse_families(cluster: str, pulses: Mapping[str, PulseLike]) -> Iterable[Metric]:
+    labels = ("cluster_id", "pulse_id")
+    published = _counter("backbeat_pulse_beats_published_total", "beat frames published", labels)
+    skipped = _counter(
+        "backbeat_pulse_beats_skipped_total",
+        "beats not published, by reason (late, disconnected, no_lease)",
+        (*labels, "reason"),
+    )
+    error = HistogramMetricFamily(
+        "backbeat_pulse_publish_error_seconds",
+        "time from each published beat's ideal start to the return of its publish",
+        labels=list(labels),
+    )
+    tempo = GaugeMetricFamily("backbeat_pulse_tempo_bpm", "tempo in force", labels=list(labels))
+    pending = GaugeMetricFamily(
+        "backbeat_pulse_pending_tempo_bpm",
+        "accepted tempo waiting for the next downbeat (0: none)",
+        labels=list(labels),
+    )
+    changes = _counter("backbeat_pulse_tempo_changes_total", "tempo requests accepted", labels)
+    refusals = _counter(
+        "backbeat_pulse_tempo_refusals_total",
+        "tempo requests refused (range, step guard)",
+        labels,
+    )
+    bad = _counter(
+        "backbeat_pulse_bad_tempo_requests_total",
+        "tempo requests on NATS that could not be read",
+        labels,
+    )
+    last = GaugeMetricFamily(
+        "backbeat_pulse_last_beat_index", "index of the latest beat published", labels=list(labels)
+    )
+    leader = GaugeMetricFamily(
+        "backbeat_pulse_leader",
+        "1 while this pulse publishes (a single pulse always; an HA pulse while it leads)",
+        labels=list(labels),
+    )
+    for pid, status in pulses.items():
+        st, ha = pulse_parts(status)
+        lv = [cluster, pid]
+        published.add_metric(lv, st.published)
+        skipped.add_metric([*lv, "late"], st.skipped_late)
+        skipped.add_metric([*lv, "disconnected"], st.skipped_disconnected)
+        skipped.add_metric([*lv, "no_lease"], ha.skipped_no_lease if ha is not None else 0)
+        hist = st.publish_error
+        error.add_metric(
+            lv,
+            [(_bound(b), float(n)) for b, n in hist.cumulative()],
+            sum_value=hist.sum,
+        )
+        schedule = st.schedule
+        tempo.add_metric(lv, schedule.tempo_bpm if schedule is not None else st.tempo_bpm)
+        pending_bpm = schedule.pending_tempo if schedule is not None else None
+        pending.add_metric(lv, pending_bpm or 0)
+        changes.add_metric(lv, st.tempo_changes)
+        refusals.add_metric(lv, st.tempo_refused)
+        bad.add_metric(lv, st.bad_tempo_messages)
+        if st.last_beat is not None:
+            last.add_metric(lv, st.last_beat)
+        leader.add_metric(lv, 1.0 if ha is None or ha.leading else 0.0)
+    return (published, skipped, error, tempo, pending, changes, refusals, bad, last, leader)
+
+
+def _bound(b: float) -> str:
+    return "+Inf" if math.isinf(b) else repr(b)
+
+
+def _lease_families(
+    cluster: str, leases: Sequence[tuple[str, str, LeaseStatus]]
+) -> Iterable[Metric]:
+    labels = ("cluster_id", "lease", "instance_id")
+    leader = GaugeMetricFamily(
+        "backbeat_lease_leader", "1 while this instance holds the lease", labels=list(labels)
+    )
+    terms = _counter("backbeat_lease_terms_total", "times this instance took the lease", labels)
+    revision = GaugeMetricFamily(
+        "backbeat_lease_revision", "latest revision of the lease key seen", labels=list(labels)
+    )
+    expiry = GaugeMetricFamily(
+        "backbeat_lease_expiry_timestamp_seconds",
+        "expiry written in the latest lease record (its writer's wall clock)",
+        labels=list(labels),
+    )
+    kv = _counter(
+        "backbeat_lease_kv_requests_total",
+        "lease key requests by outcome (read, write, conflict, error, watched)",
+        (*labels, "outcome"),
+    )
+    for kind, iid, st in leases:
+        lv = [cluster, kind, iid]
+        leader.add_metric(lv, 1.0 if st.leading else 0.0)
+        terms.add_metric(lv, st.terms)
+        if st.lease_revision is not None:
+            revision.add_metric(lv, st.lease_revision)
+        if st.expires_at is not None:
+            expiry.add_metric(lv, st.expires_at)
+        for outcome, value in (
+            ("read", st.kv_reads),
+            ("write", st.kv_writes),
+            ("conflict", st.kv_conflicts),
+            ("error", st.kv_errors),
+            ("watched", st.kv_watched),
+        ):
+            kv.add_metric([*lv, outcome], value)
+    return (leader, terms, revision, expiry, kv)
+
+
+def _reverb_families(cluster: str, reverbs: Mapping[str, ReverbStatus]) -> Iterable[Metric]:
+    labels = ("cluster_id", "reverb_id")
+    accepted = _counter(
+        "backbeat_reverb_claims_accepted_total", "verified claims counted in a window", labels
+    )
+    rejected = _counter(
+        "backbeat_reverb_claims_rejected_total",
+        "claims rejected, by reason (signature, schema, replay, window...)",
+        (*labels, "reason"),
+    )
+    late = _counter(
+        "backbeat_reverb_claims_late_total", "claims for a window already reported", labels
+    )
+    dropped = _counter(
+        "backbeat_reverb_claims_dropped_total",
+        "claims lost to a full subscription buffer before verification",
+        labels,
+    )
+    closed = _counter("backbeat_reverb_windows_closed_total", "windows aggregated", labels)
+    published = _counter(
+        "backbeat_reverb_bar_reports_published_total", "bar reports this reverb sent", labels
+    )
+    issues = _counter(
+        "backbeat_reverb_bar_issues_total",
+        "issues in the windows closed, by kind (stalled, failed, overrun, deadlock...)",
+        (*labels, "kind"),
+    )
+    agents = GaugeMetricFamily(
+        "backbeat_reverb_agents_reporting",
+        "agents that reported in the latest window",
+        labels=list(labels),
+    )
+    tracked = GaugeMetricFamily(
+        "backbeat_reverb_agents_tracked",
+        "agents whose latest claim the reverb keeps",
+        labels=list(labels),
+    )
+    publishing = GaugeMetricFamily(
+        "backbeat_reverb_publishing",
+        "1 while this reverb publishes reports (0: HA standby)",
+        labels=list(labels),
+    )
+    for rid, st in reverbs.items():
+        lv = [cluster, rid]
+        accepted.add_metric(lv, st.claims_counted)
+        for reason, n in sorted(dict(st.rejected_by_reason).items()):
+            rejected.add_metric([*lv, reason], n)
+        late.add_metric(lv, st.claims_late)
+        dropped.add_metric(lv, st.claims_dropped)
+        closed.add_metric(lv, st.reports)
+        published.add_metric(lv, st.reports_published)
+        for kind, n in sorted(st.issues_by_kind.items()):
+            issues.add_metric([*lv, kind], n)
+        agents.add_metric(lv, st.latest.agents_reporting if st.latest is not None else 0)
+        tracked.add_metric(lv, len(st.latest_claims))
+        publishing.add_metric(lv, 1.0 if st.publishing else 0.0)
+    return (
+        accepted,
+        rejected,
+        late,
+        dropped,
+        closed,
+        published,
+        issues,
+        agents,
+        tracked,
+        publishing,
+    )
+
+
+def _client_families(clients: Sequence[Client]) -> Iterable[Metric]:
+    labels = ("cluster_id", "agent_id")
+    connected = GaugeMetricFamily(
+        "backbeat_client_connected", "1 while the client is connected", labels=list(labels)
+    )
+    beats = _counter("backbeat_client_beats_total", "beat frames taken in", labels)
+    degraded_beats = _counter(
+        "backbeat_client_degraded_beats_total", "beats synthesised while degraded", labels
+    )
+    degraded = GaugeMetricFamily(
+        "backbeat_client_degraded", "1 while keeping time locally", labels=list(labels)
+    )
+    stale = _counter("backbeat_client_frames_stale_total", "frames too old to use", labels)
+    dropped = _counter(
+        "backbeat_client_frames_dropped_total",
+        "frames dropped by a full consumer channel or the transport",
+        labels,
+    )
+    claims = _counter(
+        "backbeat_client_claims_total",
+        "status claims by outcome (ok, confirmed, unconfirmed, failed, acked, republished, queued)",
+        (*labels, "outcome"),
+    )
+    budgets = _counter(
+        "backbeat_client_budgets_total",
+        "beat budgets by outcome (created, completed, timed_out)",
+        (*labels, "outcome"),
+    )
+    reconnects = _counter("backbeat_client_reconnects_total", "reconnections", labels)
+    tempo = GaugeMetricFamily(
+        "backbeat_client_tempo_bpm", "tempo the pulse last announced", labels=list(labels)
+    )
+    measured = GaugeMetricFamily(
+        "backbeat_client_measured_bpm", "tempo the beat arrivals show", labels=list(labels)
+    )
+    drift = GaugeMetricFamily(
+        "backbeat_client_tempo_drift_seconds",
+        "mean observed beat interval minus nominal",
+        labels=list(labels),
+    )
+    offset = GaugeMetricFamily(
+        "backbeat_client_clock_offset_seconds",
+        "local wall clock minus the pulse's",
+        labels=list(labels),
+    )
+    last = GaugeMetricFamily(
+        "backbeat_client_last_beat_index", "latest beat index seen", labels=list(labels)
+    )
+    for client in clients:
+        health = client.health()
+        m = client.metrics
+        lv = [client.config.cluster_id, client.config.agent_id]
+        connected.add_metric(lv, 1.0 if health.connected else 0.0)
+        beats.add_metric(lv, m.beats)
+        degraded_beats.add_metric(lv, m.degraded_beats)
+        degraded.add_metric(lv, 1.0 if health.local_degradation else 0.0)
+        stale.add_metric(lv, m.stale)
+        dropped.add_metric(lv, m.dropped + m.transport_dropped)
+        for outcome, attr in _CLIENT_CLAIM_OUTCOMES:
+            claims.add_metric([*lv, outcome], getattr(m, attr))
+        for outcome, attr in _CLIENT_BUDGET_OUTCOMES:
+            budgets.add_metric([*lv, outcome], getattr(m, attr))
+        reconnects.add_metric(lv, health.reconnect_count)
+        tempo.add_metric(lv, health.current_tempo)
+        measured.add_metric(lv, health.measured_bpm)
+        drift.add_metric(lv, health.tempo_drift_s)
+        offset.add_metric(lv, health.time_drift_s)
+        last.add_metric(lv, health.last_beat)
+    return (
+        connected,
+        beats,
+        degraded_beats,
+        degraded,
+        stale,
+        dropped,
+        claims,
+        budgets,
+        reconnects,
+        tempo,
+        measured,
+        drift,
+        offset,
+        last,
+    )

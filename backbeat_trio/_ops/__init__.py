@@ -1,0 +1,1 @@
+"""The operations surface: HTTP servers beside the services (the live dashboard)."""

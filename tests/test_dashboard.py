@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import json
 import os
 import queue
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import trio
 
-from backbeat_trio import BarReport, BeatFrame, StatusClaim, generate_signing_key
+from backbeat_trio import BarReport, BeatFrame, ConfigError, StatusClaim, generate_signing_key
 from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._core.beats import bar_subject, beat_subject, status_subject, window_id
 from backbeat_trio._core.dashboard import DashboardState, deadlock_cycle
@@ -606,3 +607,39 @@ def test_the_page_shows_beats_advancing_and_the_deadlock_cycle(
     assert code == 130, err
     assert "Traceback" not in err
     assert "demo summary (interrupted)" in out
+
+
+# --- `demo --web` options ----------------------------------------------------------------------
+def test_demo_web_refuses_an_address_beyond_loopback() -> None:
+    result = subprocess.run(
+        [*CLI, "demo", "--plain", "--web", "0.0.0.0:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "loopback only" in result.stderr
+    assert "demo summary" not in result.stdout  # refused before anything started
+
+
+@pytest.mark.nats
+async def test_demo_dashboard_takes_any_free_port_when_its_own_is_busy(nats_url: str) -> None:
+    from backbeat_trio._cli.demo_web import serve_demo_dashboard
+
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                with pytest.raises(ConfigError, match="cannot listen"):
+                    await nursery.start(serve_demo_dashboard, nats_url, CLUSTER, 4, busy)
+                url = await nursery.start(
+                    functools.partial(
+                        serve_demo_dashboard, nats_url, CLUSTER, 4, busy, any_port_if_busy=True
+                    )
+                )
+                assert url.startswith("http://127.0.0.1:")
+                assert url != f"http://{busy}/"
+                nursery.cancel_scope.cancel()

@@ -15,11 +15,31 @@ from .._bridge.nats import open_nats_transport
 from .._errors import ConfigError
 from .._transport.options import ConnectionOptions
 
-__all__ = ["DEFAULT_WEB_BIND", "serve_demo_dashboard"]
+__all__ = ["DEFAULT_WEB_BIND", "check_web_bind", "serve_demo_dashboard"]
 
 #: Where ``--web`` without an address listens (any free port when this one is taken).
 DEFAULT_WEB_BIND: Final = "127.0.0.1:8080"
 _INSTALL_HINT: Final = "pip install 'backbeat_trio[ops]'"
+
+
+def check_web_bind(bind: str) -> None:
+    """Check ``bind`` before anything starts.
+
+    Raises:
+        ConfigError: ``bind`` is not ``"HOST:PORT"`` with a loopback host, or the ``ops`` extra
+            is not installed.
+    """
+    try:
+        from .._ops.server import is_loopback, parse_bind
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("backbeat_trio"):
+            raise
+        raise ConfigError(
+            "web", f"the dashboard needs {exc.name!r}, which is not installed: {_INSTALL_HINT}"
+        ) from exc
+    host, _ = parse_bind(bind)
+    if not is_loopback(host):
+        raise ConfigError("web", f"the demo serves its dashboard on loopback only, got {bind!r}")
 
 
 async def serve_demo_dashboard(
@@ -45,18 +65,11 @@ async def serve_demo_dashboard(
         ConfigError: ``bind`` is malformed, not loopback, or taken (without
             ``any_port_if_busy``); or the ``ops`` extra is not installed.
     """
-    try:
-        from .._ops.dashboard import Dashboard
-        from .._ops.server import is_loopback, parse_bind, serve_asgi
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.startswith("backbeat_trio"):
-            raise
-        raise ConfigError(
-            "web", f"the dashboard needs {exc.name!r}, which is not installed: {_INSTALL_HINT}"
-        ) from exc
+    check_web_bind(bind)
+    from .._ops.dashboard import Dashboard
+    from .._ops.server import parse_bind, serve_asgi
+
     host, _ = parse_bind(bind)
-    if not is_loopback(host):
-        raise ConfigError("web", f"the demo serves its dashboard on loopback only, got {bind!r}")
     dashboard = Dashboard(cluster_id, beats_per_bar=beats_per_bar)
     options = ConnectionOptions(nats_url=nats_url, name="backbeat-demo-dashboard")
     async with open_nats_transport(options) as transport, trio.open_nursery() as nursery:

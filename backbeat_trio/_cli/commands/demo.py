@@ -66,7 +66,7 @@ async def run(args: argparse.Namespace) -> int:
     """Run the demo until its bars are done or it is asked to stop; print the summary."""
     from ..demo import DemoOptions, DemoState, run_demo
     from ..demo_views import LiveView, PlainView
-    from ..demo_web import DEFAULT_WEB_BIND
+    from ..demo_web import DEFAULT_WEB_BIND, check_web_bind
 
     options = DemoOptions(
         bars=None if args.forever else args.bars,
@@ -74,6 +74,9 @@ async def run(args: argparse.Namespace) -> int:
         agents=args.agents,
         cluster_id=args.cluster,
     )
+    web = None if args.web is None else args.web or DEFAULT_WEB_BIND
+    if web is not None:
+        check_web_bind(web)  # before anything starts: a bad address is a usage error
     state = DemoState(options)
     stop: trio.Event = args.stop_requested
     plain = args.plain or (not args.live and not sys.stdout.isatty())
@@ -96,7 +99,7 @@ async def run(args: argparse.Namespace) -> int:
                     view=view,
                     state=state,
                     stop=stop,
-                    web=None if args.web is None else args.web or DEFAULT_WEB_BIND,
+                    web=web,
                     web_any_port_if_busy=args.web == "",
                 )
                 nursery.cancel_scope.cancel()

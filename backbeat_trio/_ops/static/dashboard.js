@@ -54,7 +54,7 @@ function agentRow(a) {
     { "data-agent": a.agent_id },
     el("th", { scope: "row" }, a.agent_id),
     el("td", { class: `state state-${a.state}` }, a.state),
-    el("td", {}, bar, " ", pct(a.progress)),
+    el("td", { class: "progress" }, bar, " ", pct(a.progress)),
     el("td", { class: "num" }, String(a.beats_left)),
     el("td", {}, a.task_id),
     el("td", {}, a.wait_for.join(", ")),

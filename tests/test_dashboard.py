@@ -3,26 +3,20 @@ real headless Chromium during ``backbeat-trio demo --web``."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import functools
 import json
 import os
-import queue
-import select
-import shutil
-import signal
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from _browser import CLI, Demo, DevTools, artifacts_dir, chromium
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backbeat_trio import BarReport, BeatFrame, ConfigError, StatusClaim, generate_signing_key
 from backbeat_trio._bridge.nats import open_nats_transport
@@ -35,7 +29,6 @@ from backbeat_trio._ops.dashboard import Dashboard
 from backbeat_trio._transport.options import ConnectionOptions
 
 CLUSTER = "dash"
-CLI = [sys.executable, "-m", "backbeat_trio"]
 
 
 # --- building messages ---------------------------------------------------------------------------
@@ -115,6 +108,45 @@ def test_state_counts_and_skips_malformed_messages_on_every_subject() -> None:
     assert snap["agents"] == []
     assert snap["reports"] == []
     assert state.on_beat(frame(0), arrival=0.0, wall=0.0)[0]["type"] == "beat"  # still working
+
+
+_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+)
+_json_values = _scalars | st.lists(_scalars, max_size=3)
+_FIELDS = [
+    "type",
+    "cluster_id",
+    "beat_index",
+    "hlc",
+    "agent_id",
+    "task_id",
+    "state",
+    "issues",
+    "from_beat",
+    "to_beat",
+    "window_id",
+    "tempo_bpm",
+    "phase",
+    "progress",
+    "wait_for",
+]
+
+
+@given(
+    raw=st.binary(max_size=64)
+    | st.dictionaries(st.sampled_from(_FIELDS), _json_values).map(lambda d: json.dumps(d).encode())
+)
+def test_state_never_raises_on_any_bytes(raw: bytes) -> None:
+    state = DashboardState(CLUSTER)
+    for deltas in (
+        state.on_beat(raw, arrival=0.0, wall=0.0),
+        state.on_claim(raw, {"Backbeat-Sig": "x"}, wall=0.0),
+        state.on_report(raw, wall=0.0),
+    ):
+        assert all(d["type"] in {"beat", "agent", "report", "malformed"} for d in deltas)
+    assert sum(state.malformed.values()) + sum(state.counters.values()) >= 3
+    json.dumps(state.snapshot())  # whatever arrived, the snapshot stays JSON
 
 
 def test_state_keeps_each_agents_latest_claim_and_marks_signatures() -> None:
@@ -266,6 +298,10 @@ async def test_app_serves_the_page_its_files_and_404s() -> None:
         assert json.loads(missing.body)["error"] == "Not Found"
     post = await Exchange(app, "/", method="POST").run()
     assert post.status == 405
+    head = await Exchange(app, "/events", method="HEAD").run()
+    assert head.status == 200
+    assert head.body == b""
+    assert app.streams == 0
 
 
 @pytest.mark.nats
@@ -376,127 +412,9 @@ async def test_served_over_http_and_nothing_lingers_after_shutdown(nats_url: str
 
 
 # --- the page in a real browser during `backbeat-trio demo --web` ---------------------------------
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def _artifacts(tmp_path: Path) -> Path:
-    folder = os.environ.get("BACKBEAT_TEST_ARTIFACTS")
-    path = Path(folder) if folder else tmp_path
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _high(fd: int) -> int:
-    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
-    os.close(fd)
-    return moved
-
-
-class DevTools:
-    """Chromium's DevTools protocol over ``--remote-debugging-pipe`` (fd 3 in, fd 4 out; each
-    message JSON ending in a NUL byte): enough to open a page, evaluate and take a screenshot."""
-
-    def __init__(self, binary: str, profile: Path) -> None:
-        # Chromium reads fd 3 and writes fd 4; the pipe ends are first moved above them so that
-        # the redirections cannot overwrite one with the other (bash: dash refuses fds over 9)
-        to_chrome_r, self._to_chrome = (_high(fd) for fd in os.pipe())
-        self._from_chrome, from_chrome_w = (_high(fd) for fd in os.pipe())
-        args = [
-            binary,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--remote-debugging-pipe",
-            f"--user-data-dir={profile}",
-            "--window-size=1200,1400",
-            "about:blank",
-        ]
-        self.log = profile.parent / "chromium.log"
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                ["bash", "-c", f'exec "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}', "bash", *args],
-                pass_fds=(to_chrome_r, from_chrome_w),
-                stdout=log,
-                stderr=log,
-            )
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        self._buffer = b""
-        self._next_id = 0
-        self.session = ""
-
-    def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 20) -> Any:
-        self._next_id += 1
-        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
-        if self.session:
-            message["sessionId"] = self.session
-        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\0" in self._buffer:
-                raw, _, self._buffer = self._buffer.partition(b"\0")
-                answer = json.loads(raw)
-                if answer.get("id") == self._next_id:
-                    if "error" in answer:
-                        raise RuntimeError(f"{method}: {answer['error']}")
-                    return answer["result"]
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
-                raise TimeoutError(f"no answer to {method} in {timeout} s")
-            chunk = os.read(self._from_chrome, 1 << 20)
-            if not chunk:
-                raise RuntimeError("chromium closed its DevTools pipe")
-            self._buffer += chunk
-
-    def open(self, url: str) -> None:
-        target = self.call("Target.createTarget", {"url": url})["targetId"]
-        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"
-        ]
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
-        return result["result"].get("value")
-
-    def wait_until(self, expression: str, timeout: float = 20) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"the page never showed {expression!r}")
-
-    def screenshot(self, path: Path) -> None:
-        import base64
-
-        data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
-        path.write_bytes(base64.b64decode(data))
-
-    def close(self) -> None:
-        self.session = ""
-        # it may close the pipe before answering; it is killed below if still running
-        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
-            self.call("Browser.close", timeout=5)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._to_chrome)
-        os.close(self._from_chrome)
-
-
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[DevTools]:
-    binary = _chromium()
+    binary = chromium()
     if binary is None:
         reason = "Chromium is not installed (apt-get install -y chromium; .ci/run does it)"
         if os.environ.get("BACKBEAT_REQUIRE_BROWSER") == "1":
@@ -507,50 +425,6 @@ def browser(tmp_path: Path) -> Iterator[DevTools]:
         yield tools
     finally:
         tools.close()
-
-
-class Demo:
-    """``backbeat-trio demo --web`` as a subprocess, its stdout read line by line."""
-
-    def __init__(self) -> None:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("BACKBEAT_") or k == "BACKBEAT_NATS_SERVER"
-        }
-        self.proc = subprocess.Popen(
-            [*CLI, "demo", "--plain", "--forever", "--web", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def wait_line(self, prefix: str, timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line.startswith(prefix):
-                return line
-
-    def stop(self) -> tuple[int, str, str]:
-        """SIGINT, then its exit code, the rest of its stdout and its stderr."""
-        self.proc.send_signal(signal.SIGINT)
-        code = self.proc.wait(timeout=20)
-        self.reader.join(timeout=5)
-        rest = []
-        while not self.lines.empty():
-            rest.append(self.lines.get())
-        assert self.proc.stderr is not None
-        return code, "".join(rest), self.proc.stderr.read()
 
 
 @pytest.fixture
@@ -597,7 +471,7 @@ def test_the_page_shows_beats_advancing_and_the_deadlock_cycle(
     )
     assert {"ada", "bob", "cyd", "dot", "eno"} <= set(agents)
     assert browser.evaluate("document.getElementById('connection').textContent") == "live"
-    shot = _artifacts(tmp_path) / "dashboard.png"
+    shot = artifacts_dir(tmp_path) / "dashboard.png"
     browser.screenshot(shot)
     assert shot.stat().st_size > 10_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

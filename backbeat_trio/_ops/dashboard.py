@@ -177,7 +177,10 @@ class Dashboard:
             return
         head = method == "HEAD"
         if path == "/events":
-            await self._events(receive, send)
+            if head:
+                await _respond(send, 200, b"", "text/event-stream; charset=utf-8", head=True)
+            else:
+                await self._events(receive, send)
             return
         static = self._static if self._static is not None else _static_files()
         self._static = static

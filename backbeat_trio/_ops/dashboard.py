@@ -74,6 +74,12 @@ class Dashboard:
         beats_per_bar: the bar length, if known (else taken from the bar reports).
         client_buffer: updates buffered per ``/events`` connection.
         heartbeat_s: seconds between heartbeat comments on an idle ``/events`` stream.
+
+    Attributes:
+        state: the :class:`DashboardState` the page shows.
+        streams_opened: ``/events`` connections served so far.
+        updates_dropped: updates slow browsers lost (each then got a snapshot).
+        subscription_dropped: messages each subscription's full buffer dropped, by subject.
     """
 
     def __init__(
@@ -95,7 +101,7 @@ class Dashboard:
         self._static: dict[str, tuple[bytes, str]] | None = None
         self.streams_opened = 0
         self.updates_dropped = 0
-        self.subscription_dropped = 0
+        self.subscription_dropped: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -146,7 +152,7 @@ class Dashboard:
 
     async def _follow(self, sub: Subscription, handle: Callable[[Any], list[Delta]]) -> None:
         async for msg in sub.messages:
-            self.subscription_dropped = sub.dropped
+            self.subscription_dropped[sub.subject] = sub.dropped
             self._fan_out(handle(msg))
         if sub.failure is not None:
             raise sub.failure

@@ -118,6 +118,7 @@ class DemoState:
     latest_report: BarReport | None = None
     issues: dict[tuple[str, str], IssueSeen] = field(default_factory=dict)
     completed: bool = False
+    web_url: str = ""
 
     def bar_of(self, beat_index: int) -> int:
         """The 1-based bar number of a beat."""
@@ -157,6 +158,8 @@ async def run_demo(
     view: DemoView | None = None,
     state: DemoState | None = None,
     stop: trio.Event | None = None,
+    web: str | None = None,
+    web_any_port_if_busy: bool = False,
 ) -> DemoState:
     """Run the demo cluster: embedded nats-server, pulse, signing reverb and simulated agents.
 
@@ -165,6 +168,9 @@ async def run_demo(
         view: told about start-up, every beat and every bar report.
         state: the state to fill in (pass one to read it even if the demo is cancelled).
         stop: end the demo early, as cleanly as at the end (``state.completed`` stays False).
+        web: also serve the live dashboard at this loopback ``"HOST:PORT"`` (its URL goes in
+            ``state.web_url`` before ``view.started``); needs the ``ops`` extra.
+        web_any_port_if_busy: serve it on any free port when ``web``'s port is taken.
 
     Returns:
         The state, with ``completed`` set, once ``options.bars`` bar reports have arrived (with
@@ -173,6 +179,7 @@ async def run_demo(
     Raises:
         EmbeddedServerError: the nats-server did not start.
         NotConnected: a component could not connect.
+        ConfigError: ``web`` is not a free loopback address, or the ``ops`` extra is missing.
     """
     options = options or DemoOptions()
     if state is None:
@@ -199,6 +206,19 @@ async def run_demo(
             run_reverb,
             ReverbConfig(cluster_id=cluster, nats_url=url, keyring=keyring, beats_per_bar=bpb),
         )
+        if web is not None:
+            from .demo_web import serve_demo_dashboard
+
+            state.web_url = await services.start(
+                functools.partial(
+                    serve_demo_dashboard,
+                    url,
+                    cluster,
+                    bpb,
+                    web,
+                    any_port_if_busy=web_any_port_if_busy,
+                )
+            )
         observer_cfg = Config(
             cluster_id=cluster,
             agent_id="demo-view",

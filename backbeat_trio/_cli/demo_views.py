@@ -136,6 +136,7 @@ class PlainView:
                 f"nats-server at {state.nats_url}; cluster {opts.cluster_id!r}; pulse at "
                 f"{opts.tempo_bpm} BPM, {opts.beats_per_bar}/bar; reverb verifying signatures",
                 f"agents: {names}",
+                *([f"dashboard: {state.web_url}"] if state.web_url else []),
             ]
         )
 
@@ -247,9 +248,8 @@ class LiveView:
                 + f"   claims counted {reverb.claims_counted}   rejected {reverb.rejected}"
                 f"   late {reverb.claims_late}"
             )
-        header = Panel(
-            head, title=f"BACKBEAT demo · cluster {opts.cluster_id}", subtitle=state.nats_url
-        )
+        where = state.nats_url + (f" · dashboard {state.web_url}" if state.web_url else "")
+        header = Panel(head, title=f"BACKBEAT demo · cluster {opts.cluster_id}", subtitle=where)
 
         agents = Table(box=box.SIMPLE_HEAD, expand=True)
         agents.add_column("agent", no_wrap=True)

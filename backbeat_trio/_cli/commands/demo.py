@@ -46,6 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tempo", type=int, default=240, metavar="BPM", help="the pulse's tempo")
     p.add_argument("--agents", type=int, default=5, metavar="N", help="simulated agents (>= 5)")
     p.add_argument("--cluster", default="demo", metavar="ID", help="cluster id")
+    p.add_argument(
+        "--web",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve the live dashboard in a browser, on loopback (default 127.0.0.1:8080, "
+        "or any free port when that one is taken); prints the URL",
+    )
     view = p.add_mutually_exclusive_group()
     view.add_argument("--plain", action="store_true", help="plain lines, no live view")
     view.add_argument(
@@ -57,6 +66,7 @@ async def run(args: argparse.Namespace) -> int:
     """Run the demo until its bars are done or it is asked to stop; print the summary."""
     from ..demo import DemoOptions, DemoState, run_demo
     from ..demo_views import LiveView, PlainView
+    from ..demo_web import DEFAULT_WEB_BIND, check_web_bind
 
     options = DemoOptions(
         bars=None if args.forever else args.bars,
@@ -64,6 +74,9 @@ async def run(args: argparse.Namespace) -> int:
         agents=args.agents,
         cluster_id=args.cluster,
     )
+    web = None if args.web is None else args.web or DEFAULT_WEB_BIND
+    if web is not None:
+        check_web_bind(web)  # before anything starts: a bad address is a usage error
     state = DemoState(options)
     stop: trio.Event = args.stop_requested
     plain = args.plain or (not args.live and not sys.stdout.isatty())
@@ -81,7 +94,14 @@ async def run(args: argparse.Namespace) -> int:
         with view if isinstance(view, LiveView) else contextlib.nullcontext():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_quiet_when_stopping, stop, args.verbose)
-                await run_demo(options, view=view, state=state, stop=stop)
+                await run_demo(
+                    options,
+                    view=view,
+                    state=state,
+                    stop=stop,
+                    web=web,
+                    web_any_port_if_busy=args.web == "",
+                )
                 nursery.cancel_scope.cancel()
     finally:
         view.summary(state)

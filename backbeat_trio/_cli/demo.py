@@ -206,6 +206,7 @@ async def run_demo(
             run_reverb,
             ReverbConfig(cluster_id=cluster, nats_url=url, keyring=keyring, beats_per_bar=bpb),
         )
+        pulses: dict[str, PulseStatus] = {}  # the admin server's view; the pulse starts later
         if web is not None:
             from .demo_web import serve_demo_dashboard
 
@@ -216,6 +217,8 @@ async def run_demo(
                     cluster,
                     bpb,
                     web,
+                    reverb=state.reverb,
+                    pulses=pulses,
                     any_port_if_busy=web_any_port_if_busy,
                 )
             )
@@ -252,6 +255,7 @@ async def run_demo(
                 state.pulse = await services.start(
                     functools.partial(run_pulse, pulse_cfg, lead=_PULSE_LEAD_S)
                 )
+                pulses[pulse_cfg.pulse_id] = state.pulse
                 if view is not None:
                     view.started(state)
                 finish = trio.Event()

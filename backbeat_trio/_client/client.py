@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import inspect
 import logging
 import math
 import time
@@ -27,16 +26,16 @@ from .._bridge.nats import open_nats_transport
 from .._client.config import Config
 from .._core.beats import beat_subject, status_subject
 from .._core.hlc import HLC
-from .._core.intake import ADOPTED, DELIVERED, BeatTracker, FrameScreen, ScreenedFrame
+from .._core.intake import BeatTracker, ScreenedFrame
 from .._core.metrics import ClientMetrics, ErrorLog
 from .._core.outbox import Outbox
 from .._core.wire import BeatFrame, HealthStatus, StatusClaim
 from .._errors import BeatBudgetExceeded, NotConnected, UndeliveredClaims
-from .._transport.base import ConnEvent, Message, Transport
-from .._transport.shared import SharedSubscription, SharingTransport, ViewableTransport
+from .._transport.base import ConnEvent, Transport
+from .._transport.shared import SharedSubscription, ViewableTransport
 from .._util.channel import DropOldestChannel
 from .._util.groups import exception_to_raise, reraise
-from .._util.sleep import SPIN_S, precise_clock
+from .beats_in import BeatInput
 from .budgets import BeatBudgets
 from .delivery import ClaimDelivery
 from .fanout import BeatCallback, BeatFanout
@@ -54,7 +53,7 @@ log = logging.getLogger("backbeat_trio.client")
 T = TypeVar("T")
 
 
-class Client:
+class Client(BeatInput):
     """A BACKBEAT agent's connection; build it with :func:`open_client`.
 
     Attributes:
@@ -381,141 +380,6 @@ class Client:
         """Claims not yet delivered (queued, or unacknowledged in JetStream mode), oldest first."""
         return self._outbox.undelivered()
 
-    # ------------------------------------------------------------------ frames in
-    def _intake(self, data: bytes, now: float) -> None:
-        """Validate one raw beat payload and deliver it (or count why not)."""
-        outcome = self._tracker.intake(data, now, self._wall())
-        if outcome == DELIVERED:
-            self._budgets.reproject()
-            self._fanout.put(self._tracker.last_frame)  # type: ignore[arg-type]
-            self._rearm_sampler()
-        elif outcome == ADOPTED:
-            self._budgets.reproject()
-            self._rearm_sampler()
-
-    def _intake_screened(self, screened: ScreenedFrame) -> None:
-        """Deliver one frame the connection's shared subscription already decoded and screened."""
-        outcome = self._tracker.accept(
-            screened.frame, trio.current_time(), self._wall(), screened.stamp
-        )
-        if outcome == DELIVERED:
-            self._budgets.reproject()
-            self._fanout.put(screened.frame)
-            self._rearm_sampler()
-        elif outcome == ADOPTED:
-            self._budgets.reproject()
-            self._rearm_sampler()
-
-    def _rearm_sampler(self) -> None:
-        """The schedule moved: move the sampler's alarm. A sleeping sampler is not woken (a
-        healthy pulse then costs no sampler wake-up per beat) unless the alarm is now due."""
-        scope = self._sampler_scope
-        if scope is None:
-            self._wake_sampler.set()
-        else:
-            tracker = self._tracker
-            scope.deadline = tracker.alarm() - (self._sampler_spin if tracker.degraded else 0.0)
-
-    # ------------------------------------------------------------------ tasks
-    async def _run_subscriber(self, *, task_status: trio.TaskStatus[None]) -> None:
-        # Over NATS, frames are taken in as nats-py parses them: a beat then wakes its consumers
-        # directly, one task hop sooner than through a channel read by this task. ``_intake``
-        # is synchronous and never blocks.
-        transport = self._transport
-        if self._share_beats and isinstance(transport, SharingTransport):
-            await self._run_shared_subscriber(transport, task_status=task_status)
-            return
-        intake = self._intake
-        current_time = trio.current_time
-
-        def handle(msg: Message) -> None:
-            intake(msg.data, current_time())
-
-        subscribe = transport.subscribe
-        if _takes_keyword(subscribe, "handler"):
-            sub = await subscribe(self._beat_subject, buffer=4096, handler=handle)
-        else:  # a transport written before ``handler`` existed
-            sub = await subscribe(self._beat_subject, buffer=4096)
-        task_status.started()
-        try:
-            # a transport that declines ``handler`` (MemoryTransport: it models a network hop)
-            # delivers here instead: take those in the same way
-            async for msg in sub.messages:
-                handle(msg)
-                if sub.dropped:
-                    self.metrics.transport_dropped += sub.dropped
-                    sub.dropped = 0
-            if sub.failure is not None:
-                raise sub.failure
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await sub.unsubscribe()
-
-    async def _run_shared_subscriber(
-        self, transport: SharingTransport, *, task_status: trio.TaskStatus[None]
-    ) -> None:
-        # One subscription per connection and cluster: the frame is decoded and screened once
-        # (what is refused is counted by the connection's FrameScreen and reaches no client),
-        # then each client's tracker judges it against its own clock, schedule and channels.
-        config = self.config
-        sub = await transport.subscribe_shared(
-            self._beat_subject,
-            key=("beat", config.cluster_id, config.max_frame_bytes),
-            prepare=lambda: FrameScreen(config.cluster_id, config.max_frame_bytes),
-            handler=self._intake_screened,
-            buffer=4096,
-        )
-        self._shared_beats = sub
-        task_status.started()
-        try:
-            async for screened in sub.messages:  # a transport that runs no handler inline
-                self._intake_screened(screened)
-                if sub.dropped:
-                    self.metrics.transport_dropped += sub.dropped
-                    sub.dropped = 0
-            if sub.failure is not None:
-                raise sub.failure
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await sub.unsubscribe()
-
-    async def _run_tempo_sampler(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """The local metronome: notices a silent pulse and keeps time alone (degradation)."""
-        task_status.started()
-        tracker = self._tracker
-        self._sampler_spin = SPIN_S if precise_clock() else 0.0
-        while True:
-            if tracker.last_index is None:
-                self._wake_sampler = trio.Event()
-                await self._wake_sampler.wait()
-                continue
-            # Only local beats need the spin's precision: while the pulse is healthy the alarm
-            # just notices its silence (a jitter tolerance late already), and a sampler spinning
-            # while frames queue behind a busy process would take the time they need.
-            spin = self._sampler_spin if tracker.degraded else 0.0
-            # Sleep until the alarm; frames move it (``_rearm_sampler``) without waking us.
-            with trio.CancelScope() as scope:
-                scope.deadline = tracker.alarm() - spin
-                self._sampler_scope = scope
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    self._sampler_scope = None
-            due = tracker.next_due
-            # the last stretch: yield until the alarm (trio's sleeps wake ~1 ms late), unless
-            # a frame moves the schedule meanwhile
-            while tracker.next_due == due:
-                remaining = tracker.alarm() - trio.current_time()
-                if remaining <= 0 or remaining > spin:
-                    break
-                await trio.lowlevel.checkpoint()
-            if tracker.next_due != due or not tracker.synthesis_due(trio.current_time()):
-                continue  # the schedule moved: sleep to the new alarm
-            frame = tracker.synthesise(due, self._wall())
-            self._budgets.reproject()
-            self._fanout.put(frame)
-            self._rearm_sampler()
-
     async def _run_supervisor(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Watches connection events; re-publishes claims after a reconnect."""
         task_status.started()
@@ -587,15 +451,6 @@ class Client:
         self._closing = True
         self._budgets.cancel_all()
         self._fanout.close()  # wakes wait_for_beat(), which then raises NotConnected
-
-
-def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
-    """Whether ``fn`` accepts the keyword argument ``name`` (or any, through ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 @contextlib.asynccontextmanager

@@ -529,4 +529,6 @@ def test_cli_cluster_serves_leader_and_metrics_of_every_instance() -> None:
         status, body = _http(f"{url}/tempo", data=b'{"tempo_bpm": 310}', token=TOKEN)
         assert status == 403  # no --http-token: read-only
         assert b"read-only" in body
+        page = _wait_status(f"{url}/", 200)  # the dashboard, beside the admin API
+        assert b'id="beat-index"' in page
         assert proc.stop(signal.SIGTERM) == 0

@@ -212,8 +212,9 @@ async def _serve_cluster_admin(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     # one admin server over every instance (live mappings: restarted instances show up), with a
-    # connection of its own for /readyz and /bars
+    # connection of its own for /readyz, /bars and the dashboard at / (which shows hand-overs)
     from .._ops import serve_admin
+    from .._ops.dashboard import Dashboard
 
     conn = ConnectionOptions(
         nats_url=local.urls,
@@ -222,6 +223,8 @@ async def _serve_cluster_admin(
         name="backbeat-cluster-admin",
     )
     async with open_nats_transport(conn) as transport, trio.open_nursery() as nursery:
+        dashboard = Dashboard(local.cluster_id)
+        await nursery.start(dashboard.run, transport)
         bound = await nursery.start(
             functools.partial(
                 serve_admin,
@@ -231,10 +234,14 @@ async def _serve_cluster_admin(
                 transport=transport,
                 cluster_id=local.cluster_id,
                 token=token,
+                fallback=dashboard,
             )
         )
         mode = "tempo changes need the token" if token else "read-only: no --http-token"
-        say(f"admin API on http://{bound}: /healthz /readyz /metrics /tempo /leader /bars ({mode})")
+        say(
+            f"admin API on http://{bound}: /healthz /readyz /metrics /tempo /leader /bars "
+            f"({mode}); dashboard at /"
+        )
         task_status.started(bound)
 
 

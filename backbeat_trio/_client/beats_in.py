@@ -81,9 +81,6 @@ class BeatInput:
         # directly, one task hop sooner than through a channel read by this task. ``_intake``
         # is synchronous and never blocks.
         transport = self._transport
-        if self._share_beats and isinstance(transport, SharingTransport):
-            await self._run_shared_subscriber(transport, task_status=task_status)
-            return
         intake = self._intake
         current_time = trio.current_time
 
@@ -96,6 +93,7 @@ class BeatInput:
         else:  # a transport written before ``handler`` existed
             sub = await subscribe(self._beat_subject, buffer=4096)
         task_status.started()
+        del task_status  # it holds trio's start-up nursery: let it go for the task's life
         try:
             # a transport that declines ``handler`` (MemoryTransport: it models a network hop)
             # delivers here instead: take those in the same way
@@ -110,13 +108,19 @@ class BeatInput:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await sub.unsubscribe()
 
-    async def _run_shared_subscriber(
-        self, transport: SharingTransport, *, task_status: trio.TaskStatus[None]
-    ) -> None:
+    def _subscriber(self) -> Callable[..., Any]:
+        """The subscriber task for this client's transport: shared or its own subscription."""
+        if self._share_beats and isinstance(self._transport, SharingTransport):
+            return self._run_shared_subscriber
+        return self._run_subscriber
+
+    async def _run_shared_subscriber(self, *, task_status: trio.TaskStatus[None]) -> None:
         # One subscription per connection and cluster: the frame is decoded and screened once
         # (what is refused is counted by the connection's FrameScreen and reaches no client),
         # then each client's tracker judges it against its own clock, schedule and channels.
         config = self.config
+        transport = self._transport
+        assert isinstance(transport, SharingTransport)
         sub = await transport.subscribe_shared(
             self._beat_subject,
             key=("beat", config.cluster_id, config.max_frame_bytes),
@@ -126,6 +130,7 @@ class BeatInput:
         )
         self._shared_beats = sub
         task_status.started()
+        del task_status  # it holds trio's start-up nursery: let it go for the task's life
         try:
             async for screened in sub.messages:  # a transport that runs no handler inline
                 self._intake_screened(screened)
@@ -141,6 +146,7 @@ class BeatInput:
     async def _run_tempo_sampler(self, *, task_status: trio.TaskStatus[None]) -> None:
         """The local metronome: notices a silent pulse and keeps time alone (degradation)."""
         task_status.started()
+        del task_status  # it holds trio's start-up nursery: let it go for the task's life
         tracker = self._tracker
         self._sampler_spin = SPIN_S if precise_clock() else 0.0
         while True:

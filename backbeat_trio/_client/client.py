@@ -383,6 +383,7 @@ class Client(BeatInput):
     async def _run_supervisor(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Watches connection events; re-publishes claims after a reconnect."""
         task_status.started()
+        del task_status  # it holds trio's start-up nursery: let it go for the task's life
         async for event in self._transport.events:
             self._on_event(event)
         # The events ended under a running client: its transport was closed (or, shared, its
@@ -439,9 +440,10 @@ class Client(BeatInput):
                     await nursery.start(self._delivery.run_ack_listener)
                 else:
                     await nursery.start(self._delivery.run_confirmer)
-                await nursery.start(self._run_subscriber)
+                await nursery.start(self._subscriber())
                 await nursery.start(self._run_tempo_sampler)
                 task_status.started(scope)
+                del task_status  # (trio's start-up nursery: see _run_supervisor)
 
     async def _shutdown(self) -> None:
         """Leave the block: deliver what is queued (bounded), then end budgets, channels, waits."""

@@ -135,6 +135,7 @@ class ClaimDelivery:
         possible loss is bounded by, and counted as, the claims still unconfirmed at a disconnect.
         """
         task_status.started()
+        del task_status  # it holds trio's start-up nursery: let it go for the task's life
         outbox = self.outbox
         while True:
             while not (outbox.unconfirmed and self.connected):
@@ -162,6 +163,7 @@ class ClaimDelivery:
         outbox = self.outbox
         sub = await self._transport.subscribe(f"{outbox.ack_prefix}.*", buffer=65536)
         task_status.started()
+        del task_status  # it holds trio's start-up nursery: let it go for the task's life
         prefix_len = len(outbox.ack_prefix) + 1
         try:
             while True:

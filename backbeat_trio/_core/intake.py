@@ -180,7 +180,8 @@ class BeatTracker:
         "_bar_contiguous",
         "_beats_since_downbeat",
         "_local_anchor",
-        "_pulse_anchor",
+        "_pulse_anchor_deadline",
+        "_pulse_anchor_index",
         "_timing_refusals",
         "beats_per_bar",
         "cluster_id",
@@ -226,7 +227,9 @@ class BeatTracker:
         self.next_due = math.inf
         self._beats_since_downbeat: int | None = None
         self._bar_contiguous = False
-        self._pulse_anchor: tuple[int, _dt.datetime] | None = None  # (index, deadline_at)
+        # the last pulse frame's index and deadline_at (two fields, not a tuple per frame)
+        self._pulse_anchor_index = 0
+        self._pulse_anchor_deadline: _dt.datetime | None = None
         self._timing_refusals = 0  # consecutive frames refused as stale or implausible
         # (index, local start) of the last beat the pulse itself timed: while degraded, local
         # beats are due at anchor + k beats (absolute, no accumulated error)
@@ -313,7 +316,8 @@ class BeatTracker:
             frame.beat_index, now, frame.tempo_bpm, wall_arrival=wall, scheduled_start=start_ts
         )
         # the pulse is alive: anchor the local schedule on its clock
-        self._pulse_anchor = (frame.beat_index, frame.deadline_at)
+        self._pulse_anchor_index = frame.beat_index
+        self._pulse_anchor_deadline = frame.deadline_at
         # Clocks that agree within the tolerance are trusted as they are: the local schedule is
         # then anchored on the pulse's own beat start, not on the fastest arrival seen.
         offset = estimator.clock_offset
@@ -421,8 +425,9 @@ class BeatTracker:
         bpb = self.beats_per_bar
         duration = 60.0 / self.tempo_bpm
         deadline: _dt.datetime | None = None
-        if self._pulse_anchor is not None:
-            anchor_index, anchor_deadline = self._pulse_anchor
+        anchor_deadline = self._pulse_anchor_deadline
+        if anchor_deadline is not None:
+            anchor_index = self._pulse_anchor_index
             with contextlib.suppress(OverflowError):  # the pulse's timeline ends in year 9999
                 step = _dt.timedelta(seconds=(index - anchor_index) * duration)
                 deadline = anchor_deadline + step

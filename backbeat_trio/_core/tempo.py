@@ -9,17 +9,8 @@ interval over the nominal one; the clock offset to the pulse is the smallest
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 __all__ = ["TempoEstimator"]
-
-
-@dataclass(slots=True)
-class _Sample:
-    beat_index: int
-    arrival: float  # local monotonic seconds
-    nominal_interval: float  # 60 / tempo_bpm announced by that frame
-    offset: float | None  # local wall clock minus the pulse's scheduled start, seconds
 
 
 class TempoEstimator:
@@ -32,18 +23,26 @@ class TempoEstimator:
     def __init__(self, window: int = 16) -> None:
         if window < 2:
             raise ValueError("window must be >= 2")
-        self._samples: deque[_Sample] = deque(maxlen=window)
+        # The samples in parallel columns of numbers: a frame then allocates no object the
+        # garbage collector tracks (thousands of clients in one process observe every beat).
+        self._indices: deque[int] = deque(maxlen=window)
+        self._arrivals: deque[float] = deque(maxlen=window)  # local monotonic seconds
+        # local wall clock minus the pulse's scheduled start (None: no wall clock given)
+        self._offsets: deque[float | None] = deque(maxlen=window)
+        self._nominal = 0.0  # 60 / tempo_bpm of the samples (one tempo per estimate)
         self._offset: float | None = None  # clock_offset of the current samples, once computed
 
     def __repr__(self) -> str:
         return (
-            f"<TempoEstimator samples={len(self._samples)} measured_bpm={self.measured_bpm:.3f} "
+            f"<TempoEstimator samples={len(self._indices)} measured_bpm={self.measured_bpm:.3f} "
             f"drift_s={self.tempo_drift:+.6f}>"
         )
 
     def reset(self) -> None:
         """Forget every sample (after a resync the old arrivals say nothing about the new tempo)."""
-        self._samples.clear()
+        self._indices.clear()
+        self._arrivals.clear()
+        self._offsets.clear()
         self._offset = None
 
     def observe(
@@ -64,21 +63,26 @@ class TempoEstimator:
             wall_arrival: local wall-clock arrival (POSIX seconds), for the clock offset.
             scheduled_start: the pulse's start of this beat (``deadline_at`` - one beat, POSIX s).
         """
-        if self._samples and beat_index <= self._samples[-1].beat_index:
+        indices = self._indices
+        nominal = 60.0 / tempo_bpm
+        if indices and beat_index <= indices[-1]:
             self.reset()
         # a tempo change restarts the fit: intervals at two tempos make a meaningless line
-        if self._samples and self._samples[-1].nominal_interval != 60.0 / tempo_bpm:
+        if indices and self._nominal != nominal:
             self.reset()
         offset = None
         if wall_arrival is not None and scheduled_start is not None:
             offset = wall_arrival - scheduled_start
-        samples = self._samples
+        offsets = self._offsets
         cached = self._offset
-        if cached is not None and len(samples) == samples.maxlen:
-            evicted = samples[0].offset
+        if cached is not None and len(offsets) == offsets.maxlen:
+            evicted = offsets[0]
             if evicted is not None and evicted <= cached:
                 cached = None  # the minimum leaves the window: recompute when asked
-        samples.append(_Sample(beat_index, arrival, 60.0 / tempo_bpm, offset))
+        indices.append(beat_index)
+        self._arrivals.append(arrival)
+        offsets.append(offset)
+        self._nominal = nominal
         if cached is not None and offset is not None:
             cached = min(cached, offset)
         self._offset = cached
@@ -86,14 +90,14 @@ class TempoEstimator:
     @property
     def samples(self) -> int:
         """How many samples the estimate rests on."""
-        return len(self._samples)
+        return len(self._indices)
 
     def _slope(self) -> float | None:
-        n = len(self._samples)
+        n = len(self._indices)
         if n < 2:
             return None
-        xs = [s.beat_index for s in self._samples]
-        ys = [s.arrival for s in self._samples]
+        xs = self._indices
+        ys = self._arrivals
         mx = sum(xs) / n
         my = sum(ys) / n
         sxx = sum((x - mx) ** 2 for x in xs)
@@ -115,7 +119,7 @@ class TempoEstimator:
         slope = self._slope()
         if slope is None:
             return 0.0
-        return slope - self._samples[-1].nominal_interval
+        return slope - self._nominal
 
     @property
     def clock_offset(self) -> float:
@@ -123,7 +127,7 @@ class TempoEstimator:
         # read several times per frame by the intake: computed once per new sample
         cached = self._offset
         if cached is None:
-            offsets = [s.offset for s in self._samples if s.offset is not None]
+            offsets = [o for o in self._offsets if o is not None]
             if not offsets:
                 return 0.0
             cached = self._offset = min(offsets)

@@ -223,6 +223,10 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
         t_connect = time.perf_counter() - t_connect
         await trio.sleep(0.2)
         gc.collect()
+        if a.get("gc_freeze"):
+            # what docs/scale.md §6 suggests for thousands of agents: the clients' long-lived
+            # objects leave the collector's full passes
+            gc.freeze()
         rss1 = proc.memory_info().rss
         send({"event": "ready", "connect_s": t_connect})
         # the orchestrator starts the pulse now; settle on a few beats first
@@ -236,7 +240,22 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
         local: list[int] = []
         cpu_s: list[float] = []
         window_lat: list[list[float]] = []
+        # the garbage collector's pauses: (started at, total, longest) of the current window
+        pauses = [0.0, 0.0, 0.0]
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                pauses[0] = time.perf_counter()
+            else:
+                took = time.perf_counter() - pauses[0]
+                pauses[1] += took
+                pauses[2] = max(pauses[2], took)
+
+        gc_s: list[float] = []
+        gc_max_s: list[float] = []
+        gc.callbacks.append(on_gc)
         for _ in range(windows):
+            pauses[1] = pauses[2] = 0.0
             beats0 = sum(c.metrics.beats for c in clients)
             local0 = sum(c.metrics.degraded_beats for c in clients)
             start = len(recs)
@@ -250,10 +269,13 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
             delivered.append(agent_beats)
             cpu_us.append((c1 - c0) / max(1, agent_beats) * 1e6)
             cpu_s.append(c1 - c0)
+            gc_s.append(pauses[1])
+            gc_max_s.append(pauses[2])
             if raw:
                 window_lat.append([round(v, 6) for v in lat])
             p99.append(percentile(lat, 99))
             p50.append(percentile(lat, 50))
+        gc.callbacks.remove(on_gc)
         gc.collect()
         rss2 = proc.memory_info().rss
         result.update(
@@ -264,6 +286,8 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
                 "agent_beats": delivered,
                 "local_beats": local,
                 "cpu_s": cpu_s,
+                "gc_s": gc_s,
+                "gc_max_s": gc_max_s,
                 "window_latencies": window_lat,
                 "expected_agent_beats": n * window_beats,
                 "rss_per_client_connected": (rss1 - rss0) / n,

@@ -4,6 +4,7 @@ transport=conn)``: one beat subscription, each frame decoded once, fanned out to
 Three workers per N, one after the other against one nats-server and one real ``run_pulse``:
 
 * ``shared``: N full ``open_client`` agents on one connection, each with a ``beats()`` consumer;
+* ``shared-frozen``: the same, with ``gc.freeze()`` once the agents are connected (info);
 * ``plain-one``: plain asyncio nats-py, one connection with one subscription (and callback
   decoding the frame) per agent — the baseline of the goals;
 * ``plain``: plain asyncio nats-py, one connection and subscription per agent (info).
@@ -36,6 +37,7 @@ from benchmarks._stats import median
 BENCH = "6c Many agents, one connection"
 IMPLS = (
     ("shared", "benchmarks._w_client", {"shared": True}),
+    ("shared-frozen", "benchmarks._w_client", {"shared": True, "gc_freeze": True}),
     ("plain-one", "benchmarks._w_plain", {"one_connection": True}),
     ("plain", "benchmarks._w_plain", {}),
 )
@@ -181,6 +183,43 @@ def _rows(p: Params, out: Outcome, n: int, results: dict[str, dict[str, Any]]) -
                 f"plain nats-py, {impl}",
             )
         )
+    for res, how in ((ours, ""), (results["shared-frozen"], ", gc.freeze() after connecting")):
+        out.rows.append(
+            solo_row(
+                BENCH,
+                f"N={n}{how}: longest garbage-collector pause per window",
+                "ms",
+                [v * 1e3 for v in res["gc_max_s"]],
+            )
+        )
+    frozen = results["shared-frozen"]
+    label = "the same agents without gc.freeze()"
+    for figure, unit, scale, key in (
+        ("CPU per agent-beat", "µs", 1.0, "cpu_us_per_agent_beat"),
+        ("beat latency p99", "ms", 1e3, "latency_p99"),
+    ):
+        out.rows.append(
+            info_row(
+                BENCH,
+                f"N={n}, gc.freeze() after connecting: {figure}",
+                unit,
+                [v * scale for v in frozen[key]],
+                [v * scale for v in ours[key]],
+                label,
+            )
+        )
+    frozen_synth = [
+        100.0 * lb / max(1, ab)
+        for lb, ab in zip(frozen["local_beats"], frozen["agent_beats"], strict=True)
+    ]
+    out.rows.append(
+        solo_row(
+            BENCH,
+            f"N={n}, gc.freeze() after connecting: beats synthesised locally",
+            "%",
+            frozen_synth,
+        )
+    )
     want = n * p.scale_window_beats
     out.rows.append(
         info_row(

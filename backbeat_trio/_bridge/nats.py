@@ -91,7 +91,6 @@ class NatsTransport(EventFeed):
         self.drain_batches = 0  # wake-ups of the drainer that wrote queued messages
         self.flush_rounds = 0  # PINGs sent by flush(), shared by the callers of one round
         self._flush_pending: asyncio.Task[None] | None = None  # the round not yet started
-        self._flush_running: asyncio.Task[None] | None = None  # the latest round started
 
     def __repr__(self) -> str:
         url = getattr(self._nc, "connected_url", None)
@@ -370,23 +369,19 @@ class NatsTransport(EventFeed):
         """The flush a caller arriving now waits for.
 
         Callers share flushes: many clients on one connection confirming their claims at the
-        same moment cost one PING, not one each. A round that has not started yet covers every
-        message queued before it starts, so a caller joins it; once it started, a new round
-        (which waits for it) is needed.
+        same moment cost one PING, not one each. A round covers every message queued before it
+        starts, so a caller joins the round that has not started yet, else makes a new one.
+        Rounds never wait for each other: one that a dropped connection left waiting for its
+        PONG must not hold up the rounds after the reconnect.
         """
         pending = self._flush_pending
         if pending is None:
-            pending = self._flush_pending = self._loop.create_task(
-                self._run_flush_round(self._flush_running)
-            )
+            pending = self._flush_pending = self._loop.create_task(self._run_flush_round())
         return pending
 
-    async def _run_flush_round(self, previous: asyncio.Task[None] | None) -> None:
+    async def _run_flush_round(self) -> None:
         # asyncio side
-        if previous is not None and not previous.done():
-            await asyncio.wait({previous})
         self._flush_pending = None  # later callers need a round that starts after this point
-        self._flush_running = asyncio.current_task()
         nc = self._nc
         if not nc.is_connected:
             raise NotConnected("not connected: cannot flush")

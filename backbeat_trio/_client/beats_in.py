@@ -27,7 +27,7 @@ class BeatInput:
     these attributes up)."""
 
     config: Config
-    metrics: ClientMetrics
+    _metrics: ClientMetrics
     _transport: Transport
     _tracker: BeatTracker
     _budgets: BeatBudgets
@@ -39,6 +39,21 @@ class BeatInput:
     _sampler_scope: trio.CancelScope | None
     _sampler_spin: float
     _shared_beats: SharedSubscription[ScreenedFrame] | None
+    # the connection's FrameScreen while this client is a member, and its counts at joining
+    _screen: FrameScreen | None = None
+    _screen_base = (0, 0, 0)
+
+    def _mirror_screen(self) -> None:
+        """Copy what the connection's shared subscription refused since this client joined into
+        its own counters (read when they are read: no cost per refused frame per client)."""
+        screen = self._screen
+        if screen is None:
+            return
+        sm, m = screen.metrics, self._metrics
+        malformed, oversized, wrong_cluster = self._screen_base
+        m.malformed = sm.malformed - malformed
+        m.oversized = sm.oversized - oversized
+        m.wrong_cluster = sm.wrong_cluster - wrong_cluster
 
     # ------------------------------------------------------------------ frames in
     def _intake(self, data: bytes, now: float) -> None:
@@ -100,7 +115,7 @@ class BeatInput:
             async for msg in sub.messages:
                 handle(msg)
                 if sub.dropped:
-                    self.metrics.transport_dropped += sub.dropped
+                    self._metrics.transport_dropped += sub.dropped
                     sub.dropped = 0
             if sub.failure is not None:
                 raise sub.failure
@@ -129,17 +144,23 @@ class BeatInput:
             buffer=4096,
         )
         self._shared_beats = sub
+        screen = sub.prepared
+        assert isinstance(screen, FrameScreen)
+        sm = screen.metrics
+        self._screen, self._screen_base = screen, (sm.malformed, sm.oversized, sm.wrong_cluster)
         task_status.started()
         del task_status  # it holds trio's start-up nursery: let it go for the task's life
         try:
             async for screened in sub.messages:  # a transport that runs no handler inline
                 self._intake_screened(screened)
                 if sub.dropped:
-                    self.metrics.transport_dropped += sub.dropped
+                    self._metrics.transport_dropped += sub.dropped
                     sub.dropped = 0
             if sub.failure is not None:
                 raise sub.failure
         finally:
+            self._mirror_screen()  # the counts stop here: this client no longer sees the subject
+            self._screen = None
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await sub.unsubscribe()
 

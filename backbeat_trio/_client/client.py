@@ -72,8 +72,8 @@ class Client(BeatInput):
         self.config = config
         # on a connection shared with other clients: one beat subscription for all of them
         self._share_beats = share_beats
-        self.metrics = ClientMetrics()
-        self._errors = ErrorLog(self.metrics)
+        self._metrics = ClientMetrics()
+        self._errors = ErrorLog(self._metrics)
         self._transport = transport
         self._wall = wall_clock
         hlc = HLC(config.agent_id)
@@ -99,7 +99,7 @@ class Client(BeatInput):
         self._sampler_spin = 0.0  # SPIN_S on a real clock (set by the sampler)
         # beats out
         self._fanout = BeatFanout(self._errors, config.beat_buffer)
-        self._budgets = BeatBudgets(self._tracker, self.metrics)
+        self._budgets = BeatBudgets(self._tracker, self._metrics)
         # claims out: the sans-IO outbox decides; this client publishes and waits
         self._outbox = Outbox(
             agent_id=config.agent_id,
@@ -130,6 +130,18 @@ class Client(BeatInput):
         )
 
     # ------------------------------------------------------------------ public state
+    @property
+    def metrics(self) -> ClientMetrics:
+        """Its counters (also in ``health().metrics``).
+
+        On a connection shared with other clients the beat frames are screened once for all of
+        them, so ``malformed``, ``oversized`` and ``wrong_cluster`` are the connection's
+        counts since this client joined (the same junk is counted once per connection, not once
+        per client, and its cost does not grow with the number of clients).
+        """
+        self._mirror_screen()
+        return self._metrics
+
     @property
     def current_beat(self) -> int | None:
         """The index of the last beat delivered (None before the first)."""
@@ -207,7 +219,7 @@ class Client(BeatInput):
             measured_bpm=estimator.measured_bpm,
             errors=list(self._errors.recent),
             delivery=self._outbox.mode,
-            metrics=asdict(self.metrics),
+            metrics=asdict(self.metrics),  # (the property: shared refusals mirrored)
         )
 
     # ------------------------------------------------------------------ beats out
@@ -399,13 +411,13 @@ class Client(BeatInput):
     def _on_event(self, event: ConnEvent) -> None:
         if event.kind == "disconnected":
             self._set_connected(False)
-            self.metrics.disconnects += 1
+            self._metrics.disconnects += 1
             self._errors.note("disconnected from NATS")
             self._delivery.on_disconnected()
         elif event.kind == "reconnected":
             self._set_connected(True)
             self._reconnect_count += 1
-            self.metrics.reconnects += 1
+            self._metrics.reconnects += 1
             log.info(
                 "reconnected (%s); re-publishing %d claim(s)",
                 event.detail,
@@ -417,7 +429,7 @@ class Client(BeatInput):
             if not self._closing:
                 self._errors.note("NATS connection closed (reconnect attempts exhausted)")
         elif event.kind == "slow_consumer":
-            self.metrics.slow_consumer += 1
+            self._metrics.slow_consumer += 1
             self._errors.note(f"slow consumer: {event.detail}")
         elif event.kind == "error":
             self._errors.note(event.detail)

@@ -292,7 +292,9 @@ def _authorized(value: str | None, token: str) -> bool:
     scheme, _, given = value.partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(given.strip().encode(), token.encode())
+    # header values reach us as latin-1 text of the bytes sent: compare those bytes with the
+    # token's UTF-8 bytes (a token with non-ASCII characters is sent as its UTF-8 bytes)
+    return hmac.compare_digest(given.strip().encode("latin-1"), token.encode("utf-8"))
 
 
 def _tempo_change(body: bytes, cluster_id: str) -> TempoChange | str:
@@ -325,7 +327,7 @@ def _int_param(params: dict[str, list[str]], name: str, default: int | None) -> 
     if not values:
         return default
     text = values[-1]
-    if not text.isdigit() or len(text) > 19:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:  # not '²' or '٣
         return f"{name} must be an int >= 0, got {text!r}"
     return int(text)
 

@@ -142,8 +142,10 @@ class _Entry(Generic[T]):
             await trio.lowlevel.checkpoint()
             return
         # the last one out: forget the entry now (a new member makes a new subscription)
-        # and end this one
-        self.registry._entries.pop(self.key, None)
+        # and end this one; a member of an entry already replaced forgets nothing
+        entries = self.registry._entries
+        if entries.get(self.key) is self:
+            del entries[self.key]
         sub, self.sub = self.sub, None
         if sub is not None:
             await sub.unsubscribe()
@@ -203,27 +205,35 @@ class SharedSubscriptions:
         Raises:
             NotConnected: the connection is closed, or subscribing failed.
         """
-        if self._closed:
-            raise NotConnected("the connection is closed")
-        entry: _Entry[T] | None = self._entries.get(key)
-        if entry is None:
-            entry = _Entry(self, subject, key, prepare())
-            self._entries[key] = entry
-            try:
-                entry.sub = await self._subscribe(subject, entry.deliver)
-            except BaseException as exc:
-                self._entries.pop(key, None)
-                entry.error = exc
-                raise
-            finally:
-                entry.ready.set()
-        else:
-            await entry.ready.wait()
-            if entry.error is not None:
-                raise NotConnected(f"subscribing to {subject!r} failed: {entry.error!r}")
-        member = SharedSubscription(entry, buffer, handler if self._inline else None)
-        entry.members = (*entry.members, member)
-        return member
+        while True:
+            if self._closed:
+                raise NotConnected("the connection is closed")
+            found: _Entry[T] | None = self._entries.get(key)
+            if found is None:
+                entry: _Entry[T] = _Entry(self, subject, key, prepare())
+                self._entries[key] = entry
+                try:
+                    entry.sub = await self._subscribe(subject, entry.deliver)
+                except BaseException as exc:
+                    if self._entries.get(key) is entry:
+                        del self._entries[key]
+                    entry.error = exc
+                    raise
+                finally:
+                    entry.ready.set()
+            else:
+                entry = found
+                await entry.ready.wait()
+                error = entry.error
+                if isinstance(error, Exception):
+                    raise NotConnected(f"subscribing to {subject!r} failed: {error!r}")
+                if self._entries.get(key) is not entry:
+                    # its maker was cancelled, or every member left while this one waited:
+                    # that subscription is gone; make (or join) a new one
+                    continue
+            member = SharedSubscription(entry, buffer, handler if self._inline else None)
+            entry.members = (*entry.members, member)
+            return member
 
     def close(self) -> None:
         """The connection closes: every member's ``messages`` ends."""

@@ -378,6 +378,30 @@ async def test_a_slow_browser_drops_its_own_oldest_updates_then_gets_a_snapshot(
     assert app.streams == 0
 
 
+async def test_event_streams_beyond_the_limit_get_a_503_and_a_closed_one_frees_its_place() -> None:
+    app = Dashboard(CLUSTER, max_streams=2)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            first, second = Exchange(app, "/events"), Exchange(app, "/events")
+            nursery.start_soon(first.run)
+            nursery.start_soon(second.run)
+            await first.wait_for(b"event: snapshot")
+            await second.wait_for(b"event: snapshot")
+            third = await Exchange(app, "/events").run()
+            assert third.status == 503
+            assert "event streams are open" in json.loads(third.body)["reason"]
+            assert app.streams_refused == 1
+            first.disconnect.set()  # that browser went away
+            await trio.testing.wait_all_tasks_blocked()
+            assert app.streams == 1
+            fourth = Exchange(app, "/events")
+            nursery.start_soon(fourth.run)
+            await fourth.wait_for(b"event: snapshot")
+            assert fourth.status == 200
+            nursery.cancel_scope.cancel()
+    assert app.streams == 0
+
+
 @pytest.mark.nats
 async def test_served_over_http_and_nothing_lingers_after_shutdown(nats_url: str) -> None:
     from backbeat_trio._ops.server import serve_asgi

@@ -31,7 +31,7 @@ class BeatFanout:
         default_buffer: a channel's size when none is asked for.
 
     Attributes:
-        beat_event: set (and replaced) on every beat, and at close.
+        beat_event: set (and replaced) on every beat while a task waits on it, and at close.
         closed: True once :meth:`close` ran; new channels are then born closed.
     """
 

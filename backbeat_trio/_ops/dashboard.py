@@ -74,10 +74,13 @@ class Dashboard:
         beats_per_bar: the bar length, if known (else taken from the bar reports).
         client_buffer: updates buffered per ``/events`` connection.
         heartbeat_s: seconds between heartbeat comments on an idle ``/events`` stream.
+        max_streams: ``/events`` connections served at once; one more gets a 503 with a JSON
+            reason (each stream costs a task and a buffer).
 
     Attributes:
         state: the :class:`DashboardState` the page shows.
         streams_opened: ``/events`` connections served so far.
+        streams_refused: ``/events`` connections refused (``max_streams`` were open).
         updates_dropped: updates slow browsers lost (each then got a snapshot).
         subscription_dropped: messages each subscription's full buffer dropped, by subject.
     """
@@ -90,9 +93,13 @@ class Dashboard:
         beats_per_bar: int | None = None,
         client_buffer: int = 256,
         heartbeat_s: float = 5.0,
+        max_streams: int = 64,
     ) -> None:
         if client_buffer < 1:
             raise ValueError("client_buffer must be >= 1")
+        if max_streams < 1:
+            raise ValueError("max_streams must be >= 1")
+        self._max_streams = max_streams
         self.state = DashboardState(cluster_id, history=history, beats_per_bar=beats_per_bar)
         self.cluster_id = cluster_id
         self._client_buffer = client_buffer
@@ -100,6 +107,7 @@ class Dashboard:
         self._streams: set[DropOldestChannel[Delta]] = set()
         self._static: dict[str, tuple[bytes, str]] | None = None
         self.streams_opened = 0
+        self.streams_refused = 0
         self.updates_dropped = 0
         self.subscription_dropped: dict[str, int] = {}
 
@@ -185,6 +193,15 @@ class Dashboard:
         if path == "/events":
             if head:
                 await _respond(send, 200, b"", "text/event-stream; charset=utf-8", head=True)
+            elif len(self._streams) >= self._max_streams:
+                self.streams_refused += 1
+                body = _json.encode(
+                    {
+                        "error": "Service Unavailable",
+                        "reason": f"{len(self._streams)} event streams are open, the most served",
+                    }
+                )
+                await _respond(send, 503, body, "application/json")
             else:
                 await self._events(receive, send)
             return

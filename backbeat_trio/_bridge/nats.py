@@ -360,8 +360,9 @@ class NatsTransport(EventFeed):
         except trio.Cancelled:
             task.add_done_callback(_retrieve)
             raise
-        except NotConnected:
-            raise
+        except NotConnected as exc:
+            # the round's exception is shared by all its callers: each gets its own
+            raise NotConnected(str(exc)) from exc
         except Exception as exc:
             raise NotConnected(f"flush failed: {type(exc).__name__}: {exc}") from exc
 

@@ -42,6 +42,7 @@ class BeatInput:
     # the connection's FrameScreen while this client is a member, and its counts at joining
     _screen: FrameScreen | None = None
     _screen_base = (0, 0, 0)
+    _screen_noted = 0  # the screen's error count when the counts were last mirrored
 
     def _mirror_screen(self) -> None:
         """Copy what the connection's shared subscription refused since this client joined into
@@ -50,6 +51,7 @@ class BeatInput:
         if screen is None:
             return
         sm, m = screen.metrics, self._metrics
+        self._screen_noted = sm.errors
         malformed, oversized, wrong_cluster = self._screen_base
         m.malformed = sm.malformed - malformed
         m.oversized = sm.oversized - oversized
@@ -69,6 +71,9 @@ class BeatInput:
 
     def _intake_screened(self, screened: ScreenedFrame) -> None:
         """Deliver one frame the connection's shared subscription already decoded and screened."""
+        screen = self._screen
+        if screen is not None and screen.metrics.errors != self._screen_noted:
+            self._mirror_screen()  # junk arrived since the last frame: bring the counts along
         outcome = self._tracker.accept(
             screened.frame, trio.current_time(), self._wall(), screened.stamp
         )

@@ -137,7 +137,9 @@ class Client(BeatInput):
         On a connection shared with other clients the beat frames are screened once for all of
         them, so ``malformed``, ``oversized`` and ``wrong_cluster`` are the connection's
         counts since this client joined (the same junk is counted once per connection, not once
-        per client, and its cost does not grow with the number of clients).
+        per client, and its cost does not grow with the number of clients). They are brought
+        into this object when it is read through this property and with every frame the client
+        takes in.
         """
         self._mirror_screen()
         return self._metrics

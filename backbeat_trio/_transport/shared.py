@@ -214,10 +214,16 @@ class SharedSubscriptions:
                 self._entries[key] = entry
                 try:
                     entry.sub = await self._subscribe(subject, entry.deliver)
+                    if self._closed:  # the connection closed meanwhile: nothing to join
+                        raise NotConnected("the connection closed while subscribing")
                 except BaseException as exc:
                     if self._entries.get(key) is entry:
                         del self._entries[key]
                     entry.error = exc
+                    sub, entry.sub = entry.sub, None
+                    if sub is not None:
+                        with trio.CancelScope(shield=True):
+                            await sub.unsubscribe()
                     raise
                 finally:
                     entry.ready.set()
@@ -247,7 +253,8 @@ class SharedSubscriptions:
 
 @runtime_checkable
 class SharingTransport(Protocol):
-    """A transport whose users can share one subscription per subject (NATS, memory)."""
+    """A transport whose users can share one subscription per subject (NATS: ``NatsTransport``
+    and its views)."""
 
     async def subscribe_shared(
         self,

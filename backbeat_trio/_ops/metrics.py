@@ -214,6 +214,10 @@ def _counter(name: str, doc: str, labels: Sequence[str]) -> CounterMetricFamily:
     return CounterMetricFamily(name.removesuffix("_total"), doc, labels=list(labels))
 
 
+def _gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
 def _pulse_families(cluster: str, pulses: Mapping[str, PulseLike]) -> Iterable[Metric]:
     labels = ("cluster_id", "pulse_id")
     published = _counter("backbeat_pulse_beats_published_total", "beat frames published", labels)
@@ -227,11 +231,11 @@ def _pulse_families(cluster: str, pulses: Mapping[str, PulseLike]) -> Iterable[M
         "time from each published beat's ideal start to the return of its publish",
         labels=list(labels),
     )
-    tempo = GaugeMetricFamily("backbeat_pulse_tempo_bpm", "tempo in force", labels=list(labels))
-    pending = GaugeMetricFamily(
+    tempo = _gauge("backbeat_pulse_tempo_bpm", "tempo in force", labels)
+    pending = _gauge(
         "backbeat_pulse_pending_tempo_bpm",
         "accepted tempo waiting for the next downbeat (0: none)",
-        labels=list(labels),
+        labels,
     )
     changes = _counter("backbeat_pulse_tempo_changes_total", "tempo requests accepted", labels)
     refusals = _counter(
@@ -244,13 +248,11 @@ def _pulse_families(cluster: str, pulses: Mapping[str, PulseLike]) -> Iterable[M
         "tempo requests on NATS that could not be read",
         labels,
     )
-    last = GaugeMetricFamily(
-        "backbeat_pulse_last_beat_index", "index of the latest beat published", labels=list(labels)
-    )
-    leader = GaugeMetricFamily(
+    last = _gauge("backbeat_pulse_last_beat_index", "index of the latest beat published", labels)
+    leader = _gauge(
         "backbeat_pulse_leader",
         "1 while this pulse publishes (a single pulse always; an HA pulse while it leads)",
-        labels=list(labels),
+        labels,
     )
     for pid, status in pulses.items():
         st, ha = pulse_parts(status)
@@ -286,17 +288,13 @@ def _lease_families(
     cluster: str, leases: Sequence[tuple[str, str, LeaseStatus]]
 ) -> Iterable[Metric]:
     labels = ("cluster_id", "lease", "instance_id")
-    leader = GaugeMetricFamily(
-        "backbeat_lease_leader", "1 while this instance holds the lease", labels=list(labels)
-    )
+    leader = _gauge("backbeat_lease_leader", "1 while this instance holds the lease", labels)
     terms = _counter("backbeat_lease_terms_total", "times this instance took the lease", labels)
-    revision = GaugeMetricFamily(
-        "backbeat_lease_revision", "latest revision of the lease key seen", labels=list(labels)
-    )
-    expiry = GaugeMetricFamily(
+    revision = _gauge("backbeat_lease_revision", "latest revision of the lease key seen", labels)
+    expiry = _gauge(
         "backbeat_lease_expiry_timestamp_seconds",
         "expiry written in the latest lease record (its writer's wall clock)",
-        labels=list(labels),
+        labels,
     )
     kv = _counter(
         "backbeat_lease_kv_requests_total",
@@ -349,20 +347,16 @@ def _reverb_families(cluster: str, reverbs: Mapping[str, ReverbStatus]) -> Itera
         "issues in the windows closed, by kind (stalled, failed, overrun, deadlock...)",
         (*labels, "kind"),
     )
-    agents = GaugeMetricFamily(
-        "backbeat_reverb_agents_reporting",
-        "agents that reported in the latest window",
-        labels=list(labels),
+    agents = _gauge(
+        "backbeat_reverb_agents_reporting", "agents that reported in the latest window", labels
     )
-    tracked = GaugeMetricFamily(
-        "backbeat_reverb_agents_tracked",
-        "agents whose latest claim the reverb keeps",
-        labels=list(labels),
+    tracked = _gauge(
+        "backbeat_reverb_agents_tracked", "agents whose latest claim the reverb keeps", labels
     )
-    publishing = GaugeMetricFamily(
+    publishing = _gauge(
         "backbeat_reverb_publishing",
         "1 while this reverb publishes reports (0: HA standby)",
-        labels=list(labels),
+        labels,
     )
     for rid, st in reverbs.items():
         lv = [cluster, rid]
@@ -394,16 +388,12 @@ def _reverb_families(cluster: str, reverbs: Mapping[str, ReverbStatus]) -> Itera
 
 def _client_families(clients: Sequence[Client]) -> Iterable[Metric]:
     labels = ("cluster_id", "agent_id")
-    connected = GaugeMetricFamily(
-        "backbeat_client_connected", "1 while the client is connected", labels=list(labels)
-    )
+    connected = _gauge("backbeat_client_connected", "1 while the client is connected", labels)
     beats = _counter("backbeat_client_beats_total", "beat frames taken in", labels)
     degraded_beats = _counter(
         "backbeat_client_degraded_beats_total", "beats synthesised while degraded", labels
     )
-    degraded = GaugeMetricFamily(
-        "backbeat_client_degraded", "1 while keeping time locally", labels=list(labels)
-    )
+    degraded = _gauge("backbeat_client_degraded", "1 while keeping time locally", labels)
     stale = _counter("backbeat_client_frames_stale_total", "frames too old to use", labels)
     dropped = _counter(
         "backbeat_client_frames_dropped_total",
@@ -421,25 +411,15 @@ def _client_families(clients: Sequence[Client]) -> Iterable[Metric]:
         (*labels, "outcome"),
     )
     reconnects = _counter("backbeat_client_reconnects_total", "reconnections", labels)
-    tempo = GaugeMetricFamily(
-        "backbeat_client_tempo_bpm", "tempo the pulse last announced", labels=list(labels)
+    tempo = _gauge("backbeat_client_tempo_bpm", "tempo the pulse last announced", labels)
+    measured = _gauge("backbeat_client_measured_bpm", "tempo the beat arrivals show", labels)
+    drift = _gauge(
+        "backbeat_client_tempo_drift_seconds", "mean observed beat interval minus nominal", labels
     )
-    measured = GaugeMetricFamily(
-        "backbeat_client_measured_bpm", "tempo the beat arrivals show", labels=list(labels)
+    offset = _gauge(
+        "backbeat_client_clock_offset_seconds", "local wall clock minus the pulse's", labels
     )
-    drift = GaugeMetricFamily(
-        "backbeat_client_tempo_drift_seconds",
-        "mean observed beat interval minus nominal",
-        labels=list(labels),
-    )
-    offset = GaugeMetricFamily(
-        "backbeat_client_clock_offset_seconds",
-        "local wall clock minus the pulse's",
-        labels=list(labels),
-    )
-    last = GaugeMetricFamily(
-        "backbeat_client_last_beat_index", "latest beat index seen", labels=list(labels)
-    )
+    last = _gauge("backbeat_client_last_beat_index", "latest beat index seen", labels)
     for client in clients:
         health = client.health()
         m = client.metrics

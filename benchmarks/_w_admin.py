@@ -14,15 +14,14 @@ import functools
 import math
 from typing import Any
 
-import msgspec
 import trio
 import trio_asyncio
 
-from backbeat_trio import BeatFrame, NotConnected, PulseConfig, run_pulse, serve_admin
+from backbeat_trio import NotConnected, PulseConfig, run_pulse, serve_admin
 from backbeat_trio._bridge.nats import NatsTransport, open_nats_transport
 from backbeat_trio._core.beats import beat_subject
 from benchmarks._proto import args, read_commands, send
-from benchmarks._w_pulse import RecordingTransport
+from benchmarks._w_pulse import RecordingTransport, schedule_errors
 
 PULSE_ID = "bench-admin-pulse"
 
@@ -48,14 +47,7 @@ async def _run_once(url: str, transport: NatsTransport, cmd: dict[str, Any]) -> 
         with contextlib.suppress(NotConnected), trio.move_on_after(2.0):
             await transport.flush()
         nursery.cancel_scope.cancel()
-    schedule = status.schedule
-    assert schedule is not None
-    decoder = msgspec.json.Decoder(BeatFrame)
-    indices = [decoder.decode(p).beat_index for p in rec.payloads]
-    errors = [
-        t - (schedule.next_due - (schedule.next_index - k) * duration)
-        for t, k in zip(rec.trio_times, indices, strict=True)
-    ]
+    indices, errors = schedule_errors(status, rec, duration)
     send(
         {
             "event": "result",

@@ -62,6 +62,22 @@ class RecordingTransport:
                 self.done.set()
 
 
+def schedule_errors(
+    status: Any, rec: RecordingTransport, duration: float
+) -> tuple[list[int], list[float]]:
+    """The recorded beats' indices and each one's publish time minus its ideal due time."""
+    schedule = status.schedule
+    assert schedule is not None
+    decoder = msgspec.json.Decoder(BeatFrame)
+    indices = [decoder.decode(p).beat_index for p in rec.payloads]
+    # due(k) from the schedule's public state (constant tempo): next_due − (next_index − k)·d
+    errors = [
+        t - (schedule.next_due - (schedule.next_index - k) * duration)
+        for t, k in zip(rec.trio_times, indices, strict=True)
+    ]
+    return indices, errors
+
+
 async def _run_once(
     url: str,
     transport: NatsTransport,
@@ -103,15 +119,7 @@ async def _run_once(
         with contextlib.suppress(NotConnected), trio.move_on_after(2.0):
             await transport.flush()
         nursery.cancel_scope.cancel()
-    schedule = status.schedule
-    assert schedule is not None
-    decoder = msgspec.json.Decoder(BeatFrame)
-    indices = [decoder.decode(p).beat_index for p in rec.payloads]
-    # due(k) from the schedule's public state (constant tempo): next_due − (next_index − k)·d
-    errors = [
-        t - (schedule.next_due - (schedule.next_index - k) * duration)
-        for t, k in zip(rec.trio_times, indices, strict=True)
-    ]
+    indices, errors = schedule_errors(status, rec, duration)
     send(
         {
             "event": "result",

@@ -521,6 +521,20 @@ async def bench_claims(p: Params, out: Outcome, logdir: Path) -> None:
     )
 
 
+def scale_args(p: Params, url: str, cluster: str, n: int, **extra: Any) -> dict[str, Any]:
+    """The arguments of a ``scale`` worker: ``n`` agents on ``cluster`` at ``url``."""
+    return {
+        "role": "scale",
+        "url": url,
+        "cluster": cluster,
+        "n": n,
+        "windows": p.scale_windows,
+        "window_beats": p.scale_window_beats,
+        "tempo": p.scale_tempo,
+        **extra,
+    }
+
+
 async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
     d = 60.0 / p.scale_tempo
     async with (
@@ -529,15 +543,7 @@ async def bench_scale(p: Params, out: Outcome, logdir: Path) -> None:
     ):
         for n in p.scale_ns:
             cluster = f"scale{n}"
-            wargs = {
-                "role": "scale",
-                "url": server.url,
-                "cluster": cluster,
-                "n": n,
-                "windows": p.scale_windows,
-                "window_beats": p.scale_window_beats,
-                "tempo": p.scale_tempo,
-            }
+            wargs = scale_args(p, server.url, cluster, n)
             results = {}
             async with contextlib.AsyncExitStack() as stack:
                 impls = [("bb", "benchmarks._w_client"), ("plain", "benchmarks._w_plain")]
@@ -778,16 +784,7 @@ async def bench_scale_cluster(p: Params, out: Outcome, logdir: Path) -> None:
                     f"{topo}{j}": (
                         f"scalec-{n}-{topo}-{j}",
                         "benchmarks._w_client",
-                        {
-                            "role": "scale",
-                            "url": urls[j],
-                            "cluster": f"scalec{n}{topo}",
-                            "n": parts[j],
-                            "windows": p.scale_windows,
-                            "window_beats": p.scale_window_beats,
-                            "tempo": p.scale_tempo,
-                            "raw_latencies": True,
-                        },
+                        scale_args(p, urls[j], f"scalec{n}{topo}", parts[j], raw_latencies=True),
                     )
                     for topo, (urls, _) in topologies.items()
                     for j in range(SCALE_NODES)

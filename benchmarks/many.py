@@ -28,6 +28,7 @@ from benchmarks._runner import (
     info_row,
     open_embedded_nats_process,
     open_worker,
+    scale_args,
     solo_row,
     start_pulse,
     start_workers,
@@ -54,16 +55,7 @@ async def bench_many(p: Params, out: Outcome, logdir: Path) -> None:
             results: dict[str, dict[str, Any]] = {}
             for impl, module, extra in IMPLS:
                 cluster = f"many{n}{impl.replace('-', '')}"
-                wargs = {
-                    "role": "scale",
-                    "url": server.url,
-                    "cluster": cluster,
-                    "n": n,
-                    "windows": p.scale_windows,
-                    "window_beats": p.scale_window_beats,
-                    "tempo": p.scale_tempo,
-                    **extra,
-                }
+                wargs = scale_args(p, server.url, cluster, n, **extra)
                 async with contextlib.AsyncExitStack() as stack:
                     workers = await start_workers(
                         stack, {impl: (f"many-{n}-{impl}", module, wargs)}, logdir

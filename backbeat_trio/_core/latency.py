@@ -1,13 +1,12 @@
 """A fixed-bucket latency histogram, sans-IO: what the pulse records its publish error in.
 
 Prometheus-shaped (upper bounds, a running sum and count) so an exporter can hand it on as it
-is, plus the most recent raw samples for anyone who wants exact percentiles of a short span.
+is.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from typing import Final
 
 __all__ = ["PUBLISH_ERROR_BUCKETS_S", "LatencyHistogram"]
@@ -32,23 +31,21 @@ PUBLISH_ERROR_BUCKETS_S: Final = (
 
 
 class LatencyHistogram:
-    """Counts of observations per bucket, their sum and the latest raw samples.
+    """Counts of observations per bucket and their sum.
 
     Args:
         bounds: the buckets' upper bounds, increasing (an implicit ``+Inf`` bucket follows).
-        keep: how many recent raw samples :attr:`recent` holds.
     """
 
-    __slots__ = ("bounds", "count", "counts", "recent", "sum")
+    __slots__ = ("bounds", "count", "counts", "sum")
 
-    def __init__(self, bounds: tuple[float, ...] = PUBLISH_ERROR_BUCKETS_S, keep: int = 4096):
+    def __init__(self, bounds: tuple[float, ...] = PUBLISH_ERROR_BUCKETS_S):
         if list(bounds) != sorted(set(bounds)) or not bounds:
             raise ValueError(f"bounds must increase strictly, got {bounds!r}")
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
         self.sum = 0.0
         self.count = 0
-        self.recent: deque[float] = deque(maxlen=keep)
 
     def __repr__(self) -> str:
         return f"<LatencyHistogram count={self.count} sum={self.sum:.6f}>"
@@ -59,7 +56,6 @@ class LatencyHistogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
-        self.recent.append(value)
 
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, observations <= it)`` per bucket, ending with ``(inf, count)``."""

@@ -18,6 +18,7 @@ __all__ = [
     "Receive",
     "Scope",
     "Send",
+    "answer_lifespan",
     "error_response",
     "header",
     "json_response",
@@ -75,12 +76,25 @@ async def read_body(scope: Scope, receive: Receive, limit: int = MAX_BODY_BYTES)
     return bytes(body)
 
 
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI ``lifespan`` scope: nothing to start or stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def _respond(
     send: Send,
     status: int,
     body: bytes,
     content_type: str,
     extra_headers: Iterable[tuple[str, str]] = (),
+    *,
+    head: bool = False,
 ) -> None:
     headers = [
         (b"content-type", content_type.encode("latin-1")),
@@ -89,7 +103,7 @@ async def _respond(
     ]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 async def json_response(
@@ -108,6 +122,14 @@ async def error_response(
     )
 
 
-async def text_response(send: Send, status: int, body: bytes, content_type: str) -> None:
-    """Answer with ``body`` as it is."""
-    await _respond(send, status, body, content_type)
+async def text_response(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str,
+    extra_headers: Iterable[tuple[str, str]] = (),
+    *,
+    head: bool = False,
+) -> None:
+    """Answer with ``body`` as it is (``head``: its headers only, for a HEAD request)."""
+    await _respond(send, status, body, content_type, extra_headers, head=head)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -21,12 +21,9 @@ from .._core.beats import bar_subject, beat_subject, status_subject
 from .._core.dashboard import DashboardState, Delta
 from .._transport.base import Subscription, Transport
 from .._util.channel import DropOldestChannel
+from .asgi import Receive, Scope, Send, answer_lifespan, text_response
 
 __all__ = ["Dashboard"]
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 log = logging.getLogger("backbeat_trio.dashboard")
 
@@ -38,10 +35,9 @@ _STATIC_TYPES: Final = {
 }
 # the page loads nothing from elsewhere and runs no inline script
 _PAGE_HEADERS: Final = [
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"cache-control", b"no-store"),
-]
+    ("content-security-policy", "default-src 'self'; img-src 'self' data:"),
+    ("x-content-type-options", "nosniff"),
+]  # (and cache-control: no-store, which every answer carries)
 _json: Final = msgspec.json.Encoder()
 
 
@@ -178,7 +174,7 @@ class Dashboard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI 3 application."""
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         if scope["type"] != "http":
             if scope["type"] == "websocket":
@@ -230,7 +226,8 @@ class Dashboard:
                     "headers": [
                         (b"content-type", b"text/event-stream; charset=utf-8"),
                         (b"x-accel-buffering", b"no"),
-                        *_PAGE_HEADERS[1:],
+                        (b"x-content-type-options", b"nosniff"),
+                        (b"cache-control", b"no-store"),
                     ],
                 }
             )
@@ -288,23 +285,7 @@ async def _end_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
             return
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 async def _respond(
     send: Send, status: int, body: bytes, content_type: str, *, head: bool = False
 ) -> None:
-    headers = [
-        (b"content-type", content_type.encode("latin-1")),
-        (b"content-length", str(len(body)).encode("latin-1")),
-        *_PAGE_HEADERS,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body})
+    await text_response(send, status, body, content_type, _PAGE_HEADERS, head=head)

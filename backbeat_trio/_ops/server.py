@@ -20,7 +20,7 @@ from hypercorn.logging import Logger as HypercornLogger
 from hypercorn.trio import serve
 
 from .._errors import ConfigError
-from .asgi import ASGIApp, Receive, Scope, Send
+from .asgi import ASGIApp, Receive, Scope, Send, answer_lifespan
 
 __all__ = ["DEFAULT_BIND", "is_loopback", "parse_bind", "serve_asgi"]
 
@@ -67,16 +67,10 @@ def _with_lifespan(app: ASGIApp) -> ASGIApp:
     # hypercorn opens with a lifespan scope; an app that does not know it would make it log an
     # error and carry on, so the lifespan is answered here and never reaches the app
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+        else:
             await app(scope, receive, send)
-            return
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     return wrapped
 

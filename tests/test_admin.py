@@ -401,6 +401,8 @@ async def test_binding_is_loopback_by_default_and_checked() -> None:
         await bb3.serve_admin("8080", cluster_id="x")
     with pytest.raises(bb3.ConfigError, match="HOST:PORT"):
         await bb3.serve_admin("127.0.0.1:99999", cluster_id="x")
+    with pytest.raises(bb3.ConfigError, match="HOST:PORT"):  # a digit int() does not take
+        await bb3.serve_admin("127.0.0.1:²", cluster_id="x")
     with pytest.raises(bb3.ConfigError, match="cluster_id"):
         await bb3.serve_admin("127.0.0.1:0")
     async with trio.open_nursery() as nursery:

@@ -29,6 +29,7 @@ from .asgi import (
     Receive,
     Scope,
     Send,
+    decimal_digits,
     error_response,
     header,
     json_response,
@@ -327,7 +328,7 @@ def _int_param(params: dict[str, list[str]], name: str, default: int | None) -> 
     if not values:
         return default
     text = values[-1]
-    if not (text.isascii() and text.isdigit()) or len(text) > 19:  # not '²' or '٣
+    if not decimal_digits(text) or len(text) > 19:
         return f"{name} must be an int >= 0, got {text!r}"
     return int(text)
 

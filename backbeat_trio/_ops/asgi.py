@@ -19,6 +19,7 @@ __all__ = [
     "Scope",
     "Send",
     "answer_lifespan",
+    "decimal_digits",
     "error_response",
     "header",
     "json_response",
@@ -37,6 +38,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MAX_BODY_BYTES: Final = 4096
 
 _json: Final = msgspec.json.Encoder()
+
+
+def decimal_digits(text: str) -> bool:
+    """True when ``text`` is ASCII digits only (``str.isdigit`` also takes '²' and '٣', which
+    ``int()`` then refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def header(scope: Scope, name: str) -> str | None:
@@ -61,7 +68,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int = MAX_BODY_BYTES)
     without one is read only up to the limit.
     """
     declared = header(scope, "content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+    if declared is not None and decimal_digits(declared.strip()) and int(declared) > limit:
         return None
     body = bytearray()
     while True:

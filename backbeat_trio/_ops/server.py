@@ -20,7 +20,7 @@ from hypercorn.logging import Logger as HypercornLogger
 from hypercorn.trio import serve
 
 from .._errors import ConfigError
-from .asgi import ASGIApp, Receive, Scope, Send, answer_lifespan
+from .asgi import ASGIApp, Receive, Scope, Send, answer_lifespan, decimal_digits
 
 __all__ = ["DEFAULT_BIND", "is_loopback", "parse_bind", "serve_asgi"]
 
@@ -48,7 +48,7 @@ def parse_bind(bind: str) -> tuple[str, int]:
     host, sep, port_text = bind.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not sep or not host or not decimal_digits(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError("bind", f"must be 'HOST:PORT' with a port in 0..65535, got {bind!r}")
     return host, int(port_text)
 

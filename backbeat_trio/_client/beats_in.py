@@ -10,7 +10,14 @@ from typing import Any
 
 import trio
 
-from .._core.intake import ADOPTED, DELIVERED, BeatTracker, FrameScreen, ScreenedFrame
+from .._core.intake import (
+    DELIVERED,
+    REFUSED,
+    BeatTracker,
+    FrameScreen,
+    IntakeOutcome,
+    ScreenedFrame,
+)
 from .._core.metrics import ClientMetrics
 from .._transport.base import Message, Transport
 from .._transport.shared import SharedSubscription, SharingTransport
@@ -60,30 +67,25 @@ class BeatInput:
     # ------------------------------------------------------------------ frames in
     def _intake(self, data: bytes, now: float) -> None:
         """Validate one raw beat payload and deliver it (or count why not)."""
-        outcome = self._tracker.intake(data, now, self._wall())
-        if outcome == DELIVERED:
-            self._budgets.reproject()
-            self._fanout.put(self._tracker.last_frame)  # type: ignore[arg-type]
-            self._rearm_sampler()
-        elif outcome == ADOPTED:
-            self._budgets.reproject()
-            self._rearm_sampler()
+        self._taken_in(self._tracker.intake(data, now, self._wall()))
 
     def _intake_screened(self, screened: ScreenedFrame) -> None:
         """Deliver one frame the connection's shared subscription already decoded and screened."""
         screen = self._screen
         if screen is not None and screen.metrics.errors != self._screen_noted:
             self._mirror_screen()  # junk arrived since the last frame: bring the counts along
-        outcome = self._tracker.accept(
-            screened.frame, trio.current_time(), self._wall(), screened.stamp
+        self._taken_in(
+            self._tracker.accept(screened.frame, trio.current_time(), self._wall(), screened.stamp)
         )
+
+    def _taken_in(self, outcome: IntakeOutcome) -> None:
+        """The tracker judged a frame: a new beat goes out; either way the schedule moved."""
+        if outcome == REFUSED:
+            return
+        self._budgets.reproject()
         if outcome == DELIVERED:
-            self._budgets.reproject()
-            self._fanout.put(screened.frame)
-            self._rearm_sampler()
-        elif outcome == ADOPTED:
-            self._budgets.reproject()
-            self._rearm_sampler()
+            self._fanout.put(self._tracker.last_frame)  # type: ignore[arg-type]
+        self._rearm_sampler()
 
     def _rearm_sampler(self) -> None:
         """The schedule moved: move the sampler's alarm. A sleeping sampler is not woken (a

@@ -51,8 +51,11 @@ class Fleet:
     """``n`` clients on one shared connection, each with a ``beats()`` consumer recording
     ``(beat_index, arrival time - beat start)``; each runs until its own ``stop`` is set."""
 
-    def __init__(self, conn: bb3.NatsTransport, url: str, cluster: str) -> None:
+    def __init__(
+        self, conn: bb3.NatsTransport, url: str, cluster: str, pulse: bb3.PulseStatus
+    ) -> None:
         self.conn = conn
+        self.pulse = pulse
         self.url = url
         self.cluster = cluster
         self.clients: dict[int, bb3.Client] = {}
@@ -96,6 +99,15 @@ class Fleet:
     def indices(self, i: int) -> list[int]:
         return [b for b, _ in self.got[i]]
 
+    def in_step(self, indices: list[int], *, late_before: int = 0) -> bool:
+        """Whether ``indices`` rise one by one, save for beats the pulse itself skipped
+        because it fell behind (an overloaded machine) since its count was ``late_before``:
+        a client can only miss what was never published."""
+        if any(b <= a for a, b in itertools.pairwise(indices)):
+            return False
+        gaps = sum(b - a - 1 for a, b in itertools.pairwise(indices))
+        return gaps <= self.pulse.skipped_late - late_before
+
     async def wait_all(self, beats: int, who: list[int]) -> None:
         """Until each of ``who`` got ``beats`` more beats than it has now."""
         want = {i: len(self.got[i]) + beats for i in who}
@@ -106,9 +118,9 @@ class Fleet:
 @contextlib.asynccontextmanager
 async def fleet(url: str, cluster: str, n: int) -> AsyncIterator[Fleet]:
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        await nursery.start(bb3.run_pulse, pulse_config(url, cluster))
+        pulse = await nursery.start(bb3.run_pulse, pulse_config(url, cluster))
         async with bb3.open_nats_transport(agent_config(url, cluster, -1)) as conn:
-            f = Fleet(conn, url, cluster)
+            f = Fleet(conn, url, cluster, pulse)
             async with trio.open_nursery() as agents:
                 for i in range(n):
                     await agents.start(f.agent, i)
@@ -116,10 +128,6 @@ async def fleet(url: str, cluster: str, n: int) -> AsyncIterator[Fleet]:
                 for stop in f.stops.values():
                     stop.set()
         nursery.cancel_scope.cancel()
-
-
-def consecutive(indices: list[int]) -> bool:
-    return indices == list(range(indices[0], indices[0] + len(indices)))
 
 
 async def test_200_clients_share_one_subscription_and_get_every_beat_once_in_order(
@@ -142,7 +150,7 @@ async def test_200_clients_share_one_subscription_and_get_every_beat_once_in_ord
             clients = list(f.clients.values())
     for i in range(N):
         idx = f.indices(i)
-        assert consecutive(idx), f"agent-{i}: {idx}"
+        assert f.in_step(idx), f"agent-{i}: {idx} ({f.pulse!r})"
         assert idx[0] <= start
     # every client delivered the pulse's frames (none synthesised), each decoded once
     assert all(c.metrics.degraded_beats == 0 for c in clients)
@@ -176,7 +184,7 @@ async def test_junk_on_the_beat_subject_is_counted_once_and_reaches_no_client(
                 assert (bb.metrics.malformed, bb.metrics.oversized) == (2, 1)
                 assert bb.metrics.errors == 0
                 assert bb.health().metrics["malformed"] == 2
-    assert all(consecutive(f.indices(i)) for i in f.got)
+    assert all(f.in_step(f.indices(i)) for i in f.got), f.pulse
 
 
 async def test_a_server_kill_and_restart_reaches_every_client(
@@ -196,6 +204,7 @@ async def test_a_server_kill_and_restart_reaches_every_client(
                     await bb.wait_connected(True)
             # the pulse reconnects too: every client follows it again, from the same subscription
             before = {i: len(f.got[i]) for i in range(N)}
+            late_before = f.pulse.skipped_late
             await f.wait_all(5, list(range(N)))
             assert await trio.to_thread.run_sync(beat_subscriptions, nats_server, cluster) == 1
             for i, bb in f.clients.items():
@@ -205,7 +214,7 @@ async def test_a_server_kill_and_restart_reaches_every_client(
                 # strictly increasing: a client that kept time alone through the outage may
                 # jump forward to the pulse's index (counted), never back
                 assert all(a < b for a, b in itertools.pairwise(after)), after
-                assert consecutive(after[-4:]), after
+                assert f.in_step(after[-4:], late_before=late_before), (after, f.pulse)
 
 
 async def test_a_sleeping_consumer_drops_its_own_frames_and_delays_no_one(nats_url: str) -> None:
@@ -229,7 +238,7 @@ async def test_a_sleeping_consumer_drops_its_own_frames_and_delays_no_one(nats_u
                     await f.tick()
             assert all(f.clients[i].metrics.dropped == 0 for i in others)
     for i in others:
-        assert consecutive(f.indices(i))
+        assert f.in_step(f.indices(i)), (f.indices(i), f.pulse)
     calm.sort()
     busy.sort()
     p99_calm = calm[int(len(calm) * 0.99)]
@@ -262,7 +271,7 @@ async def test_clients_closing_in_random_order_leave_the_rest_running(nats_url: 
             await f.wait_all(5, staying)
             assert f.conn.connected
             for i in staying:
-                assert consecutive(f.indices(i))
+                assert f.in_step(f.indices(i)), (f.indices(i), f.pulse)
                 assert not f.clients[i].degraded
             # a newcomer joins the same subscription
             async with trio.open_nursery() as late:

@@ -5,6 +5,7 @@ local metronome that notices a silent pulse and keeps time alone)."""
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from .._util.sleep import SPIN_S, precise_clock
 from .budgets import BeatBudgets
 from .config import Config
 from .fanout import BeatFanout
+from .watch import BeatWatch
 
 __all__ = ["BeatInput"]
 
@@ -46,6 +48,10 @@ class BeatInput:
     _sampler_scope: trio.CancelScope | None
     _sampler_spin: float
     _shared_beats: SharedSubscription[ScreenedFrame] | None
+    # the shared subscription's silence watch while this client is a member, and whether this
+    # client's sampler waits on it (healthy: frames then cost this client no timer)
+    _watch: BeatWatch | None = None
+    _watched = False
     # the connection's FrameScreen while this client is a member, and its counts at joining
     _screen: FrameScreen | None = None
     _screen_base = (0, 0, 0)
@@ -74,13 +80,22 @@ class BeatInput:
         screen = self._screen
         if screen is not None and screen.metrics.errors != self._screen_noted:
             self._mirror_screen()  # junk arrived since the last frame: bring the counts along
+        arrived = screened.arrived
         self._taken_in(
-            self._tracker.accept(screened.frame, trio.current_time(), self._wall(), screened.stamp)
+            self._tracker.accept(
+                screened.frame,
+                trio.current_time() if math.isnan(arrived) else arrived,
+                self._wall(),
+                screened.stamp,
+                screened.start_ts,
+            )
         )
 
     def _taken_in(self, outcome: IntakeOutcome) -> None:
         """The tracker judged a frame: a new beat goes out; either way the schedule moved."""
         if outcome == REFUSED:
+            if self._watched:  # the shared watch must still hear when this client is due
+                self._watch.note_alarm(self._tracker.alarm())  # type: ignore[union-attr]
             return
         self._budgets.reproject()
         if outcome == DELIVERED:
@@ -89,12 +104,18 @@ class BeatInput:
 
     def _rearm_sampler(self) -> None:
         """The schedule moved: move the sampler's alarm. A sleeping sampler is not woken (a
-        healthy pulse then costs no sampler wake-up per beat) unless the alarm is now due."""
+        healthy pulse then costs no sampler wake-up per beat) unless the alarm is now due; one
+        waiting on the shared watch just hands in its alarm."""
+        tracker = self._tracker
+        if self._watched:
+            self._watch.note_alarm(tracker.alarm())  # type: ignore[union-attr]
+            return
         scope = self._sampler_scope
         if scope is None:
             self._wake_sampler.set()
+        elif self._watch is not None and not tracker.degraded:
+            scope.cancel()  # healthy again on a shared subscription: back to the shared watch
         else:
-            tracker = self._tracker
             scope.deadline = tracker.alarm() - (self._sampler_spin if tracker.degraded else 0.0)
 
     # ------------------------------------------------------------------ tasks
@@ -146,15 +167,17 @@ class BeatInput:
         sub = await transport.subscribe_shared(
             self._beat_subject,
             key=("beat", config.cluster_id, config.max_frame_bytes),
-            prepare=lambda: FrameScreen(config.cluster_id, config.max_frame_bytes),
+            prepare=lambda: BeatWatch(FrameScreen(config.cluster_id, config.max_frame_bytes)),
             handler=self._intake_screened,
             buffer=4096,
         )
         self._shared_beats = sub
-        screen = sub.prepared
-        assert isinstance(screen, FrameScreen)
+        watch = sub.prepared
+        assert isinstance(watch, BeatWatch)
+        screen = watch.screen
         sm = screen.metrics
         self._screen, self._screen_base = screen, (sm.malformed, sm.oversized, sm.wrong_cluster)
+        self._watch = watch
         task_status.started()
         del task_status  # it holds trio's start-up nursery: let it go for the task's life
         try:
@@ -168,6 +191,7 @@ class BeatInput:
         finally:
             self._mirror_screen()  # the counts stop here: this client no longer sees the subject
             self._screen = None
+            self._watch = None
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await sub.unsubscribe()
 
@@ -182,6 +206,17 @@ class BeatInput:
                 self._wake_sampler = trio.Event()
                 await self._wake_sampler.wait()
                 continue
+            watch = self._watch
+            if watch is not None and not tracker.degraded:
+                # healthy on a shared subscription: one watch notices silence for every member
+                self._watched = True
+                try:
+                    silent = await watch.wait(tracker.alarm())
+                finally:
+                    self._watched = False
+                if not silent:
+                    continue  # the watcher left: wait again (maybe as the watcher)
+                # silence: from here this client checks its own alarm, as alone
             # Only local beats need the spin's precision: while the pulse is healthy the alarm
             # just notices its silence (a jitter tolerance late already), and a sampler spinning
             # while frames queue behind a busy process would take the time they need.

@@ -89,11 +89,14 @@ class HLC:
         """The latest stamp issued or merged."""
         return HLCStamp(self._l, self._c, self.node)
 
-    def _bump(self, l_new: int, c_new: int) -> HLCStamp:
+    def _set(self, l_new: int, c_new: int) -> None:
         if c_new > _MAX_COUNTER:
             l_new, c_new = l_new + 1, 0
         self._l, self._c = l_new, c_new
-        return HLCStamp(l_new, c_new, self.node)
+
+    def _bump(self, l_new: int, c_new: int) -> HLCStamp:
+        self._set(l_new, c_new)
+        return HLCStamp(self._l, self._c, self.node)
 
     def now(self) -> HLCStamp:
         """A send or local event: ``l = max(l, pt)``; ``c`` bumps when ``l`` did not move."""
@@ -103,17 +106,24 @@ class HLC:
         return self._bump(self._l, self._c + 1)
 
     def update(self, remote: HLCStamp | str) -> HLCStamp:
-        """A receive event: merge a remote ``(l, c)``.
+        """A receive event: merge a remote ``(l, c)``; returns the clock's new stamp.
 
         Raises:
             WireError: ``remote`` is a string that does not parse.
         """
         if isinstance(remote, str):
             remote = HLCStamp.parse(remote)
+        self.merge(remote)
+        return HLCStamp(self._l, self._c, self.node)
+
+    def merge(self, remote: HLCStamp) -> None:
+        """:meth:`update` with a parsed stamp, building no result (every client of a process
+        merges every beat frame's stamp)."""
         pt = self._wall_ms()
         if remote.l > pt + self.max_forward_ms:
             self.rejected_remote += 1
-            return self.now()
+            self.now()
+            return
         l_old = self._l
         l_new = max(l_old, remote.l, pt)
         if l_new == l_old == remote.l:
@@ -124,4 +134,4 @@ class HLC:
             c_new = remote.c + 1
         else:
             c_new = 0
-        return self._bump(l_new, c_new)
+        self._set(l_new, c_new)

@@ -88,14 +88,17 @@ def screen_frame(
 
 
 class ScreenedFrame:
-    """A beat frame screened once for every client on a connection: the frame and its parsed
-    HLC stamp (both immutable, so every client may hold them)."""
+    """A beat frame screened once for every client on a connection: the frame, its parsed HLC
+    stamp and the pulse's start of the beat (POSIX seconds), all immutable, so every client may
+    hold them; and the local time it arrived (set by whoever takes it in for the clients)."""
 
-    __slots__ = ("frame", "stamp")
+    __slots__ = ("arrived", "frame", "stamp", "start_ts")
 
-    def __init__(self, frame: BeatFrame, stamp: HLCStamp) -> None:
+    def __init__(self, frame: BeatFrame, stamp: HLCStamp, arrived: float = math.nan) -> None:
         self.frame = frame
         self.stamp = stamp
+        self.start_ts = frame.deadline_at.timestamp() - 60.0 / frame.tempo_bpm
+        self.arrived = arrived
 
     def __repr__(self) -> str:
         return f"<ScreenedFrame beat={self.frame.beat_index} {self.frame.cluster_id}>"
@@ -260,7 +263,12 @@ class BeatTracker:
         return self.accept(frame, now, wall)
 
     def accept(
-        self, frame: BeatFrame, now: float, wall: float, stamp: HLCStamp | None = None
+        self,
+        frame: BeatFrame,
+        now: float,
+        wall: float,
+        stamp: HLCStamp | None = None,
+        start_ts: float | None = None,
     ) -> IntakeOutcome:
         """Judge one decoded frame of this tracker's cluster (screened by :func:`screen_frame`,
         here or once for many trackers by a :class:`FrameScreen`).
@@ -270,12 +278,14 @@ class BeatTracker:
             now: local monotonic arrival time (seconds).
             wall: local wall-clock arrival time (POSIX seconds).
             stamp: ``frame.hlc`` already parsed (saves each of many trackers parsing it).
+            start_ts: the pulse's start of the beat, ``deadline_at`` minus one beat in POSIX
+                seconds, if already computed (:class:`ScreenedFrame`).
 
         Returns:
             :data:`REFUSED`, :data:`ADOPTED` or :data:`DELIVERED`.
         """
         metrics = self.metrics
-        self.hlc.update(frame.hlc if stamp is None else stamp)
+        self.hlc.merge(HLCStamp.parse(frame.hlc) if stamp is None else stamp)
         last = self.last_index
         # While degraded, the pulse's frame for the beat we synthesised is how it comes back;
         # anything else at or below the last delivered index is a duplicate, a replay or a
@@ -288,7 +298,8 @@ class BeatTracker:
             return REFUSED
         duration = 60.0 / frame.tempo_bpm
         jitter = self.jitter_tolerance
-        start_ts = frame.deadline_at.timestamp() - duration
+        if start_ts is None:
+            start_ts = frame.deadline_at.timestamp() - duration
         # Judge the frame against the clock offset the *previous* frames established: a frame
         # must not vouch for its own timing (it would make any deadline look on time). The
         # first frame calibrates the offset, within a plausible clock skew.

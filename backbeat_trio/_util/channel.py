@@ -23,7 +23,9 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
     def __init__(self, maxlen: int, name: str = "beats") -> None:
         self._items: collections.deque[T] = collections.deque()
         self._maxlen = maxlen
-        self._lot = trio.lowlevel.ParkingLot()
+        # the tasks waiting in receive(), oldest first (put() reschedules one directly: a
+        # ParkingLot would allocate a generator and a list per wake-up)
+        self._waiters: collections.deque[trio.lowlevel.Task] = collections.deque()
         self._send_closed = False
         self._recv_closed = False
         self.name = name
@@ -54,13 +56,19 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
             self._items.popleft()
             self.dropped += 1
         self._items.append(item)
-        self._lot.unpark()
+        if self._waiters:
+            trio.lowlevel.reschedule(self._waiters.popleft())
         return True
+
+    def _wake_all(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            trio.lowlevel.reschedule(waiters.popleft())
 
     def close_send(self) -> None:
         """No more items: the consumer gets what is left, then ``EndOfChannel``."""
         self._send_closed = True
-        self._lot.unpark_all()
+        self._wake_all()
 
     def receive_nowait(self) -> T:
         """The oldest unread item.
@@ -86,9 +94,17 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
             item = self.receive_nowait()  # raises at the end or once closed
             await trio.lowlevel.cancel_shielded_checkpoint()
             return item
-        # nothing yet: parking is this call's checkpoint; put() and both closes wake it
+        # nothing yet: waiting is this call's checkpoint; put() and both closes wake it
+        waiters = self._waiters
+        task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
         while True:
-            await self._lot.park()
+            waiters.append(task)
+            await trio.lowlevel.wait_task_rescheduled(abort)
             if self._items or self._send_closed or self._recv_closed:
                 return self.receive_nowait()
 
@@ -96,7 +112,7 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         """Stop receiving (the producer forgets this channel)."""
         self._recv_closed = True
         self._items.clear()
-        self._lot.unpark_all()
+        self._wake_all()
 
     async def aclose(self) -> None:
         """Close and checkpoint."""

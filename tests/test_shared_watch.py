@@ -1,0 +1,239 @@
+"""The shared silence watch (``_client/watch.py``) over a real nats-server: clients on one
+connection wait on one watch instead of moving a timer each per beat; a silent pulse still
+degrades every one of them and its return resynchronises them; the watch passes to another
+member when its keeper leaves; and a stall of this very process is not taken for silence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio_asyncio
+
+import backbeat_trio as bb3
+from backbeat_trio._client.watch import BeatWatch
+
+pytestmark = pytest.mark.nats
+
+FAST = 600  # 100 ms beats
+
+
+def agent_config(url: str, cluster: str, i: int, **kw: Any) -> bb3.Config:
+    kw = {"reconnect_delay": 0.05, "jetstream": False, **kw}
+    return bb3.Config(cluster_id=cluster, agent_id=f"agent-{i}", nats_url=url, **kw)
+
+
+class Pulse:
+    """A pulse that can be stopped and started again further on (its own cancel scope)."""
+
+    def __init__(self, nursery: trio.Nursery, url: str, cluster: str) -> None:
+        self.nursery = nursery
+        self.url = url
+        self.cluster = cluster
+        self.scope: trio.CancelScope | None = None
+
+    async def start(self, start_index: int = 0) -> None:
+        cfg = bb3.PulseConfig(
+            cluster_id=self.cluster,
+            tempo_bpm=FAST,
+            nats_url=self.url,
+            pulse_id="pulse-1",
+            start_index=start_index,
+        )
+
+        async def run(*, task_status: trio.TaskStatus[None]) -> None:
+            with trio.CancelScope() as scope:
+                self.scope = scope
+                await bb3.run_pulse(cfg, task_status=task_status)
+
+        await self.nursery.start(run)
+
+    def stop(self) -> None:
+        assert self.scope is not None
+        self.scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    url: str, cluster: str, n: int, **kw: Any
+) -> AsyncIterator[tuple[Pulse, bb3.NatsTransport, list[bb3.Client], contextlib.AsyncExitStack]]:
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        pulse = Pulse(nursery, url, cluster)
+        await pulse.start()
+        async with (
+            bb3.open_nats_transport(agent_config(url, cluster, -1)) as conn,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            clients = [
+                await stack.enter_async_context(
+                    bb3.open_client(agent_config(url, cluster, i, **kw), transport=conn)
+                )
+                for i in range(n)
+            ]
+            yield pulse, conn, clients, stack
+        nursery.cancel_scope.cancel()
+
+
+def the_watch(conn: bb3.NatsTransport) -> BeatWatch:
+    [(_, watch, _)] = conn.shared_subscriptions.subscriptions
+    assert isinstance(watch, BeatWatch)
+    return watch
+
+
+async def until(predicate: Any, *, poll: float = 0.02) -> None:
+    while not predicate():
+        await trio.sleep(poll)
+
+
+async def test_a_silent_pulse_degrades_every_shared_client_and_its_return_resyncs_them(
+    nats_url: str,
+) -> None:
+    n = 50
+    with trio.fail_after(30):
+        async with fleet(nats_url, "watch-silence", n, jitter_tolerance=0.05) as (
+            pulse,
+            conn,
+            clients,
+            _,
+        ):
+            await until(lambda: all(c.metrics.beats >= 3 for c in clients))
+            watch = the_watch(conn)
+            await until(lambda: watch.watching)
+            assert watch.silences == 0
+            assert all(c.metrics.degraded_beats == 0 for c in clients)
+            pulse.stop()
+            # one watch noticed for all of them; each then kept time alone
+            await until(lambda: all(c.metrics.degraded_beats >= 3 for c in clients))
+            assert watch.silences >= 1
+            assert all(c.degraded for c in clients)
+            assert not watch.watching  # every member checks its own alarm while degraded
+            last = max(c.metrics.beats for c in clients) + 20
+            await pulse.start(start_index=last)
+            await until(lambda: all(not c.degraded for c in clients))
+            assert all(c.metrics.resyncs == 1 for c in clients)
+            # healthy again: back on the one watch, which notices the next silence too
+            await until(lambda: watch.watching)
+            silences = watch.silences
+            degraded = [c.metrics.degraded_beats for c in clients]
+            pulse.stop()
+            await until(
+                lambda: all(
+                    c.metrics.degraded_beats > d for c, d in zip(clients, degraded, strict=True)
+                )
+            )
+            assert watch.silences > silences
+
+
+async def test_the_watch_passes_on_when_its_keeper_leaves(nats_url: str) -> None:
+    n = 20
+    cluster = "watch-handover"
+    with trio.fail_after(30):
+        async with fleet(nats_url, cluster, 0) as (pulse, conn, _, _):
+            clients: list[bb3.Client] = []
+            stops: list[trio.Event] = []
+            closed: list[trio.Event] = []
+
+            async def agent(i: int, *, task_status: trio.TaskStatus[None]) -> None:
+                stop, done = trio.Event(), trio.Event()
+                stops.append(stop)
+                closed.append(done)
+                try:
+                    async with bb3.open_client(
+                        agent_config(nats_url, cluster, i), transport=conn
+                    ) as bb:
+                        clients.append(bb)
+                        task_status.started()
+                        await stop.wait()
+                finally:
+                    done.set()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    await nursery.start(agent, i)
+                await until(lambda: all(c.metrics.beats >= 3 for c in clients))
+                watch = the_watch(conn)
+                # close clients, oldest first, until the one keeping the watch has left
+                k = 0
+                while watch.handovers == 0 and k < n - 2:
+                    await until(lambda: watch.watching)
+                    stops[k].set()
+                    await closed[k].wait()
+                    k += 1
+                assert watch.handovers == 1, "no client was keeping the watch"
+                left, remaining = clients[:k], clients[k:]
+                await until(lambda: watch.watching)  # another member took it over
+                beats = [c.metrics.beats for c in remaining]
+                await until(
+                    lambda: all(
+                        c.metrics.beats >= b + 2 for c, b in zip(remaining, beats, strict=True)
+                    )
+                )
+                assert all(c.metrics.degraded_beats == 0 for c in remaining)
+                pulse.stop()
+                # the silence is noticed without the member that kept the watch at first
+                await until(lambda: all(c.metrics.degraded_beats >= 2 for c in remaining))
+                assert all(c.metrics.degraded_beats == 0 for c in left)
+                for stop in stops:
+                    stop.set()
+
+
+PULSE_PROCESS = """
+import sys, trio, trio_asyncio, backbeat_trio as bb3
+async def main():
+    async with trio_asyncio.open_loop():
+        await bb3.run_pulse(bb3.PulseConfig(
+            cluster_id=sys.argv[2], tempo_bpm=int(sys.argv[3]), nats_url=sys.argv[1]))
+trio.run(main)
+"""
+
+
+async def test_a_stall_of_this_process_is_not_a_silent_pulse(nats_url: str) -> None:
+    n = 30
+    cluster = "watch-stall"
+    with trio.fail_after(30):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            # the pulse in a process of its own: it keeps beating while this one stalls
+            nursery.start_soon(
+                functools.partial(
+                    trio.run_process,
+                    [sys.executable, "-c", PULSE_PROCESS, nats_url, cluster, str(FAST)],
+                    check=False,
+                )
+            )
+            async with (
+                bb3.open_nats_transport(agent_config(nats_url, cluster, -1)) as conn,
+                contextlib.AsyncExitStack() as stack,
+            ):
+                clients = [
+                    await stack.enter_async_context(
+                        bb3.open_client(agent_config(nats_url, cluster, i), transport=conn)
+                    )
+                    for i in range(n)
+                ]
+                await until(lambda: all(c.metrics.beats >= 5 for c in clients))
+                watch = the_watch(conn)
+                for _ in range(3):
+                    beats = [c.metrics.beats for c in clients]
+                    await until(lambda: watch.watching)
+                    # this whole process stops for four beats (a long garbage collection, a
+                    # task that blocks): the frames wait on the socket, every alarm passes
+                    time.sleep(0.4)
+                    await until(
+                        lambda: all(
+                            c.metrics.beats >= b + 3 for c, b in zip(clients, beats, strict=True)
+                        )
+                    )
+                assert all(c.metrics.degraded_beats == 0 for c in clients), [
+                    c.metrics.degraded_beats for c in clients
+                ]
+                assert watch.silences == 0
+                # the frames that waited were judged as any late frame is, not synthesised over
+                assert all(c.metrics.stale + c.metrics.beats_skipped >= 3 for c in clients)
+            nursery.cancel_scope.cancel()

@@ -5,7 +5,7 @@ local metronome that notices a silent pulse and keeps time alone)."""
 from __future__ import annotations
 
 import inspect
-import math
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +20,7 @@ from .._core.intake import (
     ScreenedFrame,
 )
 from .._core.metrics import ClientMetrics
+from .._errors import NotConnected
 from .._transport.base import Message, Transport
 from .._transport.shared import SharedSubscription, SharingTransport
 from .._util.sleep import SPIN_S, precise_clock
@@ -29,6 +30,8 @@ from .fanout import BeatFanout
 from .watch import BeatWatch
 
 __all__ = ["BeatInput"]
+
+log = logging.getLogger("backbeat_trio.client")
 
 
 class BeatInput:
@@ -80,36 +83,32 @@ class BeatInput:
         screen = self._screen
         if screen is not None and screen.metrics.errors != self._screen_noted:
             self._mirror_screen()  # junk arrived since the last frame: bring the counts along
-        arrived = screened.arrived
         self._taken_in(
             self._tracker.accept(
-                screened.frame,
-                trio.current_time() if math.isnan(arrived) else arrived,
-                self._wall(),
-                screened.stamp,
-                screened.start_ts,
+                screened.frame, screened.arrived, self._wall(), screened.stamp, screened.start_ts
             )
         )
 
     def _taken_in(self, outcome: IntakeOutcome) -> None:
         """The tracker judged a frame: a new beat goes out; either way the schedule moved."""
-        if outcome == REFUSED:
-            if self._watched:  # the shared watch must still hear when this client is due
-                self._watch.note_alarm(self._tracker.alarm())  # type: ignore[union-attr]
+        if outcome != REFUSED:
+            self._budgets.reproject()
+            if outcome == DELIVERED:
+                self._fanout.put(self._tracker.last_frame)  # type: ignore[arg-type]
+            if not self._watched:
+                self._rearm_sampler()
+                return
+        elif not self._watched:
             return
-        self._budgets.reproject()
-        if outcome == DELIVERED:
-            self._fanout.put(self._tracker.last_frame)  # type: ignore[arg-type]
-        self._rearm_sampler()
+        # waiting on the shared watch: hand it this client's alarm, after a refusal too (the
+        # watch must still hear when this client is due)
+        self._watch.note_alarm(self._tracker.alarm())  # type: ignore[union-attr]
 
     def _rearm_sampler(self) -> None:
-        """The schedule moved: move the sampler's alarm. A sleeping sampler is not woken (a
-        healthy pulse then costs no sampler wake-up per beat) unless the alarm is now due; one
-        waiting on the shared watch just hands in its alarm."""
+        """The schedule moved: move the sampler's own alarm (a sampler waiting on the shared
+        watch is never here). A sleeping sampler is not woken (a healthy pulse then costs no
+        sampler wake-up per beat) unless the alarm is now due."""
         tracker = self._tracker
-        if self._watched:
-            self._watch.note_alarm(tracker.alarm())  # type: ignore[union-attr]
-            return
         scope = self._sampler_scope
         if scope is None:
             self._wake_sampler.set()
@@ -117,6 +116,15 @@ class BeatInput:
             scope.cancel()  # healthy again on a shared subscription: back to the shared watch
         else:
             scope.deadline = tracker.alarm() - (self._sampler_spin if tracker.degraded else 0.0)
+
+    async def _heard_by_server(self) -> None:
+        """Once subscribed, wait for the server to answer a PING: when ``open_client``'s block
+        starts, a frame published from anywhere reaches this client. Not connected, the
+        subscription is the connection's to renew when it reconnects: nothing to wait for."""
+        try:
+            await self._transport.flush()
+        except NotConnected as exc:
+            log.debug("subscribed while not connected (%s): the reconnect renews it", exc)
 
     # ------------------------------------------------------------------ tasks
     async def _run_subscriber(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -135,6 +143,7 @@ class BeatInput:
             sub = await subscribe(self._beat_subject, buffer=4096, handler=handle)
         else:  # a transport written before ``handler`` existed
             sub = await subscribe(self._beat_subject, buffer=4096)
+        await self._heard_by_server()
         task_status.started()
         del task_status  # it holds trio's start-up nursery: let it go for the task's life
         try:
@@ -178,6 +187,7 @@ class BeatInput:
         sm = screen.metrics
         self._screen, self._screen_base = screen, (sm.malformed, sm.oversized, sm.wrong_cluster)
         self._watch = watch
+        await self._heard_by_server()
         task_status.started()
         del task_status  # it holds trio's start-up nursery: let it go for the task's life
         try:

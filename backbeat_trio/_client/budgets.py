@@ -38,15 +38,15 @@ class BeatBudgets:
     def __init__(self, tracker: BeatTracker, metrics: ClientMetrics) -> None:
         self._tracker = tracker
         self._metrics = metrics
-        self._scopes: weakref.WeakKeyDictionary[trio.CancelScope, _Budget] = (
-            weakref.WeakKeyDictionary()
-        )
+        # made by the first budget: most clients of a big process never open one, and every
+        # beat asks whether there are any to move
+        self._scopes: weakref.WeakKeyDictionary[trio.CancelScope, _Budget] | None = None
 
     def __repr__(self) -> str:
-        return f"<BeatBudgets open={len(self._scopes)}>"
+        return f"<BeatBudgets open={len(self)}>"
 
     def __len__(self) -> int:
-        return len(self._scopes)
+        return 0 if self._scopes is None else len(self._scopes)
 
     def open(self, beats: float, *, cancelled: bool) -> trio.CancelScope:
         """A cancel scope that ends ``beats`` beats from now (cancelled at once if ``cancelled``).
@@ -65,6 +65,8 @@ class BeatBudgets:
         target = None if pos is None else pos + beats
         deadline = math.inf if target is None else tracker.deadline_for(target)
         scope = trio.CancelScope(deadline=deadline)
+        if self._scopes is None:
+            self._scopes = weakref.WeakKeyDictionary()
         self._scopes[scope] = _Budget(beats, target)
         self._metrics.budgets_created += 1
         if cancelled:
@@ -73,7 +75,8 @@ class BeatBudgets:
 
     def count(self, scope: trio.CancelScope) -> None:
         """``scope`` is done: count it as completed or timed out."""
-        self._scopes.pop(scope, None)
+        if self._scopes is not None:
+            self._scopes.pop(scope, None)
         if scope.cancelled_caught:
             self._metrics.budgets_timed_out += 1
         else:
@@ -81,10 +84,11 @@ class BeatBudgets:
 
     def reproject(self) -> None:
         """The beat schedule moved: move every deadline to where its beat position now falls."""
-        if not self._scopes:
+        scopes = self._scopes
+        if scopes is None or not scopes:
             return
         tracker = self._tracker
-        for scope, budget in list(self._scopes.items()):
+        for scope, budget in list(scopes.items()):
             if budget.target is None:  # made before the first beat: it starts counting now
                 assert tracker.last_index is not None
                 budget.target = tracker.last_index + budget.beats
@@ -92,5 +96,5 @@ class BeatBudgets:
 
     def cancel_all(self) -> None:
         """The client closes: end every open budget."""
-        for scope in list(self._scopes):
+        for scope in list(self._scopes or ()):
             scope.cancel()

@@ -97,9 +97,8 @@ class BeatWatch:
     def __call__(self, data: bytes) -> ScreenedFrame | None:
         """Screen one payload (the subscription's ``prepare``); a frame passed on restarts the
         round of alarms."""
-        screened = self.screen(data)
+        screened = self.screen(data, trio.current_time())  # one arrival time for every member
         if screened is not None:
-            screened.arrived = trio.current_time()  # one arrival time for every member
             self.frames += 1
             self.alarm = math.inf
         return screened

@@ -89,12 +89,12 @@ def screen_frame(
 
 class ScreenedFrame:
     """A beat frame screened once for every client on a connection: the frame, its parsed HLC
-    stamp and the pulse's start of the beat (POSIX seconds), all immutable, so every client may
-    hold them; and the local time it arrived (set by whoever takes it in for the clients)."""
+    stamp, the pulse's start of the beat (POSIX seconds) and the local monotonic time it
+    arrived, all immutable, so every client may hold them."""
 
     __slots__ = ("arrived", "frame", "stamp", "start_ts")
 
-    def __init__(self, frame: BeatFrame, stamp: HLCStamp, arrived: float = math.nan) -> None:
+    def __init__(self, frame: BeatFrame, stamp: HLCStamp, arrived: float) -> None:
         self.frame = frame
         self.stamp = stamp
         self.start_ts = frame.deadline_at.timestamp() - 60.0 / frame.tempo_bpm
@@ -140,8 +140,9 @@ class FrameScreen:
         m = self.metrics
         return m.malformed + m.oversized + m.wrong_cluster
 
-    def __call__(self, data: bytes) -> ScreenedFrame | None:
-        """Screen one payload: the frame with its parsed stamp, or None (refused, counted)."""
+    def __call__(self, data: bytes, arrived: float) -> ScreenedFrame | None:
+        """Screen one payload that arrived at local monotonic time ``arrived``: the frame with
+        its parsed stamp, or None (refused, counted)."""
         frame = screen_frame(data, self.cluster_id, self.max_frame_bytes, self.errors)
         if frame is None:
             return None
@@ -152,7 +153,7 @@ class FrameScreen:
             self.errors.note(str(exc)[:200])
             return None
         self.metrics.beats += 1
-        return ScreenedFrame(frame, stamp)
+        return ScreenedFrame(frame, stamp, arrived)
 
 
 class BeatTracker:
@@ -323,9 +324,7 @@ class BeatTracker:
             )
             return REFUSED
         self._timing_refusals = 0
-        estimator.observe(
-            frame.beat_index, now, frame.tempo_bpm, wall_arrival=wall, scheduled_start=start_ts
-        )
+        estimator.add(frame.beat_index, now, duration, raw_offset)
         # the pulse is alive: anchor the local schedule on its clock
         self._pulse_anchor_index = frame.beat_index
         self._pulse_anchor_deadline = frame.deadline_at
@@ -348,7 +347,7 @@ class BeatTracker:
         if last is not None and frame.beat_index > last + 1:
             metrics.forward_jumps += 1
             metrics.beats_skipped += frame.beat_index - last - 1
-        self._advance(frame, start_local, synthetic=False)
+        self._advance(frame, start_local, False)  # (positional: the hot path)
         return DELIVERED
 
     def _refuse_timing(self, metric: Literal["stale", "implausible"], text: str) -> None:
@@ -371,7 +370,7 @@ class BeatTracker:
         self.last_start = start_local
         self.next_due = start_local + duration
 
-    def _advance(self, frame: BeatFrame, start_local: float, *, synthetic: bool) -> None:
+    def _advance(self, frame: BeatFrame, start_local: float, synthetic: bool) -> None:
         """Make ``frame`` the current beat, started at local time ``start_local``."""
         last = self.last_index
         if last is not None and frame.beat_index != last + 1:
@@ -456,7 +455,7 @@ class BeatTracker:
         )
         metrics.degraded_beats += 1
         self.last_wall = wall
-        self._advance(frame, due, synthetic=True)
+        self._advance(frame, due, True)
         return frame
 
     # ------------------------------------------------------------------ beat positions

@@ -63,21 +63,24 @@ class TempoEstimator:
             wall_arrival: local wall-clock arrival (POSIX seconds), for the clock offset.
             scheduled_start: the pulse's start of this beat (``deadline_at`` - one beat, POSIX s).
         """
-        indices = self._indices
-        nominal = 60.0 / tempo_bpm
-        if indices and beat_index <= indices[-1]:
-            self.reset()
-        # a tempo change restarts the fit: intervals at two tempos make a meaningless line
-        if indices and self._nominal != nominal:
-            self.reset()
         offset = None
         if wall_arrival is not None and scheduled_start is not None:
             offset = wall_arrival - scheduled_start
+        self.add(beat_index, arrival, 60.0 / tempo_bpm, offset)
+
+    def add(self, beat_index: int, arrival: float, nominal: float, offset: float | None) -> None:
+        """:meth:`observe` with the beat's length (seconds) and the clock offset (local wall
+        arrival minus scheduled start, None if unknown) already computed, as the intake has
+        them."""
+        indices = self._indices
+        # a tempo change restarts the fit: intervals at two tempos make a meaningless line
+        if indices and (beat_index <= indices[-1] or self._nominal != nominal):
+            self.reset()
         offsets = self._offsets
         cached = self._offset
         if cached is not None and len(offsets) == offsets.maxlen:
             evicted = offsets[0]
-            if evicted is not None and evicted <= cached:
+            if evicted is not None and evicted <= cached and (offset is None or offset > cached):
                 cached = None  # the minimum leaves the window: recompute when asked
         indices.append(beat_index)
         self._arrivals.append(arrival)

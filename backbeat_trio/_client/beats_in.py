@@ -33,6 +33,9 @@ __all__ = ["BeatInput"]
 
 log = logging.getLogger("backbeat_trio.client")
 
+#: how long a starting client waits for the server to confirm its beat subscription
+SUBSCRIBED_WAIT_S = 2.0
+
 
 class BeatInput:
     """The client's beat intake and metronome (a part of :class:`~.client.Client`, which sets
@@ -118,13 +121,20 @@ class BeatInput:
             scope.deadline = tracker.alarm() - (self._sampler_spin if tracker.degraded else 0.0)
 
     async def _heard_by_server(self) -> None:
-        """Once subscribed, wait for the server to answer a PING: when ``open_client``'s block
-        starts, a frame published from anywhere reaches this client. Not connected, the
-        subscription is the connection's to renew when it reconnects: nothing to wait for."""
+        """Once subscribed, wait (a bounded while) for the server to answer a PING: when
+        ``open_client``'s block starts, a frame published from anywhere reaches this client.
+        Not connected, the subscription is the connection's to renew when it reconnects; a
+        server too slow to answer holds up no client's start: nothing more to wait for."""
         try:
-            await self._transport.flush()
+            with trio.move_on_after(SUBSCRIBED_WAIT_S) as waited:
+                await self._transport.flush()
         except NotConnected as exc:
             log.debug("subscribed while not connected (%s): the reconnect renews it", exc)
+            return
+        if waited.cancelled_caught:
+            log.debug(
+                "the server did not confirm the beat subscription within %s s", SUBSCRIBED_WAIT_S
+            )
 
     # ------------------------------------------------------------------ tasks
     async def _run_subscriber(self, *, task_status: trio.TaskStatus[None]) -> None:

@@ -4,6 +4,7 @@ matters), counting the drops."""
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import trio
@@ -23,9 +24,13 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
     def __init__(self, maxlen: int, name: str = "beats") -> None:
         self._items: collections.deque[T] = collections.deque()
         self._maxlen = maxlen
-        # the tasks waiting in receive(), oldest first (put() reschedules one directly: a
-        # ParkingLot would allocate a generator and a list per wake-up)
+        # The tasks waiting for an item, woken oldest first by rescheduling them directly (a
+        # ParkingLot allocates a generator and a list per wake-up). A consumer waits once per
+        # beat, so the first waiter has a slot of its own, with an abort bound once: waiting
+        # there allocates nothing the garbage collector tracks. More waiters queue behind it.
+        self._waiter: trio.lowlevel.Task | None = None
         self._waiters: collections.deque[trio.lowlevel.Task] = collections.deque()
+        self._abort_waiter = self._abort_slot
         self._send_closed = False
         self._recv_closed = False
         self.name = name
@@ -56,11 +61,32 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
             self._items.popleft()
             self.dropped += 1
         self._items.append(item)
-        if self._waiters:
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
+        elif self._waiters:
             trio.lowlevel.reschedule(self._waiters.popleft())
         return True
 
+    def _abort_queued(self, task: trio.lowlevel.Task) -> Callable[[object], trio.lowlevel.Abort]:
+        waiters = self._waiters
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return abort
+
+    def _abort_slot(self, _: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
     def _wake_all(self) -> None:
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
         waiters = self._waiters
         while waiters:
             trio.lowlevel.reschedule(waiters.popleft())
@@ -88,25 +114,42 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         raise trio.WouldBlock
 
     async def receive(self) -> T:
-        """Wait for the next item."""
+        """Wait for the next item.
+
+        Raises:
+            trio.EndOfChannel: the producer is done and everything was read.
+            trio.ClosedResourceError: this channel was closed.
+        """
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            raise trio.EndOfChannel from None
+
+    async def __anext__(self) -> T:
+        # ``async for`` lands here directly (one coroutine per item, not trio's __anext__
+        # around receive()): a consumer of every beat of a thousand clients waits here
         if self._items or self._send_closed or self._recv_closed:
             await trio.lowlevel.checkpoint_if_cancelled()
-            item = self.receive_nowait()  # raises at the end or once closed
+            item = self._next()
             await trio.lowlevel.cancel_shielded_checkpoint()
             return item
         # nothing yet: waiting is this call's checkpoint; put() and both closes wake it
-        waiters = self._waiters
         task = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            waiters.remove(task)
-            return trio.lowlevel.Abort.SUCCEEDED
-
         while True:
-            waiters.append(task)
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            if self._waiter is None and not self._waiters:
+                self._waiter = task
+                await trio.lowlevel.wait_task_rescheduled(self._abort_waiter)
+            else:  # another task waits already: queue behind it
+                self._waiters.append(task)
+                await trio.lowlevel.wait_task_rescheduled(self._abort_queued(task))
             if self._items or self._send_closed or self._recv_closed:
-                return self.receive_nowait()
+                return self._next()
+
+    def _next(self) -> T:
+        try:
+            return self.receive_nowait()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
 
     def close(self) -> None:
         """Stop receiving (the producer forgets this channel)."""

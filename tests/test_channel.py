@@ -1,0 +1,107 @@
+"""DropOldestChannel's waiting: the first waiter's own slot, waiters queued behind it (oldest
+woken first), cancellation of either kind of waiter, and the ends of the channel."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from backbeat_trio import DropOldestChannel
+
+
+async def test_a_full_channel_drops_its_oldest_item_and_counts_it() -> None:
+    chan = DropOldestChannel[int](2)
+    for i in range(5):
+        assert chan.put(i)
+    assert chan.dropped == 3
+    assert [await chan.receive(), await chan.receive()] == [3, 4]
+    assert chan.delivered == 2
+
+
+async def test_waiters_are_woken_oldest_first() -> None:
+    chan = DropOldestChannel[int](8)
+    got: list[tuple[str, int]] = []
+
+    async def reader(name: str) -> None:
+        got.append((name, await chan.receive()))
+
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b", "c"):  # a takes the slot, b and c queue behind it
+            nursery.start_soon(reader, name)
+            await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            chan.put(i)
+            await trio.testing.wait_all_tasks_blocked()
+    assert got == [("a", 0), ("b", 1), ("c", 2)]
+
+
+@pytest.mark.parametrize("cancelled", ["slot", "queued"])
+async def test_a_cancelled_waiter_leaves_and_loses_no_item(cancelled: str) -> None:
+    chan = DropOldestChannel[int](8)
+    got: list[tuple[str, int]] = []
+    scopes: dict[str, trio.CancelScope] = {}
+
+    async def reader(name: str) -> None:
+        with trio.CancelScope() as scopes[name]:
+            got.append((name, await chan.receive()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader, "slot")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(reader, "queued")
+        await trio.testing.wait_all_tasks_blocked()
+        scopes[cancelled].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        chan.put(7)
+        await trio.testing.wait_all_tasks_blocked()
+        # a newcomer waits behind nobody now: it gets the next item
+        nursery.start_soon(reader, "late")
+        await trio.testing.wait_all_tasks_blocked()
+        chan.put(8)
+    survivor = "queued" if cancelled == "slot" else "slot"
+    assert got == [(survivor, 7), ("late", 8)]
+    assert scopes[cancelled].cancelled_caught
+
+
+async def test_the_end_of_the_channel_reaches_every_waiter() -> None:
+    chan = DropOldestChannel[int](8)
+    ended: list[str] = []
+
+    async def iterate(name: str) -> None:
+        async for _ in chan:
+            pass
+        ended.append(name)
+
+    async def receive(name: str) -> None:
+        with pytest.raises(trio.EndOfChannel):
+            await chan.receive()
+        ended.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(iterate, "iterating")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(receive, "receiving")
+        await trio.testing.wait_all_tasks_blocked()
+        chan.close_send()
+    assert sorted(ended) == ["iterating", "receiving"]
+    assert not chan.put(1)
+
+
+async def test_items_left_are_read_before_the_end_and_a_closed_channel_refuses() -> None:
+    chan = DropOldestChannel[int](8)
+    chan.put(1)
+    chan.put(2)
+    chan.close_send()
+    assert [i async for i in chan] == [1, 2]
+    other = DropOldestChannel[int](8)
+
+    async def wait() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await other.receive()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        await other.aclose()
+    assert not other.put(1)

@@ -7,7 +7,10 @@ Three workers per N, one after the other against one nats-server and one real ``
 * ``shared-frozen``: the same, with ``gc.freeze()`` once the agents are connected (info);
 * ``plain-one``: plain asyncio nats-py, one connection with one subscription (and callback
   decoding the frame) per agent — the baseline of the goals;
-* ``plain``: plain asyncio nats-py, one connection and subscription per agent (info).
+* ``plain``: plain asyncio nats-py, one connection and subscription per agent (info);
+* ``floor``: no client at all: one subscription, each frame screened once and put in each
+  agent's ``DropOldestChannel``, read by a consumer task per agent as in ``shared`` — what a trio
+  task per agent costs before any client work, the lower bound of ``shared`` (info).
 
 CPU per agent-beat is the worker process's CPU time over the agent-beats it delivered in a window;
 latency is arrival minus the beat's scheduled start; "synthesised" counts beats a client delivered
@@ -41,6 +44,7 @@ IMPLS = (
     ("shared-frozen", "benchmarks._w_client", {"shared": True, "gc_freeze": True}),
     ("plain-one", "benchmarks._w_plain", {"one_connection": True}),
     ("plain", "benchmarks._w_plain", {}),
+    ("floor", "benchmarks._w_client", {"floor": True}),
 )
 GOAL_N = 1000  # the size the goals are set for; larger sizes report where it breaks
 
@@ -184,6 +188,28 @@ def _rows(p: Params, out: Outcome, n: int, results: dict[str, dict[str, Any]]) -
                 [v * 1e3 for v in res["gc_max_s"]],
             )
         )
+    floor = results["floor"]
+    label = "plain nats-py, one subscription per agent on one connection"
+    out.rows.append(
+        info_row(
+            BENCH,
+            f"N={n}: CPU per agent-beat of the trio floor (a channel put and a consumer's wake)",
+            "µs",
+            floor["cpu_us_per_agent_beat"],
+            one["cpu_us_per_agent_beat"],
+            label,
+        )
+    )
+    out.rows.append(
+        info_row(
+            BENCH,
+            f"N={n}: CPU per agent-beat, vs the trio floor",
+            "µs",
+            cpu,
+            floor["cpu_us_per_agent_beat"],
+            "the trio floor: one decode, then per agent a channel put and its consumer's wake",
+        )
+    )
     frozen = results["shared-frozen"]
     label = "the same agents without gc.freeze()"
     for figure, unit, scale, key in (

@@ -183,7 +183,8 @@ class BeatTracker:
     __slots__ = (
         "_bar_contiguous",
         "_beats_since_downbeat",
-        "_local_anchor",
+        "_local_anchor_index",
+        "_local_anchor_start",
         "_pulse_anchor_deadline",
         "_pulse_anchor_index",
         "_timing_refusals",
@@ -237,7 +238,8 @@ class BeatTracker:
         self._timing_refusals = 0  # consecutive frames refused as stale or implausible
         # (index, local start) of the last beat the pulse itself timed: while degraded, local
         # beats are due at anchor + k beats (absolute, no accumulated error)
-        self._local_anchor: tuple[int, float] | None = None
+        self._local_anchor_index: int | None = None
+        self._local_anchor_start = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -366,7 +368,8 @@ class BeatTracker:
             log.warning("beat frames keep arriving off time; re-calibrating the clock offset")
 
     def _set_timing(self, index: int, start_local: float, duration: float) -> None:
-        self._local_anchor = (index, start_local)
+        self._local_anchor_index = index  # (two fields: no tuple per frame)
+        self._local_anchor_start = start_local
         self.last_start = start_local
         self.next_due = start_local + duration
 
@@ -390,8 +393,9 @@ class BeatTracker:
         if synthetic:
             self.last_start = start_local
             self.next_due = start_local + duration
-            if self._local_anchor is not None:
-                anchor_index, anchor_start = self._local_anchor
+            anchor_index = self._local_anchor_index
+            if anchor_index is not None:
+                anchor_start = self._local_anchor_start
                 self.next_due = anchor_start + (frame.beat_index + 1 - anchor_index) * duration
         else:
             self._set_timing(frame.beat_index, start_local, duration)

@@ -11,7 +11,7 @@ MAX_RECENT_ERRORS = 16
 """How many error texts ``health().errors`` keeps (the oldest goes first)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ClientMetrics:
     """Counters a client keeps (also in ``health().metrics``)."""
 

@@ -163,16 +163,16 @@ async def test_the_watch_passes_on_when_its_keeper_leaves(nats_url: str) -> None
                     await nursery.start(agent, i)
                 await until(lambda: all(c.metrics.beats >= 3 for c in clients))
                 watch = the_watch(conn)
-                # close clients, oldest first, until the one keeping the watch has left
-                k = 0
-                while watch.handovers == 0 and k < n - 2:
-                    await until(lambda: watch.watching)
-                    stops[k].set()
-                    await closed[k].wait()
-                    k += 1
-                assert watch.handovers == 1, "no client was keeping the watch"
-                left, remaining = clients[:k], clients[k:]
-                await until(lambda: watch.watching)  # another member took it over
+                # close the client keeping the watch
+                await until(lambda: watch.keeper is not None)
+                keeper = watch.keeper
+                k = next(i for i, c in enumerate(clients) if c.config.agent_id == keeper)
+                stops[k].set()
+                await closed[k].wait()
+                assert watch.handovers == 1
+                left, remaining = [clients[k]], clients[:k] + clients[k + 1 :]
+                # another member took it over
+                await until(lambda: watch.keeper not in (None, keeper))
                 beats = [c.metrics.beats for c in remaining]
                 await until(
                     lambda: all(

@@ -231,7 +231,7 @@ class BeatInput:
                 # healthy on a shared subscription: one watch notices silence for every member
                 self._watched = True
                 try:
-                    silent = await watch.wait(tracker.alarm())
+                    silent = await watch.wait(tracker.alarm(), self.config.agent_id)
                 finally:
                     self._watched = False
                 if not silent:

@@ -48,6 +48,7 @@ class BeatWatch:
             trio time; ``inf`` until one does).
         silences: how many times the watch declared the pulse silent.
         handovers: how many times a watcher left and the watch passed to another member.
+        keeper: who keeps the watch now (the name its member waits with), or None.
     """
 
     __slots__ = (
@@ -57,6 +58,7 @@ class BeatWatch:
         "alarm",
         "frames",
         "handovers",
+        "keeper",
         "screen",
         "silences",
     )
@@ -67,13 +69,14 @@ class BeatWatch:
         self.alarm = math.inf
         self.silences = 0
         self.handovers = 0
+        self.keeper: str | None = None
         self._watching = False
         self._scope: trio.CancelScope | None = None  # the watcher's sleep
         self._silence = trio.Event()  # set (and replaced) when the watch ends, either way
 
     def __repr__(self) -> str:
         return (
-            f"<BeatWatch {self.screen.cluster_id} frames={self.frames} watching={self._watching} "
+            f"<BeatWatch {self.screen.cluster_id} frames={self.frames} keeper={self.keeper} "
             f"silences={self.silences} handovers={self.handovers} refused={self.refused}>"
         )
 
@@ -115,8 +118,9 @@ class BeatWatch:
             if scope is not None and alarm < scope.deadline:
                 scope.deadline = alarm
 
-    async def wait(self, alarm: float) -> bool:
-        """Wait as a healthy member, handing in ``alarm`` (its own, now).
+    async def wait(self, alarm: float, who: str) -> bool:
+        """Wait as a healthy member, handing in ``alarm`` (its own, now); ``who`` names the
+        member (:attr:`keeper` while it keeps the watch).
 
         Returns:
             True when the watch declared the pulse silent (the member checks its own alarm);
@@ -128,11 +132,13 @@ class BeatWatch:
             await self._silence.wait()
             return self.silences != silences
         self._watching = True
+        self.keeper = who
         silent = False
         try:
             silent = await self._keep_watch()
         finally:
             self._watching = False
+            self.keeper = None
             if silent:
                 self.silences += 1
             else:  # cancelled: this member is leaving; another one takes the watch over

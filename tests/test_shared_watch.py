@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -97,8 +98,9 @@ async def until(predicate: Any, *, poll: float = 0.02) -> None:
 
 
 async def test_a_silent_pulse_degrades_every_shared_client_and_its_return_resyncs_them(
-    nats_url: str,
+    nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="backbeat_trio")
     n = 50
     with trio.fail_after(30):
         async with fleet(nats_url, "watch-silence", n, jitter_tolerance=0.05) as (
@@ -117,6 +119,10 @@ async def test_a_silent_pulse_degrades_every_shared_client_and_its_return_resync
             await until(lambda: all(c.metrics.degraded_beats >= 3 for c in clients))
             assert watch.silences >= 1
             assert all(c.degraded for c in clients)
+            # one warning for the fifty of them (each client's own is at DEBUG)
+            warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len([m for m in warned if "pulse silent on cluster" in m]) == watch.silences
+            assert not [m for m in warned if "degrading to local beats" in m]
             assert not watch.watching  # every member checks its own alarm while degraded
             last = max(c.metrics.beats for c in clients) + 20
             await pulse.start(start_index=last)

@@ -197,6 +197,7 @@ class BeatInput:
         sm = screen.metrics
         self._screen, self._screen_base = screen, (sm.malformed, sm.oversized, sm.wrong_cluster)
         self._watch = watch
+        self._tracker.episode_log_level = logging.DEBUG  # the watch warns once for all
         await self._heard_by_server()
         task_status.started()
         del task_status  # it holds trio's start-up nursery: let it go for the task's life
@@ -212,6 +213,7 @@ class BeatInput:
             self._mirror_screen()  # the counts stop here: this client no longer sees the subject
             self._screen = None
             self._watch = None
+            self._tracker.episode_log_level = logging.WARNING
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await sub.unsubscribe()
 

@@ -22,6 +22,7 @@ first: a slow process is not a silent pulse.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import trio
@@ -30,6 +31,8 @@ from .._core.intake import FrameScreen, ScreenedFrame
 from .._core.metrics import ClientMetrics
 
 __all__ = ["BeatWatch"]
+
+log = logging.getLogger("backbeat_trio.client")
 
 #: how many times a watcher whose alarm rang yields to pending input before declaring silence
 GRACE_CHECKPOINTS = 8
@@ -49,6 +52,7 @@ class BeatWatch:
         silences: how many times the watch declared the pulse silent.
         handovers: how many times a watcher left and the watch passed to another member.
         keeper: who keeps the watch now (the name its member waits with), or None.
+        waiting: how many members wait on the watch now (the keeper included).
     """
 
     __slots__ = (
@@ -61,6 +65,7 @@ class BeatWatch:
         "keeper",
         "screen",
         "silences",
+        "waiting",
     )
 
     def __init__(self, screen: FrameScreen) -> None:
@@ -70,6 +75,7 @@ class BeatWatch:
         self.silences = 0
         self.handovers = 0
         self.keeper: str | None = None
+        self.waiting = 0
         self._watching = False
         self._scope: trio.CancelScope | None = None  # the watcher's sleep
         self._silence = trio.Event()  # set (and replaced) when the watch ends, either way
@@ -127,6 +133,13 @@ class BeatWatch:
             False when the watcher left (call again: one of the members takes the watch over).
         """
         self.note_alarm(alarm)
+        self.waiting += 1
+        try:
+            return await self._wait(who)
+        finally:
+            self.waiting -= 1
+
+    async def _wait(self, who: str) -> bool:
         if self._watching:
             silences = self.silences
             await self._silence.wait()
@@ -141,6 +154,13 @@ class BeatWatch:
             self.keeper = None
             if silent:
                 self.silences += 1
+                # once for every member (each logs its own degradation at DEBUG only)
+                log.warning(
+                    "pulse silent on cluster %s: no beat frame by the earliest alarm of the %d "
+                    "client(s) sharing the subscription; each now keeps time from its own",
+                    self.screen.cluster_id,
+                    self.waiting,
+                )
             else:  # cancelled: this member is leaving; another one takes the watch over
                 self.handovers += 1
             ended, self._silence = self._silence, trio.Event()

@@ -191,6 +191,7 @@ class BeatTracker:
         "beats_per_bar",
         "cluster_id",
         "degraded",
+        "episode_log_level",
         "errors",
         "estimator",
         "hlc",
@@ -229,6 +230,9 @@ class BeatTracker:
         self.tempo_bpm = 0
         self.beats_per_bar = beats_per_bar
         self.degraded = False
+        # the level of the warnings a degradation or a re-calibration logs (a thousand clients
+        # of one shared subscription log them at DEBUG; their watch warns once for all)
+        self.episode_log_level = logging.WARNING
         self.next_due = math.inf
         self._beats_since_downbeat: int | None = None
         self._bar_contiguous = False
@@ -365,7 +369,10 @@ class BeatTracker:
                 f"{RECALIBRATE_AFTER} beat frames in a row refused for their timing: "
                 f"re-calibrating the clock offset to the pulse"
             )
-            log.warning("beat frames keep arriving off time; re-calibrating the clock offset")
+            log.log(
+                self.episode_log_level,
+                "beat frames keep arriving off time; re-calibrating the clock offset",
+            )
 
     def _set_timing(self, index: int, start_local: float, duration: float) -> None:
         self._local_anchor_index = index  # (two fields: no tuple per frame)
@@ -434,7 +441,11 @@ class BeatTracker:
             self.degraded = True
             metrics.degraded_episodes += 1
             self.errors.note(f"no beat after {self.last_index}: keeping time locally")
-            log.warning("pulse silent after beat %s; degrading to local beats", self.last_index)
+            log.log(
+                self.episode_log_level,
+                "pulse silent after beat %s; degrading to local beats",
+                self.last_index,
+            )
         index = self.last_index + 1
         bpb = self.beats_per_bar
         duration = 60.0 / self.tempo_bpm

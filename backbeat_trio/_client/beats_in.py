@@ -118,7 +118,17 @@ class BeatInput:
         elif self._watch is not None and not tracker.degraded:
             scope.cancel()  # healthy again on a shared subscription: back to the shared watch
         else:
-            scope.deadline = tracker.alarm() - (self._sampler_spin if tracker.degraded else 0.0)
+            scope.deadline = tracker.alarm() - self._spin()
+
+    def _spin(self) -> float:
+        """How long before a local beat the sampler stops sleeping and yields until it is due
+        (trio's sleeps wake ~1 ms late). Only local beats need that precision, and only a client
+        alone: while the pulse is healthy the alarm just notices its silence (a jitter tolerance
+        late already), and the members of a shared subscription, a thousand of them spinning at
+        once, would take the time the process needs to catch up with the pulse."""
+        if self._tracker.degraded and self._watch is None:
+            return self._sampler_spin
+        return 0.0
 
     async def _heard_by_server(self) -> None:
         """Once subscribed, wait (a bounded while) for the server to answer a PING: when
@@ -239,10 +249,7 @@ class BeatInput:
                 if not silent:
                     continue  # the watcher left: wait again (maybe as the watcher)
                 # silence: from here this client checks its own alarm, as alone
-            # Only local beats need the spin's precision: while the pulse is healthy the alarm
-            # just notices its silence (a jitter tolerance late already), and a sampler spinning
-            # while frames queue behind a busy process would take the time they need.
-            spin = self._sampler_spin if tracker.degraded else 0.0
+            spin = self._spin()
             # Sleep until the alarm; frames move it (``_rearm_sampler``) without waking us.
             with trio.CancelScope() as scope:
                 scope.deadline = tracker.alarm() - spin

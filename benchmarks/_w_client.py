@@ -236,7 +236,7 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
     screen = FrameScreen(cluster, Config(cluster_id=cluster, agent_id="floor").max_frame_bytes)
 
     def floor_fan_out(msg: Message) -> None:
-        screened = screen(msg.data, 0.0)  # decoded and screened once, as the clients' is
+        screened = screen(msg.data, 0.0, 0.0)  # decoded and screened once, as the clients' is
         if screened is not None:
             for chan in chans:
                 chan.put(screened.frame)

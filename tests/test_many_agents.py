@@ -148,6 +148,10 @@ async def test_200_clients_share_one_subscription_and_get_every_beat_once_in_ord
             assert screen.metrics.beats >= 22
             assert screen.refused == 0
             clients = list(f.clients.values())
+            # each frame is judged as of its arrival at the connection, not as of each client's
+            # turn in the fan-out: every client measured the same clock offset to the pulse
+            offsets = {c.health().time_drift for c in clients}
+            assert len(offsets) == 1, sorted(offsets)[:: max(1, len(offsets) // 5)]
     for i in range(N):
         idx = f.indices(i)
         assert f.in_step(idx), f"agent-{i}: {idx} ({f.pulse!r})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -86,9 +87,11 @@ class BeatInput:
         screen = self._screen
         if screen is not None and screen.metrics.errors != self._screen_noted:
             self._mirror_screen()  # junk arrived since the last frame: bring the counts along
+        # the wall clock at the frame's arrival, unless this client was given a clock of its own
+        wall = screened.arrived_wall if self._wall is time.time else self._wall()
         self._taken_in(
             self._tracker.accept(
-                screened.frame, screened.arrived, self._wall(), screened.stamp, screened.start_ts
+                screened.frame, screened.arrived, wall, screened.stamp, screened.start_ts
             )
         )
 

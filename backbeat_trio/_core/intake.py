@@ -89,16 +89,20 @@ def screen_frame(
 
 class ScreenedFrame:
     """A beat frame screened once for every client on a connection: the frame, its parsed HLC
-    stamp, the pulse's start of the beat (POSIX seconds) and the local monotonic time it
-    arrived, all immutable, so every client may hold them."""
+    stamp, the pulse's start of the beat (POSIX seconds), and the local monotonic and wall-clock
+    times it arrived, all immutable, so every client may hold them (and judge the frame as of
+    its arrival, not as of its own turn in the fan-out)."""
 
-    __slots__ = ("arrived", "frame", "stamp", "start_ts")
+    __slots__ = ("arrived", "arrived_wall", "frame", "stamp", "start_ts")
 
-    def __init__(self, frame: BeatFrame, stamp: HLCStamp, arrived: float) -> None:
+    def __init__(
+        self, frame: BeatFrame, stamp: HLCStamp, arrived: float, arrived_wall: float
+    ) -> None:
         self.frame = frame
         self.stamp = stamp
         self.start_ts = frame.deadline_at.timestamp() - 60.0 / frame.tempo_bpm
         self.arrived = arrived
+        self.arrived_wall = arrived_wall
 
     def __repr__(self) -> str:
         return f"<ScreenedFrame beat={self.frame.beat_index} {self.frame.cluster_id}>"
@@ -140,9 +144,10 @@ class FrameScreen:
         m = self.metrics
         return m.malformed + m.oversized + m.wrong_cluster
 
-    def __call__(self, data: bytes, arrived: float) -> ScreenedFrame | None:
-        """Screen one payload that arrived at local monotonic time ``arrived``: the frame with
-        its parsed stamp, or None (refused, counted)."""
+    def __call__(self, data: bytes, arrived: float, arrived_wall: float) -> ScreenedFrame | None:
+        """Screen one payload that arrived at local monotonic time ``arrived`` (wall clock:
+        ``arrived_wall``, POSIX seconds): the frame with its parsed stamp, or None (refused,
+        counted)."""
         frame = screen_frame(data, self.cluster_id, self.max_frame_bytes, self.errors)
         if frame is None:
             return None
@@ -153,7 +158,7 @@ class FrameScreen:
             self.errors.note(str(exc)[:200])
             return None
         self.metrics.beats += 1
-        return ScreenedFrame(frame, stamp, arrived)
+        return ScreenedFrame(frame, stamp, arrived, arrived_wall)
 
 
 class BeatTracker:

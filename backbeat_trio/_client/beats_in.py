@@ -22,7 +22,7 @@ from .._core.intake import (
 )
 from .._core.metrics import ClientMetrics
 from .._errors import NotConnected
-from .._transport.base import Message, Transport
+from .._transport.base import Message, Subscription, Transport
 from .._transport.shared import SharedSubscription, SharingTransport
 from .._util.sleep import SPIN_S, precise_clock
 from .budgets import BeatBudgets
@@ -172,16 +172,23 @@ class BeatInput:
         try:
             # a transport that declines ``handler`` (MemoryTransport: it models a network hop)
             # delivers here instead: take those in the same way
-            async for msg in sub.messages:
-                handle(msg)
-                if sub.dropped:
-                    self._metrics.transport_dropped += sub.dropped
-                    sub.dropped = 0
-            if sub.failure is not None:
-                raise sub.failure
+            await self._take_from(sub, handle)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await sub.unsubscribe()
+
+    async def _take_from(
+        self, sub: Subscription | SharedSubscription[Any], take: Callable[[Any], None]
+    ) -> None:
+        """Take in what ``sub`` delivers through its channel (a transport that runs no handler
+        inline), counting what the channel dropped; when it ends, raise its failure if any."""
+        async for item in sub.messages:
+            take(item)
+            if sub.dropped:
+                self._metrics.transport_dropped += sub.dropped
+                sub.dropped = 0
+        if sub.failure is not None:
+            raise sub.failure
 
     def _subscriber(self) -> Callable[..., Any]:
         """The subscriber task for this client's transport: shared or its own subscription."""
@@ -215,13 +222,7 @@ class BeatInput:
         task_status.started()
         del task_status  # it holds trio's start-up nursery: let it go for the task's life
         try:
-            async for screened in sub.messages:  # a transport that runs no handler inline
-                self._intake_screened(screened)
-                if sub.dropped:
-                    self._metrics.transport_dropped += sub.dropped
-                    sub.dropped = 0
-            if sub.failure is not None:
-                raise sub.failure
+            await self._take_from(sub, self._intake_screened)
         finally:
             self._mirror_screen()  # the counts stop here: this client no longer sees the subject
             self._screen = None

@@ -94,7 +94,7 @@ async def answer_lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def _respond(
+async def text_response(
     send: Send,
     status: int,
     body: bytes,
@@ -103,6 +103,7 @@ async def _respond(
     *,
     head: bool = False,
 ) -> None:
+    """Answer with ``body`` as it is (``head``: its headers only, for a HEAD request)."""
     headers = [
         (b"content-type", content_type.encode("latin-1")),
         (b"content-length", str(len(body)).encode("latin-1")),
@@ -117,7 +118,7 @@ async def json_response(
     send: Send, status: int, obj: object, extra_headers: Iterable[tuple[str, str]] = ()
 ) -> None:
     """Answer with ``obj`` as JSON (msgspec's encoding: Structs, datetimes, dicts...)."""
-    await _respond(send, status, _json.encode(obj), "application/json", extra_headers)
+    await text_response(send, status, _json.encode(obj), "application/json", extra_headers)
 
 
 async def error_response(
@@ -127,16 +128,3 @@ async def error_response(
     await json_response(
         send, status, {"error": HTTPStatus(status).phrase, "reason": reason}, extra_headers
     )
-
-
-async def text_response(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: str,
-    extra_headers: Iterable[tuple[str, str]] = (),
-    *,
-    head: bool = False,
-) -> None:
-    """Answer with ``body`` as it is (``head``: its headers only, for a HEAD request)."""
-    await _respond(send, status, body, content_type, extra_headers, head=head)

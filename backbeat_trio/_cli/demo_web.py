@@ -15,6 +15,7 @@ import trio
 
 from .._bridge.nats import open_nats_transport
 from .._errors import ConfigError
+from .._ops import load
 from .._transport.options import ConnectionOptions
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ __all__ = ["DEFAULT_WEB_BIND", "check_web_bind", "serve_demo_dashboard"]
 
 #: Where ``--web`` without an address listens (any free port when this one is taken).
 DEFAULT_WEB_BIND: Final = "127.0.0.1:8080"
-_INSTALL_HINT: Final = "pip install 'backbeat_trio[ops]'"
 
 
 def check_web_bind(bind: str) -> None:
@@ -35,16 +35,9 @@ def check_web_bind(bind: str) -> None:
         ConfigError: ``bind`` is not ``"HOST:PORT"`` with a loopback host, or the ``ops`` extra
             is not installed.
     """
-    try:
-        from .._ops.server import is_loopback, parse_bind
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.startswith("backbeat_trio"):
-            raise
-        raise ConfigError(
-            "web", f"the dashboard needs {exc.name!r}, which is not installed: {_INSTALL_HINT}"
-        ) from exc
-    host, _ = parse_bind(bind)
-    if not is_loopback(host):
+    server = load("server", field="web", user="the dashboard")
+    host, _ = server.parse_bind(bind)
+    if not server.is_loopback(host):
         raise ConfigError("web", f"the demo serves its dashboard on loopback only, got {bind!r}")
 
 

@@ -32,8 +32,13 @@ DEFAULT_ADMIN_BIND = "127.0.0.1:8080"
 INSTALL_HINT = "pip install 'backbeat_trio[ops]'"
 
 
-def load(module: str) -> ModuleType:
+def load(module: str, *, field: str = "ops", user: str = "the admin server") -> ModuleType:
     """Import ``backbeat_trio._ops.<module>``, which needs the ``ops`` extra.
+
+    Args:
+        module: the module's name in this package.
+        field: the :class:`ConfigError`'s field if the extra is missing.
+        user: what needs the extra, as the error says it.
 
     Raises:
         ConfigError: hypercorn or prometheus-client is not installed (the message says how).
@@ -44,7 +49,7 @@ def load(module: str) -> ModuleType:
         if exc.name is None or exc.name.startswith("backbeat_trio"):
             raise
         raise ConfigError(
-            "ops", f"the admin server needs {exc.name!r}, which is not installed: {INSTALL_HINT}"
+            field, f"{user} needs {exc.name!r}, which is not installed: {INSTALL_HINT}"
         ) from exc
 
 

@@ -54,7 +54,6 @@ class BeatInput:
     _wake_sampler: trio.Event
     _sampler_scope: trio.CancelScope | None
     _sampler_spin: float
-    _shared_beats: SharedSubscription[ScreenedFrame] | None
     # the shared subscription's silence watch while this client is a member, and whether this
     # client's sampler waits on it (healthy: frames then cost this client no timer)
     _watch: BeatWatch | None = None
@@ -210,7 +209,6 @@ class BeatInput:
             handler=self._intake_screened,
             buffer=4096,
         )
-        self._shared_beats = sub
         watch = sub.prepared
         assert isinstance(watch, BeatWatch)
         screen = watch.screen

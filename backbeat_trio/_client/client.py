@@ -26,13 +26,13 @@ from .._bridge.nats import open_nats_transport
 from .._client.config import Config
 from .._core.beats import beat_subject, status_subject
 from .._core.hlc import HLC
-from .._core.intake import BeatTracker, ScreenedFrame
+from .._core.intake import BeatTracker
 from .._core.metrics import ClientMetrics, ErrorLog
 from .._core.outbox import Outbox
 from .._core.wire import BeatFrame, HealthStatus, StatusClaim
 from .._errors import BeatBudgetExceeded, NotConnected, UndeliveredClaims
 from .._transport.base import ConnEvent, Transport
-from .._transport.shared import SharedSubscription, ViewableTransport
+from .._transport.shared import ViewableTransport
 from .._util.channel import DropOldestChannel
 from .._util.groups import exception_to_raise, reraise
 from .beats_in import BeatInput
@@ -118,7 +118,6 @@ class Client(BeatInput):
         self._nursery: trio.Nursery | None = None
         self._last_emit_yield = -math.inf
         self._closing = False
-        self._shared_beats: SharedSubscription[ScreenedFrame] | None = None
 
     def __repr__(self) -> str:
         tracker = self._tracker

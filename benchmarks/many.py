@@ -93,6 +93,14 @@ def _goal_row(
     )
 
 
+def _synthesised(res: dict[str, Any]) -> list[float]:
+    """Per window, the share of agent-beats the clients synthesised locally (%)."""
+    return [
+        100.0 * lb / max(1, ab)
+        for lb, ab in zip(res["local_beats"], res["agent_beats"], strict=True)
+    ]
+
+
 def _rows(p: Params, out: Outcome, n: int, results: dict[str, dict[str, Any]]) -> None:
     ours, one, per = results["shared"], results["plain-one"], results["plain"]
     goals = n == GOAL_N
@@ -142,10 +150,7 @@ def _rows(p: Params, out: Outcome, n: int, results: dict[str, dict[str, Any]]) -
             label,
         )
     )
-    synth = [
-        100.0 * lb / max(1, ab)
-        for lb, ab in zip(ours["local_beats"], ours["agent_beats"], strict=True)
-    ]
+    synth = _synthesised(ours)
     out.rows.append(
         solo_row(
             BENCH,
@@ -226,10 +231,7 @@ def _rows(p: Params, out: Outcome, n: int, results: dict[str, dict[str, Any]]) -
                 label,
             )
         )
-    frozen_synth = [
-        100.0 * lb / max(1, ab)
-        for lb, ab in zip(frozen["local_beats"], frozen["agent_beats"], strict=True)
-    ]
+    frozen_synth = _synthesised(frozen)
     out.rows.append(
         solo_row(
             BENCH,

@@ -42,7 +42,18 @@ class InvalidStatusClaim(BackbeatError, ValueError):
 
 
 class WireError(BackbeatError, ValueError):
-    """A message received from the wire could not be decoded or broke the contract."""
+    """Bytes from outside (a message on the wire, a file, a request body) could not be decoded
+    or broke the contract.
+
+    Attributes:
+        reason: what the refusal is counted under: ``"malformed"`` (invalid JSON, UTF-8 or
+            TOML, or a broken contract), ``"too_deep"`` (nested deeper than any message needs)
+            or ``"too_large"`` (too large to decode).
+    """
+
+    def __init__(self, message: str = "", *, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class BeatBudgetExceeded(BackbeatError, TimeoutError):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from .._core.edge import decode_json
 from .._core.signing import HEADER_AGENT, HEADER_KEY, HEADER_SIG
 from .._core.wire import BarReport, BeatFrame, StatusClaim, encode
 
@@ -27,7 +28,7 @@ __all__ = [
 
 def compact_json(data: bytes) -> str:
     """One line of JSON, every field kept (including ones this version does not know)."""
-    return msgspec.json.encode(msgspec.json.decode(data)).decode()
+    return msgspec.json.encode(decode_json(data)).decode()
 
 
 def _clock(t: _dt.datetime) -> str:

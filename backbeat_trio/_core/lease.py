@@ -13,7 +13,8 @@ import msgspec
 
 from .._core.beats import validate_id
 from .._core.schedule import PulseSchedule
-from .._errors import ConfigError
+from .._errors import ConfigError, WireError
+from .wire import decode
 
 if TYPE_CHECKING:
     pass
@@ -125,7 +126,6 @@ class LeaseRecord(msgspec.Struct, kw_only=True, frozen=True):
 
 
 _record_encoder: Final = msgspec.json.Encoder()
-_record_decoder: Final = msgspec.json.Decoder(LeaseRecord)
 
 
 def encode_lease(record: LeaseRecord) -> bytes:
@@ -143,8 +143,8 @@ def decode_lease(data: bytes | None) -> LeaseRecord | None:
     if data is None:
         return None
     try:
-        record = _record_decoder.decode(data)
-    except msgspec.DecodeError:
+        record = decode(data, LeaseRecord)
+    except WireError:
         return None
     if not (math.isfinite(record.ttl) and record.ttl > 0):
         return None

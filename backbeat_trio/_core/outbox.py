@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
 
-from .._errors import InvalidStatusClaim, NotConnected
+from .._errors import InvalidStatusClaim, NotConnected, WireError
+from .edge import decode_json
 from .hlc import HLC
 from .metrics import ErrorLog
 from .wire import StatusClaim, encode_claim
@@ -289,8 +290,8 @@ class Outbox:
             return None
         ack: Any = None
         if data:
-            with contextlib.suppress(msgspec.DecodeError):
-                ack = msgspec.json.decode(data)
+            with contextlib.suppress(WireError):
+                ack = decode_json(data, "PubAck")
         pending = self.pending
         if not isinstance(ack, dict) or "error" in ack or "stream" not in ack:
             # a 503 (no JetStream responder: a stream still recovering or moving) or an error:

@@ -14,7 +14,6 @@ import binascii
 import os
 import shlex
 import stat
-import tomllib
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
@@ -27,7 +26,8 @@ from nacl.signing import SigningKey, VerifyKey
 from .._core.beats import validate_id
 from .._core.hlc import HLCStamp
 from .._core.wire import StatusClaim, decode
-from .._errors import ConfigError, SignatureError
+from .._errors import ConfigError, SignatureError, WireError
+from .edge import decode_toml
 
 __all__ = [
     "HEADER_AGENT",
@@ -53,6 +53,8 @@ _PUBLIC_KEY_BYTES: Final = nacl.bindings.crypto_sign_PUBLICKEYBYTES  # 32
 _SIGNATURE_BYTES: Final = nacl.bindings.crypto_sign_BYTES  # 64
 # A key file is 45 bytes; anything far larger is not a key file, so don't read all of it.
 _MAX_KEY_FILE_BYTES: Final = 4096
+#: A keyring larger than this is refused unread (a line per agent: room for many thousands).
+_MAX_KEYRING_BYTES: Final = 16 * 1024 * 1024
 
 KeyLike: TypeAlias = VerifyKey | bytes | str
 PathLike: TypeAlias = str | os.PathLike[str]
@@ -223,12 +225,17 @@ class Keyring:
         """
         name = os.fspath(path)
         with open(path, "rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as exc:
-                raise SignatureError(
-                    f"keyring {name!r} is not valid TOML: {exc}", reason="malformed"
-                ) from exc
+            raw = f.read(_MAX_KEYRING_BYTES + 1)
+        if len(raw) > _MAX_KEYRING_BYTES:
+            raise SignatureError(
+                f"keyring {name!r} is larger than {_MAX_KEYRING_BYTES} bytes", reason="malformed"
+            )
+        try:
+            data = decode_toml(raw, "keyring")
+        except WireError as exc:
+            raise SignatureError(
+                f"keyring {name!r} is not valid TOML ({exc})", reason="malformed"
+            ) from exc
         agents = data.get("agents")
         if not isinstance(agents, dict):
             raise SignatureError(

@@ -16,6 +16,7 @@ import msgspec
 
 from .._errors import InvalidStatusClaim, WireError
 from . import rules as R
+from .edge import MAX_NESTING, check_nesting, refusal
 
 __all__ = [
     "BarIssue",
@@ -216,6 +217,7 @@ _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {
 }
 
 T = TypeVar("T")
+_SCAN_ABOVE: Final = 2 * MAX_NESTING  # shorter payloads cannot nest past the bound
 
 
 def encode(msg: msgspec.Struct) -> bytes:
@@ -226,15 +228,22 @@ def encode(msg: msgspec.Struct) -> bytes:
 
 
 def decode(data: bytes | bytearray | memoryview | str, type_: type[T]) -> T:
-    """Decode and validate JSON bytes as ``type_``.
+    """Decode and validate bytes from outside as ``type_``: the decoding edge
+    (:mod:`~backbeat_trio._core.edge`) for the wire's messages and any other msgspec type.
 
     Raises:
-        WireError: the bytes are not valid JSON or break the contract; the message says where.
+        WireError: the bytes are not valid JSON, break the contract, nest too deeply or are too
+            large; the message says where and ``reason`` says which.
     """
+    if len(data) > _SCAN_ABOVE:
+        check_nesting(data, type_.__name__)
+    checked = _checked_decoders.get(type_)
+    if checked is None:
+        checked = _checked_decoders.setdefault(type_, msgspec.json.Decoder(type_).decode)
     try:
-        return _checked_decoders[type_](data)  # type: ignore[no-any-return]
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise WireError(f"invalid {type_.__name__}: {exc}") from exc
+        return checked(data)  # type: ignore[no-any-return]
+    except Exception as exc:  # the edge: every decoder failure is a refusal, counted by reason
+        raise refusal(type_.__name__, exc) from exc
 
 
 def _bad(value: str, field: str, regex: re.Pattern[str]) -> str:
@@ -336,6 +345,7 @@ def _decode_claim(data: Any) -> StatusClaim:
 
 
 # type -> decode-and-validate, so `decode` is one dict lookup and one call away from msgspec
+# (other msgspec types, a lease record say, get their decoder on first use)
 _checked_decoders: Final[dict[type[Any], Callable[[Any], Any]]] = {
     **{t: _with_check(t) for t in _decoders},
     BeatFrame: _decode_frame,

@@ -21,7 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypedDict
 
-from .._errors import ConfigError, EmbeddedServerError
+from .._core.edge import decode_json
+from .._errors import ConfigError, EmbeddedServerError, WireError
 from .binary import find_nats_server
 
 HOST: Final = "127.0.0.1"
@@ -106,8 +107,8 @@ def http_get_json(port: int, endpoint: str) -> tuple[int, dict[str, Any]]:
         status, body = exc.code, exc.read()
         exc.close()
     try:
-        data = json.loads(body) if body else {}
-    except ValueError:
+        data = decode_json(body, "monitoring reply") if body else {}
+    except WireError:
         data = {}
     return status, data if isinstance(data, dict) else {}
 
@@ -379,8 +380,8 @@ class NatsServerProcess:
     def _read_ports_file(self) -> dict[str, Any] | None:
         for path in self.workdir.glob(_PORTS_GLOB):
             try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
+                data = decode_json(path.read_bytes(), "ports file")
+            except (OSError, WireError):
                 continue  # not written completely yet
             if isinstance(data, dict):
                 return data

@@ -18,6 +18,7 @@ import msgspec
 import trio
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from .._core.edge import decode_json
 from .._core.wire import TempoChange, decode
 from .._errors import BackbeatError, ConfigError, WireError
 from .._services.history import replay_bars
@@ -301,8 +302,8 @@ def _authorized(value: str | None, token: str) -> bool:
 def _tempo_change(body: bytes, cluster_id: str) -> TempoChange | str:
     """The request as a ``TempoChange`` decoded with the wire rules, or why it is refused."""
     try:
-        fields = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+        fields = decode_json(body, "request body")
+    except WireError as exc:
         return f"malformed JSON: {exc}"
     if not isinstance(fields, dict):
         return 'expected a JSON object like {"tempo_bpm": 66, "reason": "..."}'

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..._core.beats import validate_id
+from ..._core.edge import decode_toml
 from ..._core.signing import Keyring, generate_signing_key, public_key_b64, save_signing_key
+from ..._errors import WireError
 from ..common import EXIT_OK, UsageError, add_command, eprint, load_keyring, out, require_agent
 from ..connection import agent_parent
 
@@ -47,8 +48,8 @@ def _update_keyring_file(path: str, agent_id: str, public_b64: str) -> str:
     if existed:
         try:
             with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+                data = decode_toml(f.read(), "keyring")
+        except (OSError, WireError) as exc:
             raise UsageError(f"--keyring: cannot read {path!r}: {exc}") from exc
         others = sorted(k for k in data if k != "agents")
         if others:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-import msgspec
 import trio
 
 from ..._bridge.nats import open_nats_transport
 from ..._core.beats import tempo_subject, validate_tempo
+from ..._core.edge import decode_json
 from ..._core.hlc import HLC
 from ..._core.wire import TempoChange, decode, encode
 from ..._errors import WireError
@@ -99,9 +99,9 @@ async def run(args: argparse.Namespace) -> int:
         eprint(f"{PROG} tempo: no pulse is listening on {subject}")
         return EXIT_FAILURE
     try:
-        answer = msgspec.json.decode(reply.data)
+        answer = decode_json(reply.data, "tempo reply")
         accepted = bool(answer["accepted"])
-    except (msgspec.DecodeError, KeyError, TypeError):
+    except (WireError, KeyError, TypeError):
         eprint(f"{PROG} tempo: unreadable reply: {reply.data[:200]!r}")
         return EXIT_FAILURE
     if args.json:

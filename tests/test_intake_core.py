@@ -19,6 +19,7 @@ from backbeat_trio._core.intake import (
     BeatTracker,
 )
 from backbeat_trio._core.metrics import ClientMetrics, ErrorLog
+from backbeat_trio._core.rules import MAX_FRAME_BEAT_INDEX
 from backbeat_trio._core.wire import BeatFrame, encode
 
 CLUSTER = "c1"
@@ -266,3 +267,33 @@ def test_positions_and_deadlines_are_inverse() -> None:
     assert pos is not None
     assert tracker.deadline_for(pos) == pytest.approx(6.0)
     assert tracker.deadline_for(pos + 2) == pytest.approx(6.0 + 2 * 0.5)
+
+
+@pytest.mark.parametrize(
+    ("index", "refused"),
+    [
+        (2**63 - 1, True),
+        (2**63 - 3, True),
+        (MAX_FRAME_BEAT_INDEX + 1, True),
+        (MAX_FRAME_BEAT_INDEX, False),
+    ],
+)
+def test_a_frame_near_int64s_end_is_refused_and_counted(index: int, refused: bool) -> None:
+    tracker = new_tracker()
+    tempo = 600
+    data = encode(
+        BeatFrame(
+            cluster_id=CLUSTER,
+            beat_index=index,
+            downbeat=index % 4 == 0,
+            phase=phase_for(index, 4),
+            hlc="000000000001:0000:0001",
+            deadline_at=dt.datetime.fromtimestamp(EPOCH + 0.1, dt.UTC),
+            tempo_bpm=tempo,
+            window_id=window_id(CLUSTER, index, 4),
+        )
+    )
+    outcome = tracker.intake(data, 0.0, EPOCH)
+    assert (outcome == REFUSED) is refused
+    assert tracker.metrics.malformed == (1 if refused else 0)
+    assert (tracker.last_index is None) is refused

@@ -22,6 +22,7 @@ from .._errors import WireError
 from .beats import phase_for, window_id
 from .hlc import HLC, HLCStamp
 from .metrics import ClientMetrics, ErrorLog
+from .rules import MAX_FRAME_BEAT_INDEX
 from .tempo import TempoEstimator
 from .wire import BeatFrame, decode
 
@@ -61,7 +62,9 @@ def screen_frame(
     data: bytes, cluster_id: str, max_frame_bytes: int, errors: ErrorLog
 ) -> BeatFrame | None:
     """What every tracker of ``cluster_id`` would refuse alike: an oversized payload, one that
-    does not decode as a valid :class:`BeatFrame`, another cluster's frame. Counted in
+    does not decode as a valid :class:`BeatFrame` (or nests too deeply to decode), another
+    cluster's frame, and one whose beat index lies within ``rules.BEAT_INDEX_HEADROOM`` of int64's
+    end (counted as malformed: what follows from it would leave int64). Counted in
     ``errors.metrics`` (``oversized``, ``malformed``, ``wrong_cluster``) and noted.
 
     Returns:
@@ -74,15 +77,18 @@ def screen_frame(
         return None
     try:
         frame = decode(data, BeatFrame)
-    except (WireError, UnicodeDecodeError) as exc:
-        # UnicodeDecodeError: invalid UTF-8 inside a JSON string gets past _wire.decode
+    except WireError as exc:
         metrics.malformed += 1
-        text = str(exc) if isinstance(exc, WireError) else f"invalid BeatFrame: {exc!r}"
-        errors.note(text[:200])
+        errors.note(str(exc)[:200])
         return None
     if frame.cluster_id != cluster_id:
         metrics.wrong_cluster += 1
         errors.note(f"beat frame for cluster {frame.cluster_id!r}")
+        return None
+    if frame.beat_index > MAX_FRAME_BEAT_INDEX:
+        # the beats this client would synthesise from it, and the bars they name, leave int64
+        metrics.malformed += 1
+        errors.note(f"beat {frame.beat_index} leaves no room before int64's end")
         return None
     return frame
 

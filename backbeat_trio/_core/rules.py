@@ -32,6 +32,10 @@ TEXT_MAX_LEN: Final = 4096
 REQUESTED_BY_MAX_LEN: Final = 128
 #: Beat indexes, beats left: Go's int64.
 INT64_MAX: Final = 2**63 - 1
+#: Beats a receiver keeps in hand below INT64_MAX: a frame whose index is closer to the end than
+#: this is refused, so no bar, report or locally synthesised beat derived from it leaves int64.
+BEAT_INDEX_HEADROOM: Final = 2**32
+MAX_FRAME_BEAT_INDEX: Final = INT64_MAX - BEAT_INDEX_HEADROOM
 MIN_TEMPO_BPM: Final = 1
 MAX_TEMPO_BPM: Final = 1200
 PROGRESS_MIN: Final = 0.0

@@ -65,7 +65,7 @@ BeatsLeft = Annotated[int, msgspec.Meta(ge=0, le=R.INT64_MAX)]
 Notes = Annotated[str, msgspec.Meta(max_length=R.NOTES_MAX_LEN)]
 TaskId = Annotated[str, msgspec.Meta(min_length=1, max_length=R.TASK_ID_MAX_LEN)]
 WaitRef = Annotated[str, msgspec.Meta(min_length=1, max_length=R.WAIT_REF_MAX_LEN)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=R.INT64_MAX)]
 Text = Annotated[str, msgspec.Meta(max_length=R.TEXT_MAX_LEN)]
 RequestedBy = Annotated[str, msgspec.Meta(max_length=R.REQUESTED_BY_MAX_LEN)]
 
@@ -149,7 +149,7 @@ class BarReport(msgspec.Struct, kw_only=True, tag_field="type", tag="backbeat.ba
     hlc: HLCString
     agents_reporting: Count = 0
     claims: Count = 0
-    by_state: dict[str, int] = msgspec.field(default_factory=dict)
+    by_state: dict[str, Count] = msgspec.field(default_factory=dict)
     on_time_reviews: Count = 0
     late: Count = 0
     rejected: Count = 0

@@ -773,7 +773,13 @@ def _reference_check_claim(claim: StatusClaim) -> str | None:
 
 
 def _reference_encode_claim(claim: StatusClaim) -> bytes:
-    # encode_claim as it was: encode, then validate by decoding the bytes again
+    # encode_claim as it was: encode, then validate by decoding the bytes again (and, since a
+    # string wait_for was sent as its characters, refusing a string wait_for first)
+    if isinstance(claim.wait_for, str | bytes):
+        raise InvalidStatusClaim(
+            "invalid status claim: wait_for is a list of refs, not a string: "
+            f"write wait_for=[{claim.wait_for!r}]"
+        )
     try:
         data = _wire._encoder.encode(
             _wire._StatusClaimWire(
@@ -922,3 +928,18 @@ _EDGE_EDITS: list[dict[str, Any]] = [
 @pytest.mark.parametrize("changes", _EDGE_EDITS, ids=repr)
 def test_encode_claim_edges_agree_with_validating_by_decoding(changes: dict[str, Any]) -> None:
     _assert_encode_claim_agrees(msgspec.structs.replace(_GOOD_CLAIM, **changes))
+
+
+@pytest.mark.parametrize("ref", ["agent://x", b"agent://x"])
+def test_a_string_wait_for_is_refused_not_sent_as_characters(ref: str | bytes) -> None:
+    claim = StatusClaim(agent_id="agent-a", task_id="t", hlc="1:1:1", wait_for=ref)  # type: ignore[arg-type]
+    with pytest.raises(
+        InvalidStatusClaim, match=r"wait_for=\['agent://x'\]|wait_for=\[b'agent://x'\]"
+    ):
+        encode_claim(claim)
+    assert (
+        encode_claim(
+            StatusClaim(agent_id="agent-a", task_id="t", hlc="1:1:1", wait_for=["agent://x"])
+        ).count(b'"agent://x"')
+        == 1
+    )

@@ -377,6 +377,12 @@ def encode_claim(claim: StatusClaim) -> bytes:
     agent_id, task_id, beat_index, hlc, state, wait_for, beats_left, progress, notes = (
         msgspec.structs.astuple(claim)
     )
+    if isinstance(wait_for, str | bytes):
+        # list() would send a string as its characters, each a ref of its own
+        raise InvalidStatusClaim(
+            f"invalid status claim: wait_for is a list of refs, not a string: "
+            f"write wait_for=[{wait_for!r}]"
+        )
     try:
         data = _encoder.encode(
             _StatusClaimWire(

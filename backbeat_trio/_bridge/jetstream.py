@@ -29,11 +29,13 @@ from .._transport.jetstream import (
     KVEntry,
     KVWatch,
     StoredMessage,
+    StreamLimits,
     StreamSummary,
     kv_stream,
     kv_subject,
 )
 from . import _natspy_private as private
+from .stream_limits import config_fields, conform_stream
 
 if TYPE_CHECKING:
     from .nats import NatsTransport
@@ -155,20 +157,21 @@ class NatsJetStream:
         *,
         replicas: int = 1,
         max_msgs: int = -1,
+        max_bytes: int = -1,
         max_age: float | None = None,
+        discard: Literal["old", "new"] = "old",
         duplicate_window: float = 120.0,
         description: str = "",
     ) -> int:
-        """Create the stream unless it exists; returns its replica count."""
+        """Create the stream unless it exists, with the asked bounds in force; its replicas."""
+        limits = StreamLimits(max_msgs, max_bytes, max_age, discard, duplicate_window)
         return await self._run(
-            f"cannot create JetStream stream {name!r}",
+            f"cannot create (or bound) JetStream stream {name!r}",
             stream_ensure,
             name,
             list(subjects),
             replicas=replicas,
-            max_msgs=max_msgs,
-            max_age=max_age,
-            duplicate_window=duplicate_window,
+            limits=limits,
             description=description,
         )
 
@@ -432,13 +435,12 @@ async def stream_ensure(
     subjects: list[str],
     *,
     replicas: int = 1,
-    max_msgs: int = -1,
-    max_age: float | None = None,
-    duplicate_window: float = 120.0,
+    limits: StreamLimits,
     description: str = "",
     op_timeout: float = DEFAULT_OP_TIMEOUT,
 ) -> int:
-    """Create a stream unless it exists (an existing one is left as it is); its replica count."""
+    """Create a stream unless it exists, and put ``limits``'s bounds in force on an existing one
+    (:func:`conform_stream`); its replica count."""
     from nats.js.api import StreamConfig
 
     jsx = nc.jetstream(timeout=op_timeout)
@@ -450,13 +452,13 @@ async def stream_ensure(
                 description=description or None,
                 subjects=list(subjects),
                 num_replicas=count,
-                max_msgs=max_msgs,
-                max_age=max_age,
-                duplicate_window=duplicate_window,
+                **config_fields(limits),
             )
         )
 
-    return await _ensure_replicated(nc, jsx, name, replicas, op_timeout, create)
+    count = await _ensure_replicated(nc, jsx, name, replicas, op_timeout, create)
+    await conform_stream(jsx, name, limits)
+    return count
 
 
 async def stream_summary(

@@ -24,6 +24,7 @@ from .._core.wire import BarReport, decode
 from .._errors import ConfigError, WireError
 from .._transport.base import Transport
 from .._transport.jetstream import JetStream, StoredMessage, StreamSummary
+from .storage import BAR_MAX_AGE, BAR_MAX_BYTES, check_stream_bounds
 
 __all__ = [
     "DEFAULT_BAR_HISTORY",
@@ -92,19 +93,23 @@ async def ensure_bar_stream(
     *,
     replicas: int = 1,
     max_reports: int = DEFAULT_BAR_HISTORY,
-    max_age: float | None = None,
+    max_age: float | None = BAR_MAX_AGE,
+    max_bytes: int = BAR_MAX_BYTES,
 ) -> str:
     """Create ``BACKBEAT_BARS_<cluster_id>`` on ``backbeat.bar.<cluster_id>`` unless it exists.
 
-    An existing stream is left as it is. On a NATS cluster pass ``replicas=3``; a single server
-    falls back to one replica.
+    An existing stream gets the bounds asked for here (one created without them, or with other
+    ones); its replicas are left as they are. On a NATS cluster pass ``replicas=3``; a single
+    server falls back to one replica. Past any bound the oldest reports are discarded.
 
     Args:
         transport: an open transport.
         cluster_id: the cluster.
         replicas: wanted replica count.
         max_reports: reports kept (the oldest are dropped); -1: no limit.
-        max_age: seconds a report is kept; None: no limit.
+        max_age: seconds a report is kept, at least the stream's duplicate window
+            (``BAR_DUPLICATE_WINDOW``); None: no limit.
+        max_bytes: bytes the stream keeps, at least 1 MiB; -1: no limit.
 
     Returns:
         The stream's name.
@@ -116,13 +121,13 @@ async def ensure_bar_stream(
     name = bar_stream_name(cluster_id)
     if isinstance(max_reports, bool) or not isinstance(max_reports, int) or max_reports == 0:
         raise ConfigError("max_reports", f"must be an int > 0 or -1, got {max_reports!r}")
-    if max_age is not None and not max_age > 0:
-        raise ConfigError("max_age", f"must be > 0 seconds or None, got {max_age!r}")
+    check_stream_bounds("", max_age, max_bytes, BAR_DUPLICATE_WINDOW)
     await _jetstream(transport).ensure_stream(
         name,
         [bar_subject(cluster_id)],
         replicas=replicas,
         max_msgs=max_reports,
+        max_bytes=max_bytes,
         max_age=max_age,
         duplicate_window=BAR_DUPLICATE_WINDOW,
         description=f"BACKBEAT bar reports of cluster {cluster_id}",

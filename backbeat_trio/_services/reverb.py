@@ -38,6 +38,8 @@ from .._core.signing import Keyring, ReplayCache, verify_claim
 from .._core.wire import BarReport, StatusClaim, encode
 from .._errors import BackbeatError, ConfigError, NotConnected, SignatureError, WireError
 from .._services.history import (
+    BAR_DUPLICATE_WINDOW,
+    DEFAULT_BAR_HISTORY,
     bar_report_headers,
     ensure_bar_stream,
     last_reported_window,
@@ -52,6 +54,13 @@ from .._services.lease import (
     ensure_lease_store,
 )
 from .._services.reverb_ha import HAReports, hold_lease
+from .._services.storage import (
+    BAR_MAX_AGE,
+    BAR_MAX_BYTES,
+    STATUS_MAX_AGE,
+    STATUS_MAX_BYTES,
+    check_stream_bounds,
+)
 from .._transport.base import Subscription, Transport
 from .._transport.options import ConnectionOptions
 
@@ -82,6 +91,13 @@ class ReverbConfig(ConnectionOptions):
         jitter_tolerance: as for a client.
         create_stream: create ``BACKBEAT_STATUS_<cluster_id>`` if missing.
         duplicate_window: the stream's de-duplication window, seconds.
+        status_max_age: seconds a claim stays in the status stream (at least
+            ``duplicate_window``; None: no limit); the oldest are discarded past any bound.
+        status_max_bytes: bytes the status stream keeps (at least 1 MiB; -1: no limit).
+        bar_max_age: seconds a report stays in the bar stream (at least its duplicate window,
+            600 s; None: no limit).
+        bar_max_bytes: bytes the bar stream keeps (at least 1 MiB; -1: no limit).
+        bar_max_reports: reports the bar stream keeps (-1: no limit).
         replicas: replica count of the streams (and lease bucket) it creates; 3 on a NATS
             cluster, falls back to 1 where it cannot be placed.
         ha: one of several reverbs of the cluster: only the holder of the reverb lease publishes.
@@ -99,6 +115,11 @@ class ReverbConfig(ConnectionOptions):
     jitter_tolerance: float = 0.050
     create_stream: bool = True
     duplicate_window: float = 120.0
+    status_max_age: float | None = STATUS_MAX_AGE
+    status_max_bytes: int = STATUS_MAX_BYTES
+    bar_max_age: float | None = BAR_MAX_AGE
+    bar_max_bytes: int = BAR_MAX_BYTES
+    bar_max_reports: int = DEFAULT_BAR_HISTORY
     replicas: int = 1
     ha: bool = False
     lease_ttl: float = 2.0
@@ -121,6 +142,17 @@ class ReverbConfig(ConnectionOptions):
                 f"{ttl:g} s is too short for jitter_tolerance {self.jitter_tolerance:g} s "
                 "(ttl > 2 x jitter_tolerance + drift margin)",
             )
+        check_stream_bounds(
+            "status_", self.status_max_age, self.status_max_bytes, self.duplicate_window
+        )
+        check_stream_bounds("bar_", self.bar_max_age, self.bar_max_bytes, BAR_DUPLICATE_WINDOW)
+        reports = self.bar_max_reports
+        if (
+            isinstance(reports, bool)
+            or not isinstance(reports, int)
+            or not (reports == -1 or reports > 0)
+        ):
+            raise ConfigError("bar_max_reports", f"must be an int > 0 or -1, got {reports!r}")
         super().__post_init__()
         self.connection_config()  # the client-level fields (jitter_tolerance) are checked now
 
@@ -267,12 +299,25 @@ async def _reverb_loop(
         # without JetStream the reverb still works: claims at most once, no bar history
         try:
             await transport.jetstream.ensure_stream(
-                stream, [subject], duplicate_window=cfg.duplicate_window, replicas=cfg.replicas
+                stream,
+                [subject],
+                duplicate_window=cfg.duplicate_window,
+                replicas=cfg.replicas,
+                max_age=cfg.status_max_age,
+                max_bytes=cfg.status_max_bytes,
+                discard="old",
             )
         except BackbeatError as exc:
             log.warning("no status stream %s: %s", stream, exc)
         try:
-            await ensure_bar_stream(transport, cfg.cluster_id, replicas=cfg.replicas)
+            await ensure_bar_stream(
+                transport,
+                cfg.cluster_id,
+                replicas=cfg.replicas,
+                max_reports=cfg.bar_max_reports,
+                max_age=cfg.bar_max_age,
+                max_bytes=cfg.bar_max_bytes,
+            )
         except BackbeatError as exc:
             log.warning("no bar stream for %s: %s", cfg.cluster_id, exc)
     try:

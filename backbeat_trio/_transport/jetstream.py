@@ -27,6 +27,7 @@ __all__ = [
     "KVEntry",
     "KVWatch",
     "StoredMessage",
+    "StreamLimits",
     "StreamSummary",
     "kv_stream",
     "kv_subject",
@@ -55,6 +56,46 @@ class StoredMessage(NamedTuple):
     subject: str
     data: bytes
     headers: dict[str, str] | None
+
+
+class StreamLimits(NamedTuple):
+    """What a stream keeps: message, byte and age limits (-1 / None: none), which messages go
+    when one is reached (``old``: the oldest make room; ``new``: new ones are refused), and the
+    de-duplication window in seconds (JetStream wants it no longer than ``max_age``)."""
+
+    max_msgs: int = -1
+    max_bytes: int = -1
+    max_age: float | None = None
+    discard: Literal["old", "new"] = "old"
+    duplicate_window: float = 120.0
+
+    def conform(self, existing: StreamLimits) -> StreamLimits | None:
+        """The limits an ``existing`` stream must be updated to so that every bound asked for
+        here is in force; None when it already is.
+
+        Only bounds are imposed: a limit asked for as none (-1, None) leaves the existing one,
+        so a caller that asks for less never loosens what an operator set. ``discard`` comes
+        with any change, and a duplicate window longer than the new ``max_age`` is shortened.
+        """
+        bounded = self.max_msgs > 0 or self.max_bytes > 0 or self.max_age is not None
+        max_age = existing.max_age if self.max_age is None else self.max_age
+        window = existing.duplicate_window
+        if max_age is not None and window > max_age:
+            window = min(self.duplicate_window, max_age)
+        updated = StreamLimits(
+            max_msgs=self.max_msgs if self.max_msgs > 0 else existing.max_msgs,
+            max_bytes=self.max_bytes if self.max_bytes > 0 else existing.max_bytes,
+            max_age=max_age,
+            discard=self.discard if bounded else existing.discard,
+            duplicate_window=window,
+        )
+        return None if updated._in_ns() == existing._in_ns() else updated
+
+    def _in_ns(self) -> tuple[object, ...]:
+        # JetStream stores ages and windows as nanoseconds: compare what it would store
+        age = None if self.max_age is None else round(self.max_age * 1e9)
+        window = round(self.duplicate_window * 1e9)
+        return (self.max_msgs, self.max_bytes, age, self.discard, window)
 
 
 class StreamSummary(NamedTuple):
@@ -152,12 +193,19 @@ class JetStream(Protocol):
         *,
         replicas: int = 1,
         max_msgs: int = -1,
+        max_bytes: int = -1,
         max_age: float | None = None,
+        discard: Literal["old", "new"] = "old",
         duplicate_window: float = 120.0,
         description: str = "",
     ) -> int:
-        """Create the stream unless it exists (an existing one is left as it is); returns its
-        replica count. ``replicas`` > 1 that cannot be placed falls back to 1."""
+        """Create the stream unless it exists; returns its replica count. ``replicas`` > 1 that
+        cannot be placed falls back to 1.
+
+        The limits are a :class:`StreamLimits`'s. An existing stream is updated so that every
+        bound asked for is in force (:meth:`StreamLimits.conform`: a stream created without
+        limits gets them; a limit asked for as none leaves the stream's own); its subjects and
+        replicas are left as they are."""
         ...
 
     async def stream_summary(self, name: str) -> StreamSummary | None:

@@ -19,6 +19,7 @@ from .._transport.jetstream import (
     KVEntry,
     KVWatch,
     StoredMessage,
+    StreamLimits,
     StreamSummary,
     kv_stream,
     kv_subject,
@@ -44,6 +45,14 @@ def subject_matches(pattern: str, subject: str) -> bool:
 _StreamWatcher = Callable[[StoredMessage, MemoryMessage], None]
 
 
+def stored_size(msg: StoredMessage) -> int:
+    """The bytes a stored message counts against a memory stream's ``max_bytes``: subject,
+    headers (as NATS frames them) and body, close to what JetStream counts."""
+    headers = msg.headers or {}
+    framed = 12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) if headers else 0
+    return len(msg.subject) + framed + len(msg.data)
+
+
 @dataclass
 class _MemoryStream:
     name: str
@@ -55,6 +64,46 @@ class _MemoryStream:
     last_seq: int = 0
     msg_ids: set[str] = field(default_factory=set)
     watchers: list[tuple[str, _StreamWatcher]] = field(default_factory=list)
+    #: byte limit (-1: none), enforced as ``discard="old"``; ``max_age``, ``discard`` and
+    #: ``duplicate_window`` are kept for :attr:`limits` only (not enforced: no clock here)
+    max_bytes: int = -1
+    max_age: float | None = None
+    discard: Literal["old", "new"] = "old"
+    duplicate_window: float = 120.0
+    stored_bytes: int = 0
+
+    @property
+    def limits(self) -> StreamLimits:
+        """The stream's limits."""
+        return StreamLimits(
+            self.max_msgs, self.max_bytes, self.max_age, self.discard, self.duplicate_window
+        )
+
+    def bound(self, limits: StreamLimits) -> None:
+        """Set the stream's limits (a stream update); the oldest messages past them go."""
+        self.max_msgs, self.max_bytes, self.max_age, self.discard, self.duplicate_window = limits
+        self._trim()
+
+    def _keep(self, stored: StoredMessage) -> None:
+        self.messages.append(stored)
+        self.stored_bytes += stored_size(stored)
+        if self.max_per_subject > 0:
+            same = [i for i, m in enumerate(self.messages) if m.subject == stored.subject]
+            for i in reversed(same[: -self.max_per_subject]):
+                self.stored_bytes -= stored_size(self.messages.pop(i))
+        self._trim()
+
+    def _trim(self) -> None:
+        # the oldest go first (discard old), as many as either limit needs, in one cut
+        drop = max(0, len(self.messages) - self.max_msgs) if self.max_msgs > 0 else 0
+        freed = sum(map(stored_size, self.messages[:drop]))
+        if self.max_bytes > 0:
+            while drop < len(self.messages) and self.stored_bytes - freed > self.max_bytes:
+                freed += stored_size(self.messages[drop])
+                drop += 1
+        if drop:
+            del self.messages[:drop]
+            self.stored_bytes -= freed
 
     def captures(self, subject: str) -> bool:
         return any(subject_matches(p, subject) for p in self.subjects)
@@ -77,13 +126,7 @@ class _MemoryStream:
             self.msg_ids.add(msg_id)
         self.last_seq += 1
         stored = StoredMessage(self.last_seq, msg.subject, msg.data, msg.headers)
-        self.messages.append(stored)
-        if self.max_per_subject > 0:
-            same = [i for i, m in enumerate(self.messages) if m.subject == msg.subject]
-            for i in reversed(same[: -self.max_per_subject]):
-                del self.messages[i]
-        if self.max_msgs > 0 and len(self.messages) > self.max_msgs:
-            del self.messages[: len(self.messages) - self.max_msgs]
+        self._keep(stored)
         for subject, watcher in list(self.watchers):
             if subject_matches(subject, msg.subject):
                 watcher(stored, msg)
@@ -411,14 +454,24 @@ class MemoryJetStream:
         *,
         replicas: int = 1,
         max_msgs: int = -1,
+        max_bytes: int = -1,
         max_age: float | None = None,
+        discard: Literal["old", "new"] = "old",
         duplicate_window: float = 120.0,
         description: str = "",
     ) -> int:
-        """Create the stream unless it exists; one replica (the broker is one process).
-        ``max_age`` and ``duplicate_window`` are not enforced (duplicates are dropped for ever)."""
+        """Create the stream unless it exists, with the asked bounds in force (an existing one
+        is updated as :meth:`StreamLimits.conform` says); one replica (the broker is one
+        process). ``max_msgs`` and ``max_bytes`` are enforced, discarding the oldest; ``max_age``,
+        ``discard="new"`` and ``duplicate_window`` are not (duplicates are dropped for ever)."""
         await self._ready(f"cannot create stream {name!r}")
-        self._broker.add_stream(name, subjects, max_msgs=max_msgs)
+        asked = StreamLimits(max_msgs, max_bytes, max_age, discard, duplicate_window)
+        stream = self._stream(name)
+        if stream is None:
+            self._broker.add_stream(name, subjects)
+            self._broker.streams[name].bound(asked)
+        elif (updated := asked.conform(stream.limits)) is not None:
+            stream.bound(updated)
         return 1
 
     async def stream_summary(self, name: str) -> StreamSummary | None:

@@ -1,20 +1,48 @@
-"""``--http HOST:PORT`` and ``--http-token`` for the service commands: the admin server beside a
-pulse, a reverb or a local cluster (:func:`backbeat_trio.serve_admin`)."""
+"""The admin server's options for the service commands (``--http HOST:PORT``, its token, the
+``Host`` names it answers to, the dashboard's stream cap) and starting it beside a pulse, a
+reverb or a local cluster (:func:`backbeat_trio.serve_admin`).
+
+The token comes from a file (``--http-token-file``, refused when group or other can read it) or
+the environment (``BACKBEAT_HTTP_TOKEN``, or its older name ``BACKBEAT_ADMIN_TOKEN``); it never
+has to be on the command line, where every local user sees it in ``ps``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import importlib
-from typing import Any
+from typing import Any, Final
 
 import trio
 
-from .common import env, eprint
+from .._errors import ConfigError
+from .common import count, env, eprint
 
-__all__ = ["add_http_arguments", "http_token", "load_dashboard", "start_admin"]
+__all__ = [
+    "TOKEN_ENV",
+    "add_http_arguments",
+    "http_allowed_hosts",
+    "http_token",
+    "load_dashboard",
+    "start_admin",
+]
 
-TOKEN_ENV = "BACKBEAT_ADMIN_TOKEN"
+TOKEN_ENV: Final = "BACKBEAT_HTTP_TOKEN"
+#: The variable's first name, still read when ``BACKBEAT_HTTP_TOKEN`` is unset.
+OLD_TOKEN_ENV: Final = "BACKBEAT_ADMIN_TOKEN"
+#: ``/events`` streams the dashboard serves at once unless told otherwise.
+DEFAULT_EVENT_STREAMS: Final = 64
+
+
+def _token_file(path: str) -> str:
+    # read while parsing: a bad file is a usage error before anything starts
+    from .._ops.guard import read_token_file
+
+    try:
+        return read_token_file(path)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_http_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,30 +54,74 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
         help="serve health, readiness, Prometheus /metrics and the tempo API here "
         "(e.g. 127.0.0.1:8080; another host than loopback only if you give it)",
     )
-    g.add_argument(
+    tokens = g.add_mutually_exclusive_group()
+    tokens.add_argument(
+        "--http-token-file",
+        dest="http_token_from_file",
+        type=_token_file,
+        metavar="PATH",
+        help="file holding the bearer token that POST /tempo requires (mode 0600 or 0400; one "
+        f"trailing newline is dropped); or set {TOKEN_ENV} (older name: {OLD_TOKEN_ENV}). "
+        "Without a token the admin API is read-only",
+    )
+    tokens.add_argument(
         "--http-token",
         metavar="TOKEN",
-        default=env(TOKEN_ENV),
-        help=f"bearer token that POST /tempo requires (env {TOKEN_ENV}); without one the "
-        "admin API is read-only",
+        help="the bearer token itself: visible to every local user in `ps`; prefer "
+        f"--http-token-file or {TOKEN_ENV}",
+    )
+    g.add_argument(
+        "--http-allow-host",
+        dest="http_allow_hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name the admin server answers to besides localhost, 127.0.0.1, ::1 and "
+        "the --http address (repeatable; '*': any). Requests for other names get a 421, so "
+        "a web page cannot read the API through DNS rebinding",
+    )
+    g.add_argument(
+        "--http-event-streams",
+        type=count,
+        default=DEFAULT_EVENT_STREAMS,
+        metavar="N",
+        help="dashboard /events streams served at once; one more gets a 503",
     )
 
 
 def http_token(args: argparse.Namespace) -> str | None:
-    """The configured admin token (an empty one counts as none)."""
-    token: str | None = args.http_token
-    return token or None
+    """The configured admin token: ``--http-token``, ``--http-token-file``, ``$BACKBEAT_HTTP_TOKEN``
+    or ``$BACKBEAT_ADMIN_TOKEN``, the first given (an empty one counts as none)."""
+    given: str | None = args.http_token
+    if given:
+        eprint(
+            "warning: --http-token is visible to every local user in `ps`; "
+            f"use --http-token-file or {TOKEN_ENV}"
+        )
+        return given
+    from_file: str | None = args.http_token_from_file
+    return from_file or env(TOKEN_ENV) or env(OLD_TOKEN_ENV)
 
 
-def load_dashboard(cluster_id: str) -> Any:
-    """A ``Dashboard`` for the admin server's fallback, if this build ships one; else None."""
+def http_allowed_hosts(args: argparse.Namespace) -> list[str]:
+    """The names given with ``--http-allow-host``."""
+    names: list[str] = args.http_allow_hosts
+    return list(names)
+
+
+def load_dashboard(cluster_id: str, args: argparse.Namespace | None = None) -> Any:
+    """A ``Dashboard`` for the admin server's fallback, if this build ships one; else None.
+
+    ``args`` sets its ``/events`` cap (``--http-event-streams``).
+    """
     try:
         module = importlib.import_module("backbeat_trio._ops.dashboard")
     except ModuleNotFoundError as exc:
         if exc.name != "backbeat_trio._ops.dashboard":
             raise
         return None
-    return module.Dashboard(cluster_id)
+    streams = DEFAULT_EVENT_STREAMS if args is None else args.http_event_streams
+    return module.Dashboard(cluster_id, max_streams=streams)
 
 
 async def start_admin(
@@ -61,7 +133,7 @@ async def start_admin(
         The bound ``host:port``, or None without ``--http``.
 
     Raises:
-        ConfigError: a bad address, or the ops extra is missing.
+        ConfigError: a bad address or token, or the ops extra is missing.
     """
     if not args.http:
         return None
@@ -69,9 +141,15 @@ async def start_admin(
 
     token = http_token(args)
     bound: str = await nursery.start(
-        functools.partial(serve_admin, args.http, token=token, **sources)
+        functools.partial(
+            serve_admin,
+            args.http,
+            token=token,
+            allowed_hosts=http_allowed_hosts(args),
+            **sources,
+        )
     )
-    mode = "tempo changes need the token" if token else "read-only: no --http-token"
+    mode = "tempo changes need the token" if token else f"read-only: no token, see {TOKEN_ENV}"
     extra = "; dashboard at /" if sources.get("fallback") is not None else ""
     eprint(
         f"{what} admin API on http://{bound}: /healthz /readyz /metrics /tempo /leader /bars "

@@ -88,6 +88,8 @@ async def run_local_cluster(
     out: Callable[[str], None] = print,
     http: str | None = None,
     http_token: str | None = None,
+    http_allow_hosts: Sequence[str] = (),
+    http_event_streams: int = 64,
     task_status: trio.TaskStatus[LocalCluster] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start a local NATS cluster with HA pulses and reverbs; report leadership changes.
@@ -112,6 +114,8 @@ async def run_local_cluster(
         out: where lines go (default ``print``).
         http: ``"HOST:PORT"`` of an admin server over every pulse and reverb (None: none).
         http_token: the bearer token its ``POST /tempo`` requires (None: read-only).
+        http_allow_hosts: ``Host`` names it answers to besides loopback and its address.
+        http_event_streams: the dashboard's ``/events`` streams served at once.
         task_status: ``nursery.start`` gets the :class:`LocalCluster` once a pulse leads.
 
     Raises:
@@ -187,7 +191,8 @@ async def run_local_cluster(
                     )
                 await first_beat.wait()
                 if http is not None:
-                    await nursery.start(_serve_cluster_admin, local, http, http_token, say)
+                    admin = _AdminSettings(http, http_token, http_allow_hosts, http_event_streams)
+                    await nursery.start(_serve_cluster_admin, local, admin, say)
                 task_status.started(local)
                 if failover_every is None:
                     await trio.sleep_forever()
@@ -204,10 +209,17 @@ async def run_local_cluster(
                             local.crash(instance_id)
 
 
+@dataclass(frozen=True)
+class _AdminSettings:
+    bind: str
+    token: str | None
+    allowed_hosts: Sequence[str]
+    event_streams: int
+
+
 async def _serve_cluster_admin(
     local: LocalCluster,
-    bind: str,
-    token: str | None,
+    admin: _AdminSettings,
     say: Callable[[str], None],
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -223,21 +235,26 @@ async def _serve_cluster_admin(
         name="backbeat-cluster-admin",
     )
     async with open_nats_transport(conn) as transport, trio.open_nursery() as nursery:
-        dashboard = Dashboard(local.cluster_id)
-        await nursery.start(dashboard.run, transport)
+        dashboard = Dashboard(local.cluster_id, max_streams=admin.event_streams)
+        await nursery.start(functools.partial(dashboard.run, transport, reverb=local.reverbs))
         bound = await nursery.start(
             functools.partial(
                 serve_admin,
-                bind,
+                admin.bind,
                 pulse=local.pulses,
                 reverb=local.reverbs,
                 transport=transport,
                 cluster_id=local.cluster_id,
-                token=token,
+                token=admin.token,
                 fallback=dashboard,
+                allowed_hosts=admin.allowed_hosts,
             )
         )
-        mode = "tempo changes need the token" if token else "read-only: no --http-token"
+        mode = (
+            "tempo changes need the token"
+            if admin.token
+            else "read-only: no token, see BACKBEAT_HTTP_TOKEN"
+        )
         say(
             f"admin API on http://{bound}: /healthz /readyz /metrics /tempo /leader /bars "
             f"({mode}); dashboard at /"

@@ -63,6 +63,7 @@ async def serve_admin(
     cluster_id: str | None = None,
     token: str | None = None,
     fallback: ASGIApp | None = None,
+    allowed_hosts: Sequence[str] = (),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin HTTP API beside a pulse, a reverb and/or clients, until cancelled.
@@ -84,6 +85,8 @@ async def serve_admin(
         cluster_id: the cluster (by default that of the first service given).
         token: the bearer token ``POST /tempo`` requires; None: the tempo API is read-only.
         fallback: an ASGI app for every request the admin routes don't match (a dashboard).
+        allowed_hosts: ``Host`` names to answer to besides the loopback names and the bound
+            address (``"*"``: any); a request for another one gets a 421 (DNS rebinding).
         task_status: ``nursery.start`` gets the bound ``"host:port"``.
 
     Raises:
@@ -100,6 +103,7 @@ async def serve_admin(
         cluster_id=cluster_id,
         token=token,
         fallback=fallback,
+        allowed_hosts=allowed_hosts,
         task_status=task_status,
     )
 

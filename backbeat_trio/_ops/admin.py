@@ -8,7 +8,6 @@ takes, so both get the same checks and the same answer.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -38,8 +37,16 @@ from .asgi import (
     read_body,
     text_response,
 )
+from .guard import (
+    AdminStatus,
+    EventStreams,
+    HostAllowlist,
+    RefusalLog,
+    authorization_failure,
+    check_token,
+)
 from .metrics import PulseLike, Sources, make_registry, pulse_parts
-from .server import DEFAULT_BIND, serve_asgi
+from .server import DEFAULT_BIND, parse_bind, serve_asgi
 
 if TYPE_CHECKING:
     from .._client.client import Client
@@ -55,11 +62,19 @@ DEFAULT_BARS: Final = 100
 BARS_TIMEOUT_S: Final = 10.0
 #: A publishing pulse is "ready" while its latest beat is at most two beats plus this old.
 READY_SLACK_S: Final = 0.5
-_TEMPO_FIELDS: Final = frozenset({"tempo_bpm", "reason", "requested_by"})
+_TEMPO_FIELDS: Final = frozenset({"tempo_bpm", "reason"})
+#: ``requested_by`` of every tempo change made through the admin API (the server sets it).
+REQUESTED_BY: Final = "admin-api"
 _TEMPO_TAG: Final = "backbeat.tempochange.v1"
 _ENDPOINTS: Final = "/healthz, /readyz, /metrics, /tempo, /leader, /bars"
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_AUTH_FAILURE_WORDS: Final = {
+    "missing": "no Authorization header",
+    "malformed": "an Authorization header that is not 'Bearer <token>'",
+    "wrong": "a wrong bearer token",
+}
 
 
 class AdminApp:
@@ -69,15 +84,27 @@ class AdminApp:
         sources: the live views it reports on.
         token: the bearer token ``POST /tempo`` needs; None makes the API read-only.
         fallback: the app that gets every request no admin route matches (the dashboard).
+        hosts: the ``Host`` names it answers to (None: any, for an app not served on a socket).
+
+    Attributes:
+        status: what it refused (bad ``Authorization`` headers, bad ``Host``), for its metrics.
     """
 
     def __init__(
-        self, sources: Sources, *, token: str | None = None, fallback: ASGIApp | None = None
+        self,
+        sources: Sources,
+        *,
+        token: str | None = None,
+        fallback: ASGIApp | None = None,
+        hosts: HostAllowlist | None = None,
     ) -> None:
         self.sources = sources
         self.token = token or None
         self.fallback = fallback
-        self.registry = make_registry(sources)
+        self.hosts = hosts
+        self.status = AdminStatus(events=fallback if isinstance(fallback, EventStreams) else None)
+        self._refusals = RefusalLog(log)
+        self.registry = make_registry(sources, admin=self.status)
         self._routes: dict[str, dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
@@ -93,6 +120,17 @@ class AdminApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Route one request (ASGI 3)."""
+        if scope["type"] in ("http", "websocket") and not self._host_allowed(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await error_response(
+                    send,
+                    421,
+                    "this admin server does not answer to that Host name (a name it should "
+                    "answer to goes in --http-allow-host)",
+                )
+            return
         if scope["type"] != "http":
             if self.fallback is not None:
                 await self.fallback(scope, receive, send)
@@ -115,6 +153,22 @@ class AdminApp:
             )
             return
         await handler(scope, receive, send)
+
+    def _host_allowed(self, scope: Scope) -> bool:
+        if self.hosts is None:
+            return True
+        given = header(scope, "host")
+        if self.hosts.allows(given):
+            return True
+        self.status.hosts_refused += 1
+        self._refusals.warning(
+            "host",
+            "admin API: refused a request for Host %s from %s (allowed: %s)",
+            "(none)" if given is None else repr(given[:80]),
+            _peer(scope),
+            self.hosts,
+        )
+        return False
 
     # --- probes ----------------------------------------------------------------------------------
     async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -190,10 +244,18 @@ class AdminApp:
                 send,
                 403,
                 "the admin API is read-only: no admin token is configured "
-                "(--http-token or BACKBEAT_ADMIN_TOKEN)",
+                "(--http-token-file or BACKBEAT_HTTP_TOKEN)",
             )
             return
-        if not _authorized(header(scope, "authorization"), self.token):
+        failure = authorization_failure(header(scope, "authorization"), self.token)
+        if failure is not None:
+            self.status.auth_failures[failure] += 1
+            self._refusals.warning(
+                failure,
+                "admin API: refused POST /tempo from %s: %s",
+                _peer(scope),
+                _AUTH_FAILURE_WORDS[failure],
+            )
             await error_response(
                 send,
                 401,
@@ -288,15 +350,12 @@ def _answer(accepted: bool, reason: str, effective_beat: int | None) -> dict[str
     return {"accepted": accepted, "reason": reason, "effective_beat": effective_beat}
 
 
-def _authorized(value: str | None, token: str) -> bool:
-    if value is None:
-        return False
-    scheme, _, given = value.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    # header values reach us as latin-1 text of the bytes sent: compare those bytes with the
-    # token's UTF-8 bytes (a token with non-ASCII characters is sent as its UTF-8 bytes)
-    return hmac.compare_digest(given.strip().encode("latin-1"), token.encode("utf-8"))
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    if not client:
+        return "an unknown peer"
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _tempo_change(body: bytes, cluster_id: str) -> TempoChange | str:
@@ -307,6 +366,11 @@ def _tempo_change(body: bytes, cluster_id: str) -> TempoChange | str:
         return f"malformed JSON: {exc}"
     if not isinstance(fields, dict):
         return 'expected a JSON object like {"tempo_bpm": 66, "reason": "..."}'
+    if "requested_by" in fields:
+        # who asked is the server's to say, not the caller's: a change made here is "admin-api"
+        return (
+            f"requested_by is set by the server ({REQUESTED_BY!r}); say who asks and why in reason"
+        )
     unknown = sorted(set(fields) - _TEMPO_FIELDS)
     if unknown:
         return f"unknown field(s) {unknown}; expected {sorted(_TEMPO_FIELDS)}"
@@ -315,8 +379,8 @@ def _tempo_change(body: bytes, cluster_id: str) -> TempoChange | str:
     message = {
         "type": _TEMPO_TAG,
         "cluster_id": cluster_id,
-        "requested_by": "admin-api",
         **fields,
+        "requested_by": REQUESTED_BY,
     }
     try:
         return decode(msgspec.json.encode(message), TempoChange)
@@ -414,6 +478,7 @@ async def serve_admin(
     cluster_id: str | None = None,
     token: str | None = None,
     fallback: ASGIApp | None = None,
+    allowed_hosts: Sequence[str] = (),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API for the services given, until cancelled.
@@ -435,8 +500,13 @@ async def serve_admin(
         if not known:
             raise ConfigError("cluster_id", "give cluster_id, or a pulse, reverb or client")
         cluster_id = known[0]
-    if token is not None and not isinstance(token, str):
+    if token:
+        check_token(token)
+    elif token is not None and not isinstance(token, str):
         raise ConfigError("token", "must be a string")
+    if isinstance(allowed_hosts, str):
+        raise ConfigError("allowed_hosts", "must be a sequence of names, not one string")
+    hosts = HostAllowlist(parse_bind(bind)[0], allowed_hosts)
     sources = Sources(
         cluster_id=cluster_id,
         pulses=pulses,
@@ -444,5 +514,5 @@ async def serve_admin(
         clients=client_source,
         transport=transport,
     )
-    app = AdminApp(sources, token=token, fallback=fallback)
+    app = AdminApp(sources, token=token, fallback=fallback, hosts=hosts)
     await serve_asgi(app, bind, task_status=task_status)

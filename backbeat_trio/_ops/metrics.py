@@ -26,6 +26,7 @@ from .._services.lease import LeaseStatus
 from .._services.pulse import PulseStatus
 from .._services.reverb import ReverbStatus
 from .._transport.base import Transport
+from .guard import AUTH_FAILURE_REASONS, AdminStatus
 
 if TYPE_CHECKING:
     from .._client.client import Client
@@ -45,6 +46,10 @@ PulseLike = PulseStatus | HAPulseStatus
 #: Every metric family the collectors can produce (as exposed: counters end in ``_total``).
 METRIC_NAMES: Final = (
     "backbeat_nats_connected",
+    "backbeat_admin_auth_failures_total",
+    "backbeat_admin_host_refused_total",
+    "backbeat_admin_events_streams",
+    "backbeat_admin_events_refused_total",
     "backbeat_pulse_beats_published_total",
     "backbeat_pulse_beats_skipped_total",
     "backbeat_pulse_publish_error_seconds",
@@ -157,10 +162,12 @@ class ServiceCollector:
 
     Args:
         sources: what to read.
+        admin: the admin server's own refusals, if it counts them.
     """
 
-    def __init__(self, sources: Sources) -> None:
+    def __init__(self, sources: Sources, *, admin: AdminStatus | None = None) -> None:
         self.sources = sources
+        self.admin = admin
 
     def __repr__(self) -> str:
         src = self.sources
@@ -180,6 +187,8 @@ class ServiceCollector:
             )
             g.add_metric([src.cluster_id], 1.0 if src.transport.connected else 0.0)
             yield g
+        if self.admin is not None:
+            yield from _admin_families(src.cluster_id, self.admin)
         pulses = dict(src.pulses)
         reverbs = dict(src.reverbs)
         if pulses:
@@ -201,10 +210,10 @@ class ServiceCollector:
             yield from _client_families(clients)
 
 
-def make_registry(sources: Sources) -> CollectorRegistry:
+def make_registry(sources: Sources, *, admin: AdminStatus | None = None) -> CollectorRegistry:
     """A fresh registry (not the global default) holding one :class:`ServiceCollector`."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(sources))
+    registry.register(ServiceCollector(sources, admin=admin))
     return registry
 
 
@@ -216,6 +225,37 @@ def _counter(name: str, doc: str, labels: Sequence[str]) -> CounterMetricFamily:
 
 def _gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def _admin_families(cluster: str, admin: AdminStatus) -> Iterable[Metric]:
+    labels = ("cluster_id",)
+    auth = _counter(
+        "backbeat_admin_auth_failures_total",
+        "POST /tempo requests refused for their Authorization header, by reason "
+        "(missing, malformed, wrong)",
+        (*labels, "reason"),
+    )
+    for reason in AUTH_FAILURE_REASONS:
+        auth.add_metric([cluster, reason], admin.auth_failures.get(reason, 0))
+    hosts = _counter(
+        "backbeat_admin_host_refused_total",
+        "requests refused because their Host is not one the server answers to",
+        labels,
+    )
+    hosts.add_metric([cluster], admin.hosts_refused)
+    families: list[Metric] = [auth, hosts]
+    events = admin.events
+    if events is not None:
+        streams = _gauge("backbeat_admin_events_streams", "/events streams open", labels)
+        streams.add_metric([cluster], events.streams)
+        refused = _counter(
+            "backbeat_admin_events_refused_total",
+            "/events streams refused because the most allowed were open",
+            labels,
+        )
+        refused.add_metric([cluster], events.streams_refused)
+        families += [streams, refused]
+    return families
 
 
 def _pulse_families(cluster: str, pulses: Mapping[str, PulseLike]) -> Iterable[Metric]:

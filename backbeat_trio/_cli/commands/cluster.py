@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ..admin import add_http_arguments, http_token
+from ..admin import add_http_arguments, http_allowed_hosts, http_token
 from ..common import EXIT_FAILURE, EXIT_OK, PROG, UsageError, add_command, eprint, out, seconds
 
 if TYPE_CHECKING:
@@ -115,6 +115,8 @@ async def run(args: argparse.Namespace) -> int:
         out=say,
         http=args.http,
         http_token=http_token(args),
+        http_allow_hosts=http_allowed_hosts(args),
+        http_event_streams=args.http_event_streams,
     )
     if leadership == 0:
         eprint(f"{PROG} cluster: no beat was seen within --duration {args.duration:g} s")

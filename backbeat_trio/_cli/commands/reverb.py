@@ -111,7 +111,7 @@ async def run(args: argparse.Namespace) -> int:
             f"{bar_subject(cfg.cluster_id)}{ha}"
         )
         if args.http:
-            dashboard = load_dashboard(cfg.cluster_id)
+            dashboard = load_dashboard(cfg.cluster_id, args)
             if dashboard is not None:
                 await nursery.start(functools.partial(dashboard.run, transport))
             await start_admin(

@@ -23,9 +23,10 @@ from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._core.beats import bar_subject, beat_subject, status_subject, window_id
 from backbeat_trio._core.dashboard import DashboardState, deadlock_cycle
 from backbeat_trio._core.hlc import HLC
-from backbeat_trio._core.signing import sign_headers
+from backbeat_trio._core.signing import public_key_b64
 from backbeat_trio._core.wire import BarIssue, encode, encode_claim
 from backbeat_trio._ops.dashboard import Dashboard
+from backbeat_trio._services.reverb import AcceptedClaim, ReverbStatus
 from backbeat_trio._transport.options import ConnectionOptions
 
 CLUSTER = "dash"
@@ -48,11 +49,15 @@ def frame(index: int, *, pulse: str = "pulse-1", tempo: int = 120, cluster: str 
     )
 
 
-def claim(agent: str, state: str = "executing", *, hlc: HLC | None = None, **fields: Any) -> bytes:
+def accepted(
+    agent: str, state: str = "executing", *, hlc: HLC | None = None, **fields: Any
+) -> StatusClaim:
     stamp = str((hlc or HLC(agent)).now())
-    return encode_claim(
-        StatusClaim(agent_id=agent, task_id=f"t-{agent}", hlc=stamp, state=state, **fields)  # type: ignore[arg-type]
-    )
+    return StatusClaim(agent_id=agent, task_id=f"t-{agent}", hlc=stamp, state=state, **fields)  # type: ignore[arg-type]
+
+
+def claim(agent: str, state: str = "executing", *, hlc: HLC | None = None, **fields: Any) -> bytes:
+    return encode_claim(accepted(agent, state, hlc=hlc, **fields))
 
 
 def report(first: int, *, reverb: str = "reverb-1", issues: list[BarIssue] | None = None) -> bytes:
@@ -97,11 +102,8 @@ def test_state_counts_and_skips_malformed_messages_on_every_subject() -> None:
     state = DashboardState(CLUSTER)
     assert state.on_beat(b"{not json", arrival=0.0, wall=0.0)[0]["type"] == "malformed"
     assert state.on_beat(frame(1, cluster="other"), arrival=0.0, wall=0.0)[0]["type"] == "malformed"
-    assert state.on_claim(b'{"type":"backbeat.statusclaim.v1"}', None, wall=0.0)[0]["type"] == (
-        "malformed"
-    )
     assert state.on_report(b"\xff\xfe", wall=0.0)[0]["type"] == "malformed"
-    assert state.malformed == {"beat": 2, "status": 1, "bar": 1}
+    assert state.malformed == {"beat": 2, "bar": 1}
     assert "bar:" in state.last_error
     snap = state.snapshot()
     assert snap["beat"] is None
@@ -141,24 +143,26 @@ def test_state_never_raises_on_any_bytes(raw: bytes) -> None:
     state = DashboardState(CLUSTER)
     for deltas in (
         state.on_beat(raw, arrival=0.0, wall=0.0),
-        state.on_claim(raw, {"Backbeat-Sig": "x"}, wall=0.0),
         state.on_report(raw, wall=0.0),
     ):
-        assert all(d["type"] in {"beat", "agent", "report", "malformed"} for d in deltas)
-    assert sum(state.malformed.values()) + sum(state.counters.values()) >= 3
+        assert all(d["type"] in {"beat", "report", "malformed"} for d in deltas)
+    assert sum(state.malformed.values()) + sum(state.counters.values()) >= 2
     json.dumps(state.snapshot())  # whatever arrived, the snapshot stays JSON
 
 
 def test_state_keeps_each_agents_latest_claim_and_marks_signatures() -> None:
     state = DashboardState(CLUSTER)
     clock = HLC("ada")
-    older = claim("ada", "planning", hlc=clock)
-    newer = claim("ada", "executing", hlc=clock, progress=0.5, beats_left=2, notes="half")
-    key = generate_signing_key()
-    [delta] = state.on_claim(newer, sign_headers(key, "ada", newer), wall=0.0)
+    older = accepted("ada", "planning", hlc=clock)
+    newer = accepted("ada", "executing", hlc=clock, progress=0.5, beats_left=2, notes="half")
+    key = public_key_b64(generate_signing_key())
+    [delta] = state.on_claim(newer, signed=True, key=key, wall=0.0)
     assert delta["agent"]["signed"] is True
-    assert delta["agent"]["key"]
-    assert state.on_claim(older, None, wall=0.0) == []  # older by HLC: counted, not shown
+    assert delta["agent"]["key"] == key[:12]
+    # older by HLC: counted, not shown; the shown claim handed over again: neither
+    assert state.on_claim(older, signed=False, wall=0.0) == []
+    assert state.on_claim(newer, signed=True, key=key, wall=0.0) == []
+    assert state.counters["claims"] == 2
     [row] = state.snapshot()["agents"]
     assert (row["state"], row["progress"], row["beats_left"], row["notes"]) == (
         "executing",
@@ -168,16 +172,17 @@ def test_state_keeps_each_agents_latest_claim_and_marks_signatures() -> None:
     )
     assert row["claims"] == 2
     assert row["signed"] is True
-    waiting = claim("bob", "waiting", wait_for=["agent://ada", "ticket://9"])
-    [delta] = state.on_claim(waiting, {}, wall=0.0)
+    waiting = accepted("bob", "waiting", wait_for=["agent://ada", "ticket://9"])
+    [delta] = state.on_claim(waiting, signed=False, key="ignored", wall=0.0)
     assert delta["agent"]["signed"] is False
+    assert delta["agent"]["key"] == ""
     assert delta["agent"]["wait_for"] == ["ada", "ticket://9"]
 
 
 def test_state_forgets_the_least_recent_agent_beyond_its_bound() -> None:
     state = DashboardState(CLUSTER, max_agents=3)
     for name in ("a1", "a2", "a3", "a4"):
-        state.on_claim(claim(name), None, wall=0.0)
+        state.on_claim(accepted(name), signed=False, wall=0.0)
     assert [row["agent_id"] for row in state.snapshot()["agents"]] == ["a2", "a3", "a4"]
 
 
@@ -307,12 +312,14 @@ async def test_app_serves_the_page_its_files_and_404s() -> None:
 @pytest.mark.nats
 async def test_events_stream_the_beats_published_over_nats(nats_url: str) -> None:
     app = Dashboard(CLUSTER, heartbeat_s=0.2)
+    reverb = ReverbStatus(CLUSTER)  # stands in for a running reverb: hands out what it accepts
+    reverb.running = True
     with trio.fail_after(20):
         async with (
             open_nats_transport(ConnectionOptions(nats_url=nats_url)) as transport,
             trio.open_nursery() as nursery,
         ):
-            await nursery.start(app.run, transport)
+            await nursery.start(functools.partial(app.run, transport, reverb=reverb))
             stream = Exchange(app, "/events")
             nursery.start_soon(stream.run)
             await stream.wait_for(b"event: snapshot")
@@ -320,8 +327,15 @@ async def test_events_stream_the_beats_published_over_nats(nats_url: str) -> Non
             assert stream.headers[b"content-type"].startswith(b"text/event-stream")
             assert app.streams == 1
             transport.publish(beat_subject(CLUSTER), frame(7))
-            transport.publish(status_subject(CLUSTER), b"garbage")
-            transport.publish(status_subject(CLUSTER), claim("ada", "done", progress=1.0))
+            transport.publish(beat_subject(CLUSTER), b"garbage")
+            # the status subject is not the dashboard's source: only what the reverb accepted is
+            transport.publish(status_subject(CLUSTER), claim("mallory", "failed"))
+            await trio.testing.wait_all_tasks_blocked()
+            reverb._hand_out(
+                AcceptedClaim(
+                    claim=accepted("ada", "done", progress=1.0), signed=True, key="k" * 44, wall=0
+                )
+            )
             transport.publish(bar_subject(CLUSTER), report(4, issues=[DEADLOCK]))
             kinds = ["snapshot", "beat", "malformed", "agent", "report"]
             for kind in kinds[1:]:
@@ -338,9 +352,9 @@ async def test_events_stream_the_beats_published_over_nats(nats_url: str) -> Non
             await late.wait_for(b"event: snapshot")
             snap = events(late.body)[0]
             assert snap["beat"]["beat_index"] == 7
-            assert snap["agents"][0]["state"] == "done"
+            assert [(a["agent_id"], a["state"]) for a in snap["agents"]] == [("ada", "done")]
             assert snap["reports"][0]["issues"][0]["cycle"] == ["a", "b", "a"]
-            assert snap["malformed"]["status"] == 1
+            assert snap["malformed"]["beat"] == 1
             # a browser going away ends its stream; the other keeps going
             late.disconnect.set()
             await trio.testing.wait_all_tasks_blocked()

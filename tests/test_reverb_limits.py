@@ -39,6 +39,7 @@ async def open_reverb(cluster_id: str) -> AsyncIterator[tuple[FakeCluster, bb3.R
                     task_status=task_status,
                 )
             )
+            await status.first_beat.wait()  # claims are read from the first beat on
             yield cluster, status
             nursery.cancel_scope.cancel()
 

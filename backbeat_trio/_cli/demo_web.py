@@ -8,6 +8,7 @@ answer beside it).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
@@ -77,7 +78,7 @@ async def serve_demo_dashboard(
     dashboard = Dashboard(cluster_id, beats_per_bar=beats_per_bar)
     options = ConnectionOptions(nats_url=nats_url, name="backbeat-demo-dashboard")
     async with open_nats_transport(options) as transport, trio.open_nursery() as nursery:
-        await nursery.start(dashboard.run, transport)
+        await nursery.start(functools.partial(dashboard.run, transport, reverb=reverb))
 
         async def serve(where: str, *, task_status: trio.TaskStatus[str]) -> None:
             await serve_admin(

@@ -11,7 +11,14 @@ Rules SPEC.md leaves open, decided here:
   closed (or older) counts only as ``late``, in the next report; it changes nothing else. Claims
   left in an older window that was never closed (the caller skipped it) count as ``late`` in the
   report that passes over them. A claim naming a window more than ``max_windows_ahead`` windows
-  beyond the current one is rejected (it would pin memory).
+  beyond the current one is rejected (it would pin memory). The reverb hands claims over only
+  once it has observed a beat, so there is always a current window to measure "ahead" from.
+* ``beat_index`` is an int64 (SPEC), and so is every index a report carries. A window is opened
+  only when it *and the window after it* end within int64 (a window is closed by a beat of the
+  next one, so the last window int64 holds could never be reported): a beat in any later window
+  is refused and counted in :attr:`BarAggregator.beats_refused`, a claim naming one is rejected,
+  both under the reason ``int64``. Every report's ``from_beat`` and ``to_beat`` are in
+  ``[0, 2**63 - 1]``.
 * Each agent's *latest* claim is ordered by ``(beat_index, hlc, arrival order)``. ``mean_progress``
   and ``max_beats_left`` are over each reporting agent's latest claim in the window.
 * Agent state persists across windows: ``blocked`` and ``deadlock`` use every tracked agent's latest
@@ -43,16 +50,28 @@ from typing import Final, Literal
 
 from .._core.beats import bar_start, validate_beats_per_bar, validate_id, window_id
 from .._core.hlc import HLCStamp
+from .._core.rules import INT64_MAX
 from .._core.wire import CLAIM_STATES, BarIssue, BarReport, BeatFrame, StatusClaim
 from .._errors import ConfigError, WireError
 
-__all__ = ["MAX_ISSUES", "BarAggregator", "ClaimOutcome", "find_deadlocks"]
+__all__ = [
+    "MAX_ISSUES",
+    "OUT_OF_RANGE",
+    "TOO_FAR_AHEAD",
+    "BarAggregator",
+    "ClaimOutcome",
+    "find_deadlocks",
+]
 
 MAX_ISSUES: Final = 100
 AGENT_REF_PREFIX: Final = "agent://"
 TERMINAL_STATES: Final = frozenset({"done", "failed"})
 _KIND_ORDER: Final = {"deadlock": 0, "failed": 1, "overrun": 2, "stalled": 3}
 _NOTE_EXCERPT: Final = 200
+#: Rejection reason of a claim naming a window more than ``max_windows_ahead`` ahead.
+TOO_FAR_AHEAD: Final = "claim names a window too far ahead"
+#: Refusal reason of a beat or a claim whose window arithmetic would leave int64.
+OUT_OF_RANGE: Final = "int64"
 
 ClaimOutcome = Literal["counted", "late", "rejected"]
 _Key = tuple[int, tuple[int, int, int], int]
@@ -214,6 +233,8 @@ class BarAggregator:
         self._seq = 0
         self.rejection_reasons: Counter[str] = Counter()
         """Every rejection so far, by reason (cumulative, for metrics)."""
+        self.beats_refused: Counter[str] = Counter()
+        """Beats refused so far, by reason (cumulative): ``int64``."""
         self.reports_closed = 0
 
     def __repr__(self) -> str:
@@ -256,13 +277,19 @@ class BarAggregator:
     def _is_closed(self, start: int) -> bool:
         return self._closed_through is not None and start <= self._closed_through
 
+    def _reportable(self, start: int) -> bool:
+        # the window and the next one (whose first beat closes it) both end within int64
+        return start >= 0 and start + 2 * self.beats_per_bar - 1 <= INT64_MAX
+
     # --- input -----------------------------------------------------------------------------------
     def observe_beat(
         self, beat: BeatFrame | int, arrival: float, tempo_bpm: int | None = None
     ) -> int | None:
         """Record a received beat (for ``tempo_drift_ms`` and the current window).
 
-        Duplicate or out-of-order beats (index not above the last one) are ignored.
+        Duplicate or out-of-order beats (index not above the last one) are ignored. A beat
+        outside int64, or in a window that could never be reported within it, is refused and
+        counted in :attr:`beats_refused` (``int64``).
 
         Args:
             beat: the frame, or a beat index (then ``tempo_bpm`` is required).
@@ -282,6 +309,9 @@ class BarAggregator:
             if tempo_bpm is None or tempo_bpm <= 0:
                 raise ValueError("observe_beat(index, ...) needs a positive tempo_bpm")
             index, tempo = beat, tempo_bpm
+        if not self._reportable(bar_start(index, self.beats_per_bar)):
+            self.beats_refused[OUT_OF_RANGE] += 1
+            return None
         prev = self._last_beat
         if prev is not None and index <= prev[0]:
             return None
@@ -308,10 +338,13 @@ class BarAggregator:
 
         Returns:
             ``"counted"``, ``"late"`` (its window was already reported; counted in the next
-            report) or ``"rejected"`` (it names a window too far ahead).
+            report) or ``"rejected"`` (it names a window too far ahead, or one past int64).
         """
         bpb = self.beats_per_bar
         start = bar_start(claim.beat_index, bpb)
+        if not self._reportable(start):
+            self.reject(OUT_OF_RANGE)
+            return "rejected"
         if self._is_closed(start):
             self._late += 1
             return "late"
@@ -319,7 +352,7 @@ class BarAggregator:
         if ref is None and self._closed_through is not None:
             ref = self._closed_through + bpb
         if ref is not None and start > ref + self.max_windows_ahead * bpb:
-            self.reject("claim names a window too far ahead")
+            self.reject(TOO_FAR_AHEAD)
             return "rejected"
         w = self._window(start)
         w.claims += 1
@@ -363,13 +396,15 @@ class BarAggregator:
             The report, every SPEC field filled in.
 
         Raises:
-            ValueError: ``window_first_beat`` is not a bar start or is not after the last window
-                closed.
+            ValueError: ``window_first_beat`` is not a bar start, is not after the last window
+                closed, or is a window past int64 (one no beat could have opened).
         """
         bpb = self.beats_per_bar
         start = window_first_beat
         if start < 0 or start % bpb:
             raise ValueError(f"{start} is not the first beat of a {bpb}-beat window")
+        if not self._reportable(start):
+            raise ValueError(f"window {start} of {bpb} beats is past int64")
         if self._is_closed(start):
             raise ValueError(
                 f"window {start} is not after the last closed one, {self._closed_through}"

@@ -1,12 +1,13 @@
 """What the live dashboard shows, kept from the messages of one cluster, sans-IO.
 
-:class:`DashboardState` takes the raw bytes (and headers) of what arrives on the cluster's beat,
-status and bar subjects, with the arrival times, and keeps:
+:class:`DashboardState` takes the raw bytes of what arrives on the cluster's beat and bar
+subjects, with the arrival times, and the claims a reverb *accepted* (never raw bytes from the
+status subject: anyone allowed to publish there could forge a row), and keeps:
 
 * the latest beat (index, phase, position in its bar) and the tempo, announced by the frames and
   measured from their arrivals (:class:`~.tempo.TempoEstimator`);
-* each agent's latest claim (state, progress, beats left, notes, ``wait_for``), marked signed when
-  it came with a ``Backbeat-Sig`` header (the signature is not checked here: the reverb does);
+* each agent's latest accepted claim (state, progress, beats left, notes, ``wait_for``), marked
+  signed only when the reverb verified its signature against the keyring;
 * the last bar reports and their issues, a deadlock's detail parsed into its wait-for cycle;
 * HA hand-overs: the HLC node id of the beat frames (the publishing pulse) or of the bar reports
   (the publishing reverb) changing from one message to the next.
@@ -20,12 +21,10 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections import OrderedDict, deque
-from collections.abc import Mapping
 from typing import Any, Final
 
 from .._errors import WireError
 from .hlc import HLCStamp
-from .signing import HEADER_KEY, HEADER_SIG
 from .tempo import TempoEstimator
 from .wire import BarIssue, BarReport, BeatFrame, StatusClaim, decode
 
@@ -60,19 +59,6 @@ def _node(hlc: str) -> str | None:
         return f"{HLCStamp.parse(hlc).node:04x}"
     except WireError:
         return None
-
-
-def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
-    if not headers:
-        return None
-    value = headers.get(name)
-    if value is not None:
-        return value
-    wanted = name.lower()
-    for key, val in headers.items():
-        if key.lower() == wanted:
-            return val
-    return None
 
 
 def _iso(wall: float) -> str:
@@ -117,7 +103,7 @@ class DashboardState:
         self._pulse_node: str | None = None
         self._reverb_node: str | None = None
         self.counters: dict[str, int] = {"beats": 0, "claims": 0, "reports": 0, "handovers": 0}
-        self.malformed: dict[str, int] = {"beat": 0, "status": 0, "bar": 0}
+        self.malformed: dict[str, int] = {"beat": 0, "bar": 0}
         self.last_error = ""
 
     def __repr__(self) -> str:
@@ -187,32 +173,40 @@ class DashboardState:
         }
 
     def on_claim(
-        self, data: bytes, headers: Mapping[str, str] | None, *, wall: float
+        self, claim: StatusClaim, *, signed: bool, key: str = "", wall: float
     ) -> list[Delta]:
-        """A message on the status subject: the agent's row, if this claim is its latest.
+        """A claim a reverb accepted: the agent's row, if this claim is its latest.
 
-        A claim older (by HLC) than the agent's latest one shown is counted but changes nothing.
+        Feed it only what a verifier accepted (``ReverbStatus.watch_claims``): an agent gets a
+        row only through an accepted claim. A claim older (by HLC) than the agent's latest one
+        shown is counted but changes nothing; the very claim shown, handed over again (every HA
+        reverb accepts each claim), is neither counted nor shown again.
+
+        Args:
+            claim: the accepted claim.
+            signed: its signature verified against the keyring (False: accepted unsigned).
+            key: the keyring key it verified with (std base64), shown abbreviated.
+            wall: when it was accepted (POSIX seconds), shown on the page.
 
         Returns:
-            An ``agent`` delta, nothing, or a ``malformed`` one.
+            An ``agent`` delta, or nothing.
         """
         try:
-            claim = decode(data, StatusClaim)
-        except WireError as exc:
-            return self._malformed("status", str(exc))
-        try:
             stamp = HLCStamp.parse(claim.hlc)
-        except WireError as exc:
-            return self._malformed("status", str(exc))
-        self.counters["claims"] += 1
+        except WireError:  # a verifier has parsed it already; a hand-made claim may not be
+            return []
         agent_id = claim.agent_id
         previous = self._agents.get(agent_id)
-        if previous is not None and stamp < self._agent_stamps[agent_id]:
-            # rows already handed out in deltas are never changed in place
-            self._agents[agent_id] = {**previous, "claims": previous["claims"] + 1}
-            return []
-        signed = _header(headers, HEADER_SIG) is not None
-        key = _header(headers, HEADER_KEY) or ""
+        if previous is not None:
+            shown = self._agent_stamps[agent_id]
+            if stamp == shown:
+                return []
+            if stamp < shown:
+                self.counters["claims"] += 1
+                # rows already handed out in deltas are never changed in place
+                self._agents[agent_id] = {**previous, "claims": previous["claims"] + 1}
+                return []
+        self.counters["claims"] += 1
         row = {
             "agent_id": agent_id,
             "task_id": claim.task_id,
@@ -226,7 +220,7 @@ class DashboardState:
             ],
             "beat_index": claim.beat_index,
             "signed": signed,
-            "key": key[:12],
+            "key": key[:12] if signed else "",
             "claims": (previous["claims"] if previous else 0) + 1,
             "seen_at": _iso(wall),
         }

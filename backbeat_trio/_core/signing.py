@@ -521,6 +521,7 @@ def verify_claim(
     *,
     allow_unsigned: bool = False,
     replay_cache: ReplayCache | None = None,
+    max_wall_ms: int | None = None,
 ) -> StatusClaim:
     """Decode a received claim and check its signature (over the exact ``body``) and freshness.
 
@@ -535,6 +536,9 @@ def verify_claim(
         allow_unsigned: accept claims that carry no signature.
         replay_cache: when given, refuse an ``(agent_id, hlc)`` already accepted, and record
             this one once it is accepted.
+        max_wall_ms: when given, refuse a claim whose HLC wall time (POSIX milliseconds) is
+            past it: a verifier passes its own wall clock plus the clock skew it accepts, so
+            that no claim can stand for "the latest" long after it was made.
 
     Returns:
         The decoded claim.
@@ -543,7 +547,7 @@ def verify_claim(
         WireError: ``body`` is not a valid StatusClaim.
         SignatureError: the claim is rejected; ``reason`` is one of ``"unsigned"``,
             ``"agent_mismatch"``, ``"unknown_agent"``, ``"wrong_key"``, ``"malformed"``,
-            ``"bad_signature"`` or ``"replay"``.
+            ``"bad_signature"``, ``"future"`` or ``"replay"``.
     """
     if not isinstance(body, bytes):
         body = bytes(body)
@@ -558,8 +562,16 @@ def verify_claim(
             f"verifier does not accept unsigned claims",
             reason="unsigned",
         )
+    if replay_cache is None and max_wall_ms is None:
+        return claim
+    stamp = HLCStamp.parse(claim.hlc)
+    if max_wall_ms is not None and stamp.l > max_wall_ms:
+        raise SignatureError(
+            f"claim from agent {claim.agent_id!r} is stamped {stamp.l - max_wall_ms} ms past "
+            f"the clock skew this verifier accepts (hlc {claim.hlc})",
+            reason="future",
+        )
     if replay_cache is not None:
-        stamp = HLCStamp.parse(claim.hlc)
         if replay_cache.seen(claim.agent_id, stamp):
             raise SignatureError(
                 f"replay: a claim from agent {claim.agent_id!r} with hlc {claim.hlc} was already "

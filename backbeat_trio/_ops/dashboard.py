@@ -1,5 +1,7 @@
 """The live dashboard: a raw ASGI 3 app (the page, its script and style, a server-sent events
-stream) fed by a task that follows a cluster's beat, status and bar subjects.
+stream) fed by a task that follows a cluster's beat and bar subjects and the claims a reverb
+accepted (never the status subject itself: what the page shows of an agent is what the reverb
+verified).
 
 What the page shows is kept by :class:`~backbeat_trio._core.dashboard.DashboardState` (sans-IO);
 this module only moves messages in and events out. It imports no HTTP server: any ASGI server on
@@ -11,17 +13,20 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
 
-from .._core.beats import bar_subject, beat_subject, status_subject
+from .._core.beats import bar_subject, beat_subject
 from .._core.dashboard import DashboardState, Delta
 from .._transport.base import Subscription, Transport
 from .._util.channel import DropOldestChannel
 from .asgi import Receive, Scope, Send, answer_lifespan, text_response
+
+if TYPE_CHECKING:
+    from .._services.reverb import ReverbStatus
 
 __all__ = ["Dashboard"]
 
@@ -39,6 +44,10 @@ _PAGE_HEADERS: Final = [
     ("x-content-type-options", "nosniff"),
 ]  # (and cache-control: no-store, which every answer carries)
 _json: Final = msgspec.json.Encoder()
+#: How often the dashboard looks for a running reverb when it follows none.
+_REVERB_POLL_S: Final = 0.25
+#: Accepted claims buffered between a reverb and the dashboard (the oldest go first).
+_CLAIM_BUFFER: Final = 1024
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -52,8 +61,9 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
 
 
 class Dashboard:
-    """The live dashboard of one cluster: ``await nursery.start(dashboard.run, transport)`` to
-    follow the cluster, and serve ``dashboard`` (an ASGI app) with any ASGI server on trio.
+    """The live dashboard of one cluster: ``await nursery.start(dashboard.run, transport,
+    reverb=status)`` to follow the cluster, and serve ``dashboard`` (an ASGI app) with any ASGI
+    server on trio.
 
     Routes: ``GET /`` (the page), ``GET /static/<file>`` (its script and style),
     ``GET /events`` (``text/event-stream``: a ``snapshot`` event, then ``beat``, ``agent``,
@@ -79,6 +89,7 @@ class Dashboard:
         streams_refused: ``/events`` connections refused (``max_streams`` were open).
         updates_dropped: updates slow browsers lost (each then got a snapshot).
         subscription_dropped: messages each subscription's full buffer dropped, by subject.
+        claims_dropped: accepted claims lost because the dashboard fell behind the reverb.
     """
 
     def __init__(
@@ -106,6 +117,7 @@ class Dashboard:
         self.streams_refused = 0
         self.updates_dropped = 0
         self.subscription_dropped: dict[str, int] = {}
+        self.claims_dropped = 0
 
     def __repr__(self) -> str:
         return (
@@ -120,13 +132,23 @@ class Dashboard:
 
     # --- following the cluster ------------------------------------------------------------------
     async def run(
-        self, transport: Transport, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        transport: Transport,
+        *,
+        reverb: ReverbStatus | Mapping[str, ReverbStatus] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Follow the cluster's beat, status and bar subjects until cancelled.
+        """Follow the cluster's beat and bar subjects and ``reverb``'s claims until cancelled.
 
         Args:
             transport: a connected transport; it is used, never closed.
-            task_status: ``nursery.start`` returns once all three subscriptions exist.
+            reverb: where agent rows come from: a reverb's status (what ``run_reverb`` hands to
+                ``nursery.start``) or a live mapping of them by id (HA reverbs; a restarted one
+                replaces its entry). The dashboard follows one that runs, preferring the one
+                publishing, and another when it stops. Without one the page shows no agents:
+                the status subject is never read directly, since anyone allowed to publish on
+                it could write any row.
+            task_status: ``nursery.start`` returns once both subscriptions exist.
         """
         cluster = self.cluster_id
         state = self.state
@@ -134,10 +156,6 @@ class Dashboard:
             (
                 beat_subject(cluster),
                 lambda m: state.on_beat(m.data, arrival=trio.current_time(), wall=time.time()),
-            ),
-            (
-                status_subject(cluster),
-                lambda m: state.on_claim(m.data, m.headers, wall=time.time()),
             ),
             (bar_subject(cluster), lambda m: state.on_report(m.data, wall=time.time())),
         ]
@@ -148,11 +166,33 @@ class Dashboard:
             async with trio.open_nursery() as nursery:
                 for sub, (_, handle) in zip(subs, handlers, strict=True):
                     nursery.start_soon(self._follow, sub, handle)
+                if reverb is not None:
+                    nursery.start_soon(self._follow_claims, reverb)
                 task_status.started()
         finally:
             with trio.move_on_after(1.0, shield=True):
                 for sub in subs:
                     await sub.unsubscribe()
+
+    async def _follow_claims(self, source: ReverbStatus | Mapping[str, ReverbStatus]) -> None:
+        while True:
+            reverb = _running_reverb(source)
+            if reverb is not None:
+                async with reverb.watch_claims(_CLAIM_BUFFER) as watch:
+                    dropped = 0
+                    async for accepted in watch:
+                        self.claims_dropped += watch.dropped - dropped
+                        dropped = watch.dropped
+                        self._fan_out(
+                            self.state.on_claim(
+                                accepted.claim,
+                                signed=accepted.signed,
+                                key=accepted.key,
+                                wall=accepted.wall,
+                            )
+                        )
+            # none runs, or the one followed stopped: look again shortly
+            await trio.sleep(_REVERB_POLL_S)
 
     async def _follow(self, sub: Subscription, handle: Callable[[Any], list[Delta]]) -> None:
         async for msg in sub.messages:
@@ -266,6 +306,14 @@ class Dashboard:
                 continue
             if delta["seq"] > floor:
                 await emit(delta)
+
+
+def _running_reverb(source: ReverbStatus | Mapping[str, ReverbStatus]) -> ReverbStatus | None:
+    candidates = list(source.values()) if isinstance(source, Mapping) else [source]
+    running = [status for status in candidates if status.running]
+    return next((status for status in running if status.publishing), None) or next(
+        iter(running), None
+    )
 
 
 def _sse(delta: Delta) -> bytes:

@@ -8,6 +8,12 @@ an agent re-published after a reconnect is counted once, not rejected as a repla
 
 With ``ha=True`` several reverbs run per cluster: all of them aggregate, but only the holder of the
 ``reverb-lease`` key publishes (:mod:`backbeat_trio._services.reverb_ha`).
+
+What the reverb shows is what it verified: its reports, ``latest_claims`` and the claims it hands
+to :meth:`ReverbStatus.watch_claims` (the dashboard's only source of agent rows) are the claims
+that passed :func:`~backbeat_trio._core.signing.verify_claim` -- including the refusal of a claim
+stamped further ahead of this reverb's clock than its HLC accepts (``future``) -- and that the
+aggregator counted.
 """
 
 from __future__ import annotations
@@ -16,13 +22,13 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from .._bridge.nats import open_nats_transport
-from .._client.client import open_client
+from .._client.client import Client, open_client
 from .._client.config import Config
 from .._core.aggregate import BarAggregator
 from .._core.beats import (
@@ -34,7 +40,8 @@ from .._core.beats import (
 )
 from .._core.hlc import HLC
 from .._core.lease import LeaseElection, LeaseTimings
-from .._core.signing import Keyring, ReplayCache, verify_claim
+from .._core.metrics import ClientMetrics
+from .._core.signing import Keyring, ReplayCache
 from .._core.wire import BarReport, StatusClaim, encode
 from .._errors import BackbeatError, ConfigError, NotConnected, SignatureError, WireError
 from .._services.history import (
@@ -53,6 +60,7 @@ from .._services.lease import (
     LeaseStore,
     ensure_lease_store,
 )
+from .._services.reverb_claims import AcceptedClaim, ClaimJudge
 from .._services.reverb_ha import HAReports, hold_lease
 from .._services.storage import (
     BAR_MAX_AGE,
@@ -63,8 +71,9 @@ from .._services.storage import (
 )
 from .._transport.base import Subscription, Transport
 from .._transport.options import ConnectionOptions
+from .._util.channel import DropOldestChannel
 
-__all__ = ["ReverbConfig", "ReverbStatus", "run_reverb"]
+__all__ = ["AcceptedClaim", "ReverbConfig", "ReverbStatus", "run_reverb"]
 
 log = logging.getLogger("backbeat_trio.reverb")
 
@@ -72,6 +81,15 @@ log = logging.getLogger("backbeat_trio.reverb")
 _STANDBY_KEPT = 16
 #: ReverbStatus.latest_claims keeps at most this many agents (the least recently heard go first).
 MAX_TRACKED_AGENTS = 10_000
+#: The frame refusals of the reverb's beat-following client, as ``ReverbStatus.beats_refused``.
+_FRAME_REFUSALS = (
+    "malformed",
+    "oversized",
+    "wrong_cluster",
+    "stale",
+    "implausible",
+    "duplicate_or_old",
+)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -191,6 +209,9 @@ class ReverbStatus:
     ``rejection_reasons`` is refreshed with each report; ``rejected_by_reason`` is the live tally
     (the aggregator's own). ``reports`` counts windows closed; ``reports_published`` the reports
     this reverb actually sent; ``issues_by_kind`` tallies the issues of every closed window.
+    ``running`` is True from ``nursery.start`` until the reverb stops; ``first_beat`` is set
+    once it has taken in a beat: claims are placed relative to the current beat, so it reads
+    none before (they wait in its subscription).
     """
 
     cluster_id: str
@@ -213,6 +234,11 @@ class ReverbStatus:
     reports_published: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     issues_by_kind: dict[str, int] = field(default_factory=dict)
+    running: bool = False
+    first_beat: trio.Event = field(default_factory=trio.Event)
+    _window_refusals: dict[str, int] = field(default_factory=dict, repr=False)
+    _frame_counts: Callable[[], ClientMetrics] | None = field(default=None, repr=False)
+    _watches: list[DropOldestChannel[AcceptedClaim]] = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         role = "" if self.lease is None else f" {self.lease.role}"
@@ -231,6 +257,47 @@ class ReverbStatus:
         await self.report_event.wait()
         assert self.latest is not None
         return self.latest
+
+    @property
+    def beats_refused(self) -> dict[str, int]:
+        """Beat frames this reverb did not take, by reason (only reasons that occurred).
+
+        The checks every client makes on a frame (``malformed`` -- which includes an index too
+        close to int64's end to leave room for the bars after it --, ``oversized``,
+        ``wrong_cluster``, ``stale``, ``implausible``, ``duplicate_or_old``), and the reverb's
+        own ``int64``: a beat in a window that could not be reported within int64.
+        """
+        counts = self._frame_counts() if self._frame_counts is not None else None
+        refused = {
+            reason: n
+            for reason in _FRAME_REFUSALS
+            if counts is not None and (n := getattr(counts, reason))
+        }
+        refused.update((reason, n) for reason, n in self._window_refusals.items() if n)
+        return refused
+
+    def watch_claims(self, buffer: int = 1024) -> DropOldestChannel[AcceptedClaim]:
+        """A channel of every claim this reverb accepts from now on (verified and counted).
+
+        The reverb never waits for a watcher: when ``buffer`` claims wait unread, the oldest is
+        dropped (counted in the channel's ``dropped``). The channel ends when the reverb stops
+        (at once if it has stopped); close it to stop watching.
+        """
+        watch: DropOldestChannel[AcceptedClaim] = DropOldestChannel(buffer, name="claims")
+        if self.running:
+            self._watches.append(watch)
+        else:
+            watch.close_send()
+        return watch
+
+    def _hand_out(self, accepted: AcceptedClaim) -> None:
+        if self._watches:
+            self._watches = [watch for watch in self._watches if watch.put(accepted)]
+
+    def _end_watches(self) -> None:
+        watches, self._watches = self._watches, []
+        for watch in watches:
+            watch.close_send()
 
 
 async def run_reverb(
@@ -333,19 +400,21 @@ async def _reverb_loop(
         claims_sub = await transport.subscribe(subject, buffer=65536)
     aggregator = BarAggregator(cfg.cluster_id, beats_per_bar=cfg.beats_per_bar)
     status.rejected_by_reason = aggregator.rejection_reasons
+    status._window_refusals = aggregator.beats_refused
     hlc = HLC(cfg.reverb_id)
     keyring = cfg.keyring if cfg.keyring is not None else Keyring({})
     replay = ReplayCache()
     out_subject = bar_subject(cfg.cluster_id)
 
+    judge = ClaimJudge(keyring, cfg.allow_unsigned, replay, hlc, wall_clock)
+
     async with (
         open_client(cfg.connection_config(), transport=transport, wall_clock=wall_clock) as bb,
         trio.open_nursery() as nursery,
+        _handing_out(status, bb),
     ):
         beats = bb.beats(buffer=256)
-        nursery.start_soon(
-            _claims_loop, claims_sub, aggregator, keyring, cfg.allow_unsigned, replay, hlc, status
-        )
+        nursery.start_soon(_claims_loop, claims_sub, aggregator, judge, status)
         if keeper is not None:
             nursery.start_soon(hold_lease, keeper, cfg.release_on_exit)
         task_status.started(status)
@@ -366,6 +435,8 @@ async def _reverb_loop(
             await nursery.start(ha.watch_published)
         async for frame in beats:
             left = aggregator.observe_beat(frame, trio.current_time())
+            if not status.first_beat.is_set() and aggregator.last_beat_index is not None:
+                status.first_beat.set()
             if left is None:
                 continue
             report = aggregator.close_window(left, str(hlc.now()))
@@ -388,24 +459,32 @@ async def _reverb_loop(
         nursery.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def _handing_out(status: ReverbStatus, bb: Client) -> AsyncIterator[None]:
+    # watchers get accepted claims while the reverb runs; their channels end when it stops
+    status._frame_counts = lambda: bb.metrics
+    status.running = True
+    try:
+        yield
+    finally:
+        status.running = False
+        status._end_watches()
+
+
 async def _claims_loop(
     sub: Subscription,
     aggregator: BarAggregator,
-    keyring: Keyring,
-    allow_unsigned: bool,
-    replay: ReplayCache,
-    hlc: HLC,
+    judge: ClaimJudge,
     status: ReverbStatus,
 ) -> None:
+    await status.first_beat.wait()
     async for msg in sub.messages:
         if sub.dropped:
             status.claims_dropped += sub.dropped
             log.warning("%d claim(s) dropped: the reverb fell behind its claim stream", sub.dropped)
             sub.dropped = 0
         try:
-            claim = verify_claim(
-                msg.data, msg.headers, keyring, allow_unsigned=allow_unsigned, replay_cache=replay
-            )
+            claim = judge.verify(msg.data, msg.headers)
         except SignatureError as exc:
             aggregator.reject(exc.reason or "signature")
             status.rejected += 1
@@ -418,8 +497,10 @@ async def _claims_loop(
             log.info("rejected claim: %s", exc)
             continue
         with contextlib.suppress(WireError):
-            hlc.update(claim.hlc)
+            judge.hlc.update(claim.hlc)
         outcome = aggregator.add_claim(claim)
+        if outcome != "rejected":
+            status._hand_out(judge.accepted(claim, msg.headers))
         if outcome == "counted":
             status.claims_counted += 1
             latest = status.latest_claims

@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace) -> int:
         if args.http:
             dashboard = load_dashboard(cfg.cluster_id, args)
             if dashboard is not None:
-                await nursery.start(functools.partial(dashboard.run, transport))
+                await nursery.start(functools.partial(dashboard.run, transport, reverb=status))
             await start_admin(
                 nursery,
                 args,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Final
 
 import trio
 
 from ..._core.beats import bar_subject, status_subject
+from ..._services.storage import BAR_MAX_AGE, BAR_MAX_BYTES, STATUS_MAX_AGE, STATUS_MAX_BYTES
 from ..admin import add_http_arguments, load_dashboard, start_admin
 from ..common import UsageError, add_command, env, env_int, eprint, load_keyring, out, seconds
 from ..connection import conn_parent, connection_kwargs
@@ -72,8 +74,68 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="with --ha: lease TTL; the longest a report is delayed by a crash (default 2)",
     )
+    add_storage_arguments(p)
     p.add_argument("--json", action="store_true", help="print each report as one JSON line")
     add_http_arguments(p)
+
+
+_SIZE_UNITS: Final = {"": 0, "k": 10, "kib": 10, "m": 20, "mib": 20, "g": 30, "gib": 30}
+_AGE_UNITS: Final = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_QUANTITY: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z]*)\s*")
+
+
+def byte_size(text: str) -> int:
+    """Bytes: an integer with an optional binary unit (``512MiB``, ``1G``), or ``none`` (-1)."""
+    if text.strip().lower() in ("none", "-1"):
+        return -1
+    found = _QUANTITY.fullmatch(text.lower())
+    shift = _SIZE_UNITS.get(found.group(2)) if found else None
+    if found is None or shift is None or "." in found.group(1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1048576, 256MiB, none)")
+    return int(found.group(1)) << shift
+
+
+def age(text: str) -> float | None:
+    """Seconds, with an optional unit (``90s``, ``30m``, ``24h``, ``30d``), or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    found = _QUANTITY.fullmatch(text.lower())
+    unit = _AGE_UNITS.get(found.group(2)) if found else None
+    if found is None or unit is None or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age (e.g. 3600, 24h, 30d, none)")
+    return float(found.group(1)) * unit
+
+
+def add_storage_arguments(p: argparse.ArgumentParser) -> None:
+    """The bounds of the streams the reverb creates (and brings up to date)."""
+    p.add_argument(
+        "--status-max-age",
+        type=age,
+        default=STATUS_MAX_AGE,
+        metavar="AGE",
+        help="claims older than this leave the status stream (default 24h; none: kept)",
+    )
+    p.add_argument(
+        "--status-max-bytes",
+        type=byte_size,
+        default=STATUS_MAX_BYTES,
+        metavar="SIZE",
+        help="the status stream discards its oldest claims past this size (default 256MiB)",
+    )
+    p.add_argument(
+        "--bar-max-age",
+        type=age,
+        default=BAR_MAX_AGE,
+        metavar="AGE",
+        help="reports older than this leave the bar history (default 30d; none: kept)",
+    )
+    p.add_argument(
+        "--bar-max-bytes",
+        type=byte_size,
+        default=BAR_MAX_BYTES,
+        metavar="SIZE",
+        help="the bar history discards its oldest reports past this size (default 256MiB)",
+    )
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -95,6 +157,10 @@ async def run(args: argparse.Namespace) -> int:
         reverb_id=args.reverb_id,
         create_stream=not args.no_stream,
         replicas=args.replicas,
+        status_max_age=args.status_max_age,
+        status_max_bytes=args.status_max_bytes,
+        bar_max_age=args.bar_max_age,
+        bar_max_bytes=args.bar_max_bytes,
         ha=args.ha,
         lease_ttl=args.lease_ttl,
         **connection_kwargs(args),

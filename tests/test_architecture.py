@@ -175,6 +175,29 @@ def test_nats_py_private_names_are_read_in_one_gated_module() -> None:
     assert all(_layer(u) == "_bridge" for u in users), users
 
 
+def test_nats_py_errors_are_caught_at_one_edge() -> None:
+    # Only _bridge/errors.py names nats-py's exceptions in an `except` or catches every
+    # Exception in the bridge; the rest of the bridge maps (map_nats_errors), ignores with a
+    # reason (ignore_nats_errors) or decides on the lists that module keeps (nats_failures()...)
+    edge = "backbeat_trio._bridge.errors"
+    caught_at: dict[str, list[str]] = {}
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ExceptHandler):
+                continue
+            names = (
+                {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)}
+                if node.type
+                else {""}
+            )
+            broad = _layer(name) == "_bridge" and bool(names & {"", "Exception", "BaseException"})
+            if "nats" in names or broad:
+                text = ast.unparse(node.type) if node.type else ""
+                caught_at.setdefault(name, []).append(f"{node.lineno}: except {text}")
+    assert caught_at.pop(edge), "the edge itself maps what nats-py raises"
+    assert not caught_at
+
+
 def test_no_import_cycles_at_run_time() -> None:
     graph = {
         name: {t for t in _imports(name, runtime_only=True) if t in MODULES and t != name}

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from backbeat_trio._bridge.jetstream import translate_error
+from backbeat_trio._bridge.errors import backbeat_error
 from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._client.config import Config
 from backbeat_trio._errors import JetStreamError, NotConnected
@@ -176,15 +176,17 @@ def test_nats_errors_map_to_backbeat_errors() -> None:
     import nats.errors
     import nats.js.errors
 
-    assert isinstance(translate_error("x", nats.errors.ConnectionClosedError()), NotConnected)
-    assert isinstance(translate_error("x", nats.errors.NoRespondersError()), JetStreamError)
-    timeout = translate_error("write b/k", nats.errors.TimeoutError())
+    closed = backbeat_error("x", nats.errors.ConnectionClosedError(), jetstream=True)
+    assert isinstance(closed, NotConnected)
+    no_answer = backbeat_error("x", nats.errors.NoRespondersError(), jetstream=True)
+    assert isinstance(no_answer, JetStreamError)
+    timeout = backbeat_error("write b/k", nats.errors.TimeoutError(), jetstream=True)
     assert isinstance(timeout, JetStreamError)
     assert "write b/k" in str(timeout)
     assert timeout.code is None
-    refused = translate_error("x", nats.js.errors.APIError(code=400, err_code=10058))
+    refused = backbeat_error("x", nats.js.errors.APIError(code=400, err_code=10058), jetstream=True)
     assert isinstance(refused, JetStreamError)
     assert refused.code == 10058
-    odd = translate_error("x", RuntimeError("boom"))
+    odd = backbeat_error("x", RuntimeError("boom"), jetstream=True)
     assert isinstance(odd, JetStreamError)
     assert "boom" in str(odd)

@@ -28,6 +28,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .errors import nats_failures
+
 log = logging.getLogger("backbeat_trio.transport")
 
 #: nats-py versions whose internals the fast paths were read and tested against; any other
@@ -98,7 +100,6 @@ def wire_bytes(
     rewrite (values it strips or whose CR/LF it replaces, empty keys it skips): its own path
     then takes the message and reports what is wrong. Shared by both publish fast paths."""
     import nats.aio.client
-    import nats.errors
 
     try:
         if type(subject) is not str or not subject or type(reply) is not str:
@@ -129,9 +130,11 @@ def wire_bytes(
         hdr = "".join(lines).encode()
         h = len(hdr)
         return f"HPUB {subject} {reply} {h} {h + n}\r\n".encode() + hdr + payload + b"\r\n"
-    except (nats.errors.Error, UnicodeError):
-        # a subject nats-py refuses, text that does not encode: declined, and nats-py's own
-        # publish then reports it
+    except nats_failures():
+        # a subject nats-py refuses: declined, and nats-py's own publish then reports it
+        return None
+    except UnicodeError:
+        # text that does not encode: the same (nats-py's publish reports it)
         return None
 
 

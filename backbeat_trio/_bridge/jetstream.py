@@ -3,8 +3,8 @@
 :class:`NatsJetStream` is the :class:`~backbeat_trio._transport.jetstream.JetStream` of a
 :class:`~backbeat_trio._bridge.nats.NatsTransport` (``transport.jetstream``). Each of its methods
 runs one of the plain ``async def f(nc, ..., op_timeout)`` coroutine functions below on the asyncio
-side and translates whatever nats-py raises into a
-:class:`~backbeat_trio._errors.BackbeatError` (:func:`translate_error`, the one place that does).
+side, inside :func:`~.errors.map_nats_errors`: whatever nats-py raises comes out as a
+:class:`~backbeat_trio._errors.BackbeatError` (:mod:`.errors` holds the one mapping).
 
 The coroutines return plain values (ints, bytes, the NamedTuples of the transport layer), never
 nats-py objects, so nothing from the asyncio world leaks across the bridge. Each builds a JetStream
@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
-from .._errors import BackbeatError, JetStreamError, NotConnected
+from .._errors import BackbeatError, NotConnected
 from .._transport.base import Message, Subscription
 from .._transport.jetstream import (
     KVEntry,
@@ -35,6 +35,13 @@ from .._transport.jetstream import (
     kv_subject,
 )
 from . import _natspy_private as private
+from .errors import (
+    ignore_nats_errors,
+    map_nats_errors,
+    not_found_errors,
+    refusal_code,
+    refusal_errors,
+)
 from .stream_limits import config_fields, conform_stream
 
 if TYPE_CHECKING:
@@ -51,7 +58,6 @@ __all__ = [
     "stream_last",
     "stream_read",
     "stream_summary",
-    "translate_error",
 ]
 
 log = logging.getLogger("backbeat_trio.jetstream")
@@ -67,41 +73,6 @@ _NO_REPLICAS: Final = frozenset({10074, 10005, 10023})
 _EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 #: Seconds per JetStream API request unless a caller asks for another bound.
 DEFAULT_OP_TIMEOUT: Final = 5.0
-
-
-def _err_code(exc: BaseException) -> int | None:
-    code = getattr(exc, "err_code", None)
-    return code if isinstance(code, int) else None
-
-
-def translate_error(what: str, exc: Exception) -> BackbeatError:
-    """The :class:`BackbeatError` for what nats-py raised while doing ``what``.
-
-    A connection that is closed, draining or gone is :class:`NotConnected`; a refusal, a timeout
-    or no answer at all is :class:`JetStreamError` (``code`` set for a refusal).
-    """
-    import nats.errors
-    import nats.js.errors
-
-    if isinstance(exc, BackbeatError):
-        return exc
-    if isinstance(
-        exc,
-        nats.errors.ConnectionClosedError
-        | nats.errors.ConnectionDrainingError
-        | nats.errors.NoServersError
-        | nats.errors.StaleConnectionError
-        | nats.errors.OutboundBufferLimitError,
-    ):
-        return NotConnected(f"{what}: the connection is down ({type(exc).__name__})")
-    if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
-        return JetStreamError(f"{what}: JetStream did not answer (is it enabled?)")
-    if isinstance(exc, TimeoutError):  # nats-py's TimeoutError is one too
-        return JetStreamError(f"{what}: JetStream did not answer in time")
-    if isinstance(exc, nats.js.errors.APIError):
-        code = _err_code(exc)
-        return JetStreamError(f"{what}: {exc.description or exc} (code {code})", code=code)
-    return JetStreamError(f"{what} failed: {type(exc).__name__}: {exc}")
 
 
 # --- the JetStream of a NatsTransport -------------------------------------------------------------
@@ -134,10 +105,8 @@ class NatsJetStream:
         nc = transport._nc
         if nc is None or nc.is_closed:
             raise NotConnected(f"{what}: the NATS connection is closed")
-        try:
+        with map_nats_errors(what, jetstream=True):
             result: T = await transport._aio(fn)(nc, *args, op_timeout=self.op_timeout, **kwargs)
-        except Exception as exc:
-            raise translate_error(what, exc) from exc
         return result
 
     # -- streams ---------------------------------------------------------------------------------
@@ -222,6 +191,7 @@ class NatsJetStream:
 
         Raises:
             NotConnected: the subscription could not be made.
+            JetStreamError: JetStream refused the consumer (``code`` says why).
         """
         from nats.js.api import DeliverPolicy
 
@@ -318,11 +288,9 @@ async def _ensure_replicated(
     peers) is asked for again as :class:`_ReplicaPlacement` says, else settled at one replica.
     Several callers may race: one that lost the creation race uses what the winner made.
     """
-    import nats.js.errors
-
     try:
         return await _replicas_of(jsx, stream)
-    except nats.js.errors.NotFoundError:
+    except not_found_errors():
         pass
     count = max(1, replicas)
     placing = _ReplicaPlacement(nc, op_timeout)
@@ -330,14 +298,14 @@ async def _ensure_replicated(
         try:
             await create(count)
             return count
-        except nats.js.errors.APIError as exc:
-            if _err_code(exc) in _NO_REPLICAS and count > 1:
+        except refusal_errors() as exc:
+            if refusal_code(exc) in _NO_REPLICAS and count > 1:
                 count = await placing.next_count(count)
                 continue
             # Lost a creation race to a caller with other settings: use what it made.
             try:
                 return await _replicas_of(jsx, stream)
-            except nats.js.errors.NotFoundError:
+            except not_found_errors():
                 raise exc from None
 
 
@@ -370,12 +338,10 @@ async def kv_read(
 ) -> KVEntry | None:
     """A key's latest revision, read from the stream leader (never a possibly stale replica);
     None when the key has never been written (or was purged away)."""
-    import nats.js.errors
-
     jsx = nc.jetstream(timeout=op_timeout)
     try:
         msg = await jsx.get_msg(kv_stream(bucket), subject=kv_subject(bucket, key), direct=False)
-    except nats.js.errors.NotFoundError:
+    except not_found_errors():
         return None
     return KVEntry.of(int(msg.seq), bytes(msg.data or b""), msg.headers)
 
@@ -398,8 +364,6 @@ async def kv_write(
     Raises:
         Exception: timeout, no responders, connection loss... -- the outcome is then *unknown*.
     """
-    import nats.js.errors
-
     jsx = nc.jetstream(timeout=op_timeout)
     try:
         ack = await jsx.publish(
@@ -408,8 +372,8 @@ async def kv_write(
             timeout=op_timeout,
             headers={_EXPECTED_LAST_SUBJECT_SEQ: str(int(last))},
         )
-    except nats.js.errors.APIError as exc:
-        if _err_code(exc) in _WRONG_LAST_SEQUENCE:
+    except refusal_errors() as exc:
+        if refusal_code(exc) in _WRONG_LAST_SEQUENCE:
             return None
         raise
     return int(ack.seq)
@@ -419,12 +383,10 @@ async def stream_find_name(
     nc: Any, subject: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT
 ) -> str | None:
     """The stream capturing ``subject``; None when none does."""
-    import nats.js.errors
-
     jsx = nc.jetstream(timeout=op_timeout)
     try:
         name = await jsx.find_stream_name_by_subject(subject)
-    except nats.js.errors.NotFoundError:
+    except not_found_errors():
         return None
     return str(name) if name else None
 
@@ -465,12 +427,10 @@ async def stream_summary(
     nc: Any, name: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT
 ) -> StreamSummary | None:
     """The stream's bounds, size, replica count and current leader; None when it does not exist."""
-    import nats.js.errors
-
     jsx = nc.jetstream(timeout=op_timeout)
     try:
         info = await jsx.stream_info(name)
-    except nats.js.errors.NotFoundError:
+    except not_found_errors():
         return None
     state = info.state
     cluster = getattr(info, "cluster", None)
@@ -501,12 +461,10 @@ async def stream_last(
     nc: Any, name: str, subject: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT
 ) -> StoredMessage | None:
     """The last message ``name`` stores on ``subject``; None when there is none (or no stream)."""
-    import nats.js.errors
-
     jsx = nc.jetstream(timeout=op_timeout)
     try:
         msg = await jsx.get_msg(name, subject=subject, direct=False)
-    except nats.js.errors.NotFoundError:
+    except not_found_errors():
         return None
     return _stored(msg, int(msg.seq))
 
@@ -515,12 +473,10 @@ async def stream_find_seq(
     nc: Any, name: str, subject: str, seq: int, *, op_timeout: float = DEFAULT_OP_TIMEOUT
 ) -> StoredMessage | None:
     """The first message on ``subject`` at or after sequence ``seq``; None when there is none."""
-    import nats.js.errors
-
     jsx = nc.jetstream(timeout=op_timeout)
     try:
         msg = await jsx.get_msg(name, seq=max(1, seq), subject=subject, next=True, direct=False)
-    except nats.js.errors.NotFoundError:
+    except not_found_errors():
         return None
     return _stored(msg, int(msg.seq))
 
@@ -543,8 +499,6 @@ async def stream_read(
     stream's last sequence when the call started), when ``max_msgs`` were read, or when the
     consumer reports nothing pending. Bounded: at most ``max_msgs // batch + 2`` fetches.
     """
-    import nats.errors
-    import nats.js.errors
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     jsx = nc.jetstream(timeout=op_timeout)
@@ -553,7 +507,7 @@ async def stream_read(
     if stop_seq is None:
         try:
             info = await jsx.stream_info(name)
-        except nats.js.errors.NotFoundError:
+        except not_found_errors():
             return []
         stop_seq = int(info.state.last_seq or 0)
     if stop_seq < start_seq:
@@ -575,7 +529,7 @@ async def stream_read(
                 break
             try:
                 msgs = await psub.fetch(want, timeout=op_timeout)
-            except (nats.errors.TimeoutError, TimeoutError):
+            except TimeoutError:  # nats-py's fetch: nothing more arrived in time
                 break
             done = False
             for msg in msgs:
@@ -591,10 +545,12 @@ async def stream_read(
             if done or not msgs:
                 break
     finally:
-        try:
+        with ignore_nats_errors(
+            f"read of {name!r}: deleting its consumer",
+            "the consumer expires on its own (inactive_threshold)",
+            logger=log,
+        ):
             consumer = (await psub.consumer_info()).name
             await psub.unsubscribe()
             await jsx.delete_consumer(name, consumer)
-        except Exception as exc:  # the consumer expires on its own (inactive_threshold)
-            log.debug("read of %r: its consumer is left to expire: %r", name, exc)
     return out

@@ -1,5 +1,5 @@
-"""The transport: nats-py bridged into trio (with :mod:`.view`, :mod:`.loop`, :mod:`.options`
-and :mod:`._natspy_private` the only code that touches asyncio and nats-py).
+"""The transport: nats-py bridged into trio (with :mod:`.view`, :mod:`.loop`, :mod:`.options`,
+:mod:`.errors` and :mod:`._natspy_private` the only code that touches asyncio and nats-py).
 
 Everything above it is pure trio. The bridge is crossed as rarely as possible:
 
@@ -37,9 +37,10 @@ from .._errors import BackbeatError, NotConnected
 from .._transport.base import ConnEvent, EventFeed, EventKind, Message, Subscription
 from .._transport.shared import Prepare, SharedSubscription, SharedSubscriptions
 from . import _natspy_private as private
+from .errors import describe, ignore_nats_errors, is_slow_consumer, map_nats_errors
 from .jetstream import NatsJetStream
 from .loop import asyncio_loop as _asyncio_loop
-from .options import connect_accepts, connect_nats, nats_failures
+from .options import connect_accepts, connect_nats
 from .options import nats_options as _nats_options
 from .view import NatsTransportView
 
@@ -86,6 +87,7 @@ class NatsTransport(EventFeed):
         self.publish_errors = 0
         self.direct_writes = 0  # of ``published``: written at once, without the drainer
         self.last_error: str | None = None
+        self._last_failure: BaseException | None = None  # what last_error says, for connect
         self._views: list[NatsTransportView] = []
         self._shared = SharedSubscriptions(self._subscribe_inline)
         self.drain_batches = 0  # wake-ups of the drainer that wrote queued messages
@@ -154,10 +156,9 @@ class NatsTransport(EventFeed):
         self._emit("closed")
 
     async def _on_error(self, exc: Exception) -> None:
-        import nats.errors
-
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, nats.errors.SlowConsumerError):
+        self._last_failure = exc
+        self.last_error = describe(exc)
+        if is_slow_consumer(exc):
             self._emit("slow_consumer", str(exc))
         else:
             self._emit("error", self.last_error)
@@ -188,7 +189,12 @@ class NatsTransport(EventFeed):
         if connect_accepts("lame_duck_mode_cb"):
             callbacks["lame_duck_mode_cb"] = self._on_lame_duck
         self._nc = await connect_nats(
-            self._loop, servers, {**options, **callbacks}, attempts, delay, lambda: self.last_error
+            self._loop,
+            servers,
+            {**options, **callbacks},
+            attempts,
+            delay,
+            lambda: self._last_failure,
         )
         self._ready = True
         self.fast = private.fast_path_enabled()
@@ -235,22 +241,20 @@ class NatsTransport(EventFeed):
     async def _close_nats(self) -> None:
         # asyncio side
         nc = self._nc
-        failures = nats_failures()
         for nsub in list(self._nsubs):
-            try:
+            with ignore_nats_errors(
+                "unsubscribe at close",
+                "the connection is closing: its UNSUB could not be sent; the tasks are ended",
+            ):
                 await nsub.unsubscribe()
-            except failures as exc:
-                # the connection is closing: its UNSUB could not be sent; the tasks are ended
-                log.debug("unsubscribe at close: %r", exc)
         self._nsubs.clear()
         if self.fast:
             private.drop_reconnect_buffer(nc)
         try:
-            await nc.close()
-        except failures as exc:
             # nats-py 2.16 writes its reconnect buffer into a dead socket in close() and stops
             # there (before its subscriptions' tasks: those were unsubscribed above)
-            log.debug("nats-py's close() failed: %r (our subscriptions were ended first)", exc)
+            with ignore_nats_errors("nats-py's close()", "our subscriptions were ended first"):
+                await nc.close()
         finally:
             if self.fast:
                 await private.sweep_closed(nc)
@@ -321,19 +325,22 @@ class NatsTransport(EventFeed):
             while q:
                 if fast and nc.is_connected and self._encode_queued(nc, 4096):
                     try:
-                        await private.push_pending(nc)
-                    except Exception as exc:  # its flusher reports a dead connection itself
-                        self.last_error = f"flush: {type(exc).__name__}: {exc}"
-                        log.debug("drainer: nats-py's flush failed (%r); its flusher reports", exc)
+                        with map_nats_errors("flush"):
+                            await private.push_pending(nc)
+                    except BackbeatError as exc:  # its flusher reports a dead connection itself
+                        self.last_error = str(exc)
+                        log.debug("drainer: %s; nats-py's flusher reports", exc)
                     continue
                 subject, payload, headers, reply = q.popleft()
                 try:
-                    await nc.publish(subject, payload, reply=reply, headers=headers)
-                    self.published += 1
-                except Exception as exc:  # a closed connection, a bad subject: report, go on
+                    with map_nats_errors(f"publish {subject}"):
+                        await nc.publish(subject, payload, reply=reply, headers=headers)
+                except BackbeatError as exc:  # a closed connection, a bad subject: report, go on
                     self.publish_errors += 1
-                    self.last_error = f"publish {subject}: {type(exc).__name__}: {exc}"
+                    self.last_error = str(exc)
                     self._emit("error", self.last_error)
+                else:
+                    self.published += 1
             self._idle.set()
 
     async def flush(self) -> None:
@@ -356,15 +363,14 @@ class NatsTransport(EventFeed):
         # own end (bounded by its 5 s timeout); a caller that gives up just stops waiting.
         task = self._flush_round()
         try:
-            await trio_asyncio.run_aio_future(asyncio.shield(task))
+            with map_nats_errors("flush"):
+                await trio_asyncio.run_aio_future(asyncio.shield(task))
         except trio.Cancelled:
             task.add_done_callback(_retrieve)
             raise
         except NotConnected as exc:
             # the round's exception is shared by all its callers: each gets its own
             raise NotConnected(str(exc)) from exc
-        except Exception as exc:
-            raise NotConnected(f"flush failed: {type(exc).__name__}: {exc}") from exc
 
     def _flush_round(self) -> asyncio.Task[None]:
         """The flush a caller arriving now waits for.
@@ -391,7 +397,8 @@ class NatsTransport(EventFeed):
         self._wake.set()
         await self._idle.wait()  # everything queued so far is in nats-py's buffer
         pongs = private.pongs_received(nc) if fast else None
-        await nc.flush(timeout=5)
+        with map_nats_errors("flush"):
+            await nc.flush(timeout=5)
         # nats-py's flush returns at once, without any PONG, when its read loop has already
         # died with the connection; only a PONG proves the server has what was written
         if not nc.is_connected or (pongs is not None and private.pongs_received(nc) == pongs):
@@ -421,11 +428,11 @@ class NatsTransport(EventFeed):
             self._nsubs.discard(nsub)
             if self._nc.is_closed:
                 return
-            try:
+            with ignore_nats_errors(
+                f"unsubscribe {subject!r}",
+                "the connection went away meanwhile: nats-py drops its interest with it",
+            ):
                 await self._aio(nsub.unsubscribe)()
-            except nats_failures() as exc:
-                # the connection went away meanwhile: nats-py drops its interest with it
-                log.debug("unsubscribe %r: %r", subject, exc)
 
         sub = Subscription(subject, buffer, unsubscribe, handler)
         deliver = sub._deliver
@@ -442,10 +449,8 @@ class NatsTransport(EventFeed):
                 private.deliver_directly(nsub, deliver)
             return nsub
 
-        try:
+        with map_nats_errors(f"{what} {subject!r}"):
             nsub = await self._aio(_subscribe)()
-        except Exception as exc:
-            raise NotConnected(f"{what} {subject!r} failed: {exc}") from exc
         holder.append(nsub)
         self._nsubs.add(nsub)
         return sub

@@ -1,5 +1,5 @@
-"""Connecting nats-py: its options from a :class:`~backbeat_trio.ConnectionOptions`, the
-bounded first connect, and the one edge where nats-py's connection errors are named."""
+"""Connecting nats-py: its options from a :class:`~backbeat_trio.ConnectionOptions` and the
+bounded first connect (whose failures :mod:`.errors` explains)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio_asyncio
 
-from .._errors import NotConnected
+from .errors import connect_refusal, ignore_nats_errors, map_nats_errors, nats_failures
 
 if TYPE_CHECKING:
     from .._transport.options import ConnectionOptions
@@ -23,15 +23,6 @@ log = logging.getLogger("backbeat_trio.transport")
 _FAILED_CLOSE_BOUND = 0.25  # seconds to let nats-py close a connection whose handshake failed
 
 
-def nats_failures() -> tuple[type[BaseException], ...]:
-    """What nats-py raises for a failing connection or a refused operation (its own ``Error``
-    tree, and the socket's ``OSError``/``TimeoutError``). Caught only where it is then mapped to
-    the BackbeatError tree or logged with the reason it is ignored."""
-    import nats.errors
-
-    return (OSError, nats.errors.Error)
-
-
 @functools.cache
 def connect_accepts(name: str) -> bool:
     """True when nats-py's ``Client.connect`` takes the keyword ``name`` (its public signature;
@@ -39,24 +30,6 @@ def connect_accepts(name: str) -> bool:
     import nats.aio.client
 
     return name in inspect.signature(nats.aio.client.Client.connect).parameters
-
-
-def explain_connect_error(
-    servers: Sequence[str], exc: BaseException, cause: str | None = None
-) -> str:
-    """A ``NotConnected`` message saying why the first connect failed (refused, credentials,
-    TLS), from nats-py's error and what its error callback saw (``cause``)."""
-    text = f"{type(exc).__name__}: {exc}".strip()
-    if cause and cause not in text:
-        # nats-py reports "no servers available"; the error callback saw the reason
-        text = f"{cause} ({text})"
-    low = text.lower()
-    where = ", ".join(servers)
-    if "authorization" in low or "auth" in low:
-        return f"NATS at {where} refused the credentials (authorization violation): {text}"
-    if "ssl" in low or "certificate" in low or "tls" in low:
-        return f"TLS handshake with {where} failed: {text}"
-    return f"could not connect to NATS at {where}: {text}"
 
 
 def nats_options(cfg: ConnectionOptions) -> dict[str, Any]:
@@ -92,11 +65,11 @@ async def connect_nats(
     options: dict[str, Any],
     attempts: int,
     delay: float,
-    cause: Callable[[], str | None],
+    seen: Callable[[], BaseException | None],
 ) -> Any:
     """A connected nats-py client on ``loop``, after up to ``attempts`` tries ``delay`` apart.
 
-    ``options`` are ``connect``'s keyword arguments (callbacks included); ``cause`` returns what
+    ``options`` are ``connect``'s keyword arguments (callbacks included); ``seen`` returns what
     the error callback last saw, for the message.
 
     Raises:
@@ -115,26 +88,27 @@ async def connect_nats(
         "max_reconnect_attempts": 1,
         "reconnect_time_wait": 0,
     }
-    failures = nats_failures()
     last: BaseException | None = None
-    for attempt in range(attempts):
-        if attempt:
-            await trio.sleep(delay)
-        nc = nats.aio.client.Client()
-        try:
-            await trio_asyncio.aio_as_trio(nc.connect, loop=loop)(
-                servers=list(servers), **first_connect
-            )
-        except failures as exc:
-            last = exc
-            log.debug("connect attempt %d/%d failed: %r", attempt + 1, attempts, exc)
-            await _close_failed(loop, nc)
-            continue
-        for key in ("allow_reconnect", "max_reconnect_attempts", "reconnect_time_wait"):
-            nc.options[key] = options.get(key, nc.options[key])
-        return nc
+    # what the list of connect failures does not name is no reason to try again: it is mapped
+    with map_nats_errors(f"connect to NATS at {', '.join(servers)}"):
+        for attempt in range(attempts):
+            if attempt:
+                await trio.sleep(delay)
+            nc = nats.aio.client.Client()
+            try:
+                await trio_asyncio.aio_as_trio(nc.connect, loop=loop)(
+                    servers=list(servers), **first_connect
+                )
+            except nats_failures() as exc:
+                last = exc
+                log.debug("connect attempt %d/%d failed: %r", attempt + 1, attempts, exc)
+                await _close_failed(loop, nc)
+                continue
+            for key in ("allow_reconnect", "max_reconnect_attempts", "reconnect_time_wait"):
+                nc.options[key] = options.get(key, nc.options[key])
+            return nc
     assert last is not None
-    raise NotConnected(explain_connect_error(servers, last, cause())) from last
+    raise connect_refusal(servers, last, seen()) from last
 
 
 async def _close_failed(loop: asyncio.AbstractEventLoop, nc: Any) -> None:
@@ -142,12 +116,14 @@ async def _close_failed(loop: asyncio.AbstractEventLoop, nc: Any) -> None:
     # after a failed TLS upgrade nats-py's close() closes the socket, then waits for ever on
     # the stream that start_tls replaced (nats-py 2.16).
     # AttributeError: nats-py < 2.15 cannot close a client whose socket never opened.
-    ignored: tuple[type[BaseException], ...] = (*nats_failures(), AttributeError)
-    with trio.move_on_after(_FAILED_CLOSE_BOUND) as scope:
-        try:
-            await trio_asyncio.aio_as_trio(nc.close, loop=loop)()
-        except ignored as exc:
-            # the attempt already failed and is reported; its close has nothing to add
-            log.debug("closing a failed connect attempt: %r", exc)
+    with (
+        trio.move_on_after(_FAILED_CLOSE_BOUND) as scope,
+        ignore_nats_errors(
+            "closing a failed connect attempt",
+            "the attempt already failed and is reported; its close has nothing to add",
+            also=(AttributeError,),
+        ),
+    ):
+        await trio_asyncio.aio_as_trio(nc.close, loop=loop)()
     if scope.cancelled_caught:
         log.debug("closing a failed connect attempt did not finish in time; dropped")

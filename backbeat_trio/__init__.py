@@ -54,6 +54,7 @@ from ._errors import ConfigError as ConfigError
 from ._errors import EmbeddedServerError as EmbeddedServerError
 from ._errors import InvalidStatusClaim as InvalidStatusClaim
 from ._errors import NotConnected as NotConnected
+from ._errors import PulseConflict as PulseConflict
 from ._errors import SignatureError as SignatureError
 from ._errors import UndeliveredClaims as UndeliveredClaims
 from ._errors import WireError as WireError
@@ -104,6 +105,7 @@ __all__ = [
     "NatsTransportView",
     "NotConnected",
     "PulseConfig",
+    "PulseConflict",
     "PulseStatus",
     "ReplayCache",
     "ReverbConfig",

@@ -15,6 +15,7 @@ __all__ = [
     "InvalidStatusClaim",
     "JetStreamError",
     "NotConnected",
+    "PulseConflict",
     "SignatureError",
     "UndeliveredClaims",
     "WireError",
@@ -79,6 +80,19 @@ class JetStreamError(BackbeatError):
 
 class NotConnected(BackbeatError, ConnectionError):
     """The client is not connected (or could not connect), or its outbox is full."""
+
+
+class PulseConflict(BackbeatError, RuntimeError):
+    """A pulse saw beat frames it did not publish on its own beat subject: another pulse beats
+    for the same cluster, and clients would discard the beats of whichever is behind.
+
+    Attributes:
+        frame: the first foreign frame (a :class:`~backbeat_trio.BeatFrame`).
+    """
+
+    def __init__(self, message: str, frame: object) -> None:
+        super().__init__(message)
+        self.frame = frame
 
 
 class SignatureError(BackbeatError):

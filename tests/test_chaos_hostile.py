@@ -623,7 +623,10 @@ async def _hostile_over_nats(url: str, recipes: list[Hostile]) -> None:
             jetstream=False,
             jitter_tolerance=0.5,  # a loaded CI box must not turn real beats stale
         )
-        pulse_cfg = bb3.PulseConfig(cluster_id=cluster, nats_url=url, tempo_bpm=tempo)
+        # the attacker's frames are other publishers' on the pulse's subject: it keeps beating
+        pulse_cfg = bb3.PulseConfig(
+            cluster_id=cluster, nats_url=url, tempo_bpm=tempo, share_beat_subject=True
+        )
         attacker_cfg = bb3.Config(cluster_id=cluster, agent_id="attacker", nats_url=url)
         expected: collections.Counter[str] = collections.Counter()
         delivered: list[bb3.BeatFrame] = []

@@ -39,11 +39,14 @@ def agent_config(url: str, cluster: str, i: int, **kw: Any) -> bb3.Config:
 
 
 def beat_subscriptions(server: NatsServerProcess, cluster: str) -> int:
-    """How many subscriptions the server holds on the cluster's beat subject (all clients)."""
+    """How many subscriptions the server holds on the cluster's beat subject for clients (the
+    pulse's own watch of its subject, on a connection named ``backbeat-pulse:…``, left out)."""
     connz = server.monitor("connz?subs=1")
     subject = f"backbeat.beat.{cluster}"
     return sum(
-        (conn.get("subscriptions_list") or []).count(subject) for conn in connz["connections"]
+        (conn.get("subscriptions_list") or []).count(subject)
+        for conn in connz["connections"]
+        if not str(conn.get("name", "")).startswith("backbeat-pulse:")
     )
 
 

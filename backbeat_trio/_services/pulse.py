@@ -7,6 +7,7 @@ It never buffers beats while disconnected: a beat that cannot go out on time is 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import logging
@@ -29,7 +30,7 @@ from .._core.hlc import HLC
 from .._core.latency import LatencyHistogram
 from .._core.schedule import PulseSchedule, ScheduledBeat, TempoDecision
 from .._core.wire import BeatFrame, TempoChange, decode
-from .._errors import ConfigError, NotConnected, WireError
+from .._errors import ConfigError, NotConnected, PulseConflict, WireError
 from .._transport.base import Subscription, Transport
 from .._transport.options import ConnectionOptions
 from .._util.sleep import sleep_until_precise
@@ -64,6 +65,10 @@ class PulseConfig(ConnectionOptions):
         pulse_id: its id (HLC node, connection name).
         max_tempo_step: largest relative tempo step accepted without ``force`` (None: any).
         allow_forced_tempo: honour ``force`` in a TempoChange's reason (``"force: …"``).
+        share_beat_subject: keep publishing when another publisher's frames appear on the beat
+            subject (counted in ``PulseStatus.foreign_frames`` and logged once). By default a
+            pulse that sees one stops with :class:`~backbeat_trio.PulseConflict`: two pulses on
+            one cluster interleave their indices and clients discard the beats of the one behind.
         **connection: the :class:`ConnectionOptions` fields.
     """
 
@@ -74,6 +79,7 @@ class PulseConfig(ConnectionOptions):
     pulse_id: str = "pulse-1"
     max_tempo_step: float | None = 0.10
     allow_forced_tempo: bool = False
+    share_beat_subject: bool = False
     reconnect_delay: float = 0.25
     connect_attempts: int = 3
 
@@ -104,6 +110,9 @@ class PulseStatus:
         last_published_at: ``trio.current_time()`` of the latest publish (None before one).
         tempo_refused: tempo requests refused (``tempo_refusals`` keeps the latest reasons).
         tempo_control: where tempo requests go while this pulse publishes (None otherwise).
+        foreign_frames: beat frames seen on the beat subject that this pulse did not publish
+            (another pulse's, or anybody's who may publish there); ``bad_beat_messages`` counts
+            what arrived there and did not decode as a beat frame.
     """
 
     cluster_id: str
@@ -122,6 +131,8 @@ class PulseStatus:
     last_published_at: float | None = None
     tempo_refused: int = 0
     tempo_control: TempoControl | None = None
+    foreign_frames: int = 0
+    bad_beat_messages: int = 0
 
     def record_publish(self, beat: ScheduledBeat) -> None:
         """Count a beat just published (its publish error measured now)."""
@@ -158,6 +169,8 @@ async def run_pulse(
 
     Raises:
         NotConnected: the first connect failed.
+        PulseConflict: another publisher's frames appeared on the beat subject (unless
+            ``cfg.share_beat_subject``).
     """
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
@@ -192,9 +205,12 @@ async def _pulse_loop(
     def to_wall(t: float) -> _dt.datetime:
         return _dt.datetime.fromtimestamp(wall0 + (t - t0), _dt.UTC)
 
+    own: collections.deque[bytes] = collections.deque(maxlen=_OWN_FRAMES_KEPT)
     async with trio.open_nursery() as nursery:
         tempo_sub = await transport.subscribe(tempo_subject(cfg.cluster_id), buffer=256)
         nursery.start_soon(tempo_listener, cfg, transport, tempo_sub, schedule, hlc, status)
+        beat_sub = await transport.subscribe(subject, buffer=256)
+        nursery.start_soon(_watch_beat_subject, cfg, beat_sub, own, status)
         task_status.started(status)
         while True:
             beat: ScheduledBeat = schedule.next_beat()
@@ -209,12 +225,56 @@ async def _pulse_loop(
                 status.skipped_disconnected += 1
                 continue
             frame = make_beat_frame(cfg.cluster_id, beat, str(hlc.now()), to_wall(beat.deadline))
+            payload = encoder.encode(frame)
+            own.append(payload)
             try:
-                transport.publish(subject, encoder.encode(frame))
+                transport.publish(subject, payload)
             except NotConnected:
                 status.skipped_disconnected += 1
                 continue
             status.record_publish(beat)
+
+
+# How many of its latest frames a pulse remembers to recognise its own on the beat subject: a
+# frame comes back within a round trip, far less than this many beats.
+_OWN_FRAMES_KEPT = 64
+
+
+async def _watch_beat_subject(
+    cfg: PulseConfig, sub: Subscription, own: collections.deque[bytes], status: PulseStatus
+) -> None:
+    """Watch the beat subject for frames this pulse did not publish (compared byte for byte:
+    another pulse with the same id and clock would still write other deadlines)."""
+    warned = False
+    async for msg in sub.messages:
+        if msg.data in own:
+            continue
+        try:
+            frame = decode(msg.data, BeatFrame)
+        except WireError as exc:
+            status.bad_beat_messages += 1
+            log.debug("ignored a message on the beat subject that is no beat frame: %s", exc)
+            continue
+        if frame.cluster_id != cfg.cluster_id:
+            status.bad_beat_messages += 1
+            log.debug("ignored a beat frame for cluster %r on our subject", frame.cluster_id)
+            continue
+        status.foreign_frames += 1
+        what = (
+            f"another publisher's beat frames on {sub.subject} (beat {frame.beat_index}, "
+            f"HLC {frame.hlc}); this pulse published beat {status.last_beat}"
+        )
+        if not cfg.share_beat_subject:
+            log.error("%s: stopping, since clients discard the beats of the pulse behind", what)
+            raise PulseConflict(
+                f"{what}: another pulse beats for cluster {cfg.cluster_id!r}. Stop one of them, "
+                f"run them as HA pulses (pulse --ha), or set share_beat_subject=True "
+                f"(pulse --share) to keep publishing anyway",
+                frame,
+            )
+        if not warned:
+            warned = True
+            log.warning("%s: publishing anyway (share_beat_subject)", what)
 
 
 def make_beat_frame(

@@ -196,6 +196,8 @@ async def open_fake_cluster(
         start_index=start_index,
         pulse_id="fake-pulse",
         max_tempo_step=max_tempo_step,
+        # tests publish frames of their own on the beat subject (hostile ones, a second pulse)
+        share_beat_subject=True,
     )
     async with trio.open_nursery() as nursery:
         cluster = FakeCluster(nursery, broker, pulse_cfg)

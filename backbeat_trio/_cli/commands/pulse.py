@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept larger steps when the request's reason starts with 'force'",
     )
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="keep publishing when another publisher's beat frames appear on the beat subject "
+        "(by default the pulse stops: two pulses on one cluster interleave their beats)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no line per beat")
     ha = p.add_argument_group("high availability")
     ha.add_argument(
@@ -117,7 +123,7 @@ async def run(args: argparse.Namespace) -> int:
         return await _run_ha_pulse(args)
     if args.lease_ttl is not None:
         raise UsageError("--lease-ttl needs --ha")
-    cfg = PulseConfig(**_pulse_kwargs(args))
+    cfg = PulseConfig(**_pulse_kwargs(args), share_beat_subject=args.share)
     async with contextlib.AsyncExitStack() as stack:
         # with --http the command owns the connection, so the admin server can watch it too
         transport = await stack.enter_async_context(open_nats_transport(cfg)) if args.http else None

@@ -87,7 +87,8 @@ class NatsTransport(EventFeed):
         self.publish_errors = 0
         self.direct_writes = 0  # of ``published``: written at once, without the drainer
         self.last_error: str | None = None
-        self._last_failure: BaseException | None = None  # what last_error says, for connect
+        # what the error callback saw during the first connect (its refusal names it)
+        self._connect_failure: BaseException | None = None
         self._views: list[NatsTransportView] = []
         self._shared = SharedSubscriptions(self._subscribe_inline)
         self.drain_batches = 0  # wake-ups of the drainer that wrote queued messages
@@ -156,7 +157,8 @@ class NatsTransport(EventFeed):
         self._emit("closed")
 
     async def _on_error(self, exc: Exception) -> None:
-        self._last_failure = exc
+        if not self._ready:  # a live connection need not hold on to its errors' tracebacks
+            self._connect_failure = exc
         self.last_error = describe(exc)
         if is_slow_consumer(exc):
             self._emit("slow_consumer", str(exc))
@@ -194,9 +196,10 @@ class NatsTransport(EventFeed):
             {**options, **callbacks},
             attempts,
             delay,
-            lambda: self._last_failure,
+            lambda: self._connect_failure,
         )
         self._ready = True
+        self._connect_failure = None
         self.fast = private.fast_path_enabled()
         self._js = self._nc.jetstream()
         self._drainer = self._loop.create_task(self._drain())

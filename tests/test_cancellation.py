@@ -111,7 +111,10 @@ async def _cancel_in_memory(plan: Plan) -> None:
         tasks_after = trio.lowlevel.current_statistics().tasks_living
         if plan.jetstream:
             stream = cluster.broker.streams[status_stream_name(cluster_id)]
-            arrived = {(m.headers or {})["Nats-Msg-Id"].split(":", 1)[1] for m in stream.messages}
+            arrived = {
+                (m.headers or {})["Nats-Msg-Id"].split(":", 1)[1].rsplit(":", 1)[0]  # the hlc
+                for m in stream.messages
+            }
         else:
             arrived = {c.hlc for c in cluster.claims}
 
@@ -199,7 +202,7 @@ async def _stream_hlcs(url: str, cluster: str) -> set[str]:
             if info.state.messages:
                 for seq in range(info.state.first_seq, info.state.last_seq + 1):
                     msg = await js.get_msg(name, seq)
-                    found.add((msg.headers or {})["Nats-Msg-Id"])
+                    found.add((msg.headers or {})["Nats-Msg-Id"].rsplit(":", 1)[0])  # no digest
             return found
         finally:
             await nc.close()

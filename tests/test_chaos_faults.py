@@ -12,6 +12,7 @@ CI runs these bounded (a few seconds each); ``--soak`` runs more claims and more
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections.abc import Callable
@@ -159,7 +160,7 @@ async def test_sigkill_and_restart_keeps_claims_exactly_once_and_beats_monotonic
         await trio.to_thread.run_sync(server.close)
 
     # exactly once in the stream: every claim, no duplicate, nothing else
-    ids = [headers.get("Nats-Msg-Id") for headers, _ in stored]
+    ids = [headers["Nats-Msg-Id"].rsplit(":", 1)[0] for headers, _ in stored]  # no digest
     want = [f"agent-1:{c.hlc}" for c in emitted]
     assert len(set(want)) == n_claims
     assert len(ids) == len(set(ids)), "a claim is stored twice"
@@ -169,7 +170,8 @@ async def test_sigkill_and_restart_keeps_claims_exactly_once_and_beats_monotonic
     notes = set()
     for headers, body in stored:
         claim = bb3.verify_claim(body, headers, keyring)
-        assert headers["Nats-Msg-Id"] == f"agent-1:{claim.hlc}"
+        digest = hashlib.sha256(body + headers["Backbeat-Sig"].encode()).hexdigest()[:16]
+        assert headers["Nats-Msg-Id"] == f"agent-1:{claim.hlc}:{digest}"
         notes.add(claim.notes)
     assert notes == {f"claim {i}" for i in range(n_claims)}
 
@@ -316,7 +318,7 @@ async def _memory_outages(plan: list[tuple[float, float]], claims_per_second: fl
             metrics = bb.metrics
             assert bb.undelivered() == []
         stream = cluster.broker.streams[status_stream_name("mem-chaos")]
-        ids = [(m.headers or {})["Nats-Msg-Id"] for m in stream.messages]
+        ids = [(m.headers or {})["Nats-Msg-Id"].rsplit(":", 1)[0] for m in stream.messages]
         assert len(ids) == len(set(ids))
         assert set(ids) == {f"agent-1:{c.hlc}" for c in emitted}
         assert strictly_increasing(delivered)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -68,13 +69,14 @@ async def add_stream(nc: Any, cluster: str) -> str:
 
 
 async def stream_ids(nc: Any, stream: str) -> list[str]:
-    """Every stored message's Nats-Msg-Id, in stream order (read back with plain nats-py)."""
+    """Every stored message's Nats-Msg-Id without its digest (``<agent_id>:<hlc>``), in stream
+    order (read back with plain nats-py)."""
     js = nc.jetstream()
     info = await trio_asyncio.aio_as_trio(js.stream_info)(stream)
     ids = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         msg = await trio_asyncio.aio_as_trio(js.get_msg)(stream, seq)
-        ids.append(msg.headers["Nats-Msg-Id"])
+        ids.append(msg.headers["Nats-Msg-Id"].rsplit(":", 1)[0])
     return ids
 
 
@@ -227,7 +229,9 @@ async def test_beats_in_and_signed_claims_out_checked_by_plain_nats_py(nats_url:
     for claim, msg in zip(sent, received, strict=True):
         assert msg.headers["Backbeat-Agent"] == "agent-7"
         assert msg.headers["Backbeat-Key"] == base64.b64encode(bytes(key.verify_key)).decode()
-        assert msg.headers["Nats-Msg-Id"] == f"agent-7:{claim.hlc}"
+        sig = msg.headers["Backbeat-Sig"].encode()
+        digest = hashlib.sha256(msg.data + sig).hexdigest()[:16]  # SPEC: sha256(body + sig)
+        assert msg.headers["Nats-Msg-Id"] == f"agent-7:{claim.hlc}:{digest}"
         # PyNaCl over the exact bytes that crossed the wire
         verify_key.verify(msg.data, base64.b64decode(msg.headers["Backbeat-Sig"]))
         body = msgspec.json.decode(msg.data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -91,9 +92,10 @@ async def js_cluster(autojump_clock: trio.testing.MockClock) -> AsyncIterator[bb
 
 
 def stored_ids(cluster: bbt.FakeCluster) -> list[str]:
-    """The message ids of the claims in the status stream, in stored order."""
+    """The message ids of the claims in the status stream, in stored order, without their
+    digest (``<agent_id>:<hlc>``; tests/test_claim_ids.py checks the digest)."""
     stream = cluster.broker.streams[f"BACKBEAT_STATUS_{CLUSTER}"]
-    return [m.headers["Nats-Msg-Id"] for m in stream.messages]
+    return [m.headers["Nats-Msg-Id"].rsplit(":", 1)[0] for m in stream.messages]
 
 
 async def silence_pulse(
@@ -709,7 +711,8 @@ async def test_emit_status_fills_the_sdk_fields(
     assert body["type"] == "backbeat.statusclaim.v1"
     assert body["agent_id"] == "agent-7"
     assert "wait_for" not in body  # Go's omitempty
-    assert msgs[0].headers["Nats-Msg-Id"] == f"agent-7:{sent.hlc}"
+    digest = hashlib.sha256(msgs[0].data).hexdigest()[:16]  # unsigned: sha256(body)
+    assert msgs[0].headers["Nats-Msg-Id"] == f"agent-7:{sent.hlc}:{digest}"
     assert "Backbeat-Sig" not in msgs[0].headers  # no key configured
     assert cluster.claims == [sent, named]
     assert bb.delivery_mode == "core"
@@ -891,7 +894,8 @@ async def test_queued_claims_drain_within_the_grace_on_exit(
             cluster.broker.set_up()
 
         nursery.start_soon(back_soon)
-    assert [m.headers["Nats-Msg-Id"] for m in drain(raw)] == [f"agent-1:{queued.hlc}"]
+    ids = [m.headers["Nats-Msg-Id"].rsplit(":", 1)[0] for m in drain(raw)]
+    assert ids == [f"agent-1:{queued.hlc}"]
 
 
 # --- the open_client boundary ---------------------------------------------------------------------

@@ -111,7 +111,7 @@ def _ack(data: bytes) -> Any:
         errors=ErrorLog(ClientMetrics()),
     )
     outbox.use_jetstream("_INBOX.edge.ack")
-    out = outbox.admit(StatusClaim(state="done"), 1, connected=True)
+    out, _ = outbox.admit(StatusClaim(state="done"), 1, connected=True)
     outbox.published(out, 0.0)
     return outbox.acked("1", data)
 

@@ -371,14 +371,7 @@ class Client(BeatInput):
         """:meth:`emit_status` without the checkpoint (for sync callbacks)."""
         if self._closing and self._nursery is None:
             raise NotConnected("the client is closed")
-        # the transport knows about a dead connection before its event reaches the supervisor:
-        # a claim emitted in between waits in the outbox instead of going into a dead socket
-        connected = self._connected and self._transport.connected
-        outbox = self._outbox
-        out = outbox.admit(claim, self._tracker.last_index or 0, connected=connected)
-        if connected and not outbox.hold_new:
-            self._delivery.send(out)
-        return out.claim
+        return self._delivery.emit(claim, self._tracker.last_index or 0)
 
     async def flush_claims(self) -> None:
         """Wait until every claim emitted so far is delivered: acknowledged by JetStream, or (core
@@ -386,11 +379,15 @@ class Client(BeatInput):
 
         In core mode a claim that was on its way when the connection dropped is not waited for:
         it is counted in ``metrics.claims_unconfirmed`` (it may be lost; see :attr:`delivery_mode`).
+        Nor is a claim the stream refused as a duplicate on its first publish (another message
+        holds its id): it is counted in ``metrics.claims_suspected_collisions`` and listed by
+        :meth:`undelivered`.
         """
         await self._delivery.flush()
 
     def undelivered(self) -> list[StatusClaim]:
-        """Claims not yet delivered (queued, or unacknowledged in JetStream mode), oldest first."""
+        """Claims not yet delivered (queued, or in JetStream mode unacknowledged or refused as
+        suspected id collisions), oldest first."""
         return self._outbox.undelivered()
 
     async def _run_supervisor(self, *, task_status: trio.TaskStatus[None]) -> None:

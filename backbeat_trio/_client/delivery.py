@@ -9,6 +9,7 @@ import contextlib
 import trio
 
 from .._core.outbox import Outbox, Outgoing
+from .._core.wire import StatusClaim
 from .._errors import NotConnected
 from .._transport.base import Transport
 
@@ -60,6 +61,21 @@ class ClaimDelivery:
         self.outbox.use_jetstream(f"{self._transport.new_inbox()}.ack")
 
     # ------------------------------------------------------------------ publishing
+    def emit(self, claim: StatusClaim, beat_index: int) -> StatusClaim:
+        """Hand one claim to the outbox and publish it if the outbox says so; returns it as sent.
+
+        Raises:
+            InvalidStatusClaim: the claim breaks the contract; nothing was kept.
+            NotConnected: the outbox is full.
+        """
+        # the transport knows about a dead connection before its event reaches the supervisor:
+        # a claim emitted in between waits in the outbox instead of going into a dead socket
+        connected = self.connected and self._transport.connected
+        out, send_now = self.outbox.admit(claim, beat_index, connected=connected)
+        if send_now:
+            self.send(out)
+        return out.claim
+
     def send(self, out: Outgoing) -> None:
         """Publish ``out`` now (or keep it in the outbox when the connection is down)."""
         transport = self._transport
@@ -142,7 +158,7 @@ class ClaimDelivery:
                 self._confirm_wake = trio.Event()
                 await self._confirm_wake.wait()
             generation = outbox.generation
-            batch = len(outbox.unconfirmed)
+            written = outbox.written  # the PING below reaches this far, no further
             confirmed = False
             with trio.move_on_after(outbox.ack_timeout) as scope:
                 self._confirm_scope = scope
@@ -153,7 +169,7 @@ class ClaimDelivery:
                     pass
             self._confirm_scope = None
             if confirmed:
-                if outbox.confirm(generation, batch):
+                if outbox.confirm(generation, written):
                     self._notify()
             else:
                 await trio.sleep(outbox.ack_timeout / 8)  # back off; the disconnect event follows

@@ -38,6 +38,8 @@ class ClientMetrics:
     claims_acked: int = 0
     claims_republished: int = 0
     claims_queued: int = 0
+    #: JetStream said duplicate on a claim's first publish: another message holds its id
+    claims_suspected_collisions: int = 0
     budgets_created: int = 0
     budgets_completed: int = 0
     budgets_timed_out: int = 0

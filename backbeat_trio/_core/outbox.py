@@ -1,11 +1,13 @@
 """The status-claim outbox, sans-IO: :class:`Outbox`.
 
 Every claim a client emits is filled in (agent, beat, HLC, task id), encoded, signed, numbered and
-given its JetStream dedup id here; the outbox then says which claims to publish and keeps each one
-until it is delivered: acknowledged by JetStream (a PubAck on the claim's own reply subject), or in
-core mode confirmed by a server PONG after it was written. While the connection is down claims
-wait; after a reconnect they are re-published in order. Whatever is still undelivered when the
-client closes is listed by :meth:`Outbox.undelivered`.
+given its JetStream dedup id (:func:`claim_msg_id`) here; the outbox then says whether to publish
+it now and keeps each claim until it is delivered: acknowledged by JetStream (a PubAck on the
+claim's own reply subject), or in core mode confirmed by a server PONG sent after it was written.
+While the connection is down claims wait; after a reconnect they are re-published in order. A
+claim the stream calls a duplicate although none of our own publishes of it can be stored is a
+suspected id collision: never reported delivered, it is counted, logged and listed, with whatever
+is still undelivered when the client closes, by :meth:`Outbox.undelivered`.
 
 The caller does the publishing: it calls :meth:`Outbox.published` after a successful publish and
 :meth:`Outbox.keep` after a failed one. Times are floats on the caller's monotonic clock.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 import math
 import random
@@ -29,12 +32,13 @@ from .._errors import InvalidStatusClaim, NotConnected, WireError
 from .edge import decode_json
 from .hlc import HLC
 from .metrics import ErrorLog
+from .signing import HEADER_SIG
 from .wire import StatusClaim, encode_claim
 
 if TYPE_CHECKING:
     from .signing import Signer
 
-__all__ = ["DeliveryMode", "Outbox", "Outgoing"]
+__all__ = ["DeliveryMode", "Outbox", "Outgoing", "claim_msg_id"]
 
 DeliveryMode = Literal["jetstream", "core"]
 
@@ -42,6 +46,24 @@ log = logging.getLogger("backbeat_trio.client")
 #: Default task ids only need to differ, not to be secret: a PRNG seeded once from the OS saves
 #: a system call per claim (``secrets.token_hex`` reads urandom every time).
 _task_ids = random.Random(secrets.randbits(128))
+
+
+def claim_msg_id(agent_id: str, hlc: str, body: bytes, sig: str) -> str:
+    """A claim's ``Nats-Msg-Id`` (SPEC): ``<agent_id>:<hlc>:<digest>``.
+
+    ``digest`` is the first 16 lower-case hex characters of ``sha256(body + sig)``, so a peer
+    cannot take the id of a claim it has not seen (an id made of agent and HLC alone can be
+    guessed ahead and stored first, and the stream then drops the honest claim as a duplicate);
+    a re-publish sends the same bytes and so the same id.
+
+    Args:
+        agent_id: the claim's agent.
+        hlc: the claim's HLC stamp as written in the body.
+        body: the exact published bytes.
+        sig: the ASCII value of the ``Backbeat-Sig`` header, ``""`` when unsigned.
+    """
+    digest = hashlib.sha256(body + sig.encode("ascii")).hexdigest()[:16]
+    return f"{agent_id}:{hlc}:{digest}"
 
 
 @dataclass(slots=True)
@@ -54,6 +76,9 @@ class Outgoing:
     headers: dict[str, str]
     reply: str  # the PubAck inbox in JetStream mode, else ""
     sent_at: float | None = None  # local time of the last publish
+    publishes: int = 0  # times handed to the connection
+    refused: int = 0  # JetStream mode: replies saying a publish of it was not stored
+    written: int = 0  # core mode: Outbox.written when it was last handed to the connection
 
 
 _NOTHING_TO_SEND: Final[tuple[Outgoing, ...]] = ()
@@ -76,6 +101,10 @@ class Outbox:
         pending: claims queued (waiting for the connection) or, in JetStream mode, awaiting their
             PubAck, by number, oldest first.
         unconfirmed: core mode: claims written to the connection but not yet confirmed.
+        written: core mode: how many claims were handed to the connection so far; a PING sent
+            when it is ``n`` confirms, with its PONG, only claims up to that count.
+        collided: JetStream mode: claims the stream called duplicates while none of our own
+            publishes of them can be stored (suspected id collisions), oldest first; undelivered.
         hold_new: JetStream mode: new claims wait until every re-published claim is acknowledged,
             so the stream stores claims in the order emitted.
         generation: counts disconnects; a confirmation started before one is void.
@@ -86,6 +115,7 @@ class Outbox:
         "ack_prefix",
         "ack_timeout",
         "agent_id",
+        "collided",
         "errors",
         "generation",
         "hlc",
@@ -98,6 +128,7 @@ class Outbox:
         "signer",
         "status_subject",
         "unconfirmed",
+        "written",
     )
 
     def __init__(
@@ -123,6 +154,8 @@ class Outbox:
         self.ack_prefix = ""
         self.pending: collections.OrderedDict[int, Outgoing] = collections.OrderedDict()
         self.unconfirmed: collections.deque[Outgoing] = collections.deque()
+        self.written = 0
+        self.collided: list[Outgoing] = []
         self.seq = 0
         self.generation = 0
         self.hold_new = False
@@ -145,20 +178,30 @@ class Outbox:
         return bool(self.pending or self.unconfirmed)
 
     def undelivered(self) -> list[StatusClaim]:
-        """The claims not yet delivered (queued or unacknowledged), oldest first."""
-        return [o.claim for o in self.pending.values()]
+        """The claims not delivered (queued, unacknowledged or suspected collisions), oldest
+        first."""
+        if not self.collided:
+            return [o.claim for o in self.pending.values()]
+        outs = sorted([*self.pending.values(), *self.collided], key=lambda o: o.seq)
+        return [o.claim for o in outs]
 
     # ------------------------------------------------------------------ claims in
-    def admit(self, claim: StatusClaim, beat_index: int, *, connected: bool) -> Outgoing:
-        """Fill in, encode, sign and number one claim; returns it as it will be sent.
+    def admit(
+        self, claim: StatusClaim, beat_index: int, *, connected: bool
+    ) -> tuple[Outgoing, bool]:
+        """Fill in, encode, sign and number one claim, and say whether to publish it now.
 
-        Send it now when ``connected`` and not :attr:`hold_new`; otherwise it waits here.
+        It goes now when ``connected`` and nothing is held (:attr:`hold_new`); otherwise it
+        waits here for the reconnect or the release.
 
         Args:
             claim: the user's claim (``type``, ``agent_id``, ``beat_index`` and ``hlc`` are
                 filled in, and ``task_id`` when empty).
             beat_index: the current beat.
             connected: whether the connection is up (else the claim is queued).
+
+        Returns:
+            The claim as it will be sent, and whether to publish it now.
 
         Raises:
             InvalidStatusClaim: the claim breaks the contract; nothing was kept.
@@ -189,18 +232,18 @@ class Outbox:
             )
         signer = self.signer
         headers = signer.headers(body) if signer is not None else {}
-        headers["Nats-Msg-Id"] = f"{agent_id}:{hlc}"
+        headers["Nats-Msg-Id"] = claim_msg_id(agent_id, hlc, body, headers.get(HEADER_SIG, ""))
         self.seq = seq = self.seq + 1
         if self.mode == "jetstream":
             out = Outgoing(seq, filled, body, headers, f"{self.ack_prefix}.{seq}")
             pending[seq] = out
             self.metrics.claims_queued += 1
-        else:
-            out = Outgoing(seq, filled, body, headers, "")
-            if not connected:
-                pending[seq] = out
-                self.metrics.claims_queued += 1
-        return out
+            return out, connected and not self.hold_new
+        out = Outgoing(seq, filled, body, headers, "")
+        if not connected:
+            pending[seq] = out
+            self.metrics.claims_queued += 1
+        return out, connected
 
     # ------------------------------------------------------------------ publishing
     def keep(self, out: Outgoing) -> None:
@@ -215,9 +258,11 @@ class Outbox:
             left the queue (the outbox changed).
         """
         out.sent_at = now
+        out.publishes += 1
         if self.mode != "core":
             return False  # kept until its PubAck
         self.pending.pop(out.seq, None)
+        self.written = out.written = self.written + 1
         unconfirmed = self.unconfirmed
         if len(unconfirmed) >= self.outbox_size:
             unconfirmed.popleft()
@@ -259,9 +304,12 @@ class Outbox:
         return True
 
     # ------------------------------------------------------------------ delivery
-    def confirm(self, generation: int, batch: int) -> bool:
-        """Core mode: the server answered a PING sent when the first ``batch`` unconfirmed claims
-        were written, during connection ``generation``.
+    def confirm(self, generation: int, written: int) -> bool:
+        """Core mode: the server answered a PING sent when :attr:`written` was ``written``, during
+        connection ``generation``.
+
+        The PONG proves the server has what was written before the PING, nothing later: a claim
+        written after it (past one the full queue wrote off) waits for the next PONG.
 
         Returns:
             Whether that confirms them (the connection did not drop meanwhile).
@@ -269,15 +317,21 @@ class Outbox:
         if generation != self.generation:
             return False
         unconfirmed = self.unconfirmed
-        done = min(batch, len(unconfirmed))
-        for _ in range(done):
+        done = 0
+        while unconfirmed and unconfirmed[0].written <= written:
             unconfirmed.popleft()
+            done += 1
         self.metrics.claims_confirmed += done
         self.metrics.claims_ok += done
         return True
 
     def acked(self, token: str, data: bytes) -> Sequence[Outgoing] | None:
         """JetStream mode: a reply arrived on ``{ack_prefix}.{token}``.
+
+        A duplicate ack for a claim none of whose other publishes can be in the stream (each was
+        refused, or there was none) means another message holds its id: a suspected collision.
+        The claim is not delivered: it leaves the queue for :attr:`collided`, is counted in
+        ``claims_suspected_collisions`` and ``claims_failed``, noted and logged with its id.
 
         Returns:
             None when no claim was delivered by it (a refusal, a duplicate, a stray); else the
@@ -298,18 +352,42 @@ class Outbox:
             # go back and re-publish every unacknowledged claim in order, holding new ones
             why = "no JetStream responder" if not data else repr(data[:120])
             self.errors.note(f"claim {seq} not acknowledged ({why}); re-publishing in order")
-            if seq in pending:
+            refused = pending.get(seq)
+            if refused is not None:
+                refused.refused += 1
                 self.hold_new = self._resend_all = True
             return None
-        if pending.pop(seq, None) is None:
+        out = pending.pop(seq, None)
+        if out is None:
             return None  # a duplicate ack (we re-published a claim the stream already had)
-        self.metrics.claims_acked += 1
-        self.metrics.claims_ok += 1
+        if ack.get("duplicate") is True and out.publishes - out.refused <= 1:
+            self._collided(out, ack)
+        else:
+            self.metrics.claims_acked += 1
+            self.metrics.claims_ok += 1
         if self.hold_new and all(o.sent_at is None for o in pending.values()):
             # every re-published claim is in: release the held ones, in order
             self.hold_new = False
             return list(pending.values())
         return _NOTHING_TO_SEND
+
+    def _collided(self, out: Outgoing, ack: dict[str, Any]) -> None:
+        # Re-publishing the same bytes would meet the same id; a fresh HLC would send a claim
+        # other than the one emit_status returned. So it fails loudly: undelivered, not retried.
+        self.collided.append(out)
+        self.metrics.claims_suspected_collisions += 1
+        self.metrics.claims_failed += 1
+        msg_id = out.headers["Nats-Msg-Id"]
+        self.errors.note(
+            f"claim {msg_id} refused as a duplicate on its first publish (stream seq "
+            f"{ack.get('seq')!r}): suspected id collision; the claim is not delivered"
+        )
+        log.warning(
+            "suspected Nats-Msg-Id collision: the stream already holds %s (seq %r), which this "
+            "client never stored; the claim is reported undelivered",
+            msg_id,
+            ack.get("seq"),
+        )
 
     def due_for_retry(self, now: float) -> list[Outgoing]:
         """JetStream mode, connected: the claims to publish (again) at local time ``now``.

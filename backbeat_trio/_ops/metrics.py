@@ -82,6 +82,7 @@ METRIC_NAMES: Final = (
     "backbeat_client_frames_stale_total",
     "backbeat_client_frames_dropped_total",
     "backbeat_client_claims_total",
+    "backbeat_client_claims_suspected_collisions_total",
     "backbeat_client_budgets_total",
     "backbeat_client_reconnects_total",
     "backbeat_client_tempo_bpm",
@@ -445,6 +446,12 @@ def _client_families(clients: Sequence[Client]) -> Iterable[Metric]:
         "status claims by outcome (ok, confirmed, unconfirmed, failed, acked, republished, queued)",
         (*labels, "outcome"),
     )
+    collisions = _counter(
+        "backbeat_client_claims_suspected_collisions_total",
+        "claims JetStream called duplicates on their first publish (another message holds the "
+        "id; the claim is reported undelivered)",
+        labels,
+    )
     budgets = _counter(
         "backbeat_client_budgets_total",
         "beat budgets by outcome (created, completed, timed_out)",
@@ -472,6 +479,7 @@ def _client_families(clients: Sequence[Client]) -> Iterable[Metric]:
         dropped.add_metric(lv, m.dropped + m.transport_dropped)
         for outcome, attr in _CLIENT_CLAIM_OUTCOMES:
             claims.add_metric([*lv, outcome], getattr(m, attr))
+        collisions.add_metric(lv, m.claims_suspected_collisions)
         for outcome, attr in _CLIENT_BUDGET_OUTCOMES:
             budgets.add_metric([*lv, outcome], getattr(m, attr))
         reconnects.add_metric(lv, health.reconnect_count)
@@ -488,6 +496,7 @@ def _client_families(clients: Sequence[Client]) -> Iterable[Metric]:
         stale,
         dropped,
         claims,
+        collisions,
         budgets,
         reconnects,
         tempo,

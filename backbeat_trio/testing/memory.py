@@ -62,7 +62,7 @@ class _MemoryStream:
     max_per_subject: int = -1
     messages: list[StoredMessage] = field(default_factory=list)
     last_seq: int = 0
-    msg_ids: set[str] = field(default_factory=set)
+    msg_ids: dict[str, int] = field(default_factory=dict)  # Nats-Msg-Id -> its stream seq
     watchers: list[tuple[str, _StreamWatcher]] = field(default_factory=list)
     #: byte limit (-1: none), enforced as ``discard="old"``; ``max_age``, ``discard`` and
     #: ``duplicate_window`` are kept for :attr:`limits` only (not enforced: no clock here)
@@ -123,7 +123,7 @@ class _MemoryStream:
         if msg_id is not None:
             if msg_id in self.msg_ids:
                 return None
-            self.msg_ids.add(msg_id)
+            self.msg_ids[msg_id] = self.last_seq + 1
         self.last_seq += 1
         stored = StoredMessage(self.last_seq, msg.subject, msg.data, msg.headers)
         self._keep(stored)
@@ -293,6 +293,8 @@ class MemoryBroker:
                 if msg.reply:
                     ack: dict[str, object] = {"stream": stream.name, "seq": stream.last_seq}
                     if stored is None:
+                        # as nats-server says it: the seq of the message holding the id
+                        ack["seq"] = stream.msg_ids[(msg.headers or {})["Nats-Msg-Id"]]
                         ack["duplicate"] = True
                     self._route(MemoryMessage(msg.reply, msgspec.json.encode(ack)))
         return taken + self._deliver_core(msg)

@@ -85,7 +85,7 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
         type=count,
         default=DEFAULT_EVENT_STREAMS,
         metavar="N",
-        help="dashboard /events streams served at once; one more gets a 503",
+        help="live dashboard /events streams served at once (reverb, cluster); one more gets a 503",
     )
 
 

@@ -321,6 +321,21 @@ def test_tail_beats_json_from_a_running_pulse(pulse: tuple[str, str]) -> None:
     assert all(f["downbeat"] == (f["beat_index"] % 4 == 0) for f in frames)
 
 
+def test_tail_that_received_nothing_before_its_timeout_fails(pulse: tuple[str, str]) -> None:
+    url, _ = pulse
+    silent = run_cli("tail", "--beats", "--timeout", "0.5", "-s", url, "-c", "no-such-cluster")
+    assert silent.returncode == 1, silent.stderr
+    assert "timed out after 0.5 s with 0 message(s)" in silent.stderr
+    _, cluster = pulse
+    heard = run_cli("tail", "--beats", "--timeout", "1", "-s", url, "-c", cluster)
+    assert heard.returncode == 0, heard.stderr
+
+
+def test_the_help_says_what_ctrl_c_and_sigterm_exit_with() -> None:
+    text = " ".join(run_cli("--help").stdout.split())
+    assert "stop cleanly on Ctrl-C (exit 130) or SIGTERM (exit 0)" in text
+
+
 def test_tail_human_output_and_ctrl_c(pulse: tuple[str, str]) -> None:
     url, cluster = pulse
     with Background("tail", "-s", url, "-c", cluster) as proc:

@@ -55,7 +55,8 @@ PROG: Final = "backbeat-trio"
 
 EPILOG: Final = """\
 exit codes: 0 ok, 1 runtime failure, 2 usage/config error, 3 cannot connect to NATS,
-130 interrupted (Ctrl-C). Long-running commands stop cleanly on Ctrl-C or SIGTERM (exit 0).
+130 interrupted (Ctrl-C). Long-running commands stop cleanly on Ctrl-C (exit 130) or SIGTERM
+(exit 0).
 """
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]

@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--timeout",
         type=positive_float,
         metavar="SECONDS",
-        help="give up after this long (exit 1 when --count was not reached)",
+        help="give up after this long (exit 1 when nothing arrived or --count was not reached)",
     )
 
 
@@ -160,5 +160,6 @@ async def run(args: argparse.Namespace) -> int:
     if scope.cancelled_caught:
         got = f"{received} of {wanted}" if wanted else f"{received}"
         eprint(f"{PROG} tail: timed out after {args.timeout:g} s with {got} message(s)")
-        return EXIT_FAILURE if wanted else EXIT_OK
+        # nothing at all is a failure too: a wrong cluster id or server looks exactly like this
+        return EXIT_FAILURE if wanted or not received else EXIT_OK
     return EXIT_OK

@@ -166,3 +166,33 @@ async def test_simulated_agents_live_their_lives_over_nats(nats_url: str) -> Non
     assert ("failed", "fail") in kinds
     assert ("overrun", "over") in kinds
     assert not any(kind == "deadlock" for kind, _ in kinds)  # "wait" waits on a finisher
+
+
+def test_demo_web_stays_up_past_the_default_bars_until_ctrl_c() -> None:
+    # the default run is 4 bars; with --web the dashboard must outlive them for the browser
+    proc = subprocess.Popen(
+        [*CLI, "demo", "--plain", "--tempo", "1200", "--web", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        reports = 0
+        for line in proc.stdout:
+            if re.match(r"bar \d+ report", line):
+                reports += 1
+                if reports == 6:
+                    break
+        else:
+            pytest.fail(f"the demo ended after {reports} bar reports: rc={proc.wait()}")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "demo summary (interrupted)" in out

@@ -39,9 +39,17 @@ def register(subparsers: Subparsers) -> None:
     add_arguments(p)
 
 
+_DEFAULT_BARS = 4
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``demo``."""
-    p.add_argument("--bars", type=count, default=4, help="stop after this many bar reports")
+    p.add_argument(
+        "--bars",
+        type=count,
+        default=None,
+        help="stop after this many bar reports (default 4; with --web, run until Ctrl-C)",
+    )
     p.add_argument("--forever", action="store_true", help="run until Ctrl-C")
     p.add_argument("--tempo", type=int, default=240, metavar="BPM", help="the pulse's tempo")
     p.add_argument("--agents", type=int, default=5, metavar="N", help="simulated agents (>= 5)")
@@ -68,8 +76,10 @@ async def run(args: argparse.Namespace) -> int:
     from ..demo_views import LiveView, PlainView
     from ..demo_web import DEFAULT_WEB_BIND, check_web_bind
 
+    # with --web the dashboard is the point: it stays up for the browser until Ctrl-C
+    bars = args.bars if args.bars is not None else None if args.web is not None else _DEFAULT_BARS
     options = DemoOptions(
-        bars=None if args.forever else args.bars,
+        bars=None if args.forever else bars,
         tempo_bpm=args.tempo,
         agents=args.agents,
         cluster_id=args.cluster,

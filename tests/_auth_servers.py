@@ -440,3 +440,15 @@ async def refused(url: str, **options: Any) -> tuple[bb3.NotConnected, float]:
     leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert not leaks, [str(w.message) for w in leaks]
     return excinfo.value, took
+
+
+# --- least privilege (docs/security.md) --------------------------------------------------------
+def least_privilege_server(config: str, passwords: dict[str, str]) -> bb3.NatsServerProcess:
+    """A JetStream nats-server (not started) running ``config`` as docs/security.md shows it.
+
+    ``passwords`` maps the variables the configuration reads (``BACKBEAT_<ROLE>_PASSWORD``) to
+    their values; they are defined in the file ahead of ``config``, where an operator's server
+    would find them in its environment, so the documented text itself runs unchanged.
+    """
+    defined = "\n".join(f"{name}: {json.dumps(value)}" for name, value in passwords.items())
+    return bb3.NatsServerProcess(jetstream=True, extra_config=f"{defined}\n{config}")

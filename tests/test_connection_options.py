@@ -161,6 +161,7 @@ def test_every_config_type_accepts_every_connection_field(
         "reconnect_delay": 0.5,
         "max_reconnects": 7,
         "connect_attempts": 2,
+        "inbox_prefix": "_INBOX_agent",
     }
     cfg = make(**given)
     kwargs = cfg.connection_kwargs()

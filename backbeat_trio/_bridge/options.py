@@ -53,6 +53,8 @@ def nats_options(cfg: ConnectionOptions) -> dict[str, Any]:
         opts["user_credentials"] = cfg.creds_file
     if cfg.nkeys_seed is not None:
         opts["nkeys_seed"] = cfg.nkeys_seed
+    if cfg.inbox_prefix is not None:
+        opts["inbox_prefix"] = cfg.inbox_prefix
     ctx = cfg.ssl_context()
     if ctx is not None:
         opts["tls"] = ctx

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
@@ -87,6 +88,20 @@ def _check_text(name: str, value: object) -> None:
         raise ConfigError(name, f"must be a non-empty string or None, got {value!r}")
 
 
+#: A subject prefix: dot-separated tokens without whitespace or wildcards (``*``, ``>``).
+_INBOX_PREFIX = re.compile(r"[^.*>\s]+(?:\.[^.*>\s]+)*")
+
+
+def _check_inbox_prefix(value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not _INBOX_PREFIX.fullmatch(value):
+        raise ConfigError(
+            "inbox_prefix",
+            f"must be a subject prefix without wildcards (e.g. '_INBOX_agents'), got {value!r}",
+        )
+
+
 def _check_nkeys_importable(name: str) -> None:
     # nats-py imports nkeys inside connect(), where a missing package would surface as a bare
     # ModuleNotFoundError from the connect attempt instead of a config error
@@ -122,6 +137,9 @@ class ConnectionOptions:
         reconnect_delay: seconds between reconnect attempts (Go: 1 s).
         max_reconnects: reconnect attempts after a disconnect, -1 for unlimited (Go default).
         connect_attempts: attempts for the first connect before it fails with ``NotConnected``.
+        inbox_prefix: the subject prefix of this connection's reply inboxes (PubAcks, JetStream
+            API replies, consumer deliveries); nats-py's ``_INBOX`` when None. A per-role prefix
+            lets the server's permissions keep each role's replies to itself (docs/security.md).
 
     Raises:
         ConfigError: a value breaks its field's rule (the error names the field).
@@ -141,6 +159,7 @@ class ConnectionOptions:
     reconnect_delay: float = 1.0
     max_reconnects: int = -1
     connect_attempts: int = 1
+    inbox_prefix: str | None = None
 
     # Fields the repr shows only as ``<set>``. Deliberately unannotated: a ClassVar would appear
     # in ``__dataclass_fields__``, which callers iterate to copy a config.
@@ -177,6 +196,7 @@ class ConnectionOptions:
         check_number("reconnect_delay", self.reconnect_delay, allow_zero=True)
         check_int_at_least("max_reconnects", self.max_reconnects, -1)
         check_int_at_least("connect_attempts", self.connect_attempts, 1)
+        _check_inbox_prefix(self.inbox_prefix)
         for name in ("creds_file", "nkeys_seed"):
             if getattr(self, name) is not None:
                 _check_nkeys_importable(name)
@@ -256,10 +276,10 @@ def connection_kwargs_from_env(env: Mapping[str, str] | None = None) -> dict[str
     """The connection settings given in ``BACKBEAT_*`` environment variables, as keywords.
 
     Reads ``BACKBEAT_NATS_URL``, ``BACKBEAT_NATS_USER``/``_PASSWORD``/``_TOKEN``/``_CREDS``/
-    ``_NKEYS_SEED`` (a seed file path), ``BACKBEAT_TLS_CA``, ``BACKBEAT_TLS_CERT``,
-    ``BACKBEAT_TLS_KEY``, ``BACKBEAT_RECONNECT_DELAY`` and ``BACKBEAT_MAX_RECONNECTS``; unset or
-    empty variables are left out. Any config type takes the result:
-    ``PulseConfig(cluster_id=..., **connection_kwargs_from_env())``.
+    ``_NKEYS_SEED`` (a seed file path)/``_INBOX_PREFIX``, ``BACKBEAT_TLS_CA``,
+    ``BACKBEAT_TLS_CERT``, ``BACKBEAT_TLS_KEY``, ``BACKBEAT_RECONNECT_DELAY`` and
+    ``BACKBEAT_MAX_RECONNECTS``; unset or empty variables are left out. Any config type takes
+    the result: ``PulseConfig(cluster_id=..., **connection_kwargs_from_env())``.
 
     Raises:
         ConfigError: a numeric variable is malformed (named in the message).
@@ -276,6 +296,7 @@ def connection_kwargs_from_env(env: Mapping[str, str] | None = None) -> dict[str
         "tls_ca_file": "BACKBEAT_TLS_CA",
         "tls_cert_file": "BACKBEAT_TLS_CERT",
         "tls_key_file": "BACKBEAT_TLS_KEY",
+        "inbox_prefix": "BACKBEAT_NATS_INBOX_PREFIX",
     }
     for key, var in text.items():
         if env.get(var):

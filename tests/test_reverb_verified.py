@@ -443,3 +443,41 @@ def test_dashboard_rows_come_only_from_what_it_is_handed() -> None:
         False,
         "",
     )
+
+
+async def test_the_dashboard_follows_a_running_reverb_of_a_mapping_and_the_next_when_it_stops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from backbeat_trio._services.reverb import AcceptedClaim, ReverbStatus
+    from backbeat_trio.testing import MemoryBroker
+
+    standby, gone = ReverbStatus("dash", reverb_id="r-1"), ReverbStatus("dash", reverb_id="r-2")
+    reverbs = {"r-1": standby, "r-2": gone}
+    dashboard = Dashboard("dash")
+    clock = HLC(HONEST)
+
+    def hand(status: ReverbStatus, notes: str) -> None:
+        claim = bb3.StatusClaim(agent_id=HONEST, task_id="t:1", hlc=str(clock.now()), notes=notes)
+        status._hand_out(AcceptedClaim(claim=claim, signed=True, key="K" * 44, wall=0.0))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(dashboard.run, MemoryBroker().connect(), reverb=reverbs)
+        )
+        gone.running = True  # only r-2 runs: followed
+        await trio.sleep(1)
+        hand(gone, "from r-2")
+        hand(standby, "never handed: r-1 is not running")
+        await trio.testing.wait_all_tasks_blocked()
+        assert dashboard.state.snapshot()["agents"][0]["notes"] == "from r-2"
+        standby.running = True
+        gone.running = False
+        gone._end_watches()  # r-2 stopped: its channel ends, the dashboard takes r-1
+        await trio.sleep(1)
+        hand(standby, "from r-1")
+        await trio.testing.wait_all_tasks_blocked()
+        assert dashboard.state.snapshot()["agents"][0]["notes"] == "from r-1"
+        # a new watch of a stopped reverb ends at once
+        with pytest.raises(trio.EndOfChannel):
+            gone.watch_claims().receive_nowait()
+        nursery.cancel_scope.cancel()

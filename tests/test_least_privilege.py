@@ -237,7 +237,7 @@ class Server:
 def server() -> Iterator[Server]:
     import secrets
 
-    # letters and digits only: nats-server parses a variable's value as a config token
+    # a letter first: nats-server reads a value that looks like a number as one
     passwords = {role: f"pw{secrets.token_hex(16)}" for role in ROLES}
     process = least_privilege_server(
         least_privilege_config(), {password_variable(r): pw for r, pw in passwords.items()}
@@ -551,6 +551,18 @@ async def test_an_agent_cannot_publish_beats_reports_or_tempo_nor_touch_streams_
     for subject in (BEAT, BAR, TEMPO_SUBJECT, LEASE_SUBJECT, f"$JS.API.STREAM.DELETE.{claims}"):
         assert f'"$G/user:agent" - Publish Violation - Subject "{subject}"' in logged
     assert f'"$G/user:agent" - Subscription Violation - Subject "{STATUS}"' in logged
+
+
+async def test_a_role_without_its_inbox_prefix_gets_no_replies(lp: Server) -> None:
+    await _ensure_streams(lp)
+    options = lp.options("agent") | {"inbox_prefix": None}
+    async with bb3.open_nats_transport(bb3.ConnectionOptions(**options)) as transport:
+        found = await transport.jetstream.with_op_timeout(0.5).find_stream(STATUS)
+    assert found is None  # the answer went to _INBOX.…, which the agent may not read
+    assert any(
+        '"$G/user:agent" - Subscription Violation - Subject "_INBOX.' in line
+        for line in lp.violations()
+    )
 
 
 # --- what an agent's credentials can still do ---------------------------------------------------

@@ -277,7 +277,8 @@ class ReverbStatus:
         return refused
 
     def watch_claims(self, buffer: int = 1024) -> DropOldestChannel[AcceptedClaim]:
-        """A channel of every claim this reverb accepts from now on (verified and counted).
+        """A channel of every claim this reverb accepts from now on: verified, and counted in a
+        window or as ``late`` (never one it rejected, for whatever reason).
 
         The reverb never waits for a watcher: when ``buffer`` claims wait unread, the oldest is
         dropped (counted in the channel's ``dropped``). The channel ends when the reverb stops

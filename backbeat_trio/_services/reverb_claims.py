@@ -3,8 +3,8 @@
 :class:`ClaimJudge` verifies a claim from the wire (signature against the keyring, unsigned
 claims only when allowed, the clock-skew bound, replay); :class:`AcceptedClaim` is what
 :meth:`~backbeat_trio._services.reverb.ReverbStatus.watch_claims` hands to a watcher (the
-dashboard) for every claim that passed and that the aggregator counted: nothing the reverb
-refused ever reaches a watcher.
+dashboard) for every claim that passed and that the aggregator took in (counted in a window,
+or late): nothing the reverb refused ever reaches a watcher.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _SIG_HEADER: Final = HEADER_SIG.lower()
 
 @dataclass(frozen=True, slots=True)
 class AcceptedClaim:
-    """A claim a reverb verified and counted, as :meth:`ReverbStatus.watch_claims` hands it out.
+    """A claim a reverb accepted (verified, counted or late), as ``watch_claims`` hands it out.
 
     Attributes:
         claim: the claim.

@@ -3,6 +3,7 @@ stops, unless told to share the subject; what is no beat frame never stops it.""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import trio
 from _ha_harness import wait_until
@@ -80,6 +81,10 @@ async def test_what_is_no_beat_frame_is_counted_and_never_stops_the_pulse(nats_u
             window_id=bb3.window_id("elsewhere", 1),
         )
         junk.append(encode(other))
+        beyond = msgspec.structs.replace(
+            other, cluster_id=cluster, beat_index=2**63 - 3, window_id=bb3.window_id(cluster, 4)
+        )
+        junk.append(encode(beyond))  # every client refuses it: no second pulse
         for payload in junk:
             attacker.publish(beat_subject(cluster), payload)
         await attacker.flush()

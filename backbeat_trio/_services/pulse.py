@@ -1,6 +1,6 @@
 """The pulse: publishes a cluster's beat frames on an absolute-time schedule.
 
-The schedule itself is the sans-IO :class:`~backbeat_trio._schedule.PulseSchedule`; this module
+The schedule itself is the sans-IO :class:`~backbeat_trio._core.schedule.PulseSchedule`; this module
 only sleeps until each beat is due, stamps it (HLC, wall-clock ``deadline_at``) and publishes it.
 It never buffers beats while disconnected: a beat that cannot go out on time is skipped.
 """
@@ -28,6 +28,7 @@ from .._core.beats import (
 )
 from .._core.hlc import HLC
 from .._core.latency import LatencyHistogram
+from .._core.rules import MAX_FRAME_BEAT_INDEX
 from .._core.schedule import PulseSchedule, ScheduledBeat, TempoDecision
 from .._core.wire import BeatFrame, TempoChange, decode
 from .._errors import ConfigError, NotConnected, PulseConflict, WireError
@@ -255,9 +256,10 @@ async def _watch_beat_subject(
             status.bad_beat_messages += 1
             log.debug("ignored a message on the beat subject that is no beat frame: %s", exc)
             continue
-        if frame.cluster_id != cfg.cluster_id:
+        if frame.cluster_id != cfg.cluster_id or frame.beat_index > MAX_FRAME_BEAT_INDEX:
+            # what every client refuses is no second pulse's beat: counted, never a reason to stop
             status.bad_beat_messages += 1
-            log.debug("ignored a beat frame for cluster %r on our subject", frame.cluster_id)
+            log.debug("ignored beat frame %d for cluster %r", frame.beat_index, frame.cluster_id)
             continue
         status.foreign_frames += 1
         what = (

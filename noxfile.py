@@ -1,4 +1,4 @@
-"""Developer tasks: ``nox -s tests``, ``nox -s lint typecheck``, ``nox -s bench``,
+"""Developer tasks: ``nox -s tests``, ``nox -s lint typecheck``, ``nox -s docs``, ``nox -s bench``,
 ``nox -s public_path oldest_natspy`` (nats-py's public path; the oldest nats-py allowed)."""
 
 from __future__ import annotations
@@ -29,6 +29,19 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
     session.install("-e", ".[dev]")
     session.run("mypy", "--strict", "backbeat_trio")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site with warnings as errors, then its code examples as doctests.
+
+    HTML in docs/_build/html; ``tests/test_docs.py`` runs the same builds in the test-suite.
+    """
+    session.install("-e", ".[docs]")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+    session.run(
+        "sphinx-build", "-W", "--keep-going", "-b", "doctest", "docs", "docs/_build/doctest"
+    )
 
 
 @nox.session

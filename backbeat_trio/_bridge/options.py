@@ -25,8 +25,9 @@ _FAILED_CLOSE_BOUND = 0.25  # seconds to let nats-py close a connection whose ha
 
 @functools.cache
 def connect_accepts(name: str) -> bool:
-    """True when nats-py's ``Client.connect`` takes the keyword ``name`` (its public signature;
-    ``lame_duck_mode_cb`` came with nats-py 2.15: older versions report no lame-duck event)."""
+    """True when nats-py's ``nats.aio.client.Client.connect`` takes the keyword ``name`` (its
+    public signature; ``lame_duck_mode_cb`` came with nats-py 2.15: older versions report no
+    lame-duck event)."""
     import nats.aio.client
 
     return name in inspect.signature(nats.aio.client.Client.connect).parameters

@@ -1,6 +1,6 @@
 """Bar-report history: a JetStream stream per cluster, replay, and resume after a restart.
 
-Every :class:`~backbeat_trio._wire.BarReport` the reverb publishes on ``backbeat.bar.<cluster_id>``
+Every :class:`~backbeat_trio.BarReport` the reverb publishes on ``backbeat.bar.<cluster_id>``
 is kept by the stream ``BACKBEAT_BARS_<cluster_id>`` (created by :func:`ensure_bar_stream`). Reports
 are published with ``Nats-Msg-Id: bar:<cluster_id>:<window_id>`` (:func:`bar_report_headers`), so a
 window reported twice within the stream's duplicate window is stored once.

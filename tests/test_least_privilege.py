@@ -421,6 +421,31 @@ async def test_what_an_agent_can_still_do(lp: Server) -> None:
     assert lp.violations() == []
 
 
+async def test_agents_sharing_the_agent_user_read_each_others_pubacks(lp: Server) -> None:
+    await _ensure_streams(lp)
+    watcher = Watcher()
+    async with trio_asyncio.open_loop(), open_nc(lp, "agent") as (other, errors):
+        aio = trio_asyncio.aio_as_trio
+        await aio(other.subscribe)(f"{inbox_prefix('agent')}.>", cb=watcher.on_message)
+        await aio(other.flush)()
+        cfg = bb3.Config(
+            cluster_id=CLUSTER, agent_id="agent-3", jetstream=True, **lp.options("agent")
+        )
+        async with bb3.open_client(cfg) as client:
+            await client.emit_status(bb3.StatusClaim(task_id="t", state="planning"))
+            with trio.fail_after(10):
+                await client.flush_claims()
+            await wait_until(
+                lambda: any(b'"seq":' in data for _, data in watcher.got),
+                "the other agent to see the PubAck",
+            )
+    assert errors == []
+    # it sees the client's JetStream answers: the stream lookup, then the PubAck
+    pubacks = [json.loads(data) for _, data in watcher.got if b'"seq":' in data]
+    assert pubacks[0]["stream"] == status_stream_name(CLUSTER)
+    assert all(subject.startswith(f"{inbox_prefix('agent')}.") for subject, _ in watcher.got)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="known: a PubAck reflected onto the pulse lease's key is a revision the leader did not "

@@ -691,3 +691,15 @@ def test_the_name_check_tells_a_stale_name(text: str, stale: bool) -> None:
             _resolve(span)
     else:
         _resolve(span)
+
+
+def test_no_docstring_example_imports_relatively() -> None:
+    """Users copy examples as they are: ``from ..testing import`` works inside the package only."""
+    documented = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+    relative = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            doc = ast.get_docstring(node) if isinstance(node, documented) else None
+            if doc and re.search(r"^\s*from \.+\w* import", doc, re.M):
+                relative.append(f"{path.relative_to(ROOT)}: {getattr(node, 'name', 'module')}")
+    assert not relative, relative

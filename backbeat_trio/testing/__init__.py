@@ -1,8 +1,10 @@
 """Test your agents with virtual beats: a fake cluster on an in-memory bus and trio's MockClock.
 
-Example (pytest-trio; ``autojump_clock`` makes sleeping free, so 100 beats take no real time)::
+The tests need pytest-trio (``pip install pytest-trio``, and ``trio_mode = true`` under
+``[tool.pytest.ini_options]``): its ``autojump_clock`` fixture makes sleeping free, so 100 beats
+take no real time. Example::
 
-    from ..testing import open_fake_cluster
+    from backbeat_trio.testing import open_fake_cluster
 
     async def test_my_agent_finishes_within_its_budget(autojump_clock):
         async with open_fake_cluster(tempo_bpm=60) as cluster:
@@ -14,7 +16,8 @@ Example (pytest-trio; ``autojump_clock`` makes sleeping free, so 100 beats take 
 The fake pulse is the real :func:`run_pulse` publishing on a :class:`MemoryBroker`; frames carry
 ``deadline_at`` from a virtual wall clock (:func:`virtual_wall_clock`) so staleness and
 degradation behave exactly as on a real cluster, just deterministically. Everything proven here is
-also proven over a real nats-server in this project's own test-suite.
+also proven over a real nats-server in this project's own test-suite. The documentation's
+tutorial tests an agent this way, its bar reports included.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ myst_heading_anchors = 3
 # members it shows), Google-style docstrings through napoleon.
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_default_options = {"show-inheritance": True}
+autodoc_default_options: dict[str, object] = {}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 # "Attributes:" sections as fields of their class, not as attribute entries of their own: a

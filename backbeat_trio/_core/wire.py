@@ -175,7 +175,7 @@ class TempoChange(
 class HealthStatus(msgspec.Struct, kw_only=True):
     """A client's health, in the Go SDK's shape (durations as int nanoseconds on the wire).
 
-    The Go fields come first; ``delivery``, ``degraded_since`` and ``metrics`` are ours.
+    The Go fields come first; ``delivery`` and ``metrics`` are ours.
     """
 
     connected: bool = False

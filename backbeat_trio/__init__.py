@@ -14,9 +14,9 @@ See ``README.md`` and ``docs/`` for the wire contract, guarantees and the servic
 
 from __future__ import annotations
 
-from ._bridge.nats import NatsTransport as NatsTransport
-from ._bridge.nats import NatsTransportView as NatsTransportView
-from ._bridge.nats import open_nats_transport as open_nats_transport
+from typing import TYPE_CHECKING, Any
+
+from ._bridge import open_nats_transport as open_nats_transport
 from ._client.client import Client as Client
 from ._client.client import ClientMetrics as ClientMetrics
 from ._client.client import open_client as open_client
@@ -76,6 +76,20 @@ from ._services.reverb import run_reverb as run_reverb
 from ._transport.options import ConnectionOptions as ConnectionOptions
 from ._util.channel import DropOldestChannel as DropOldestChannel
 from ._version import __version__ as __version__
+
+if TYPE_CHECKING:
+    from ._bridge.nats import NatsTransport as NatsTransport
+    from ._bridge.nats import NatsTransportView as NatsTransportView
+
+
+def __getattr__(name: str) -> Any:
+    # the bridge's classes load asyncio, trio-asyncio and nats-py: only when asked for
+    if name in ("NatsTransport", "NatsTransportView"):
+        from ._bridge import nats
+
+        return getattr(nats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "HLC",

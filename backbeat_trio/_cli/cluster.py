@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._bridge.nats import open_nats_transport
+from .._bridge import open_nats_transport
 from .._core.beats import bar_subject, beat_subject, validate_id
 from .._core.hlc import HLCStamp, node_id_for
 from .._core.wire import BarReport, BeatFrame, decode

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from .._bridge.nats import open_nats_transport
+from .._bridge import open_nats_transport
 from .._errors import ConfigError
 from .._ops import load
 from .._transport.options import ConnectionOptions

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
-from .._bridge.nats import open_nats_transport
+from .._bridge import open_nats_transport
 from .._client.config import Config
 from .._core.beats import beat_subject, status_subject
 from .._core.hlc import HLC

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from .._bridge.nats import open_nats_transport
+from .._bridge import open_nats_transport
 from .._core.beats import beat_subject, tempo_subject
 from .._core.hlc import HLC
 from .._core.lease import LeaseElection, LeaseTimings, ScheduleSnapshot

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import msgspec
 import trio
 
-from .._bridge.nats import open_nats_transport
+from .._bridge import open_nats_transport
 from .._core.beats import (
     beat_subject,
     tempo_subject,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .._bridge.nats import open_nats_transport
+from .._bridge import open_nats_transport
 from .._client.client import Client, open_client
 from .._client.config import Config
 from .._core.aggregate import BarAggregator

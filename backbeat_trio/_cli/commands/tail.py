@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 import trio
 
-from ..._bridge.nats import open_nats_transport
+from ..._bridge import open_nats_transport
 from ..._core.beats import bar_subject, beat_subject, status_subject
 from ..._core.wire import BarReport, BeatFrame, StatusClaim, decode
 from ..._errors import WireError

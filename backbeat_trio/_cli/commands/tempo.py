@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..._bridge.nats import open_nats_transport
+from ..._bridge import open_nats_transport
 from ..._core.beats import tempo_subject, validate_tempo
 from ..._core.edge import decode_json
 from ..._core.hlc import HLC

@@ -10,19 +10,86 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from types import TracebackType
 
 import trio
 
 from .._core.intake import BeatTracker
 from .._core.metrics import ClientMetrics
 
-__all__ = ["BeatBudgets"]
+__all__ = ["BeatBudget", "BeatBudgets"]
 
 
 @dataclass(slots=True)
 class _Budget:
     beats: float  # the budget's length
     target: float | None  # fractional beat position at which it ends (None: before any beat)
+
+
+class BeatBudget:
+    """A beat budget: a context manager around a trio cancel scope whose deadline is counted in
+    beats (what :meth:`~backbeat_trio.Client.beat_budget` returns).
+
+    ``with bb.beat_budget(3) as scope:`` binds ``scope`` to the :class:`trio.CancelScope` itself;
+    the budget also answers the cancel scope's questions directly (``cancelled_caught``,
+    ``cancel_called``, ``deadline``, ``shield``, ``cancel()``), so code written for a bare cancel
+    scope keeps working. Leaving the block counts it in the client's ``budgets_completed`` or
+    ``budgets_timed_out``, as :meth:`~backbeat_trio.Client.fail_after_beats` is counted.
+
+    Attributes:
+        scope: the trio cancel scope (its deadline moves with every beat and tempo change).
+    """
+
+    __slots__ = ("_budgets", "scope")
+
+    def __init__(self, budgets: BeatBudgets, scope: trio.CancelScope) -> None:
+        self._budgets = budgets
+        self.scope = scope
+
+    def __repr__(self) -> str:
+        return f"<BeatBudget {self.scope!r}>"
+
+    def __enter__(self) -> trio.CancelScope:
+        return self.scope.__enter__()
+
+    def __exit__(
+        self,
+        etype: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            return self.scope.__exit__(etype, exc, tb)
+        finally:
+            self._budgets.count(self.scope)
+
+    @property
+    def cancelled_caught(self) -> bool:
+        """The scope's ``cancelled_caught``: True when the budget ran out (or was cancelled)."""
+        return self.scope.cancelled_caught
+
+    @property
+    def cancel_called(self) -> bool:
+        """The scope's ``cancel_called``."""
+        return self.scope.cancel_called
+
+    @property
+    def deadline(self) -> float:
+        """The scope's deadline now (trio time; it moves with the beats)."""
+        return self.scope.deadline
+
+    @property
+    def shield(self) -> bool:
+        """The scope's ``shield``."""
+        return self.scope.shield
+
+    @shield.setter
+    def shield(self, shield: bool) -> None:
+        self.scope.shield = shield
+
+    def cancel(self, reason: str | None = None) -> None:
+        """Cancel the scope now (trio's ``CancelScope.cancel``)."""
+        self.scope.cancel(reason)
 
 
 class BeatBudgets:

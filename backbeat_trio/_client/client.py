@@ -36,7 +36,7 @@ from .._transport.shared import ViewableTransport
 from .._util.channel import DropOldestChannel
 from .._util.groups import exception_to_raise, reraise
 from .beats_in import BeatInput
-from .budgets import BeatBudgets
+from .budgets import BeatBudget, BeatBudgets
 from .delivery import ClaimDelivery
 from .fanout import BeatCallback, BeatFanout
 
@@ -299,18 +299,20 @@ class Client(BeatInput):
                 return frame
 
     # ------------------------------------------------------------------ beat budgets
-    def beat_budget(self, beats: float) -> trio.CancelScope:
+    def beat_budget(self, beats: float) -> BeatBudget:
         """A cancel scope that ends ``beats`` beats from now (``move_on_after`` semantics).
 
+        ``with bb.beat_budget(3) as scope:`` binds ``scope`` to a :class:`trio.CancelScope`.
         The deadline is anchored in beats: it is re-projected on every beat and tempo change, so
         it ends when the beat position reaches ``now + beats`` whatever the tempo does meanwhile
         (while degraded, the local schedule drives it). Before the first beat it starts counting
-        at the first beat. Closing the client cancels it.
+        at the first beat. Closing the client cancels it. Leaving the block counts the budget
+        in ``metrics.budgets_completed`` or ``metrics.budgets_timed_out``.
 
         Raises:
             ValueError: ``beats`` is not a positive finite number.
         """
-        return self._budgets.open(beats, cancelled=self._closing)
+        return BeatBudget(self._budgets, self._budgets.open(beats, cancelled=self._closing))
 
     @contextlib.contextmanager
     def fail_after_beats(self, beats: float) -> Iterator[trio.CancelScope]:
@@ -320,7 +322,7 @@ class Client(BeatInput):
             BeatBudgetExceeded: the budget ran out before the block finished.
             NotConnected: the client closed before the block finished (that cancels it too).
         """
-        scope = self.beat_budget(beats)
+        scope = self._budgets.open(beats, cancelled=self._closing)
         try:
             with scope:
                 yield scope

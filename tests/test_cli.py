@@ -220,7 +220,7 @@ def test_help_for_every_command() -> None:
         "cluster": [
             "--pulses",
             "--servers",
-            "--cluster-id",
+            "--cluster",
             "--tempo",
             "--bpb",
             "--lease-ttl",

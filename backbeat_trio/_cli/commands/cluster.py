@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..admin import add_http_arguments, http_allowed_hosts, http_token
 from ..common import EXIT_FAILURE, EXIT_OK, PROG, UsageError, add_command, eprint, out, seconds
+from ..connection import add_cluster_option
 
 if TYPE_CHECKING:
     from ..common import Subparsers
@@ -40,15 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pulses", type=int, default=3, metavar="N", help="HA pulses, 1..9")
     p.add_argument("--reverbs", type=int, default=2, metavar="N", help="HA reverbs, 0..5")
     p.add_argument("--servers", type=int, default=3, metavar="N", help="nats-servers, 1..5")
-    p.add_argument(
-        "-c",
-        "--cluster-id",
-        "--cluster",
-        dest="cluster",
-        default="local",
-        metavar="ID",
-        help="BACKBEAT cluster id",
-    )
+    add_cluster_option(p, "local", "BACKBEAT cluster id")
     p.add_argument("--tempo", type=int, default=60, metavar="BPM", help="tempo, 1..1200")
     p.add_argument(
         "--bpb",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..common import EXIT_OK, add_command, count
+from ..connection import add_cluster_option
 
 if TYPE_CHECKING:
     from ..common import Subparsers
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forever", action="store_true", help="run until Ctrl-C")
     p.add_argument("--tempo", type=int, default=240, metavar="BPM", help="the pulse's tempo")
     p.add_argument("--agents", type=int, default=5, metavar="N", help="simulated agents (>= 5)")
-    p.add_argument("--cluster", default="demo", metavar="ID", help="cluster id")
+    add_cluster_option(p, "demo", "cluster id")
     p.add_argument(
         "--web",
         nargs="?",

@@ -220,6 +220,11 @@ OUTSIDE_NAMES = _words(
     "KeyboardInterrupt SystemExit RuntimeError sha256 asdict "
     # web: hypercorn and ASGI, Prometheus, Kubernetes
     "GaugeMetricFamily CounterMetricFamily CollectorRegistry ConfigMap secretKeyRef "
+    # prometheus-client's process and platform collectors
+    "python_info process_cpu_seconds_total process_resident_memory_bytes process_open_fds "
+    "process_max_fds process_start_time_seconds process_virtual_memory_bytes "
+    "python_gc_objects_collected_total python_gc_collections_total "
+    "python_gc_objects_uncollectable_total "
     "ServiceMonitor PodMonitor "
     # the variables of the HA proofs in docs/scale.md
     "next_i send_time"

@@ -15,6 +15,7 @@ __all__ = [
     "InvalidStatusClaim",
     "JetStreamError",
     "NotConnected",
+    "NotUnderTrio",
     "PulseConflict",
     "SignatureError",
     "UndeliveredClaims",
@@ -80,6 +81,11 @@ class JetStreamError(BackbeatError):
 
 class NotConnected(BackbeatError, ConnectionError):
     """The client is not connected (or could not connect), or its outbox is full."""
+
+
+class NotUnderTrio(BackbeatError, RuntimeError):
+    """An entry point of backbeat_trio (``open_client``, ``run_pulse``, ...) was called outside
+    trio: from asyncio, or from no event loop at all. Raised before anything is opened."""
 
 
 class PulseConflict(BackbeatError, RuntimeError):

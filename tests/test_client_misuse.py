@@ -10,12 +10,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import trio
 import trio.testing
+import trio_asyncio
 
 import backbeat_trio as bb3
 from backbeat_trio import testing as bbt
+from backbeat_trio._errors import NotUnderTrio
+from backbeat_trio._util.trio_only import require_trio
 
 CLUSTER = "misuse"
 
@@ -97,3 +105,121 @@ async def test_beat_budget_scopes_are_counted_over_nats(nats_url: str) -> None:
                 await trio.sleep(0.01)
             assert budget_counts(bb) == (2, 1, 1)
         nursery.cancel_scope.cancel()
+
+
+# --- outside trio: one short, clear error before anything opens ----------------------------------
+# Each entry point that opens something, called from asyncio; the URL is a closed port, so an
+# entry point that tried to connect would fail differently (and slowly).
+UNDER_ASYNCIO = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    import backbeat_trio as bb3
+
+    URL = "nats://127.0.0.1:9"
+    ENTRIES = {
+        "open_client": lambda: bb3.open_client(
+            bb3.Config(cluster_id="c", agent_id="a", nats_url=URL)
+        ),
+        "open_nats_transport": lambda: bb3.open_nats_transport(
+            bb3.Config(cluster_id="c", agent_id="a", nats_url=URL)
+        ),
+        "open_embedded_nats": lambda: bb3.open_embedded_nats(),
+        "run_pulse": lambda: bb3.run_pulse(bb3.PulseConfig(cluster_id="c", nats_url=URL)),
+        "run_ha_pulse": lambda: bb3.run_ha_pulse(bb3.HAPulseConfig(cluster_id="c", nats_url=URL)),
+        "run_reverb": lambda: bb3.run_reverb(bb3.ReverbConfig(cluster_id="c", nats_url=URL)),
+        "serve_admin": lambda: bb3.serve_admin("127.0.0.1:0"),
+    }
+
+    async def each() -> dict[str, list[str]]:
+        seen = {}
+        for name, make in ENTRIES.items():
+            opened = make()
+            try:
+                if hasattr(opened, "__aenter__"):
+                    async with opened:
+                        pass
+                else:
+                    await opened
+            except Exception as exc:
+                seen[name] = [type(exc).__name__, str(exc), str(isinstance(exc, bb3.BackbeatError))]
+        return seen
+
+    async def readme() -> None:
+        cfg = bb3.Config(cluster_id="c", agent_id="a", nats_url=URL)
+        async with bb3.open_client(cfg) as bb:
+            await bb.wait_for_beat()
+
+    if sys.argv[1] == "each":
+        print(json.dumps(asyncio.run(each())))
+    else:
+        asyncio.run(readme())
+    """
+)
+
+
+def run_under_asyncio(what: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", UNDER_ASYNCIO, what],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_open_client_under_asyncio_says_to_use_trio_in_a_short_traceback() -> None:
+    done = run_under_asyncio("readme")
+    assert done.returncode == 1
+    err = done.stderr
+    assert "misnesting" not in err
+    assert "please file a bug" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("backbeat_trio._errors.NotUnderTrio: backbeat_trio runs under trio")
+    assert "open_client was called under asyncio" in last
+    assert "trio.run(" in last
+    assert "trio_as_aio" in last
+    assert len(err.splitlines()) < 40, err
+
+
+def test_every_entry_point_that_opens_something_names_the_mistake() -> None:
+    done = run_under_asyncio("each")
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert sorted(seen) == sorted(
+        [
+            "open_client",
+            "open_nats_transport",
+            "open_embedded_nats",
+            "run_pulse",
+            "run_ha_pulse",
+            "run_reverb",
+            "serve_admin",
+        ]
+    )
+    for name, (kind, message, is_backbeat_error) in seen.items():
+        assert kind == "NotUnderTrio", (name, kind, message)
+        assert message.startswith(f"backbeat_trio runs under trio, and {name} was called")
+        assert is_backbeat_error == "True"
+
+
+async def test_the_asyncio_side_of_trio_asyncio_is_named_too() -> None:
+    cfg = bb3.Config(cluster_id=CLUSTER, agent_id="a", nats_url="nats://127.0.0.1:9")
+
+    async def from_asyncio() -> None:
+        async with bb3.open_client(cfg):
+            pass  # pragma: no cover
+
+    async with trio_asyncio.open_loop():
+        with pytest.raises(NotUnderTrio, match="open_client was called under asyncio"):
+            await trio_asyncio.aio_as_trio(from_asyncio)()
+
+
+def test_outside_any_event_loop() -> None:
+    with pytest.raises(NotUnderTrio, match="run_pulse was called outside any async event loop"):
+        require_trio("run_pulse")
+    assert issubclass(NotUnderTrio, bb3.BackbeatError)
+    assert issubclass(NotUnderTrio, RuntimeError)
+
+
+async def test_inside_trio_nothing_is_raised() -> None:
+    require_trio("open_client")

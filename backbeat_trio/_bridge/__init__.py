@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from .._util.trio_only import require_trio
+
 if TYPE_CHECKING:
     from .._transport.options import ConnectionOptions
     from .nats import NatsTransport
@@ -24,8 +26,10 @@ async def open_nats_transport(cfg: ConnectionOptions) -> AsyncIterator[NatsTrans
     """:func:`backbeat_trio._bridge.nats.open_nats_transport`, importing the bridge on first use.
 
     Raises:
+        NotUnderTrio: called outside trio (from asyncio, say); nothing was opened.
         NotConnected: the first connect failed (see :func:`.nats.open_nats_transport`).
     """
+    require_trio("open_nats_transport")
     from .nats import open_nats_transport as open_bridge
 
     async with open_bridge(cfg) as transport:

@@ -35,6 +35,7 @@ from .._transport.base import ConnEvent, Transport
 from .._transport.shared import ViewableTransport
 from .._util.channel import DropOldestChannel
 from .._util.groups import exception_to_raise, reraise
+from .._util.trio_only import require_trio
 from .beats_in import BeatInput
 from .budgets import BeatBudget, BeatBudgets
 from .delivery import ClaimDelivery
@@ -493,10 +494,12 @@ async def open_client(
         wall_clock: the wall clock (POSIX seconds); tests on MockClock pass a virtual one.
 
     Raises:
+        NotUnderTrio: called outside trio (from asyncio, say); nothing was opened.
         NotConnected: the first connect failed, or the block ended with claims undelivered
             (:class:`UndeliveredClaims`) — unless the block itself raised, which wins (the
             undelivered claims are then logged and noted on that exception).
     """
+    require_trio("open_client")
     if not isinstance(config, Config):
         raise TypeError(f"open_client needs a backbeat_trio.Config, got {type(config).__name__}")
     user_exc: BaseException | None = None

@@ -30,6 +30,7 @@ from typing import Unpack
 import trio
 
 from .._errors import EmbeddedServerError
+from .._util.trio_only import require_trio
 from .binary import find_nats_server
 from .cluster import NatsCluster
 from .process import NatsServerOptions, NatsServerProcess
@@ -96,6 +97,7 @@ async def open_embedded_nats(
         ConfigError: bad options or no binary.
         EmbeddedServerError: the server did not start.
     """
+    require_trio("open_embedded_nats")
     async with open_embedded_nats_process(port, **options) as server:
         yield server.url
 

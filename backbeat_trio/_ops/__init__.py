@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .._errors import ConfigError
+from .._util.trio_only import require_trio
 
 if TYPE_CHECKING:
     from .._client.client import Client
@@ -93,6 +94,7 @@ async def serve_admin(
         ConfigError: a bad argument, an address it cannot listen on, or the ``ops`` extra is
             missing.
     """
+    require_trio("serve_admin")
     admin = load("admin")
     await admin.serve_admin(
         bind,

@@ -50,6 +50,7 @@ from .._services.lease import (
 from .._services.pulse import PulseConfig, PulseStatus, make_beat_frame, tempo_listener
 from .._transport.base import Subscription, Transport
 from .._transport.options import ConnectionOptions
+from .._util.trio_only import require_trio
 
 if TYPE_CHECKING:
     pass
@@ -407,6 +408,7 @@ async def run_ha_pulse(
         NotConnected: the first connect failed.
         BackbeatError: the lease bucket could not be created.
     """
+    require_trio("run_ha_pulse")
     async with contextlib.AsyncExitStack() as stack:
         owned = transport is None
         if transport is None:

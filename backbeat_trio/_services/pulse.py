@@ -35,6 +35,7 @@ from .._errors import ConfigError, NotConnected, PulseConflict, WireError
 from .._transport.base import Subscription, Transport
 from .._transport.options import ConnectionOptions
 from .._util.sleep import sleep_until_precise
+from .._util.trio_only import require_trio
 
 __all__ = [
     "PulseConfig",
@@ -173,6 +174,7 @@ async def run_pulse(
         PulseConflict: another publisher's frames appeared on the beat subject (unless
             ``cfg.share_beat_subject``).
     """
+    require_trio("run_pulse")
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
             transport = await stack.enter_async_context(open_nats_transport(cfg))

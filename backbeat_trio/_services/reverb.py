@@ -72,6 +72,7 @@ from .._services.storage import (
 from .._transport.base import Subscription, Transport
 from .._transport.options import ConnectionOptions
 from .._util.channel import DropOldestChannel
+from .._util.trio_only import require_trio
 
 __all__ = ["AcceptedClaim", "ReverbConfig", "ReverbStatus", "run_reverb"]
 
@@ -323,6 +324,7 @@ async def run_reverb(
         NotConnected: the first connect failed.
         BackbeatError: the lease bucket could not be created (``cfg.ha``).
     """
+    require_trio("run_reverb")
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
             transport = await stack.enter_async_context(open_nats_transport(cfg))

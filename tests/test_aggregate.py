@@ -249,11 +249,15 @@ def test_stalled_agents_are_reported_then_forgotten() -> None:
     agg.add_claim(claim("b", 4))
     second = agg.close_window(4, HLC)
     assert kinds(second, "stalled") == ["a"]
-    assert "no claim for 1 window(s)" in second.issues[0].detail
+    stalled = next(i for i in second.issues if i.kind == "stalled")
+    assert "no claim for 1 window(s)" in stalled.detail
+    # a's estimate (3 beats at beat 0) ran out while it was silent
+    assert kinds(second, "overrun") == ["a"]
     agg.add_claim(claim("b", 8))
     third = agg.close_window(8, HLC)
     assert kinds(third, "stalled") == ["a"]
     assert agg.tracked_agents == ["b"]  # a silent twice: forgotten, done-agent too
+    assert agg.tracked_tasks == 1  # their tasks with them
     agg.add_claim(claim("b", 12))
     assert kinds(agg.close_window(12, HLC), "stalled") == []
     # an agent coming back is tracked afresh
@@ -287,14 +291,111 @@ def test_claims_too_far_ahead_are_rejected() -> None:
 def test_failed_and_overrun_issues() -> None:
     agg = BarAggregator("prod")
     agg.add_claim(claim("f", 0, "failed", beats_left=0, task="boom"))
-    agg.add_claim(claim("o", 0, "executing", beats_left=0, task="slow"))
+    agg.add_claim(claim("o", 0, "planning", beats_left=2, task="slow", progress=0.25))
+    agg.add_claim(claim("o", 1, "executing", beats_left=0, task="slow", progress=0.25))
     agg.add_claim(claim("ok", 0, "done", beats_left=0))
-    agg.add_claim(claim("fixed", 0, "executing", beats_left=0, task="x"))
-    agg.add_claim(claim("fixed", 1, "done", beats_left=0, task="x"))
+    agg.add_claim(claim("fixed", 0, "executing", beats_left=1, task="x"))
+    agg.add_claim(claim("fixed", 1, "executing", beats_left=0, task="x"))
+    agg.add_claim(claim("fixed", 2, "done", beats_left=0, task="x"))
+    agg.add_claim(claim("rev", 0, "executing", beats_left=1))
+    agg.add_claim(claim("rev", 3, "review", beats_left=0))
     report = agg.close_window(0, HLC)
     assert [(i.kind, i.agent_id) for i in report.issues] == [("failed", "f"), ("overrun", "o")]
     assert report.issues[0].detail == "task boom failed"
-    assert "task slow" in report.issues[1].detail
+    assert report.issues[1].detail == (
+        "task slow has 0 beats left but is executing (progress 25%; "
+        "it estimated 2 beat(s) at beat 0)"
+    )
+
+
+def test_a_task_that_never_gave_an_estimate_is_never_overrun() -> None:
+    # what the Go SDK sends when the caller sets neither task_id nor beats_left
+    agg = BarAggregator("prod")
+    for window in range(0, 40, 4):
+        for beat in range(window, window + 4):
+            agg.add_claim(claim("go", beat, "executing", beats_left=0, task=f"rand-{beat}"))
+            agg.add_claim(claim("one", beat, "executing", beats_left=0, task="same"))
+        assert agg.close_window(window, HLC).issues == []
+
+
+def test_overrun_when_more_beats_pass_than_the_estimate_gave() -> None:
+    agg = BarAggregator("prod")
+    agg.add_claim(claim("a", 1, "executing", beats_left=6, task="long"))
+    agg.add_claim(claim("a", 2, "executing", beats_left=9, task="renewed"))
+    assert agg.close_window(0, HLC).issues == []
+    agg.add_claim(claim("a", 4, "waiting", beats_left=5, task="renewed"))  # a new estimate
+    # beat 7: 6 beats since beat 1, as estimated: not yet
+    assert agg.close_window(4, HLC).issues == []
+    agg.add_claim(claim("a", 8, "executing", beats_left=7, task="renewed"))
+    report = agg.close_window(8, HLC)  # beat 11: 10 beats after beat 1
+    assert [(i.kind, i.agent_id, i.detail) for i in report.issues] == [
+        ("overrun", "a", "task long is still executing 10 beats after estimating 6 at beat 1 "
+         "(progress 50%)"),
+    ]  # fmt: skip
+    agg.add_claim(claim("a", 12, "done", beats_left=0, task="long"))
+    assert agg.close_window(12, HLC).issues == []  # long is done; renewed: 7 beats, as given
+    report = agg.close_window(16, HLC)
+    assert [i.detail for i in report.issues] == [
+        "task renewed is still executing 11 beats after estimating 7 at beat 8 (progress 50%)"
+    ]
+
+
+claims_over_six_windows = st.lists(
+    st.builds(
+        claim,
+        agent=st.sampled_from(AGENTS[:3]),
+        beat=st.integers(0, 23),
+        state=st.sampled_from(STATES),
+        beats_left=st.integers(0, 6),
+        task=st.sampled_from(["t1", "t2", "t3"]),
+        hlc=st.integers(0, 9).map(lambda n: f"{n:012x}:0000:0001"),
+    ),
+    max_size=60,
+)
+
+
+@given(claims=claims_over_six_windows)
+def test_overrun_is_an_estimate_that_ran_out(claims: list[StatusClaim]) -> None:
+    # SPEC's rule, stated directly over every claim counted so far, against the aggregator's
+    agg = BarAggregator("prod")
+    seen: list[StatusClaim] = []  # in the order the aggregator took them
+    for window in range(0, 24, 4):
+        for c in claims:
+            if window <= c.beat_index < window + 4:
+                assert agg.add_claim(c) == "counted"
+                seen.append(c)
+        report = agg.close_window(window, HLC)
+        expected = set()
+        for agent, task in {(c.agent_id, c.task_id) for c in seen}:
+            mine = [(c.beat_index, c.hlc, n, c) for n, c in enumerate(seen)]
+            mine = [m for m in mine if (m[3].agent_id, m[3].task_id) == (agent, task)]
+            latest = max(mine, key=lambda m: m[:3])[3]
+            estimates = [m for m in mine if m[3].beats_left > 0]
+            if not estimates or latest.state in ("done", "failed", "review"):
+                continue
+            estimate = max(estimates, key=lambda m: m[:3])[3]
+            ran_out = window + 3 - estimate.beat_index > estimate.beats_left
+            if latest.beats_left == 0 or ran_out:
+                expected.add((agent, task))
+        got = {(i.agent_id, i.detail.split()[1]) for i in report.issues if i.kind == "overrun"}
+        assert got == expected
+
+
+def test_tasks_tracked_are_bounded_per_agent_and_overall() -> None:
+    agg = BarAggregator("prod", max_tasks_per_agent=3, max_tasks=5)
+    agg.add_claim(claim("a", 0, "executing", beats_left=1, task="first"))
+    for i in range(5):
+        agg.add_claim(claim("a", 1, "executing", beats_left=1, task=f"flood-{i}"))
+    agg.close_window(0, HLC)
+    assert agg.tracked_tasks == 3  # a's oldest, "first" among them, forgotten
+    for i in range(4):
+        agg.add_claim(claim(f"b{i}", 4, "executing", beats_left=1))
+    report = agg.close_window(4, HLC)
+    assert agg.tracked_tasks == 5
+    assert agg.tasks_evicted == 3 + 2
+    # the least recently claimed overall went: two of a's three
+    assert sorted(kinds(report, "overrun")) == ["a", "b0", "b1", "b2", "b3"]
+    assert "task flood-4 " in str(report.issues)
 
 
 def test_issues_are_capped_at_one_hundred() -> None:
@@ -312,7 +413,8 @@ def test_issues_are_capped_at_one_hundred() -> None:
 def test_issue_order_is_deterministic() -> None:
     def run(order: list[StatusClaim]) -> BarReport:
         agg = BarAggregator("prod")
-        agg.add_claim(claim("s", 0))
+        agg.add_claim(claim("s", 0, beats_left=0))
+        agg.add_claim(claim("x", 0, "planning", beats_left=2))
         agg.close_window(0, HLC)
         for c in order:
             agg.add_claim(c)

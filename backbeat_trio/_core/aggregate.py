@@ -27,8 +27,13 @@ Rules SPEC.md leaves open, decided here:
   then forgotten (dropping out of ``blocked`` and of the deadlock graph). An agent whose latest
   claim is ``done`` or ``failed`` has finished; its silence is not a stall.
 * ``failed``: one issue per ``(agent, task)`` with any ``failed`` claim in the window.
-  ``overrun``: one per ``(agent, task)`` whose latest claim in the window has ``beats_left == 0``
-  and a state other than ``done`` or ``failed`` (a failed task is over, and already reported).
+* ``overrun`` (SPEC): one per tracked ``(agent, task)`` that gave an estimate (``beats_left > 0``)
+  and is not ``done``, ``failed`` or ``review`` once it ran out: its latest claim says 0 beats
+  left, or more beats passed from its latest estimate's ``beat_index`` to the window's last beat
+  than that estimate gave. Tasks are tracked across windows (a task silent past its estimate is
+  reported until forgotten with its agent), at most ``max_tasks_per_agent`` per agent and
+  ``max_tasks`` in all: past a bound the task claimed least recently (of that agent, or of all)
+  is forgotten, a blind spot, never a false report.
 * ``deadlock``: the graph's nodes are tracked agents whose latest claim is ``waiting``; an edge
   ``a -> b`` is a ``wait_for`` ref exactly ``agent://b``. One issue per strongly connected component
   that holds a cycle (including a self-wait), so a tangle of cycles is one issue, not an
@@ -56,6 +61,8 @@ from .._errors import ConfigError, WireError
 
 __all__ = [
     "MAX_ISSUES",
+    "MAX_TASKS",
+    "MAX_TASKS_PER_AGENT",
     "OUT_OF_RANGE",
     "TOO_FAR_AHEAD",
     "BarAggregator",
@@ -66,6 +73,11 @@ __all__ = [
 MAX_ISSUES: Final = 100
 AGENT_REF_PREFIX: Final = "agent://"
 TERMINAL_STATES: Final = frozenset({"done", "failed"})
+#: A task in one of these states has stopped spending its estimate: it is never overrun.
+OFF_THE_CLOCK: Final = frozenset({"done", "failed", "review"})
+#: Default bounds on the tasks remembered across windows (hostile input names any number).
+MAX_TASKS_PER_AGENT: Final = 256
+MAX_TASKS: Final = 10_000
 _KIND_ORDER: Final = {"deadlock": 0, "failed": 1, "overrun": 2, "stalled": 3}
 _NOTE_EXCERPT: Final = 200
 #: Rejection reason of a claim naming a window more than ``max_windows_ahead`` ahead.
@@ -90,6 +102,8 @@ class _Window:
     by_state: Counter[str] = field(default_factory=Counter)
     latest_by_agent: dict[str, tuple[_Key, StatusClaim]] = field(default_factory=dict)
     latest_by_task: dict[tuple[str, str], tuple[_Key, StatusClaim]] = field(default_factory=dict)
+    #: each task's latest claim with ``beats_left > 0``: its key, beat and the beats it gave
+    estimate_by_task: dict[tuple[str, str], tuple[_Key, int, int]] = field(default_factory=dict)
     failed: dict[tuple[str, str], StatusClaim] = field(default_factory=dict)
     on_time_reviews: set[str] = field(default_factory=set)
     drift_excess_s: float = 0.0
@@ -101,6 +115,41 @@ class _Track:
     key: _Key
     claim: StatusClaim
     silent_windows: int = 0
+
+
+@dataclass(slots=True)
+class _TaskTrack:
+    # only what the overrun rule reads: a claim's notes and wait_for are not kept per task
+    key: _Key
+    state: str
+    beats_left: int
+    progress: float
+    #: the latest estimate: its claim's key, ``beat_index`` and ``beats_left``
+    estimate: tuple[_Key, int, int] | None = None
+
+    def take(self, key: _Key, claim: StatusClaim) -> None:
+        if key > self.key:
+            self.key, self.state = key, claim.state
+            self.beats_left, self.progress = claim.beats_left, claim.progress
+
+    def overrun(self, task: str, last_beat: int) -> str | None:
+        """The overrun issue's detail at ``last_beat``, or None when the task is not overrun."""
+        if self.estimate is None or self.state in OFF_THE_CLOCK:
+            return None
+        _, at, gave = self.estimate
+        progress = f"progress {self.progress:.0%}"
+        if self.beats_left == 0:
+            return (
+                f"task {task} has 0 beats left but is {self.state} ({progress}; "
+                f"it estimated {gave} beat(s) at beat {at})"
+            )
+        passed = last_beat - at
+        if passed > gave:
+            return (
+                f"task {task} is still {self.state} {passed} beats after estimating {gave} "
+                f"at beat {at} ({progress})"
+            )
+        return None
 
 
 def find_deadlocks(wait_for: Mapping[str, Iterable[str]]) -> list[list[str]]:
@@ -203,6 +252,8 @@ class BarAggregator:
         beats_per_bar: bar (window) length.
         forget_after_windows: consecutive silent windows after which an agent is forgotten.
         max_windows_ahead: claims naming a window further ahead of the current one are rejected.
+        max_tasks_per_agent: tasks of one agent remembered across windows (for ``overrun``).
+        max_tasks: tasks remembered across windows in all.
 
     Raises:
         ConfigError: an argument breaks a rule.
@@ -215,6 +266,8 @@ class BarAggregator:
         beats_per_bar: int = 4,
         forget_after_windows: int = 8,
         max_windows_ahead: int = 16,
+        max_tasks_per_agent: int = MAX_TASKS_PER_AGENT,
+        max_tasks: int = MAX_TASKS,
     ) -> None:
         self.cluster_id = validate_id("cluster_id", cluster_id)
         self.beats_per_bar = validate_beats_per_bar(beats_per_bar)
@@ -222,10 +275,20 @@ class BarAggregator:
             raise ConfigError("forget_after_windows", f"must be >= 1, got {forget_after_windows}")
         if max_windows_ahead < 0:
             raise ConfigError("max_windows_ahead", f"must be >= 0, got {max_windows_ahead}")
+        for name, bound in (("max_tasks_per_agent", max_tasks_per_agent), ("max_tasks", max_tasks)):
+            if bound < 1:
+                raise ConfigError(name, f"must be >= 1, got {bound}")
         self.forget_after_windows = forget_after_windows
+        self.max_tasks_per_agent = max_tasks_per_agent
+        self.max_tasks = max_tasks
         self.max_windows_ahead = max_windows_ahead
         self._windows: dict[int, _Window] = {}
         self._agents: dict[str, _Track] = {}
+        # each agent's tasks, and every task, least recently claimed first
+        self._tasks: dict[str, dict[str, _TaskTrack]] = {}
+        self._task_order: dict[tuple[str, str], None] = {}
+        self.tasks_evicted = 0
+        """Tasks forgotten for a bound so far (cumulative)."""
         self._closed_through: int | None = None
         self._last_beat: tuple[int, float, int] | None = None  # index, arrival, tempo
         self._late = 0
@@ -267,6 +330,11 @@ class BarAggregator:
     def tracked_agents(self) -> list[str]:
         """Agents whose state is remembered across windows, sorted."""
         return sorted(self._agents)
+
+    @property
+    def tracked_tasks(self) -> int:
+        """Tasks remembered across windows (for ``overrun``)."""
+        return len(self._task_order)
 
     def _window(self, start: int) -> _Window:
         w = self._windows.get(start)
@@ -366,6 +434,10 @@ class BarAggregator:
         held = w.latest_by_task.get((agent, task))
         if held is None or key > held[0]:
             w.latest_by_task[(agent, task)] = (key, claim)
+        if claim.beats_left > 0:
+            est = w.estimate_by_task.get((agent, task))
+            if est is None or key > est[0]:
+                w.estimate_by_task[(agent, task)] = (key, claim.beat_index, claim.beats_left)
         if claim.state == "failed":
             w.failed.setdefault((agent, task), claim)
         if arrival_beat is None:
@@ -382,6 +454,36 @@ class BarAggregator:
         """
         self._rejected += 1
         self.rejection_reasons[reason] += 1
+
+    def _fold_tasks(self, w: _Window) -> None:
+        # oldest claim first, so each task lands at the recent end in the order it claimed
+        for (agent, task), (key, claim) in sorted(
+            w.latest_by_task.items(), key=lambda item: item[1][0]
+        ):
+            tasks = self._tasks.setdefault(agent, {})
+            track = tasks.pop(task, None)
+            self._task_order.pop((agent, task), None)
+            if track is None:
+                track = _TaskTrack(key, claim.state, claim.beats_left, claim.progress)
+            else:
+                track.take(key, claim)
+            estimate = w.estimate_by_task.get((agent, task))
+            if estimate is not None and (track.estimate is None or estimate[0] > track.estimate[0]):
+                track.estimate = estimate
+            tasks[task] = track
+            self._task_order[(agent, task)] = None
+            if len(tasks) > self.max_tasks_per_agent:
+                oldest = next(iter(tasks))
+                del tasks[oldest], self._task_order[(agent, oldest)]
+                self.tasks_evicted += 1
+        while len(self._task_order) > self.max_tasks:
+            agent, task = next(iter(self._task_order))
+            del self._task_order[(agent, task)]
+            tasks = self._tasks[agent]
+            del tasks[task]
+            if not tasks:
+                del self._tasks[agent]
+            self.tasks_evicted += 1
 
     # --- output ----------------------------------------------------------------------------------
     def close_window(self, window_first_beat: int, hlc: str) -> BarReport:
@@ -428,6 +530,7 @@ class BarAggregator:
                 if key > track.key:
                     track.key, track.claim = key, claim
                 track.silent_windows = 0
+        self._fold_tasks(w)
         issues: list[BarIssue] = []
         for agent, track in self._agents.items():
             if agent in reporting:
@@ -451,18 +554,12 @@ class BarAggregator:
             issues.append(
                 BarIssue(agent_id=agent, kind="failed", detail=f"task {task} failed{note}")
             )
-        for (agent, task), (_, claim) in w.latest_by_task.items():
-            if claim.beats_left == 0 and claim.state not in TERMINAL_STATES:
-                issues.append(
-                    BarIssue(
-                        agent_id=agent,
-                        kind="overrun",
-                        detail=(
-                            f"task {task} has 0 beats left but is {claim.state} "
-                            f"(progress {claim.progress:.0%})"
-                        ),
-                    )
-                )
+        last_beat = start + bpb - 1
+        for agent, tasks in self._tasks.items():
+            for task, task_track in tasks.items():
+                detail = task_track.overrun(task, last_beat)
+                if detail is not None:
+                    issues.append(BarIssue(agent_id=agent, kind="overrun", detail=detail))
 
         waiting = {a: t.claim for a, t in self._agents.items() if t.claim.state == "waiting"}
         blocked = sorted(a for a, c in waiting.items() if c.wait_for)
@@ -490,6 +587,8 @@ class BarAggregator:
             a for a, t in self._agents.items() if t.silent_windows >= self.forget_after_windows
         ]:
             del self._agents[agent]
+            for task in self._tasks.pop(agent, {}):
+                del self._task_order[(agent, task)]
 
         latest = [claim for _, claim in reporting.values()]
         by_state = {s: w.by_state[s] for s in CLAIM_STATES if w.by_state[s]}

@@ -267,8 +267,8 @@ async def test_example_agent_runs_against_a_server_and_a_pulse(
             await nursery.start(
                 bb3.run_pulse, bb3.PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=600)
             )
-            argv = [sys.executable, str(EXAMPLE), "--url", nats_url, "--cluster", cluster]
-            argv += ["--agent", "ex-1", "--key", str(key_file), "--beats", "14"]
+            argv = [sys.executable, str(EXAMPLE), "--nats-url", nats_url, "--cluster", cluster]
+            argv += ["--agent", "ex-1", "--key", str(key_file), "--tasks", "3"]
             with trio.fail_after(30):
                 done = await trio.run_process(
                     argv, capture_stdout=True, capture_stderr=True, check=False
@@ -290,7 +290,7 @@ async def test_example_agent_runs_against_a_server_and_a_pulse(
     assert "ex-1 joined e2e-example" in out
     assert "-- bar at beat" in out
     assert "ex-1-task-1 done" in out
-    assert health["metrics"]["beats"] == 14
+    assert health["metrics"]["beats"] >= 11  # three tasks of three beats, one a bar
     assert health["metrics"]["claims_ok"] >= 8
     assert health["connected"] is True
     assert isinstance(health["time_drift"], int)

@@ -17,11 +17,12 @@ from typing import Any, Final
 import trio
 
 from .._errors import ConfigError
-from .common import count, env, eprint
+from .common import UsageError, count, env, eprint
 
 __all__ = [
     "TOKEN_ENV",
     "add_http_arguments",
+    "check_http_bind",
     "http_allowed_hosts",
     "http_token",
     "load_dashboard",
@@ -124,31 +125,67 @@ def load_dashboard(cluster_id: str, args: argparse.Namespace | None = None) -> A
     return module.Dashboard(cluster_id, max_streams=streams)
 
 
+def _http_refused(args: argparse.Namespace, exc: ConfigError) -> UsageError:
+    reason = str(exc).removeprefix(f"{exc.field}: ")
+    # a malformed address gets an example; a taken one needs another port, not another form
+    example = "" if reason.startswith("cannot listen") else " (e.g. --http 127.0.0.1:8080)"
+    return UsageError(f"--http {args.http}: {reason}{example}")
+
+
+def check_http_bind(args: argparse.Namespace) -> None:
+    """Refuse a ``--http`` address that is malformed or taken before anything starts.
+
+    Raises:
+        UsageError: the address cannot be listened on (the message names ``--http``).
+        ConfigError: the ops extra is missing.
+    """
+    if not args.http:
+        return
+    from .._ops import load
+
+    try:
+        load("server").check_bind(args.http)
+    except ConfigError as exc:
+        if exc.field != "bind":
+            raise
+        raise _http_refused(args, exc) from None
+
+
 async def start_admin(
     nursery: trio.Nursery, args: argparse.Namespace, what: str, **sources: Any
 ) -> str | None:
     """Start the admin server in ``nursery`` when ``--http`` was given; print its URL.
 
+    Start it before the service it reports on (a live mapping of statuses, filled in once the
+    service runs): an address it cannot listen on then stops the command before the service
+    publishes anything.
+
     Returns:
         The bound ``host:port``, or None without ``--http``.
 
     Raises:
-        ConfigError: a bad address or token, or the ops extra is missing.
+        UsageError: the ``--http`` address is malformed or cannot be listened on.
+        ConfigError: a bad token, or the ops extra is missing.
     """
     if not args.http:
         return None
     from .._ops import serve_admin
 
     token = http_token(args)
-    bound: str = await nursery.start(
-        functools.partial(
-            serve_admin,
-            args.http,
-            token=token,
-            allowed_hosts=http_allowed_hosts(args),
-            **sources,
+    try:
+        bound: str = await nursery.start(
+            functools.partial(
+                serve_admin,
+                args.http,
+                token=token,
+                allowed_hosts=http_allowed_hosts(args),
+                **sources,
+            )
         )
-    )
+    except ConfigError as exc:
+        if exc.field != "bind":
+            raise
+        raise _http_refused(args, exc) from None
     mode = "tempo changes need the token" if token else f"read-only: no token, see {TOKEN_ENV}"
     extra = "; dashboard at /" if sources.get("fallback") is not None else ""
     eprint(

@@ -33,6 +33,7 @@ from .asgi import (
     error_response,
     header,
     json_response,
+    no_content,
     query_params,
     read_body,
     text_response,
@@ -45,11 +46,20 @@ from .guard import (
     authorization_failure,
     check_token,
 )
-from .metrics import PulseLike, Sources, make_registry, pulse_parts
+from .metrics import (
+    REVERB_QUIET_BEATS,
+    PulseLike,
+    Sources,
+    make_registry,
+    pulse_parts,
+    reverb_quiet_for,
+)
 from .server import DEFAULT_BIND, parse_bind, serve_asgi
 
 if TYPE_CHECKING:
     from .._client.client import Client
+    from .._core.schedule import TempoDecision
+    from .._services.pulse import PulseConfig, PulseStatus
 
 __all__ = ["AdminApp", "serve_admin"]
 
@@ -67,6 +77,8 @@ _TEMPO_FIELDS: Final = frozenset({"tempo_bpm", "reason"})
 REQUESTED_BY: Final = "admin-api"
 _TEMPO_TAG: Final = "backbeat.tempochange.v1"
 _ENDPOINTS: Final = "/healthz, /readyz, /metrics, /tempo, /leader, /bars"
+#: The beat length a reverb that has seen no beat yet measures its wait in.
+_UNKNOWN_BEAT_S: Final = 1.0
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -112,6 +124,8 @@ class AdminApp:
             "/tempo": {"GET": self._get_tempo, "POST": self._post_tempo},
             "/leader": {"GET": self._leader},
             "/bars": {"GET": self._bars},
+            # browsers ask for it on every page load; no icon, and no 404 in their consoles
+            "/favicon.ico": {"GET": self._no_content, "HEAD": self._no_content},
         }
 
     def __repr__(self) -> str:
@@ -186,15 +200,19 @@ class AdminApp:
                 return False, "; ".join(f"{pid}: {why}" for pid, (_, why) in verdicts.items())
             reasons += [f"{pid}: {why}" for pid, (ok, why) in verdicts.items() if ok]
         if src.reverbs:
-            reasons += [
-                f"{rid}: {'publishing' if st.publishing else 'standby'}"
-                for rid, st in dict(src.reverbs).items()
-            ]
+            now = trio.current_time()
+            verdicts = {rid: _reverb_ready(st, now) for rid, st in dict(src.reverbs).items()}
+            if not any(ok for ok, _ in verdicts.values()):
+                return False, "; ".join(f"{rid}: {why}" for rid, (_, why) in verdicts.items())
+            reasons += [f"{rid}: {why}" for rid, (ok, why) in verdicts.items() if ok]
         return True, "; ".join(reasons) or "connected"
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         ready, reason = self.readiness()
         await json_response(send, 200 if ready else 503, {"ready": ready, "reason": reason})
+
+    async def _no_content(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await no_content(send)
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await text_response(send, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
@@ -228,11 +246,19 @@ class AdminApp:
                 "beats_per_bar": st.beats_per_bar,
                 "max_tempo_step": schedule.max_tempo_step if schedule is not None else None,
                 "last_beat": st.last_beat,
-                "publishing": st.tempo_control is not None,
+                "publishing": self._publishing(st),
                 "leader": ha.holder if ha is not None else pid,
                 "writable": self.token is not None,
             },
         )
+
+    def _publishing(self, st: PulseStatus) -> bool:
+        # beats actually go out: this pulse publishes (an HA follower does not), its connection
+        # is up and its latest beat is recent; a pulse skipping beats while NATS is down is not
+        transport = self.sources.transport
+        if st.tempo_control is None or (transport is not None and not transport.connected):
+            return False
+        return _pulse_ready(st)[0]
 
     async def _post_tempo(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self._tempo_pulse()
@@ -284,7 +310,10 @@ class AdminApp:
         except WireError as exc:
             await json_response(send, 400, _answer(False, str(exc), None))
             return
-        answer = _answer(decision.accepted, decision.reason, decision.effective_beat)
+        reason = decision.reason
+        if not decision.accepted and control.schedule.max_tempo_step is not None:
+            reason = _http_step_advice(decision, control.schedule.max_tempo_step, control.cfg)
+        answer = _answer(decision.accepted, reason, decision.effective_beat)
         await json_response(send, 200 if decision.accepted else 422, answer)
 
     # --- HA and history --------------------------------------------------------------------------
@@ -348,6 +377,39 @@ class AdminApp:
 def _answer(accepted: bool, reason: str, effective_beat: int | None) -> dict[str, Any]:
     # the body the pulse replies with on NATS
     return {"accepted": accepted, "reason": reason, "effective_beat": effective_beat}
+
+
+def _http_step_advice(decision: TempoDecision, step: float, cfg: PulseConfig) -> str:
+    """A step refusal's reason, with what an HTTP caller can do about it.
+
+    The schedule's own reason speaks to Python callers (``force=True``); over HTTP the only
+    force is a reason starting with ``force``, and only on a pulse run with
+    ``--allow-forced-tempo``; otherwise the way there is in steps.
+    """
+    wanted, current = decision.tempo_bpm, decision.previous_bpm
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted == current:
+        return decision.reason
+    delta = int(step * current * (1 + 1e-12))
+    if abs(wanted - current) <= delta:
+        return decision.reason  # refused for another reason than the step
+    head = decision.reason.partition("; ")[0]
+    if cfg.allow_forced_tempo:
+        return (
+            f"{head}; to allow it, start the request's reason with 'force' "
+            f'(e.g. {{"tempo_bpm": {wanted}, "reason": "force: <why>"}})'
+        )
+    if delta == 0:
+        way = f"no whole-BPM step from {current} fits within ±{step:.0%}"
+    else:
+        first = current + delta if wanted > current else current - delta
+        way = (
+            f"step there in changes of at most ±{step:.0%} of the tempo in force, one per bar "
+            f"(each takes effect at the next downbeat): {first} BPM first"
+        )
+    return (
+        f"{head}; {way}, or restart the pulse with --allow-forced-tempo and send a reason "
+        "starting with 'force' (or with --any-tempo-step)"
+    )
 
 
 def _peer(scope: Scope) -> str:
@@ -416,6 +478,25 @@ def _pulse_ready(status: PulseLike) -> tuple[bool, str]:
     if quiet > 2 * 60.0 / max(st.tempo_bpm, 1) + READY_SLACK_S:
         return False, f"no beat published for {quiet:.1f} s"
     return True, "publishing"
+
+
+def _reverb_ready(status: ReverbStatus, now: float) -> tuple[bool, str]:
+    role = "publishing" if status.publishing else "standby"
+    quiet = reverb_quiet_for(status, now)
+    if quiet is None:
+        return True, role
+    beat = status.beat_seconds or _UNKNOWN_BEAT_S
+    limit = REVERB_QUIET_BEATS * beat + READY_SLACK_S
+    if status.last_beat_at is None:
+        if quiet > limit:
+            return False, f"no beat from the pulse since the reverb started {quiet:.1f} s ago"
+        return True, f"{role}, waiting for the first beat"
+    if quiet > limit:
+        return False, (
+            f"no beat from the pulse for {quiet:.1f} s ({quiet / beat:.0f} beats; not ready "
+            f"after {REVERB_QUIET_BEATS}): its reports are empty"
+        )
+    return True, f"{role}, last beat {quiet:.1f} s ago"
 
 
 def _lease_view(leases: Mapping[str, LeaseStatus]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ __all__ = [
     "error_response",
     "header",
     "json_response",
+    "no_content",
     "query_params",
     "read_body",
     "text_response",
@@ -112,6 +113,14 @@ async def text_response(
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def no_content(send: Send) -> None:
+    """Answer ``204 No Content`` (no body, so no ``Content-Length`` either)."""
+    await send(
+        {"type": "http.response.start", "status": 204, "headers": [(b"cache-control", b"no-store")]}
+    )
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def json_response(

@@ -23,7 +23,7 @@ from .._core.beats import bar_subject, beat_subject
 from .._core.dashboard import DashboardState, Delta
 from .._transport.base import Subscription, Transport
 from .._util.channel import DropOldestChannel
-from .asgi import Receive, Scope, Send, answer_lifespan, text_response
+from .asgi import Receive, Scope, Send, answer_lifespan, no_content, text_response
 
 if TYPE_CHECKING:
     from .._services.reverb import ReverbStatus
@@ -240,6 +240,10 @@ class Dashboard:
                 await _respond(send, 503, body, "application/json")
             else:
                 await self._events(receive, send)
+            return
+        if path == "/favicon.ico":
+            # browsers ask for it on every page load: no icon, and no 404 in their consoles
+            await no_content(send)
             return
         static = self._static if self._static is not None else _static_files()
         self._static = static

@@ -9,10 +9,13 @@ own, never prometheus-client's global one, so several services in one process do
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+import trio
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -21,30 +24,56 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
+from .._core.aggregate import OUT_OF_RANGE, TOO_FAR_AHEAD
 from .._services.ha_pulse import HAPulseStatus
 from .._services.lease import LeaseStatus
 from .._services.pulse import PulseStatus
 from .._services.reverb import ReverbStatus
 from .._transport.base import Transport
+from .._version import __version__
 from .guard import AUTH_FAILURE_REASONS, AdminStatus
 
 if TYPE_CHECKING:
     from .._client.client import Client
 
 __all__ = [
+    "CLAIM_REJECTION_REASONS",
     "METRIC_NAMES",
+    "REVERB_QUIET_BEATS",
     "ClientCollector",
     "PulseLike",
     "ServiceCollector",
     "Sources",
     "make_registry",
     "pulse_parts",
+    "reverb_quiet_for",
 ]
 
 PulseLike = PulseStatus | HAPulseStatus
 
+#: Every reason a reverb rejects a claim for: the signature checks
+#: (:func:`~backbeat_trio._core.signing.verify_claim`), a claim that does not decode
+#: (``schema``) and the window checks of :class:`~backbeat_trio._core.aggregate.BarAggregator`.
+#: Each has a ``backbeat_reverb_claims_rejected_total`` series from the first scrape on.
+CLAIM_REJECTION_REASONS: Final = (
+    "unsigned",
+    "bad_signature",
+    "unknown_agent",
+    "agent_mismatch",
+    "wrong_key",
+    "replay",
+    "future",
+    "malformed",
+    "schema",
+    TOO_FAR_AHEAD,
+    OUT_OF_RANGE,
+)
+#: A reverb that has had no beat from the pulse for this many beat lengths is not ready.
+REVERB_QUIET_BEATS: Final = 4
+
 #: Every metric family the collectors can produce (as exposed: counters end in ``_total``).
 METRIC_NAMES: Final = (
+    "backbeat_build_info",
     "backbeat_nats_connected",
     "backbeat_admin_auth_failures_total",
     "backbeat_admin_host_refused_total",
@@ -75,6 +104,7 @@ METRIC_NAMES: Final = (
     "backbeat_reverb_agents_reporting",
     "backbeat_reverb_agents_tracked",
     "backbeat_reverb_publishing",
+    "backbeat_reverb_seconds_since_last_beat",
     "backbeat_client_connected",
     "backbeat_client_beats_total",
     "backbeat_client_degraded_beats_total",
@@ -212,10 +242,37 @@ class ServiceCollector:
 
 
 def make_registry(sources: Sources, *, admin: AdminStatus | None = None) -> CollectorRegistry:
-    """A fresh registry (not the global default) holding one :class:`ServiceCollector`."""
+    """A fresh registry (not the global default) holding one :class:`ServiceCollector`, the
+    process's own families (``process_*``, ``python_gc_*``, ``python_info``) and
+    ``backbeat_build_info``.
+
+    Each admin server has a registry of its own, so several in one process never register a
+    family twice.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(sources, admin=admin))
+    registry.register(BuildInfoCollector())
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    PlatformCollector(registry=registry)
     return registry
+
+
+class BuildInfoCollector:
+    """``backbeat_build_info{version, python}``: always 1; the labels say what runs."""
+
+    def __repr__(self) -> str:
+        return f"<BuildInfoCollector {__version__}>"
+
+    def collect(self) -> Iterator[Metric]:
+        """The one family (prometheus-client calls this at each scrape)."""
+        info = _gauge(
+            "backbeat_build_info",
+            "1; the labels say which backbeat_trio and which Python run this process",
+            ("version", "python"),
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
 
 
 # --- families -------------------------------------------------------------------------------------
@@ -399,10 +456,19 @@ def _reverb_families(cluster: str, reverbs: Mapping[str, ReverbStatus]) -> Itera
         "1 while this reverb publishes reports (0: HA standby)",
         labels,
     )
+    quiet = _gauge(
+        "backbeat_reverb_seconds_since_last_beat",
+        "seconds since the latest beat from the pulse (before the first: since the reverb started)",
+        labels,
+    )
+    now = _now()
     for rid, st in reverbs.items():
         lv = [cluster, rid]
         accepted.add_metric(lv, st.claims_counted)
-        for reason, n in sorted(dict(st.rejected_by_reason).items()):
+        counts = dict(st.rejected_by_reason)
+        for reason in CLAIM_REJECTION_REASONS:
+            rejected.add_metric([*lv, reason], counts.pop(reason, 0))
+        for reason, n in sorted(counts.items()):
             rejected.add_metric([*lv, reason], n)
         late.add_metric(lv, st.claims_late)
         dropped.add_metric(lv, st.claims_dropped)
@@ -413,6 +479,9 @@ def _reverb_families(cluster: str, reverbs: Mapping[str, ReverbStatus]) -> Itera
         agents.add_metric(lv, st.latest.agents_reporting if st.latest is not None else 0)
         tracked.add_metric(lv, len(st.latest_claims))
         publishing.add_metric(lv, 1.0 if st.publishing else 0.0)
+        since = None if now is None else reverb_quiet_for(st, now)
+        if since is not None:
+            quiet.add_metric(lv, since)
     return (
         accepted,
         rejected,
@@ -424,7 +493,23 @@ def _reverb_families(cluster: str, reverbs: Mapping[str, ReverbStatus]) -> Itera
         agents,
         tracked,
         publishing,
+        quiet,
     )
+
+
+def _now() -> float | None:
+    # a scrape outside trio (a collector registered elsewhere) has no clock to measure against
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return None
+
+
+def reverb_quiet_for(status: ReverbStatus, now: float) -> float | None:
+    """Seconds since the reverb's latest beat from the pulse (since it started, before the
+    first), or None for a status that records neither."""
+    since = status.last_beat_at if status.last_beat_at is not None else status.started_at
+    return None if since is None else max(0.0, now - since)
 
 
 def _client_families(clients: Sequence[Client]) -> Iterable[Metric]:

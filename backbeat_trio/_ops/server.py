@@ -22,7 +22,7 @@ from hypercorn.trio import serve
 from .._errors import ConfigError
 from .asgi import ASGIApp, Receive, Scope, Send, answer_lifespan, decimal_digits
 
-__all__ = ["DEFAULT_BIND", "is_loopback", "parse_bind", "serve_asgi"]
+__all__ = ["DEFAULT_BIND", "check_bind", "is_loopback", "parse_bind", "serve_asgi"]
 
 DEFAULT_BIND: Final = "127.0.0.1:8080"
 
@@ -51,6 +51,19 @@ def parse_bind(bind: str) -> tuple[str, int]:
     if not sep or not host or not decimal_digits(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError("bind", f"must be 'HOST:PORT' with a port in 0..65535, got {bind!r}")
     return host, int(port_text)
+
+
+def check_bind(bind: str) -> None:
+    """Check that ``bind`` is ``"HOST:PORT"`` and can be listened on now (bound, then released).
+
+    For a command that starts other things before its admin server: a bad or taken address is
+    refused before anything else starts.
+
+    Raises:
+        ConfigError: ``bind`` is malformed or cannot be listened on.
+    """
+    host, port = parse_bind(bind)
+    _bind_socket(host, port, bind).close()
 
 
 def is_loopback(host: str) -> bool:

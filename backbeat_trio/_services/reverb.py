@@ -212,7 +212,9 @@ class ReverbStatus:
     this reverb actually sent; ``issues_by_kind`` tallies the issues of every closed window.
     ``running`` is True from ``nursery.start`` until the reverb stops; ``first_beat`` is set
     once it has taken in a beat: claims are placed relative to the current beat, so it reads
-    none before (they wait in its subscription).
+    none before (they wait in its subscription). ``started_at`` and ``last_beat_at`` are
+    ``trio.current_time()`` when it started and at its latest beat from the pulse (not one its
+    client synthesised while the pulse was silent); ``beat_seconds`` is that beat's length.
     """
 
     cluster_id: str
@@ -237,6 +239,9 @@ class ReverbStatus:
     issues_by_kind: dict[str, int] = field(default_factory=dict)
     running: bool = False
     first_beat: trio.Event = field(default_factory=trio.Event)
+    started_at: float | None = None
+    last_beat_at: float | None = None
+    beat_seconds: float | None = None
     _window_refusals: dict[str, int] = field(default_factory=dict, repr=False)
     _frame_counts: Callable[[], ClientMetrics] | None = field(default=None, repr=False)
     _watches: list[DropOldestChannel[AcceptedClaim]] = field(default_factory=list, repr=False)
@@ -420,6 +425,7 @@ async def _reverb_loop(
         nursery.start_soon(_claims_loop, claims_sub, aggregator, judge, status)
         if keeper is not None:
             nursery.start_soon(hold_lease, keeper, cfg.release_on_exit)
+        status.started_at = trio.current_time()
         task_status.started(status)
 
         def publish(report: BarReport) -> None:
@@ -438,6 +444,9 @@ async def _reverb_loop(
             await nursery.start(ha.watch_published)
         async for frame in beats:
             left = aggregator.observe_beat(frame, trio.current_time())
+            if not bb.degraded:
+                status.last_beat_at = trio.current_time()
+                status.beat_seconds = 60.0 / max(frame.tempo_bpm, 1)
             if not status.first_beat.is_set() and aggregator.last_beat_index is not None:
                 status.first_beat.set()
             if left is None:

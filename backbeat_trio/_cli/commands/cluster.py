@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ..admin import add_http_arguments, http_allowed_hosts, http_token
+from ..admin import add_http_arguments, check_http_bind, http_allowed_hosts, http_token
 from ..common import EXIT_FAILURE, EXIT_OK, PROG, UsageError, add_command, eprint, out, seconds
 from ..connection import add_cluster_option
 
@@ -93,6 +93,8 @@ async def run(args: argparse.Namespace) -> int:
 
     if args.restart_after is not None and args.failover_every is None:
         raise UsageError("--restart-after needs --failover-every")
+    # the admin server starts last, once beats flow: refuse its address before any server starts
+    check_http_bind(args)
     # SIGINT/SIGTERM cancel it: the pulses stop first, then the servers (shielded clean-up)
     await run_local_cluster(
         pulses=args.pulses,

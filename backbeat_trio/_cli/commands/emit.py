@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
 from ..._client.client import open_client
+from ..._core.signing import public_key_b64
 from ..._core.wire import CLAIM_STATES, StatusClaim, encode_claim
 from ..common import (
     EXIT_FAILURE,
@@ -18,6 +19,7 @@ from ..common import (
     env,
     eprint,
     load_key,
+    load_keyring,
     out,
     positive_float,
     require_agent,
@@ -62,6 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="sign with this key file (env BACKBEAT_SIGNING_KEY)",
     )
     p.add_argument(
+        "--keyring",
+        metavar="FILE",
+        default=env("BACKBEAT_KEYRING"),
+        help="the reverb's keyring (env BACKBEAT_KEYRING): warn when it would not trust the "
+        "claim (JetStream stores any claim; the reverb judges it)",
+    )
+    p.add_argument(
         "--beat-timeout",
         type=positive_float,
         default=65.0,
@@ -94,6 +103,9 @@ async def run(args: argparse.Namespace) -> int:
     encode_claim(
         msgspec.structs.replace(claim, agent_id=agent, hlc="0:0:0", task_id=claim.task_id or "t")
     )
+    trust = _keyring_verdict(args.keyring, agent, key) if args.keyring else None
+    if trust is not None and not trust[0]:
+        eprint(f"warning: {trust[1]}")
     cfg = client_config(args, agent, signing_key=key)
     async with open_client(cfg) as client:
         if args.beat_timeout > 0:
@@ -117,10 +129,49 @@ async def run(args: argparse.Namespace) -> int:
     if args.json:
         out(encode_claim(sent).decode())
     else:
-        how = "acknowledged by JetStream" if mode == "jetstream" else "published (core NATS)"
+        how = (
+            "acknowledged by JetStream: stored in the status stream, not accepted by anyone yet"
+            if mode == "jetstream"
+            else "published (core NATS): sent, not accepted by anyone yet"
+        )
         signed = "signed" if key is not None else "unsigned"
         out(
             f"sent {signed} claim {sent.task_id} for {sent.agent_id} at beat {sent.beat_index}: "
             f"{sent.state} {sent.progress * 100:.0f}%, {sent.beats_left} beats left; {how}"
         )
+        if trust is not None:
+            out(trust[1])
+        else:
+            needs = (
+                "only if its keyring holds this agent's public key"
+                if key is not None
+                else "only if it runs with --allow-unsigned"
+            )
+            out(
+                f"the reverb counts it {needs} (--keyring FILE here checks that; the bar "
+                "report's claims and rejected counts show what it did)"
+            )
     return EXIT_OK
+
+
+def _keyring_verdict(path: str, agent: str, key: Any) -> tuple[bool, str]:
+    """Whether a reverb with the keyring at ``path`` would trust this claim's signature, and
+    what to say about it (a signed claim still has to pass the reverb's other checks)."""
+    keyring = load_keyring(path)
+    on_ring = keyring.public_key_b64(agent)
+    if key is None:
+        return False, (
+            f"the claim is unsigned: a reverb with the keyring {path} rejects it (unsigned) "
+            "unless it runs with --allow-unsigned"
+        )
+    if on_ring is None:
+        return False, (
+            f"{agent} is not on the keyring {path}: a reverb using it rejects this claim "
+            f"(unknown_agent); add it with `{PROG} keygen --keyring`"
+        )
+    if on_ring != public_key_b64(key):
+        return False, (
+            f"the keyring {path} holds another key for {agent}: a reverb using it rejects "
+            "this claim (wrong_key)"
+        )
+    return True, f"the keyring {path} trusts this key for {agent}"

@@ -141,7 +141,7 @@ def add_storage_arguments(p: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> int:
     """Run the reverb until cancelled, printing every bar report."""
     from ..._bridge.nats import open_nats_transport
-    from ..._services.reverb import ReverbConfig, run_reverb
+    from ..._services.reverb import ReverbConfig, ReverbStatus, run_reverb
 
     keyring = load_keyring(args.keyring) if args.keyring else None
     if keyring is None and not args.allow_unsigned:
@@ -167,7 +167,22 @@ async def run(args: argparse.Namespace) -> int:
     )
     # the command owns the connection: the reverb, the admin server and its dashboard share it
     async with open_nats_transport(cfg) as transport, trio.open_nursery() as nursery:
+        # the admin listener is bound before the reverb creates a stream or publishes a report
+        reverbs: dict[str, ReverbStatus] = {}
+        dashboard = load_dashboard(cfg.cluster_id, args) if args.http else None
+        await start_admin(
+            nursery,
+            args,
+            f"reverb {cfg.reverb_id}",
+            reverb=reverbs,
+            transport=transport,
+            cluster_id=cfg.cluster_id,
+            fallback=dashboard,
+        )
         status = await nursery.start(functools.partial(run_reverb, cfg, transport=transport))
+        reverbs[cfg.reverb_id] = status
+        if dashboard is not None:
+            await nursery.start(functools.partial(dashboard.run, transport, reverb=status))
         trusted = f"{len(keyring)} trusted key(s)" if keyring is not None else "no keyring"
         ha = f"; HA, lease TTL {cfg.lease_ttl:g} s" if cfg.ha else ""
         eprint(
@@ -176,18 +191,6 @@ async def run(args: argparse.Namespace) -> int:
             f"{status.stream or status_subject(cfg.cluster_id)}; reports on "
             f"{bar_subject(cfg.cluster_id)}{ha}"
         )
-        if args.http:
-            dashboard = load_dashboard(cfg.cluster_id, args)
-            if dashboard is not None:
-                await nursery.start(functools.partial(dashboard.run, transport, reverb=status))
-            await start_admin(
-                nursery,
-                args,
-                f"reverb {cfg.reverb_id}",
-                reverb=status,
-                transport=transport,
-                fallback=dashboard,
-            )
         handled = 0
         shown: tuple[str, str | None] = ("", None)
         while True:

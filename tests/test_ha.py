@@ -160,16 +160,18 @@ def test_leader_validity_counts_from_the_send_time() -> None:
     assert "ran out" in e.lost_reason
 
 
-def test_a_lost_cas_ends_leadership_at_once() -> None:
+def test_a_lost_cas_stops_publishing_at_once_and_someone_elses_record_ends_leadership() -> None:
     e = LeaseElection("p1", timings(), instance="me")
     e.observe(None, None, now=0.0)
     seq, _ = e.prepare_write(now=0.0)
     e.write_succeeded(seq, 1, record("p1", instance="me", seq=seq), now=0.1)
     e.prepare_write(now=0.2)
     e.write_conflicted(now=0.3)
-    assert e.role == "follower"
-    assert not e.may_publish(0.3)
+    assert not e.may_publish(0.3)  # until a read shows whose the newer revision is
     assert e.needs_read
+    e.observe(2, record("p2", instance="them"), now=0.35)
+    assert e.role == "follower"
+    assert "p2" in e.lost_reason
 
 
 def test_unknown_outcome_confirmed_by_a_read_of_our_own_write() -> None:

@@ -138,7 +138,7 @@ def decode_lease(data: bytes | None) -> LeaseRecord | None:
 
     Returns:
         The record; None for a delete marker, bytes that are not a lease record, or a record whose
-        schedule breaks a rule (such a revision is waited out like any other).
+        schedule breaks a rule: nobody's claim (see :meth:`LeaseElection.observe`).
     """
     if data is None:
         return None
@@ -195,15 +195,22 @@ class LeaseElection:
 
     Rules:
 
-    * A follower may take over when the key does not exist, when the latest record was released
-      or written by this very instance, or when it has seen the *same* revision for at least
-      ``max(own ttl, record.ttl)`` (timed from the first read that returned it, measured when the
-      answer arrived).
+    * A follower may take over when the key does not exist, when the latest revision is a record
+      that was released or written by this very instance, or when it has seen the *same*
+      revision for at least ``max(own ttl, record.ttl)`` (timed from the first read that
+      returned it, measured when the answer arrived).
     * A writer's lease runs from the moment it *sent* a write that then succeeded, for
       ``ttl * (1 - 2 * clock_drift) - guard``; it may publish only inside it.
-    * A lost compare-and-set, or a read showing someone else's record, ends leadership at once.
-      An unknown outcome (timeout) keeps the lease from the last confirmed write and asks for a
-      read; a read showing this instance's unconfirmed write confirms it (with its send time).
+    * A read showing someone else's record ends leadership at once. A lost compare-and-set
+      stops publishing at once and asks for a read, which decides: someone else's record ends
+      leadership; a revision that is no lease record (anything a publisher made JetStream store
+      on the key, a delete marker) is nobody's claim, so the leader keeps its lease and its
+      next write overwrites that revision. An unknown outcome (timeout) keeps the lease from the
+      last confirmed write and asks for a read; a read showing this instance's unconfirmed write
+      confirms it (with its send time).
+    * A revision that is no lease record leaves :attr:`record` (and with it the schedule a
+      successor continues) as the last record seen: it is waited out like any other revision,
+      but it never stands for a vacancy.
 
     Args:
         pulse_id: this pulse's id.
@@ -220,7 +227,12 @@ class LeaseElection:
         self.role: Role = "follower"
         self.known = False
         self.revision: int | None = None
+        #: the latest lease record seen; a later revision that is no record leaves it in place
         self.record: LeaseRecord | None = None
+        #: the latest revision holds no lease record (see :meth:`observe`)
+        self.unclaimed = False
+        #: a compare-and-set lost and no read has shown yet who wrote: no publishing until then
+        self.contested = False
         self.seen_at = -math.inf
         self.needs_read = True
         self.valid_until = -math.inf
@@ -253,9 +265,13 @@ class LeaseElection:
             return math.inf
         record = self.record
         if self.revision is None or (
-            record is not None and (record.released or record.instance == self.instance)
+            not self.unclaimed
+            and record is not None
+            and (record.released or record.instance == self.instance)
         ):
             return -math.inf
+        # Junk on top of a record may hide a newer record the reads missed: the shortcuts above
+        # no longer apply, and the wait runs from the first sight of the junk revision.
         return self.seen_at + self._wait_for(record)
 
     def may_acquire(self, now: float) -> bool:
@@ -264,7 +280,7 @@ class LeaseElection:
 
     def may_publish(self, now: float) -> bool:
         """True while this pulse leads and its lease, renewed in time, still runs."""
-        return self.role == "leader" and now < self.valid_until
+        return self.role == "leader" and not self.contested and now < self.valid_until
 
     def expected_last(self) -> int:
         """The revision the next write must find (0: the key must not exist)."""
@@ -274,8 +290,10 @@ class LeaseElection:
     def observe(self, revision: int | None, record: LeaseRecord | None, now: float) -> None:
         """A read answered at ``now``: ``revision`` (None: no key) holding ``record``.
 
-        ``record`` is None for a delete marker or an unreadable value; such a revision is waited
-        out like any other.
+        ``record`` is None for a delete marker or a value that is no lease record. Such a
+        revision is nobody's claim: a follower waits it out like any other revision but keeps
+        the last record it saw (the schedule a successor continues); a leader keeps its lease,
+        and its next write (a compare-and-set on that revision) overwrites it.
         """
         self.needs_read = False
         if not self.known or revision != self.revision:
@@ -287,15 +305,23 @@ class LeaseElection:
             ):
                 return  # an older answer overtaken by what we already know
             self.known = True
-            self.revision, self.record, self.seen_at = revision, record, now
+            self.revision, self.seen_at = revision, now
+            self.unclaimed = record is None
+            if record is not None:
+                self.record = record
         if self.role != "leader":
             return
-        if record is not None and revision is not None and record.instance == self.instance:
+        if revision is None:
+            self._lose(now, "the lease key is gone")
+        elif record is None:
+            self.contested = False  # nobody's claim: the next write overwrites it
+        elif record.instance == self.instance:
+            self.contested = False
             sent = self._inflight.get(record.seq)
             if sent is not None:
                 self._confirm(record.seq, revision, record, sent)
         else:
-            self._lose(now, f"the lease is held by {record.holder if record else 'nobody'}")
+            self._lose(now, f"the lease is held by {record.holder}")
 
     def prepare_write(self, now: float) -> tuple[int, int]:
         """Register a write sent at ``now``.
@@ -325,10 +351,11 @@ class LeaseElection:
             self.seen_at = now
 
     def write_conflicted(self, now: float) -> None:
-        """The CAS lost: someone else wrote first. Leadership (if any) ends; re-read."""
+        """The CAS lost: a newer revision exists. A leader stops publishing until a read shows
+        whose it is (:meth:`observe`: someone else's record ends leadership); re-read."""
         self.needs_read = True
         if self.role == "leader":
-            self._lose(now, "a compare-and-set lost: another pulse wrote the lease")
+            self.contested = True
 
     def write_unknown(self, now: float) -> None:
         """The write's outcome is unknown (timeout, connection lost): re-read before writing."""
@@ -355,6 +382,7 @@ class LeaseElection:
             self.lost_reason = ""
         self.known = True
         self.revision, self.record = revision, record
+        self.unclaimed = self.contested = False
         self.needs_read = False
         self.valid_until = max(self.valid_until, sent + self.timings.lease_span)
         self.last_confirmed_send = max(self.last_confirmed_send, sent)
@@ -363,6 +391,7 @@ class LeaseElection:
 
     def _lose(self, now: float, reason: str) -> None:
         self.role = "follower"
+        self.contested = False
         self.valid_until = -math.inf
         self.last_confirmed_send = -math.inf
         self.lost_reason = reason

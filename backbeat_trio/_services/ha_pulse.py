@@ -37,8 +37,10 @@ from .._bridge import open_nats_transport
 from .._core.beats import beat_subject, tempo_subject
 from .._core.hlc import HLC
 from .._core.lease import LeaseElection, LeaseTimings, ScheduleSnapshot
+from .._core.rules import MAX_FRAME_BEAT_INDEX
 from .._core.schedule import PulseSchedule, ScheduledBeat
-from .._errors import ConfigError, NotConnected
+from .._core.wire import BeatFrame, decode
+from .._errors import ConfigError, NotConnected, WireError
 from .._services.lease import (
     KVLeaseStore,
     LeaseKeeper,
@@ -213,6 +215,9 @@ class _HAPulse:
         self.subject = beat_subject(cfg.cluster_id)
         self.schedule: PulseSchedule | None = None
         self.to_wall = 0.0
+        # the frame with the highest index seen on the beat subject: where a successor that
+        # knows no schedule from the lease goes on from
+        self.last_frame: BeatFrame | None = None
         self.status = HAPulseStatus(
             owner_id=cfg.pulse_id,
             instance=self.election.instance,
@@ -229,13 +234,31 @@ class _HAPulse:
 
     # -- schedule ---------------------------------------------------------------------------------
     def _acquisition_snapshot(self) -> ScheduleSnapshot:
-        e, cfg = self.election, self.cfg
-        if e.record is not None and e.record.schedule is not None:
-            return e.record.schedule
+        # The last lease record seen, even under a later revision that is no record; a beat
+        # frame past it means a record was missed, and the index must never go back.
+        e, cfg, frame = self.election, self.cfg, self.last_frame
+        recorded = e.record.schedule if e.record is not None else None
+        if frame is not None and (recorded is None or frame.beat_index >= recorded.beat_index):
+            log.warning(
+                "%s: taking over after beat %d seen on the beat subject (%s)",
+                cfg.pulse_id,
+                frame.beat_index,
+                "no schedule in the lease" if recorded is None else "past the lease's schedule",
+            )
+            return ScheduleSnapshot.fresh(
+                cfg.cluster_id,
+                start_index=frame.beat_index + 1,
+                due=frame.deadline_at.timestamp(),
+                tempo_bpm=frame.tempo_bpm,
+                beats_per_bar=recorded.beats_per_bar if recorded is not None else cfg.beats_per_bar,
+                max_tempo_step=cfg.max_tempo_step,
+            )
+        if recorded is not None:
+            return recorded
         if e.revision is not None:
             log.warning(
-                "%s: the lease at revision %d holds no schedule; starting again at beat %d "
-                "(beat indices may repeat)",
+                "%s: neither the lease (revision %d) nor the beat subject shows a schedule; "
+                "starting at beat %d (beat indices may repeat)",
                 cfg.pulse_id,
                 e.revision,
                 cfg.start_index,
@@ -376,6 +399,26 @@ class _HAPulse:
         if self.schedule is not None:
             await self.lease.release(ScheduleSnapshot.of(self.schedule, self.to_wall))
 
+    async def watch_beats(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Remember the highest-indexed frame of this cluster on the beat subject (the leader's
+        own included); without a subscription the lease alone tells a successor where to go on."""
+        try:
+            sub = await self.transport.subscribe(self.subject, buffer=64)
+        except NotConnected as exc:
+            log.warning("%s does not watch the beat subject: %s", self.cfg.pulse_id, exc)
+            task_status.started()
+            return
+        task_status.started()
+        async for msg in sub.messages:
+            try:
+                frame = decode(msg.data, BeatFrame)
+            except WireError:
+                continue
+            if frame.cluster_id != self.cfg.cluster_id or frame.beat_index > MAX_FRAME_BEAT_INDEX:
+                continue  # what every client refuses moves nobody's schedule
+            if self.last_frame is None or frame.beat_index > self.last_frame.beat_index:
+                self.last_frame = frame
+
     async def watch_events(self) -> None:
         async for event in self.transport.events:
             if event.kind == "reconnected":
@@ -426,6 +469,7 @@ async def run_ha_pulse(
             async with trio.open_nursery() as nursery:
                 if owned:
                     nursery.start_soon(pulse.watch_events)
+                await nursery.start(pulse.watch_beats)
                 task_status.started(pulse.status)
                 await pulse.run()
         finally:

@@ -42,6 +42,9 @@ _CHANGES_KEPT: Final = 256
 #: Lease revisions a watch may hold before the oldest unread ones are dropped (a follower reads
 #: them as they come; the sparse reads catch anything dropped).
 _WATCH_BUFFER: Final = 256
+#: Compare-and-set writes a leader retries in a row over revisions that are no lease record
+#: (each needs a read first); past that the write counts as an unknown outcome.
+_OVERWRITES: Final = 3
 
 WriteOutcome = Literal["ok", "conflict", "unknown"]
 
@@ -182,6 +185,10 @@ class LeaseStatus:
             writes lost, requests failed or timed out.
         kv_watched: revisions that arrived through the watch (no read needed).
         watching: the key is watched (else it is polled every ``poll_interval``).
+        kv_unclaimed: revisions seen that were no lease record (anything a publisher made
+            JetStream store on the key, e.g. a PubAck whose reply subject named it; a delete
+            marker): nobody's claim, overwritten by a leader, never a vacancy.
+        kv_overwrites: such revisions this instance overwrote while leading.
         watch_fallbacks: times a read found a revision the watch had not delivered (the watch
             lags or died silently, e.g. its consumer lived on a server that went away), so the
             follower polled every ``poll_interval`` until the watch delivered news again.
@@ -208,6 +215,8 @@ class LeaseStatus:
     kv_conflicts: int = 0
     kv_errors: int = 0
     kv_watched: int = 0
+    kv_unclaimed: int = 0
+    kv_overwrites: int = 0
     watching: bool = False
     watch_fallbacks: int = 0
     last_error: str | None = None
@@ -354,7 +363,17 @@ class LeaseKeeper:
         e = self.election
         if not e.known or e.revision is None or revision > e.revision:
             self._watch_lagging = False  # it delivers news again
-        e.observe(revision, decode_lease(value), trio.current_time())
+        self._observe(revision, value)
+
+    def _observe(self, revision: int, value: bytes | None) -> None:
+        e = self.election
+        record = decode_lease(value)
+        if record is None and (not e.known or e.revision is None or revision > e.revision):
+            self.status.kv_unclaimed += 1
+            log.warning(
+                "%s: lease revision %d is no lease record: nobody's claim", self.owner_id, revision
+            )
+        e.observe(revision, record, trio.current_time())
         self.sync_status()
 
     # -- store calls, bounded in time ------------------------------------------------------------
@@ -371,16 +390,11 @@ class LeaseKeeper:
             self._kv_error("lease read timed out")
             return False
         self.status.kv_reads += 1
-        now = trio.current_time()
         if got is None:
-            self.election.observe(None, None, now)
+            self.election.observe(None, None, trio.current_time())
+            self.sync_status()
         else:
-            revision, value = got
-            record = decode_lease(value)
-            if record is None:
-                log.warning("%s: lease revision %d is not a lease record", self.owner_id, revision)
-            self.election.observe(revision, record, now)
-        self.sync_status()
+            self._observe(*got)
         return True
 
     def _record(
@@ -399,7 +413,39 @@ class LeaseKeeper:
         )
 
     async def write(self, snapshot: ScheduleSnapshot | None) -> WriteOutcome:
-        """One CAS write of this instance's record (bounded)."""
+        """A CAS write of this instance's record (bounded).
+
+        A leader whose write loses reads the key; unless the newer revision is someone else's
+        record it writes again on it, at most ``_OVERWRITES`` times and only while its lease
+        runs: a revision that is no lease record is nobody's claim, so it must not cost the
+        leader its lease.
+
+        Returns:
+            ``"ok"``; ``"conflict"``: it does not lead (any more), someone else's record is
+            newer; ``"unknown"``: the outcome is unknown, or the overwrites ran out (the leader
+            then does not publish until a write is confirmed).
+        """
+        e = self.election
+        outcome = await self._write_once(snapshot)
+        for _ in range(_OVERWRITES):
+            if outcome != "conflict" or e.role != "leader":
+                break
+            if not await self.read():
+                return "unknown"
+            if not e.check(trio.current_time()):
+                self.sync_status()
+                return "conflict"
+            if e.contested:  # the read did not settle it (an answer older than we know)
+                return "unknown"
+            overwriting = e.unclaimed  # else the newer revision was a write of our own
+            outcome = await self._write_once(snapshot)
+            if outcome == "ok" and overwriting:
+                self.status.kv_overwrites += 1
+        if outcome == "conflict" and e.role == "leader":
+            return "unknown"
+        return outcome
+
+    async def _write_once(self, snapshot: ScheduleSnapshot | None) -> WriteOutcome:
         e = self.election
         seq, last = e.prepare_write(trio.current_time())
         record = self._record(seq, snapshot)

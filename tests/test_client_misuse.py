@@ -11,9 +11,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import trio
@@ -223,3 +227,193 @@ def test_outside_any_event_loop() -> None:
 
 async def test_inside_trio_nothing_is_raised() -> None:
     require_trio("open_client")
+
+
+# --- no beat after connecting: a wrong cluster id, or no pulse -----------------------------------
+def no_beat_warnings(caplog: pytest.LogCaptureFixture, cluster: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "backbeat_trio.client"
+        and r.levelno == logging.WARNING
+        and f"no beat on backbeat.beat.{cluster} " in r.getMessage()
+    ]
+
+
+def says_what_to_check(text: str, cluster: str) -> bool:
+    return (
+        f"backbeat.beat.{cluster}" in text
+        and f"{cluster!r} is the cluster id" in text
+        and "a pulse is running" in text
+    )
+
+
+async def test_no_first_beat_warns_once_on_virtual_time(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="backbeat_trio.client")
+    async with (
+        bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, start=False) as cluster,
+        cluster.open_client(first_beat_warning=5) as bb,
+    ):
+        t0 = trio.current_time()
+        await trio.sleep(4.9)
+        assert no_beat_warnings(caplog, CLUSTER) == []
+        assert bb.health().errors == []
+        await trio.sleep(0.2)
+        [warning] = no_beat_warnings(caplog, CLUSTER)
+        assert says_what_to_check(warning.getMessage(), CLUSTER)
+        assert "in the 5 s since connecting" in warning.getMessage()
+        [error] = bb.health().errors or []
+        assert error == warning.getMessage()
+        assert bb.metrics.errors == 1
+        await trio.sleep(600)  # once: not again however long the silence
+        assert len(no_beat_warnings(caplog, CLUSTER)) == 1
+        await cluster.start_pulse()
+        await bb.wait_for_beat()
+        await trio.sleep(0.1)  # the sampler notes the first beat after the consumers have it
+        firsts = [r for r in caplog.records if r.getMessage().startswith("first beat on")]
+        assert len(firsts) == 1
+        assert trio.current_time() - t0 > 600
+
+
+async def test_no_warning_with_a_pulse_or_when_turned_off(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="backbeat_trio.client")
+    async with bbt.open_fake_cluster(CLUSTER, tempo_bpm=60) as cluster:
+        async with cluster.open_client(first_beat_warning=2) as bb:
+            await trio.sleep(30)
+            assert bb.health().errors == []
+        async with cluster.open_client(first_beat_warning=None) as bb:
+            cluster.stop_pulse()
+            await trio.sleep(30)
+    assert no_beat_warnings(caplog, CLUSTER) == []
+
+
+@pytest.mark.parametrize("value", [0, -1, math.nan, math.inf, "10", True])
+def test_first_beat_warning_is_validated(value: object) -> None:
+    with pytest.raises(bb3.ConfigError, match="first_beat_warning"):
+        bb3.Config(cluster_id=CLUSTER, agent_id="a", first_beat_warning=value)  # type: ignore[arg-type]
+
+
+def test_first_beat_warning_from_the_environment() -> None:
+    env = {"BACKBEAT_CLUSTER_ID": CLUSTER, "BACKBEAT_AGENT_ID": "a"}
+    assert bb3.Config.from_env(env).first_beat_warning == 10.0
+    cfg = bb3.Config.from_env({**env, "BACKBEAT_FIRST_BEAT_WARNING": "0.5"})
+    assert cfg.first_beat_warning == 0.5
+
+
+@pytest.mark.nats
+async def test_a_wrong_cluster_id_warns_once_over_nats(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="backbeat_trio.client")
+    right, wrong = "misuse-right", "misuse-wrong"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            bb3.run_pulse, bb3.PulseConfig(cluster_id=right, nats_url=nats_url, tempo_bpm=600)
+        )
+        lost = bb3.Config(
+            cluster_id=wrong, agent_id="lost", nats_url=nats_url, first_beat_warning=0.5
+        )
+        fine = bb3.Config(
+            cluster_id=right, agent_id="fine", nats_url=nats_url, first_beat_warning=0.5
+        )
+        started = time.time()
+        async with bb3.open_client(lost) as bb_lost, bb3.open_client(fine) as bb_fine:
+            await trio.sleep(1.5)
+            [warning] = no_beat_warnings(caplog, wrong)
+            assert says_what_to_check(warning.getMessage(), wrong)
+            # within the bound (counted from the subscription, a little after connecting)
+            assert 0.5 <= warning.created - started < 1.2
+            health = bb_lost.health()
+            assert health.connected
+            assert health.errors == [warning.getMessage()]
+            # the client on the right cluster has its beats and says nothing
+            assert bb_fine.current_beat is not None
+            assert bb_fine.health().errors == []
+        nursery.cancel_scope.cancel()
+    assert no_beat_warnings(caplog, right) == []
+
+
+@pytest.mark.nats
+async def test_clients_sharing_a_connection_warn_once_for_all(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="backbeat_trio.client")
+    cluster = "misuse-shared"
+    cfg = bb3.Config(cluster_id=cluster, agent_id="a", nats_url=nats_url, first_beat_warning=0.3)
+    async with (
+        bb3.open_nats_transport(cfg) as transport,
+        bb3.open_client(cfg, transport=transport) as a,
+        bb3.open_client(cfg, transport=transport) as b,
+        bb3.open_client(cfg, transport=transport) as c,
+    ):
+        await trio.sleep(1.0)
+    assert len(no_beat_warnings(caplog, cluster)) == 1
+    for bb in (a, b, c):
+        [error] = bb.health().errors or []
+        assert says_what_to_check(error, cluster)
+
+
+# --- the CLI says the same ------------------------------------------------------------------
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BACKBEAT_") or k == "BACKBEAT_NATS_SERVER"
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "backbeat_trio", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean | env,
+        check=False,
+    )
+
+
+@pytest.mark.nats
+def test_tail_and_health_say_what_to_check_when_nothing_arrives(nats_url: str) -> None:
+    cluster = "misuse-cli"
+    quick = {"BACKBEAT_FIRST_BEAT_WARNING": "0.3"}
+    tail = run_cli("tail", "--beats", "--timeout", "1.5", "-s", nats_url, "-c", cluster, **quick)
+    assert tail.returncode == 1, tail.stderr
+    assert says_what_to_check(tail.stderr, cluster), tail.stderr
+    assert tail.stderr.count("no beat on") == 1
+    assert "timed out after 1.5 s with 0 message(s)" in tail.stderr
+    claims = run_cli("tail", "--claims", "--timeout", "1", "-s", nats_url, "-c", cluster, **quick)
+    assert f"nothing on backbeat.status.{cluster} in the 0.3 s" in claims.stderr, claims.stderr
+    assert "an agent is emitting claims" in claims.stderr
+    health = run_cli("health", "--timeout", "1", "-s", nats_url, "-c", cluster, **quick)
+    assert health.returncode == 1, health.stderr
+    assert says_what_to_check(health.stderr, cluster), health.stderr
+    # the client's own warning is in the snapshot's errors too
+    assert says_what_to_check(" ".join(json.loads(health.stdout)["errors"]), cluster)
+
+
+@pytest.mark.nats
+async def test_tail_with_a_pulse_gives_no_hint(nats_url: str) -> None:
+    cluster = "misuse-cli-pulse"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            bb3.run_pulse, bb3.PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=600)
+        )
+        tail = await trio.to_thread.run_sync(
+            lambda: run_cli(
+                "tail",
+                "--beats",
+                "--timeout",
+                "1",
+                "-s",
+                nats_url,
+                "-c",
+                cluster,
+                BACKBEAT_FIRST_BEAT_WARNING="0.3",
+            )
+        )
+        nursery.cancel_scope.cancel()
+    assert tail.returncode == 0, tail.stderr
+    assert "no beat on" not in tail.stderr
+    assert tail.stdout.count("beat ") >= 3

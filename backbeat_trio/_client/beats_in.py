@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from .._core.beats import beat_subject
 from .._core.intake import (
     DELIVERED,
     REFUSED,
@@ -20,7 +22,7 @@ from .._core.intake import (
     IntakeOutcome,
     ScreenedFrame,
 )
-from .._core.metrics import ClientMetrics
+from .._core.metrics import ClientMetrics, ErrorLog
 from .._errors import NotConnected
 from .._transport.base import Message, Subscription, Transport
 from .._transport.shared import SharedSubscription, SharingTransport
@@ -30,12 +32,22 @@ from .config import Config
 from .fanout import BeatFanout
 from .watch import BeatWatch
 
-__all__ = ["BeatInput"]
+__all__ = ["BeatInput", "no_beat_hint"]
 
 log = logging.getLogger("backbeat_trio.client")
 
 #: how long a starting client waits for the server to confirm its beat subscription
 SUBSCRIBED_WAIT_S = 2.0
+
+
+def no_beat_hint(cluster_id: str, seconds: float) -> str:
+    """What a client says when no beat came in the ``seconds`` after it started (and what
+    ``backbeat-trio health`` and ``tail`` say for the same silence)."""
+    return (
+        f"no beat on {beat_subject(cluster_id)} in the {seconds:g} s since connecting: check "
+        f"that {cluster_id!r} is the cluster id the pulse beats for and that a pulse is running "
+        f"(a tempo under {60 / seconds:g} BPM is this quiet too)"
+    )
 
 
 class BeatInput:
@@ -44,6 +56,8 @@ class BeatInput:
 
     config: Config
     _metrics: ClientMetrics
+    _errors: ErrorLog
+    _connected: bool
     _transport: Transport
     _tracker: BeatTracker
     _budgets: BeatBudgets
@@ -235,11 +249,30 @@ class BeatInput:
         del task_status  # it holds trio's start-up nursery: let it go for the task's life
         tracker = self._tracker
         self._sampler_spin = SPIN_S if precise_clock() else 0.0
+        started = trio.current_time()
+        quiet = self.config.first_beat_warning
+        quiet_until = math.inf if quiet is None else started + quiet
+        warned = False
         while True:
             if tracker.last_index is None:
                 self._wake_sampler = trio.Event()
-                await self._wake_sampler.wait()
+                with trio.move_on_at(quiet_until):
+                    await self._wake_sampler.wait()
+                if tracker.last_index is None and trio.current_time() >= quiet_until:
+                    assert quiet is not None
+                    # disconnected, silence says nothing about the cluster: ask again later
+                    warned = self._connected
+                    if warned:
+                        self._warn_no_first_beat(quiet)
+                    quiet_until = math.inf if warned else trio.current_time() + quiet
                 continue
+            if warned:
+                warned = False
+                log.info(
+                    "first beat on %s, %.1f s after connecting",
+                    self._beat_subject,
+                    trio.current_time() - started,
+                )
             watch = self._watch
             if watch is not None and not tracker.degraded:
                 # healthy on a shared subscription: one watch notices silence for every member
@@ -274,6 +307,18 @@ class BeatInput:
             self._budgets.reproject()
             self._fanout.put(frame)
             self._rearm_sampler()
+
+    def _warn_no_first_beat(self, seconds: float) -> None:
+        """No beat since the client started: say so once (once per connection for the clients
+        sharing its beat subscription), and keep it in ``health().errors``."""
+        hint = no_beat_hint(self.config.cluster_id, seconds)
+        self._errors.note(hint)
+        watch = self._watch
+        level = logging.WARNING
+        if watch is not None:
+            level = logging.DEBUG if watch.no_beat_warned else logging.WARNING
+            watch.no_beat_warned = True
+        log.log(level, "%s", hint)
 
 
 def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:

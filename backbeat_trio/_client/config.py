@@ -46,6 +46,10 @@ class Config(ConnectionOptions):
         max_frame_bytes: larger beat-subject payloads are counted and skipped unread.
         close_grace: seconds ``open_client`` waits on exit to deliver queued claims.
         jetstream: True/False to force claim delivery mode; None detects the status stream.
+        first_beat_warning: seconds a client may go without its first beat before it warns,
+            once, that nothing beats on its subject (a wrong ``cluster_id``, or no pulse
+            running); the warning is also in ``health().errors``. None: never warn. A pulse
+            slower than ``60 / first_beat_warning`` BPM is this quiet too.
         **connection: the :class:`ConnectionOptions` fields.
     """
 
@@ -59,6 +63,7 @@ class Config(ConnectionOptions):
     max_frame_bytes: int = 64 * 1024
     close_grace: float = 2.0
     jetstream: bool | None = None
+    first_beat_warning: float | None = 10.0
 
     _SECRET_FIELDS = ConnectionOptions._SECRET_FIELDS | {"signing_key"}
 
@@ -78,6 +83,8 @@ class Config(ConnectionOptions):
         check_int_at_least("beat_buffer", self.beat_buffer, 1)
         check_int_at_least("outbox_size", self.outbox_size, 1)
         check_int_at_least("max_frame_bytes", self.max_frame_bytes, 256)
+        if self.first_beat_warning is not None:
+            check_number("first_beat_warning", self.first_beat_warning)
         if self.jetstream not in (None, True, False):
             raise ConfigError("jetstream", f"must be True, False or None, got {self.jetstream!r}")
 
@@ -89,7 +96,8 @@ class Config(ConnectionOptions):
         """Build a Config from ``BACKBEAT_*`` environment variables.
 
         Reads ``BACKBEAT_CLUSTER_ID``, ``BACKBEAT_AGENT_ID``, ``BACKBEAT_SIGNING_KEY`` (a key file
-        path), ``BACKBEAT_JITTER_TOLERANCE``, ``BACKBEAT_BEATS_PER_BAR`` and the connection
+        path), ``BACKBEAT_JITTER_TOLERANCE``, ``BACKBEAT_BEATS_PER_BAR``,
+        ``BACKBEAT_FIRST_BEAT_WARNING`` (seconds) and the connection
         variables :func:`connection_kwargs_from_env` reads (``BACKBEAT_NATS_URL``,
         ``BACKBEAT_NATS_USER``/``_PASSWORD``/``_TOKEN``/``_CREDS``/``_NKEYS_SEED``,
         ``BACKBEAT_TLS_CA``/``_CERT``/``_KEY``, ``BACKBEAT_RECONNECT_DELAY``,
@@ -106,6 +114,7 @@ class Config(ConnectionOptions):
         numbers: dict[str, tuple[str, type[int] | type[float]]] = {
             "jitter_tolerance": ("BACKBEAT_JITTER_TOLERANCE", float),
             "beats_per_bar": ("BACKBEAT_BEATS_PER_BAR", int),
+            "first_beat_warning": ("BACKBEAT_FIRST_BEAT_WARNING", float),
         }
         kw.update(env_numbers(env, numbers))
         if env.get("BACKBEAT_SIGNING_KEY"):

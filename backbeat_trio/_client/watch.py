@@ -54,6 +54,8 @@ class BeatWatch:
         handovers: how many times a watcher left and the watch passed to another member.
         keeper: who keeps the watch now (the name its member waits with), or None.
         waiting: how many members wait on the watch now (the keeper included).
+        no_beat_warned: whether a member warned that no beat came after it started (the
+            others sharing the subscription then say it at DEBUG only).
     """
 
     __slots__ = (
@@ -64,6 +66,7 @@ class BeatWatch:
         "frames",
         "handovers",
         "keeper",
+        "no_beat_warned",
         "screen",
         "silences",
         "waiting",
@@ -77,6 +80,7 @@ class BeatWatch:
         self.handovers = 0
         self.keeper: str | None = None
         self.waiting = 0
+        self.no_beat_warned = False
         self._watching = False
         self._scope: trio.CancelScope | None = None  # the watcher's sleep
         self._silence = trio.Event()  # set (and replaced) when the watch ends, either way

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 import trio
 
+from ..._client.beats_in import no_beat_hint
 from ..._client.client import open_client
 from ..._core.wire import HealthStatus
 from ..common import EXIT_FAILURE, EXIT_OK, PROG, add_command, count, eprint, out, positive_float
@@ -88,7 +89,7 @@ async def run(args: argparse.Namespace) -> int:
     if not health.connected:
         problems.append("not connected")
     if seen == 0:
-        problems.append(f"no beat within {args.timeout:g} s")
+        problems.append(no_beat_hint(cfg.cluster_id, args.timeout))
     elif seen < args.beats:
         problems.append(f"only {seen} of {args.beats} beats within {args.timeout:g} s")
     if health.local_degradation:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import msgspec
 import trio
 
 from ..._bridge import open_nats_transport
+from ..._client.beats_in import no_beat_hint
 from ..._core.beats import bar_subject, beat_subject, status_subject
 from ..._core.wire import BarReport, BeatFrame, StatusClaim, decode
 from ..._errors import WireError
@@ -48,7 +50,8 @@ def register(subparsers: Subparsers) -> None:
         [conn_parent(), agent_parent()],
         "Print the cluster's beats, claims or bar reports as they come, human-readable or as "
         "one JSON object per line. Claim signatures are shown, not verified (the reverb "
-        "verifies them against its keyring).",
+        "verifies them against its keyring). When nothing arrives for "
+        "BACKBEAT_FIRST_BEAT_WARNING seconds (default 10), it says what to check.",
     )
     add_arguments(p)
 
@@ -102,6 +105,24 @@ def _tail_line(
     return compact_json(msg.data) if as_json else format_report(report)
 
 
+def _quiet_hint(kind: str, cluster_id: str, subject: str, seconds: float) -> str:
+    """What ``tail`` says when nothing arrived in its first ``seconds`` (for beats, what a client
+    says when it hears no beat)."""
+    if kind == "beats":
+        return no_beat_hint(cluster_id, seconds)
+    publisher = {"claims": "an agent is emitting claims", "bars": "a reverb is running"}[kind]
+    return (
+        f"nothing on {subject} in the {seconds:g} s since connecting: check that "
+        f"{cluster_id!r} is the cluster's id and that {publisher}"
+    )
+
+
+async def _hint_if_quiet(seconds: float, hint: str, received: Callable[[], int]) -> None:
+    await trio.sleep(seconds)
+    if not received():
+        eprint(f"{PROG} tail: {hint}")
+
+
 async def run(args: argparse.Namespace) -> int:
     """Print messages until ``--count`` or ``--timeout`` (or until cancelled)."""
     kind = "claims" if args.claims else "bars" if args.bars else "beats"
@@ -117,9 +138,13 @@ async def run(args: argparse.Namespace) -> int:
     received = bad = 0
     # a live report of a window the replay already printed is skipped (it may be in both)
     replayed_up_to = -1
-    async with open_nats_transport(cfg) as transport:
+    async with open_nats_transport(cfg) as transport, trio.open_nursery() as nursery:
         sub = await transport.subscribe(subject, buffer=4096)
         await transport.flush()  # the server has the subscription: nothing sent from now is missed
+        quiet = cfg.first_beat_warning
+        if quiet is not None:
+            hint = _quiet_hint(kind, args.cluster, subject, quiet)
+            nursery.start_soon(_hint_if_quiet, quiet, hint, lambda: received)
         with trio.move_on_after(args.timeout if args.timeout else math.inf) as scope:
             if args.since is not None:
                 from ..._services.history import bar_stream_name, replay_bars
@@ -157,6 +182,7 @@ async def run(args: argparse.Namespace) -> int:
                     received += 1
                     if wanted and received >= wanted:
                         break
+        nursery.cancel_scope.cancel()
     if scope.cancelled_caught:
         got = f"{received} of {wanted}" if wanted else f"{received}"
         eprint(f"{PROG} tail: timed out after {args.timeout:g} s with {got} message(s)")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 import msgspec
 import trio
@@ -105,11 +106,14 @@ async def work(bb: bb3.Client, args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    # --key over BACKBEAT_SIGNING_KEY (which from_env reads); neither: unsigned claims
-    key = {"signing_key": bb3.load_signing_key(args.key)} if args.key else {}
-    cfg = bb3.Config.from_env(
-        cluster_id=args.cluster, agent_id=args.agent, nats_url=args.nats_url, **key
-    )
+    settings: dict[str, Any] = {
+        "cluster_id": args.cluster,
+        "agent_id": args.agent,
+        "nats_url": args.nats_url,
+    }
+    if args.key:  # over BACKBEAT_SIGNING_KEY, which from_env reads; neither: unsigned claims
+        settings["signing_key"] = bb3.load_signing_key(args.key)
+    cfg = bb3.Config.from_env(**settings)
     async with bb3.open_client(cfg) as bb:
         # with a JetStream stream on the status subject (the reverb creates one) claims are
         # at-least-once; without, at-most-once: health().delivery says which

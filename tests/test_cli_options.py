@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import re
+from types import ModuleType
+from typing import cast
 
 import pytest
 
@@ -35,7 +37,7 @@ HAVE = {
 
 
 def command_names() -> list[str]:
-    names = [mod.__name__.rsplit(".", 1)[-1] for mod in COMMANDS]
+    names = [cast(ModuleType, mod).__name__.rsplit(".", 1)[-1] for mod in COMMANDS]
     assert len(names) == 10, names  # every module of _cli/commands is a command
     return names
 

@@ -28,7 +28,17 @@ from benchmarks._stats import median, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
-ALL = ("codec", "beats", "claims", "scale", "scale-cluster", "many", "recovery", "admin")
+ALL = (
+    "codec",
+    "beats",
+    "claims",
+    "scale",
+    "scale-cluster",
+    "many",
+    "recovery",
+    "admin",
+    "ingest",
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,10 @@ class Params:
     admin_reps: int
     admin_blocks: int
     admin_block_s: float
+    ingest_reps: int = 5
+    ingest_agents: int = 2000
+    ingest_beats: int = 16
+    ingest_e2e_reps: int = 3
 
 
 FULL = Params(
@@ -98,6 +112,8 @@ QUICK = dataclasses.replace(
     admin_reps=1,
     admin_blocks=4,
     admin_block_s=1.5,
+    ingest_agents=200,
+    ingest_beats=8,
 )
 BEAT_TEMPO = 1200
 SCALE_NODES = 3
@@ -1025,6 +1041,10 @@ async def _run(p: Params, only: tuple[str, ...], write: bool) -> int:
                 from benchmarks._admin_bench import bench_admin
 
                 await bench_admin(p, out, logdir)
+            elif name == "ingest":
+                from benchmarks.ingest import bench_ingest
+
+                await bench_ingest(p, out, logdir)
         except Exception as exc:
             failures.append(f"{name}: {exc!r}")
             traceback.print_exc()

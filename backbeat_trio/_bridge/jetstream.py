@@ -38,6 +38,7 @@ from . import _natspy_private as private
 from .errors import (
     ignore_nats_errors,
     map_nats_errors,
+    nats_failures,
     not_found_errors,
     refusal_code,
     refusal_errors,
@@ -71,6 +72,8 @@ _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
 #: insufficient resources): a request for replicas > 1 falls back to 1 on these.
 _NO_REPLICAS: Final = frozenset({10074, 10005, 10023})
 _EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+#: A JetStream-delivered message's reply subject starts so; its tokens carry the sequences.
+_ACK_PREFIX: Final = "$JS.ACK."
 #: Seconds per JetStream API request unless a caller asks for another bound.
 DEFAULT_OP_TIMEOUT: Final = 5.0
 
@@ -183,6 +186,7 @@ class NatsJetStream:
         *,
         buffer: int = 65536,
         deliver: Literal["new", "last_per_subject"] = "new",
+        start_seq: int | None = None,
         handler: Callable[[Message], None] | None = None,
     ) -> Subscription:
         """An ordered consumer on ``stream`` (see :meth:`JetStream.stream_subscribe`); each
@@ -193,13 +197,31 @@ class NatsJetStream:
             NotConnected: the subscription could not be made.
             JetStreamError: JetStream refused the consumer (``code`` says why).
         """
-        from nats.js.api import DeliverPolicy
+        from nats.js.api import ConsumerConfig, DeliverPolicy
 
         t = self._transport()
         policy = DeliverPolicy.NEW if deliver == "new" else DeliverPolicy.LAST_PER_SUBJECT
         options: dict[str, Any] = dict(stream=stream, ordered_consumer=True, deliver_policy=policy)
+        if start_seq is not None:
+            options["deliver_policy"] = DeliverPolicy.BY_START_SEQUENCE
+            options["config"] = ConsumerConfig(opt_start_seq=max(1, start_seq))
         what = f"stream subscribe {stream}/"
         return await t._bridged(subject, buffer, what, t._js.subscribe, handler=handler, **options)
+
+    def sequence_of(self, msg: Message) -> int | None:
+        """The stream sequence JetStream delivered ``msg`` with (None: a core message)."""
+        if not msg.reply.startswith(_ACK_PREFIX):
+            return None
+        unreadable: tuple[type[BaseException], ...] = (
+            AttributeError,
+            IndexError,
+            ValueError,
+            *nats_failures(),
+        )
+        try:
+            return _stream_sequence(msg)
+        except unreadable:
+            return None
 
     # -- key/value -------------------------------------------------------------------------------
     async def ensure_kv(

@@ -25,7 +25,8 @@ Rules SPEC.md leaves open, decided here:
   claim up to and including the window, even if the agent sent nothing new in it. An agent that
   stays silent is reported ``stalled`` in each of ``forget_after_windows`` consecutive reports,
   then forgotten (dropping out of ``blocked`` and of the deadlock graph). An agent whose latest
-  claim is ``done`` or ``failed`` has finished; its silence is not a stall.
+  claim is ``done`` or ``failed`` has finished; its silence is not a stall. Nor is silence in a
+  window the caller closes as ``blind`` (it could not read all of it): its claims arrive ``late``.
 * ``failed``: one issue per ``(agent, task)`` with any ``failed`` claim in the window.
 * ``overrun`` (SPEC): one per tracked ``(agent, task)`` that gave an estimate (``beats_left > 0``)
   and is not ``done``, ``failed`` or ``review`` once it ran out: its latest claim says 0 beats
@@ -486,13 +487,16 @@ class BarAggregator:
             self.tasks_evicted += 1
 
     # --- output ----------------------------------------------------------------------------------
-    def close_window(self, window_first_beat: int, hlc: str) -> BarReport:
+    def close_window(self, window_first_beat: int, hlc: str, *, blind: bool = False) -> BarReport:
         """Close a window and build its report; later claims naming it count as ``late``.
 
         Args:
             window_first_beat: the window's first beat (a multiple of ``beats_per_bar``), after
                 every window closed so far.
             hlc: the report's HLC stamp (the caller's clock).
+            blind: the caller could not read claims for part of the window (its connection
+                was down, or it was catching up): an agent silent in it is not ``stalled``,
+                and the window does not count towards forgetting it.
 
         Returns:
             The report, every SPEC field filled in.
@@ -533,7 +537,7 @@ class BarAggregator:
         self._fold_tasks(w)
         issues: list[BarIssue] = []
         for agent, track in self._agents.items():
-            if agent in reporting:
+            if agent in reporting or blind:
                 continue
             track.silent_windows += 1
             if track.claim.state not in TERMINAL_STATES:

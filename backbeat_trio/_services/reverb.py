@@ -60,7 +60,7 @@ from .._services.lease import (
     LeaseStore,
     ensure_lease_store,
 )
-from .._services.reverb_claims import AcceptedClaim, ClaimJudge
+from .._services.reverb_claims import AcceptedClaim, ClaimJudge, ClaimReader, follow_connection
 from .._services.reverb_ha import HAReports, hold_lease
 from .._services.storage import (
     BAR_MAX_AGE,
@@ -69,7 +69,7 @@ from .._services.storage import (
     STATUS_MAX_BYTES,
     check_stream_bounds,
 )
-from .._transport.base import Subscription, Transport
+from .._transport.base import Message, Transport
 from .._transport.options import ConnectionOptions
 from .._util.channel import DropOldestChannel
 from .._util.trio_only import require_trio
@@ -401,11 +401,10 @@ async def _reverb_loop(
         resume_after = None
     found = await transport.jetstream.find_stream(subject)
     status.stream = found
-    if found is not None:
-        claims_sub = await transport.jetstream.stream_subscribe(subject, found)
-    else:
+    if found is None:
         log.warning("no JetStream stream captures %s; reading claims at most once", subject)
-        claims_sub = await transport.subscribe(subject, buffer=65536)
+    reader = ClaimReader(transport, subject, found)
+    await reader.subscribe()
     aggregator = BarAggregator(cfg.cluster_id, beats_per_bar=cfg.beats_per_bar)
     status.rejected_by_reason = aggregator.rejection_reasons
     status._window_refusals = aggregator.beats_refused
@@ -422,10 +421,11 @@ async def _reverb_loop(
         _handing_out(status, bb),
     ):
         beats = bb.beats(buffer=256)
-        nursery.start_soon(_claims_loop, claims_sub, aggregator, judge, status)
+        nursery.start_soon(_claims_loop, reader, aggregator, judge, status)
+        nursery.start_soon(follow_connection, bb, reader)
         if keeper is not None:
             nursery.start_soon(hold_lease, keeper, cfg.release_on_exit)
-        status.started_at = trio.current_time()
+        status.started_at = window_opened = trio.current_time()
         task_status.started(status)
 
         def publish(report: BarReport) -> None:
@@ -451,7 +451,10 @@ async def _reverb_loop(
                 status.first_beat.set()
             if left is None:
                 continue
-            report = aggregator.close_window(left, str(hlc.now()))
+            # a window the reverb could not read all of reports no agent stalled
+            now = trio.current_time()
+            blind, window_opened = reader.blind_during(window_opened, now), now
+            report = aggregator.close_window(left, str(hlc.now()), blind=blind)
             if resumed_duplicate(report, resume_after, cfg.beats_per_bar):
                 log.info("window %d was reported before this reverb restarted", left)
                 continue
@@ -484,43 +487,55 @@ async def _handing_out(status: ReverbStatus, bb: Client) -> AsyncIterator[None]:
 
 
 async def _claims_loop(
-    sub: Subscription,
+    reader: ClaimReader,
     aggregator: BarAggregator,
     judge: ClaimJudge,
     status: ReverbStatus,
 ) -> None:
     await status.first_beat.wait()
-    async for msg in sub.messages:
-        if sub.dropped:
-            status.claims_dropped += sub.dropped
-            log.warning("%d claim(s) dropped: the reverb fell behind its claim stream", sub.dropped)
-            sub.dropped = 0
-        try:
-            claim = judge.verify(msg.data, msg.headers)
-        except SignatureError as exc:
-            aggregator.reject(exc.reason or "signature")
-            status.rejected += 1
-            log.info("rejected claim: %s", exc)
-            continue
-        except (WireError, UnicodeDecodeError) as exc:
-            # UnicodeDecodeError: invalid UTF-8 inside a JSON string gets past _wire.decode
-            aggregator.reject("schema")
-            status.rejected += 1
-            log.info("rejected claim: %s", exc)
-            continue
-        with contextlib.suppress(WireError):
-            judge.hlc.update(claim.hlc)
-        outcome = aggregator.add_claim(claim)
-        if outcome != "rejected":
-            status._hand_out(judge.accepted(claim, msg.headers))
-        if outcome == "counted":
-            status.claims_counted += 1
-            latest = status.latest_claims
-            latest.pop(claim.agent_id, None)  # re-insert: the dict stays oldest-first
-            latest[claim.agent_id] = claim
-            if len(latest) > MAX_TRACKED_AGENTS:
-                del latest[next(iter(latest))]
-        elif outcome == "late":
-            status.claims_late += 1
-        else:
-            status.rejected += 1
+    assert reader.sub is not None
+    sub = reader.sub
+    while True:
+        async for msg in sub.messages:
+            if sub.dropped:
+                status.claims_dropped += sub.dropped
+                log.warning("%d claim(s) dropped: the reverb fell behind its claims", sub.dropped)
+                sub.dropped = 0
+            if reader.take(msg):
+                _take_claim(msg, aggregator, judge, status)
+        # the subscription ended: a reconnect replaced it (or the reverb is closing)
+        sub = await reader.replaced(sub)
+
+
+def _take_claim(
+    msg: Message, aggregator: BarAggregator, judge: ClaimJudge, status: ReverbStatus
+) -> None:
+    try:
+        claim = judge.verify(msg.data, msg.headers)
+    except SignatureError as exc:
+        aggregator.reject(exc.reason or "signature")
+        status.rejected += 1
+        log.info("rejected claim: %s", exc)
+        return
+    except (WireError, UnicodeDecodeError) as exc:
+        # UnicodeDecodeError: invalid UTF-8 inside a JSON string gets past _wire.decode
+        aggregator.reject("schema")
+        status.rejected += 1
+        log.info("rejected claim: %s", exc)
+        return
+    with contextlib.suppress(WireError):
+        judge.hlc.update(claim.hlc)
+    outcome = aggregator.add_claim(claim)
+    if outcome != "rejected":
+        status._hand_out(judge.accepted(claim, msg.headers))
+    if outcome == "counted":
+        status.claims_counted += 1
+        latest = status.latest_claims
+        latest.pop(claim.agent_id, None)  # re-insert: the dict stays oldest-first
+        latest[claim.agent_id] = claim
+        if len(latest) > MAX_TRACKED_AGENTS:
+            del latest[next(iter(latest))]
+    elif outcome == "late":
+        status.claims_late += 1
+    else:
+        status.rejected += 1

@@ -1,5 +1,7 @@
-"""How the reverb judges a claim, and what it hands out for each one it accepted.
+"""How the reverb reads claims, judges each, and what it hands out for each one it accepted.
 
+:class:`ClaimReader` keeps the reverb's subscription to the status stream alive across a
+reconnect and knows when the reverb could not read (:meth:`ClaimReader.blind_during`).
 :class:`ClaimJudge` verifies a claim from the wire (signature against the keyring, unsigned
 claims only when allowed, the clock-skew bound, replay); :class:`AcceptedClaim` is what
 :meth:`~backbeat_trio._services.reverb.ReverbStatus.watch_claims` hands to a watcher (the
@@ -9,18 +11,165 @@ or late): nothing the reverb refused ever reaches a watcher.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+import trio
+
+from .._client.client import Client
 from .._core.hlc import HLC
 from .._core.signing import HEADER_SIG, Keyring, ReplayCache, verify_claim
 from .._core.wire import StatusClaim
+from .._errors import BackbeatError
+from .._transport.base import Message, Subscription, Transport
 
-__all__ = ["AcceptedClaim", "ClaimJudge"]
+__all__ = ["OUTAGE_GRACE", "AcceptedClaim", "ClaimJudge", "ClaimReader", "follow_connection"]
+
+log = logging.getLogger("backbeat_trio.reverb")
 
 _SIG_HEADER: Final = HEADER_SIG.lower()
+#: Seconds after the reverb reads again during which a silent agent is not yet ``stalled``:
+#: agents reconnect on their own schedule (a client retries every ``reconnect_delay``, 1 s by
+#: default) and only then re-send the claims that waited in their outboxes.
+OUTAGE_GRACE: Final = 2.0
+#: Seconds between attempts to re-create the stream subscription after a reconnect (doubling).
+_RESUBSCRIBE_DELAY: Final = 0.05
+_RESUBSCRIBE_DELAY_MAX: Final = 1.0
+#: Seconds each JetStream request of a resubscription may take (a server that just restarted
+#: either answers at once or is not there yet).
+_RESUBSCRIBE_OP_TIMEOUT: Final = 1.0
+
+
+class ClaimReader:
+    """The reverb's claim subscription: the status stream from the sequence after the last
+    claim it processed, re-created as soon as the connection is back (a restarted server has
+    lost the old consumer, and nats-py would notice only after missed heartbeats).
+
+    Without a stream it is a core subscription (nats-py renews it by itself). Either way it
+    tracks the latest span during which the reverb could not read: from a disconnect until the
+    subscription is back and has caught up with what the stream held then.
+
+    Attributes:
+        sub: the current subscription (replaced after a reconnect).
+        last_seq: the stream sequence of the last message handed out (0: none).
+        resubscribed: subscriptions re-created after a reconnect.
+        resumed_at: when the latest re-created subscription delivered its first new message
+            (``trio.current_time()``; None before any).
+    """
+
+    def __init__(self, transport: Transport, subject: str, stream: str | None) -> None:
+        self.subject = subject
+        self.stream = stream
+        self._transport = transport
+        self.sub: Subscription | None = None
+        self.last_seq = 0
+        self.resubscribed = 0
+        self.resumed_at: float | None = None
+        self._blind_since: float | None = None
+        self._blind_until: float | None = None
+        self._catch_up_to: int | None = None
+        self._replaced = trio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"<ClaimReader {self.stream or 'core'} last_seq={self.last_seq} "
+            f"resubscribed={self.resubscribed}>"
+        )
+
+    async def subscribe(self) -> Subscription:
+        """Subscribe to what is stored from now on (without a stream: core NATS)."""
+        if self.stream is None:
+            self.sub = await self._transport.subscribe(self.subject, buffer=65536)
+            return self.sub
+        js = self._transport.jetstream
+        summary = await js.stream_summary(self.stream)
+        self.last_seq = summary.last_seq if summary is not None else 0
+        self.sub = await js.stream_subscribe(self.subject, self.stream, start_seq=self.last_seq + 1)
+        return self.sub
+
+    def went_down(self, now: float) -> None:
+        """The connection is down: the reverb reads nothing from ``now`` on."""
+        if self._blind_since is None or self._blind_until is not None:
+            self._blind_since, self._blind_until = now, None
+
+    async def resume(self) -> None:
+        """The connection is back: re-create the stream subscription from the sequence after
+        the last one handed out, retrying until JetStream answers (bound it by cancelling)."""
+        if self.stream is None:
+            self._caught_up()
+            return
+        js = self._transport.jetstream.with_op_timeout(_RESUBSCRIBE_OP_TIMEOUT)
+        delay = _RESUBSCRIBE_DELAY
+        while True:
+            try:
+                last = await js.stream_last(self.stream, self.subject)
+                sub = await js.stream_subscribe(
+                    self.subject, self.stream, start_seq=self.last_seq + 1
+                )
+            except BackbeatError as exc:
+                log.info("claim stream not back yet (%s); again in %.2f s", exc, delay)
+                await trio.sleep(delay)
+                delay = min(2 * delay, _RESUBSCRIBE_DELAY_MAX)
+                continue
+            break
+        old, self.sub = self.sub, sub
+        self.resubscribed += 1
+        self._catch_up_to = None if last is None else last.seq
+        if self._catch_up_to is None or self.last_seq >= self._catch_up_to:
+            self._caught_up()
+        event, self._replaced = self._replaced, trio.Event()
+        event.set()
+        if old is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await old.unsubscribe()
+        log.info("claim stream resumed after sequence %d", self.last_seq)
+
+    async def replaced(self, sub: Subscription) -> Subscription:
+        """Wait until ``sub`` (whose channel ended) has a successor; return it."""
+        while self.sub is sub:
+            await self._replaced.wait()
+        assert self.sub is not None
+        return self.sub
+
+    def take(self, msg: Message) -> bool:
+        """Whether ``msg`` is new (not a message an earlier subscription handed out already);
+        records its sequence."""
+        seq = self._transport.jetstream.sequence_of(msg) if self.stream is not None else None
+        if seq is None:
+            return True
+        if seq <= self.last_seq:
+            return False
+        self.last_seq = seq
+        if self._catch_up_to is not None and seq >= self._catch_up_to:
+            self._caught_up()
+        return True
+
+    def _caught_up(self) -> None:
+        self._catch_up_to = None
+        if self._blind_since is not None and self._blind_until is None:
+            self._blind_until = trio.current_time()
+            self.resumed_at = self._blind_until
+
+    def blind_during(self, opened: float, closed: float) -> bool:
+        """Whether the reverb could not read (or had read again for less than
+        :data:`OUTAGE_GRACE`) at some time between ``opened`` and ``closed``."""
+        since, until = self._blind_since, self._blind_until
+        if since is None or since > closed:
+            return False
+        return until is None or until + OUTAGE_GRACE >= opened
+
+
+async def follow_connection(bb: Client, reader: ClaimReader) -> None:
+    """Tell ``reader`` when the reverb's connection (as its client ``bb`` sees it) goes down
+    and comes back; runs until cancelled."""
+    while True:
+        await bb.wait_connected(False)
+        reader.went_down(trio.current_time())
+        await bb.wait_connected(True)
+        await reader.resume()
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,9 +242,17 @@ class JetStream(Protocol):
         *,
         buffer: int = 65536,
         deliver: Literal["new", "last_per_subject"] = "new",
+        start_seq: int | None = None,
     ) -> Subscription:
         """What ``stream`` stores on ``subject`` from now on (``last_per_subject``: the latest
-        stored message of each matching subject first), each ``Nats-Msg-Id`` once."""
+        stored message of each matching subject first; ``start_seq``, in place of ``deliver``:
+        every message from that stream sequence on), each ``Nats-Msg-Id`` once.
+        :meth:`sequence_of` reads each delivered message's stream sequence."""
+        ...
+
+    def sequence_of(self, msg: Message) -> int | None:
+        """The stream sequence of a message :meth:`stream_subscribe` delivered; None for a
+        message that carries none (one a core subscription delivered)."""
         ...
 
     # -- key/value -------------------------------------------------------------------------------

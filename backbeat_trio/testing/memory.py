@@ -165,6 +165,14 @@ class _MemoryStream:
         )
 
 
+@dataclass(slots=True)
+class StreamDelivery(MemoryMessage):
+    """A message :meth:`MemoryJetStream.stream_subscribe` delivered: ``seq`` is its stream
+    sequence."""
+
+    seq: int = 0
+
+
 class MemoryBroker:
     """A tiny in-process NATS look-alike: subjects with wildcards, headers, reply subjects and
     JetStream-like streams that ack publishes, drop duplicate ``Nats-Msg-Id`` s and keep their
@@ -520,9 +528,11 @@ class MemoryJetStream:
         *,
         buffer: int = 65536,
         deliver: Literal["new", "last_per_subject"] = "new",
+        start_seq: int | None = None,
     ) -> Subscription:
         """What ``stream`` stores on ``subject`` (each ``Nats-Msg-Id`` once), delivered as it was
-        published; ``last_per_subject`` starts with the latest stored message of each subject."""
+        published; ``last_per_subject`` starts with the latest stored message of each subject,
+        ``start_seq`` with every stored one from that sequence on."""
         await trio.lowlevel.checkpoint()
         found = self._stream(stream)
         if found is None:
@@ -534,14 +544,22 @@ class MemoryJetStream:
                 stop.pop()()
 
         sub = Subscription(subject, buffer, unsubscribe)
-        stop.append(
-            found.watch(
-                subject,
-                lambda _stored, msg: sub._deliver(msg),
-                last_per_subject=deliver == "last_per_subject",
-            )
-        )
+
+        def deliver_stored(stored: StoredMessage, _msg: MemoryMessage) -> None:
+            msg = StreamDelivery(stored.subject, stored.data, "", stored.headers, stored.seq)
+            sub._deliver(msg)
+
+        if start_seq is not None:
+            for stored in found.stored_on(subject):
+                if stored.seq >= start_seq:
+                    deliver_stored(stored, MemoryMessage(stored.subject, stored.data))
+        last_per_subject = start_seq is None and deliver == "last_per_subject"
+        stop.append(found.watch(subject, deliver_stored, last_per_subject=last_per_subject))
         return sub
+
+    def sequence_of(self, msg: Message) -> int | None:
+        """The stream sequence of a message :meth:`stream_subscribe` delivered."""
+        return msg.seq if isinstance(msg, StreamDelivery) else None
 
     # -- key/value -------------------------------------------------------------------------------
     async def ensure_kv(

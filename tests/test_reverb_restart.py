@@ -1,0 +1,162 @@
+"""A reverb under a nats-server SIGKILL and restart sees again at once (issue 19, item 6).
+
+Over a real nats-server: a pulse at 600 BPM, a reverb with a keyring, signed agents on one
+shared connection each claiming every beat. The server is SIGKILLed and restarted; the reverb
+must count claims again within a second of the server accepting connections (its stream reader
+is re-created on the reconnect, not after nats-py's missed heartbeats), report no agent
+``stalled`` for the outage (their claims waited in their outboxes, and arrive ``late``), and
+count every claim exactly once. One agent reconnects only every second (the client's default
+``reconnect_delay``): its claims arrive after the reverb is back, and it is not ``stalled``
+either. CI runs it bounded; ``--soak`` runs more agents, a faster pulse and more restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+import backbeat_trio as bb3
+from backbeat_trio._bridge.nats import open_nats_transport
+from backbeat_trio._embedded import NatsServerProcess
+from backbeat_trio._services.reverb_claims import AcceptedClaim
+from backbeat_trio._util.channel import DropOldestChannel
+
+pytestmark = [pytest.mark.chaos, pytest.mark.nats]
+
+#: the reverb must count claims again within this many seconds of the server being back
+RESUME_BOUND = 1.0
+
+Watch = DropOldestChannel[AcceptedClaim]
+
+
+@dataclass
+class Agents:
+    """Signed agents on one connection, each claiming every beat it sees."""
+
+    clients: list[bb3.Client] = field(default_factory=list)
+    emitted: int = 0
+    stop: trio.Event = field(default_factory=trio.Event)
+
+    async def claim_every_beat(
+        self, bb: bb3.Client, beats: trio.MemoryReceiveChannel[object]
+    ) -> None:
+        async for _frame in beats:
+            if self.stop.is_set():
+                return
+            claim = bb3.StatusClaim(
+                task_id="work", state="executing", beats_left=1_000_000, progress=0.5
+            )
+            await bb.emit_status(claim)
+            self.emitted += 1
+
+
+@contextlib.asynccontextmanager
+async def open_agents(
+    url: str, cluster: str, keys: dict[str, bb3.SigningKey], slow: str
+) -> AsyncIterator[Agents]:
+    agents = Agents()
+    conn_cfg = bb3.Config(
+        cluster_id=cluster, agent_id="agents-conn", nats_url=url, reconnect_delay=0.1
+    )
+    async with (
+        open_nats_transport(conn_cfg) as conn,
+        trio.open_nursery() as nursery,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        # the slow agent reconnects on its own connection at the default pace
+        slow_conn = await stack.enter_async_context(
+            open_nats_transport(
+                bb3.Config(cluster_id=cluster, agent_id=slow, nats_url=url, reconnect_delay=1.0)
+            )
+        )
+        for agent_id, key in keys.items():
+            cfg = bb3.Config(
+                cluster_id=cluster,
+                agent_id=agent_id,
+                nats_url=url,
+                signing_key=key,
+                jetstream=True,
+                jitter_tolerance=0.1,
+            )
+            transport = slow_conn if agent_id == slow else conn
+            bb = await stack.enter_async_context(bb3.open_client(cfg, transport=transport))
+            agents.clients.append(bb)
+            nursery.start_soon(agents.claim_every_beat, bb, bb.beats(buffer=64))
+        yield agents
+        agents.stop.set()
+        with trio.fail_after(30):
+            for bb in agents.clients:
+                await bb.flush_claims()
+        nursery.cancel_scope.cancel()
+
+
+async def counting_again(status: bb3.ReverbStatus, watch: Watch) -> float:
+    """Seconds until the reverb counts a claim in a window (not ``late``) from now on."""
+    start, baseline = trio.current_time(), status.claims_counted
+    while status.claims_counted <= baseline:
+        await watch.receive()
+    return trio.current_time() - start
+
+
+async def accepted(status: bb3.ReverbStatus, watch: Watch, emitted: int) -> None:
+    """Wait until the reverb has counted (or counted late) ``emitted`` claims."""
+    while status.claims_counted + status.claims_late < emitted:
+        await watch.receive()
+
+
+async def test_reverb_counts_again_within_a_second_of_a_restart(
+    nats_server: NatsServerProcess, nats_url: str, soak: bool
+) -> None:
+    cluster = "reverb-restart-soak" if soak else "reverb-restart"
+    n_agents, tempo, restarts, between = (50, 1200, 10, 60.0) if soak else (5, 600, 2, 4.0)
+    keys = {f"agent-{i}": bb3.generate_signing_key() for i in range(n_agents)}
+    slow = "agent-0"
+    keyring = bb3.Keyring({agent: key.verify_key for agent, key in keys.items()})
+    pulse_cfg = bb3.PulseConfig(
+        cluster_id=cluster, nats_url=nats_url, tempo_bpm=tempo, reconnect_delay=0.1
+    )
+    reverb_cfg = bb3.ReverbConfig(
+        cluster_id=cluster, nats_url=nats_url, keyring=keyring, reconnect_delay=0.1
+    )
+    blind: list[float] = []
+    with trio.fail_after(120 + restarts * (between + 10)):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bb3.run_pulse, pulse_cfg)
+            status: bb3.ReverbStatus = await nursery.start(bb3.run_reverb, reverb_cfg)
+            watch = status.watch_claims(buffer=1_000_000)
+            with trio.fail_after(10):
+                await status.first_beat.wait()
+            async with open_agents(nats_url, cluster, keys, slow) as agents:
+                with trio.fail_after(10):
+                    while len(status.latest_claims) < n_agents:
+                        await status.wait_for_report()
+                for _ in range(restarts):
+                    await trio.sleep(between / 2)
+                    nats_server.kill()
+                    await trio.sleep(0.5)  # down for several beats
+                    await trio.to_thread.run_sync(nats_server.start)
+                    with trio.fail_after(10):
+                        blind.append(await counting_again(status, watch))
+                    await trio.sleep(between / 2)
+                # every agent reported since the last restart, before any of them stops
+                with trio.fail_after(10):
+                    for _ in range(3):
+                        await status.wait_for_report()
+                stalled = status.issues_by_kind.get("stalled", 0)
+                reports = status.reports
+            emitted = agents.emitted  # every one of them acknowledged by the stream
+            with trio.fail_after(30):
+                await accepted(status, watch, emitted)
+            await trio.sleep(0.5)  # anything counted twice would show by now
+            nursery.cancel_scope.cancel()
+    print(f"restart -> counting again: {[round(s, 3) for s in blind]} s; reports {reports}")
+    assert max(blind) < RESUME_BOUND, blind
+    assert stalled == 0, status.history
+    assert status.claims_counted + status.claims_late == emitted
+    assert status.rejected == 0, status.rejected_by_reason
+    assert status.claims_dropped == 0
+    assert status.claims_late > 0  # the outbox claims of the outages arrived, late

@@ -10,8 +10,11 @@ has to be on the command line, where every local user sees it in ``ps``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
+import socket
+from collections.abc import Iterator
 from typing import Any, Final
 
 import trio
@@ -22,6 +25,8 @@ from .common import UsageError, count, env, eprint
 __all__ = [
     "TOKEN_ENV",
     "add_http_arguments",
+    "bind_http",
+    "bound_http",
     "check_http_bind",
     "http_allowed_hosts",
     "http_token",
@@ -133,32 +138,71 @@ def _http_refused(args: argparse.Namespace, exc: ConfigError) -> UsageError:
 
 
 def check_http_bind(args: argparse.Namespace) -> None:
-    """Refuse a ``--http`` address that is malformed or taken before anything starts.
+    """Refuse a ``--http`` address that is malformed or taken before anything starts (bound,
+    then released: for a command that serves its admin API from elsewhere).
 
     Raises:
         UsageError: the address cannot be listened on (the message names ``--http``).
         ConfigError: the ops extra is missing.
     """
-    if not args.http:
-        return
+    if args.http:
+        bind_http(args).close()
+
+
+@contextlib.contextmanager
+def bound_http(args: argparse.Namespace) -> Iterator[socket.socket | None]:
+    """The ``--http`` address bound now, before the service starts (None without ``--http``);
+    closed on the way out unless :func:`start_admin` took it over.
+
+    A service command binds first and starts its service second, so a malformed or taken
+    address stops it before it publishes anything.
+
+    Raises:
+        UsageError: the address cannot be listened on (the message names ``--http``).
+        ConfigError: the ops extra is missing.
+    """
+    listener = bind_http(args) if args.http else None
+    try:
+        yield listener
+    finally:
+        if listener is not None:
+            listener.close()  # (a no-op once the server has taken it over)
+
+
+def bind_http(args: argparse.Namespace) -> socket.socket:
+    """A socket bound to ``--http`` (see :func:`bound_http`).
+
+    Raises:
+        UsageError: the address cannot be listened on (the message names ``--http``).
+        ConfigError: the ops extra is missing.
+    """
     from .._ops import load
 
     try:
-        load("server").check_bind(args.http)
+        listener: socket.socket = load("server").bind_listener(args.http)
     except ConfigError as exc:
         if exc.field != "bind":
             raise
         raise _http_refused(args, exc) from None
+    return listener
 
 
 async def start_admin(
-    nursery: trio.Nursery, args: argparse.Namespace, what: str, **sources: Any
+    nursery: trio.Nursery,
+    args: argparse.Namespace,
+    what: str,
+    listener: socket.socket | None = None,
+    **sources: Any,
 ) -> str | None:
     """Start the admin server in ``nursery`` when ``--http`` was given; print its URL.
 
-    Start it before the service it reports on (a live mapping of statuses, filled in once the
-    service runs): an address it cannot listen on then stops the command before the service
-    publishes anything.
+    Args:
+        nursery: where it runs.
+        args: the command's options (``--http`` and the token and ``Host`` options).
+        what: the service, as the URL line names it.
+        listener: the socket :func:`bound_http` bound before the service started (without
+            one, the address is bound here).
+        sources: :func:`backbeat_trio.serve_admin`'s service arguments.
 
     Returns:
         The bound ``host:port``, or None without ``--http``.
@@ -169,8 +213,9 @@ async def start_admin(
     """
     if not args.http:
         return None
-    from .._ops import serve_admin
+    from .._ops import load
 
+    serve_admin = load("admin").serve_admin
     token = http_token(args)
     try:
         bound: str = await nursery.start(
@@ -179,6 +224,7 @@ async def start_admin(
                 args.http,
                 token=token,
                 allowed_hosts=http_allowed_hosts(args),
+                listener=listener,
                 **sources,
             )
         )

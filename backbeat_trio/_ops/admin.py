@@ -9,6 +9,7 @@ takes, so both get the same checks and the same answer.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -560,11 +561,14 @@ async def serve_admin(
     token: str | None = None,
     fallback: ASGIApp | None = None,
     allowed_hosts: Sequence[str] = (),
+    listener: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API for the services given, until cancelled.
 
-    See :func:`backbeat_trio.serve_admin`.
+    See :func:`backbeat_trio.serve_admin`; ``listener`` is a socket
+    :func:`~backbeat_trio._ops.server.bind_listener` bound to ``bind`` before the services
+    started (the command line's order: a refused address stops it before they publish).
     """
     from .._services.ha_pulse import HAPulseStatus
     from .._services.pulse import PulseStatus
@@ -596,4 +600,4 @@ async def serve_admin(
         transport=transport,
     )
     app = AdminApp(sources, token=token, fallback=fallback, hosts=hosts)
-    await serve_asgi(app, bind, task_status=task_status)
+    await serve_asgi(app, bind, listener=listener, task_status=task_status)

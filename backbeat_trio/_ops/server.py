@@ -22,7 +22,7 @@ from hypercorn.trio import serve
 from .._errors import ConfigError
 from .asgi import ASGIApp, Receive, Scope, Send, answer_lifespan, decimal_digits
 
-__all__ = ["DEFAULT_BIND", "check_bind", "is_loopback", "parse_bind", "serve_asgi"]
+__all__ = ["DEFAULT_BIND", "bind_listener", "check_bind", "is_loopback", "parse_bind", "serve_asgi"]
 
 DEFAULT_BIND: Final = "127.0.0.1:8080"
 
@@ -53,17 +53,26 @@ def parse_bind(bind: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def check_bind(bind: str) -> None:
-    """Check that ``bind`` is ``"HOST:PORT"`` and can be listened on now (bound, then released).
+def bind_listener(bind: str) -> socket.socket:
+    """A socket bound to ``bind`` for :func:`serve_asgi`'s ``listener``, bound now.
 
-    For a command that starts other things before its admin server: a bad or taken address is
-    refused before anything else starts.
+    For a command that starts a service before serving its admin API: a bad or taken address is
+    refused before the service starts. The caller closes it if it never serves it.
 
     Raises:
         ConfigError: ``bind`` is malformed or cannot be listened on.
     """
     host, port = parse_bind(bind)
-    _bind_socket(host, port, bind).close()
+    return _bind_socket(host, port, bind)
+
+
+def check_bind(bind: str) -> None:
+    """Check that ``bind`` is ``"HOST:PORT"`` and can be listened on now (bound, then released).
+
+    Raises:
+        ConfigError: ``bind`` is malformed or cannot be listened on.
+    """
+    bind_listener(bind).close()
 
 
 def is_loopback(host: str) -> bool:
@@ -92,6 +101,7 @@ async def serve_asgi(
     app: ASGIApp,
     bind: str = DEFAULT_BIND,
     *,
+    listener: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` over HTTP/1.1 until cancelled.
@@ -100,6 +110,7 @@ async def serve_asgi(
         app: an ASGI 3 application (it runs on trio).
         bind: ``"HOST:PORT"``; loopback by default. Any other address is used only because the
             caller gave it (a warning says the server is reachable from the network).
+        listener: a socket :func:`bind_listener` bound to ``bind`` already (it is taken over).
         task_status: ``nursery.start`` gets the bound ``"host:port"`` (the real port when
             ``bind`` asked for port 0).
 
@@ -109,7 +120,8 @@ async def serve_asgi(
     host, port = parse_bind(bind)
     if not is_loopback(host):
         log.warning("admin server listens on %s: reachable beyond this host", bind)
-    listener = _bind_socket(host, port, bind)
+    if listener is None:
+        listener = _bind_socket(host, port, bind)
     config = HypercornConfig()
     # hypercorn takes over the bound socket (it closes it when it stops serving)
     config.bind = [f"fd://{listener.detach()}"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..._core.beats import beat_subject, tempo_subject
-from ..admin import add_http_arguments, start_admin
+from ..admin import add_http_arguments, bound_http, start_admin
 from ..common import (
     UsageError,
     add_command,
@@ -117,7 +117,7 @@ def _pulse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> int:
     """Run the pulse until cancelled, printing a line per beat unless ``--quiet``."""
     from ..._bridge.nats import open_nats_transport
-    from ..._services.pulse import PulseConfig, PulseStatus, run_pulse
+    from ..._services.pulse import PulseConfig, run_pulse
 
     if args.ha:
         return await _run_ha_pulse(args)
@@ -125,26 +125,19 @@ async def run(args: argparse.Namespace) -> int:
         raise UsageError("--lease-ttl needs --ha")
     cfg = PulseConfig(**_pulse_kwargs(args), share_beat_subject=args.share)
     async with contextlib.AsyncExitStack() as stack:
+        # --http is bound before the first beat: a pulse refused for it publishes nothing
+        listener = stack.enter_context(bound_http(args))
         # with --http the command owns the connection, so the admin server can watch it too
         transport = await stack.enter_async_context(open_nats_transport(cfg)) if args.http else None
         nursery = await stack.enter_async_context(trio.open_nursery())
-        # the admin listener is bound before the first beat: a pulse refused for its --http
-        # value exits without having published anything (it serves the pulse once it runs)
-        pulses: dict[str, PulseStatus] = {}
-        await start_admin(
-            nursery,
-            args,
-            f"pulse {cfg.pulse_id}",
-            pulse=pulses,
-            transport=transport,
-            cluster_id=cfg.cluster_id,
-        )
         status = await nursery.start(functools.partial(run_pulse, cfg, transport=transport))
-        pulses[cfg.pulse_id] = status
         eprint(
             f"pulse {cfg.pulse_id}: cluster {cfg.cluster_id!r} at {cfg.tempo_bpm} BPM, "
             f"{cfg.beats_per_bar} beats per bar, on {beat_subject(cfg.cluster_id)}; "
             f"tempo requests on {tempo_subject(cfg.cluster_id)}"
+        )
+        await start_admin(
+            nursery, args, f"pulse {cfg.pulse_id}", listener, pulse=status, transport=transport
         )
         printed: int | None = None
         while True:
@@ -160,23 +153,20 @@ async def run(args: argparse.Namespace) -> int:
 async def _run_ha_pulse(args: argparse.Namespace) -> int:
     """``pulse --ha``: one instance of an HA pulse; it publishes only while it holds the lease."""
     from ..._core.lease import lease_bucket_name
-    from ..._services.ha_pulse import HAPulseConfig, HAPulseStatus, run_ha_pulse
+    from ..._services.ha_pulse import HAPulseConfig, run_ha_pulse
 
     cfg = HAPulseConfig(**_pulse_kwargs(args), lease_ttl=args.lease_ttl)
-    async with trio.open_nursery() as nursery:
-        # bound before the instance may lead (see run)
-        pulses: dict[str, HAPulseStatus] = {}
-        await start_admin(
-            nursery, args, f"pulse {cfg.pulse_id}", pulse=pulses, cluster_id=cfg.cluster_id
-        )
+    async with contextlib.AsyncExitStack() as stack:
+        listener = stack.enter_context(bound_http(args))  # before it may lead (see run)
+        nursery = await stack.enter_async_context(trio.open_nursery())
         status = await nursery.start(run_ha_pulse, cfg)
-        pulses[cfg.pulse_id] = status
         eprint(
             f"pulse {cfg.pulse_id} (HA, lease TTL {status.timings.ttl:g} s in KV bucket "
             f"{lease_bucket_name(cfg.cluster_id)}): cluster {cfg.cluster_id!r}, "
             f"{cfg.tempo_bpm} BPM and {cfg.beats_per_bar} beats per bar unless the lease holds "
             f"a running schedule; beats on {beat_subject(cfg.cluster_id)} while it leads"
         )
+        await start_admin(nursery, args, f"pulse {cfg.pulse_id}", listener, pulse=status)
         if not status.leading:
             holder = f" (held by {status.holder})" if status.holder else ""
             out(f"role follower: {cfg.pulse_id} waits for the lease{holder}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import re
@@ -12,7 +13,7 @@ import trio
 
 from ..._core.beats import bar_subject, status_subject
 from ..._services.storage import BAR_MAX_AGE, BAR_MAX_BYTES, STATUS_MAX_AGE, STATUS_MAX_BYTES
-from ..admin import add_http_arguments, load_dashboard, start_admin
+from ..admin import add_http_arguments, bound_http, load_dashboard, start_admin
 from ..common import UsageError, add_command, env, env_int, eprint, load_keyring, out, seconds
 from ..connection import conn_parent, connection_kwargs
 from ..formatting import report_lines
@@ -141,7 +142,7 @@ def add_storage_arguments(p: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> int:
     """Run the reverb until cancelled, printing every bar report."""
     from ..._bridge.nats import open_nats_transport
-    from ..._services.reverb import ReverbConfig, ReverbStatus, run_reverb
+    from ..._services.reverb import ReverbConfig, run_reverb
 
     keyring = load_keyring(args.keyring) if args.keyring else None
     if keyring is None and not args.allow_unsigned:
@@ -166,23 +167,12 @@ async def run(args: argparse.Namespace) -> int:
         **connection_kwargs(args),
     )
     # the command owns the connection: the reverb, the admin server and its dashboard share it
-    async with open_nats_transport(cfg) as transport, trio.open_nursery() as nursery:
-        # the admin listener is bound before the reverb creates a stream or publishes a report
-        reverbs: dict[str, ReverbStatus] = {}
-        dashboard = load_dashboard(cfg.cluster_id, args) if args.http else None
-        await start_admin(
-            nursery,
-            args,
-            f"reverb {cfg.reverb_id}",
-            reverb=reverbs,
-            transport=transport,
-            cluster_id=cfg.cluster_id,
-            fallback=dashboard,
-        )
+    # --http is bound before the reverb creates a stream or publishes a report
+    async with contextlib.AsyncExitStack() as stack:
+        listener = stack.enter_context(bound_http(args))
+        transport = await stack.enter_async_context(open_nats_transport(cfg))
+        nursery = await stack.enter_async_context(trio.open_nursery())
         status = await nursery.start(functools.partial(run_reverb, cfg, transport=transport))
-        reverbs[cfg.reverb_id] = status
-        if dashboard is not None:
-            await nursery.start(functools.partial(dashboard.run, transport, reverb=status))
         trusted = f"{len(keyring)} trusted key(s)" if keyring is not None else "no keyring"
         ha = f"; HA, lease TTL {cfg.lease_ttl:g} s" if cfg.ha else ""
         eprint(
@@ -191,6 +181,19 @@ async def run(args: argparse.Namespace) -> int:
             f"{status.stream or status_subject(cfg.cluster_id)}; reports on "
             f"{bar_subject(cfg.cluster_id)}{ha}"
         )
+        if args.http:
+            dashboard = load_dashboard(cfg.cluster_id, args)
+            if dashboard is not None:
+                await nursery.start(functools.partial(dashboard.run, transport, reverb=status))
+            await start_admin(
+                nursery,
+                args,
+                f"reverb {cfg.reverb_id}",
+                listener,
+                reverb=status,
+                transport=transport,
+                fallback=dashboard,
+            )
         handled = 0
         shown: tuple[str, str | None] = ("", None)
         while True:

@@ -251,6 +251,13 @@ METHODOLOGY = """\
    apart from local beats by the HLC node id) after the restarted server is ready; claims lost =
    emitted − stored in the stream (`/jsz`), duplicates dropped by `Nats-Msg-Id`. One restart per
    repetition.
+9. **Reverb ingest** — N agents × M beats of pre-signed claims (`_signed.py`), the same bodies in
+   each part. (a) The floor: a bare `nacl.bindings.crypto_sign_open` loop. (b) The reverb's claim
+   path without NATS, on the objects the reverb builds (`ClaimJudge`, `BarAggregator`,
+   `ReverbStatus`), window closes included. (a) and (b) take turns beat by beat in one process,
+   both timed in CPU time (`time.process_time()`). (c) A real `run_reverb` process fed by a
+   plain nats-py publisher process over JetStream; CPU per claim of the reverb process, and
+   claims/s until it took in the last one. Details in `ingest.py`'s docstring.
 """
 
 

@@ -19,6 +19,7 @@ import trio
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .._core.edge import decode_json
+from .._core.rules import MAX_TEMPO_BPM, MIN_TEMPO_BPM
 from .._core.wire import TempoChange, decode
 from .._errors import BackbeatError, ConfigError, WireError
 from .._services.history import replay_bars
@@ -47,14 +48,8 @@ from .guard import (
     authorization_failure,
     check_token,
 )
-from .metrics import (
-    REVERB_QUIET_BEATS,
-    PulseLike,
-    Sources,
-    make_registry,
-    pulse_parts,
-    reverb_quiet_for,
-)
+from .metrics import PulseLike, Sources, make_registry, pulse_parts
+from .readiness import pulse_ready, readiness
 from .server import DEFAULT_BIND, parse_bind, serve_asgi
 
 if TYPE_CHECKING:
@@ -71,15 +66,11 @@ MAX_BARS: Final = 1000
 DEFAULT_BARS: Final = 100
 #: How long ``/bars`` waits for the bar stream before answering 504.
 BARS_TIMEOUT_S: Final = 10.0
-#: A publishing pulse is "ready" while its latest beat is at most two beats plus this old.
-READY_SLACK_S: Final = 0.5
 _TEMPO_FIELDS: Final = frozenset({"tempo_bpm", "reason"})
 #: ``requested_by`` of every tempo change made through the admin API (the server sets it).
 REQUESTED_BY: Final = "admin-api"
 _TEMPO_TAG: Final = "backbeat.tempochange.v1"
 _ENDPOINTS: Final = "/healthz, /readyz, /metrics, /tempo, /leader, /bars"
-#: The beat length a reverb that has seen no beat yet measures its wait in.
-_UNKNOWN_BEAT_S: Final = 1.0
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -191,22 +182,7 @@ class AdminApp:
 
     def readiness(self) -> tuple[bool, str]:
         """Whether the services here are ready, and why (or why not)."""
-        src = self.sources
-        if src.transport is not None and not src.transport.connected:
-            return False, "not connected to NATS"
-        reasons: list[str] = []
-        if src.pulses:
-            verdicts = {pid: _pulse_ready(st) for pid, st in dict(src.pulses).items()}
-            if not any(ok for ok, _ in verdicts.values()):
-                return False, "; ".join(f"{pid}: {why}" for pid, (_, why) in verdicts.items())
-            reasons += [f"{pid}: {why}" for pid, (ok, why) in verdicts.items() if ok]
-        if src.reverbs:
-            now = trio.current_time()
-            verdicts = {rid: _reverb_ready(st, now) for rid, st in dict(src.reverbs).items()}
-            if not any(ok for ok, _ in verdicts.values()):
-                return False, "; ".join(f"{rid}: {why}" for rid, (_, why) in verdicts.items())
-            reasons += [f"{rid}: {why}" for rid, (ok, why) in verdicts.items() if ok]
-        return True, "; ".join(reasons) or "connected"
+        return readiness(self.sources)
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         ready, reason = self.readiness()
@@ -259,7 +235,7 @@ class AdminApp:
         transport = self.sources.transport
         if st.tempo_control is None or (transport is not None and not transport.connected):
             return False
-        return _pulse_ready(st)[0]
+        return pulse_ready(st)[0]
 
     async def _post_tempo(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self._tempo_pulse()
@@ -388,10 +364,12 @@ def _http_step_advice(decision: TempoDecision, step: float, cfg: PulseConfig) ->
     ``--allow-forced-tempo``; otherwise the way there is in steps.
     """
     wanted, current = decision.tempo_bpm, decision.previous_bpm
-    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted == current:
-        return decision.reason
     delta = int(step * current * (1 + 1e-12))
-    if abs(wanted - current) <= delta:
+    if (
+        not isinstance(wanted, int)
+        or not MIN_TEMPO_BPM <= wanted <= MAX_TEMPO_BPM
+        or abs(wanted - current) <= delta
+    ):
         return decision.reason  # refused for another reason than the step
     head = decision.reason.partition("; ")[0]
     if cfg.allow_forced_tempo:
@@ -459,45 +437,6 @@ def _int_param(params: dict[str, list[str]], name: str, default: int | None) -> 
     if not decimal_digits(text) or len(text) > 19:
         return f"{name} must be an int >= 0, got {text!r}"
     return int(text)
-
-
-def _pulse_ready(status: PulseLike) -> tuple[bool, str]:
-    st, ha = pulse_parts(status)
-    now = trio.current_time()
-    if ha is not None and not ha.leading:
-        holder = ha.holder
-        if holder is None or ha.lease_revision is None:
-            return False, "no pulse holds the lease"
-        if ha.released:
-            return False, f"{holder} released the lease; nobody leads yet"
-        if now >= ha.takeover_at:
-            return False, f"the leader {holder} stopped renewing its lease"
-        return True, f"following {holder}"
-    if st.last_published_at is None:
-        return False, "no beat published yet"
-    quiet = now - st.last_published_at
-    if quiet > 2 * 60.0 / max(st.tempo_bpm, 1) + READY_SLACK_S:
-        return False, f"no beat published for {quiet:.1f} s"
-    return True, "publishing"
-
-
-def _reverb_ready(status: ReverbStatus, now: float) -> tuple[bool, str]:
-    role = "publishing" if status.publishing else "standby"
-    quiet = reverb_quiet_for(status, now)
-    if quiet is None:
-        return True, role
-    beat = status.beat_seconds or _UNKNOWN_BEAT_S
-    limit = REVERB_QUIET_BEATS * beat + READY_SLACK_S
-    if status.last_beat_at is None:
-        if quiet > limit:
-            return False, f"no beat from the pulse since the reverb started {quiet:.1f} s ago"
-        return True, f"{role}, waiting for the first beat"
-    if quiet > limit:
-        return False, (
-            f"no beat from the pulse for {quiet:.1f} s ({quiet / beat:.0f} beats; not ready "
-            f"after {REVERB_QUIET_BEATS}): its reports are empty"
-        )
-    return True, f"{role}, last beat {quiet:.1f} s ago"
 
 
 def _lease_view(leases: Mapping[str, LeaseStatus]) -> dict[str, Any]:

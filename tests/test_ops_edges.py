@@ -321,3 +321,10 @@ def test_emit_says_stored_is_not_accepted_and_checks_a_keyring(
     )  # fmt: skip
     assert "warning" not in trusted.stderr
     assert "trusts this key for agent-1" in trusted.stdout
+    # a keyring it cannot read (the reverb's path, say) is a warning, not a failure
+    elsewhere = run_cli(
+        "emit", *where, "--agent", "agent-1", "--key", str(tmp_path / "agent-1.key"),
+        BACKBEAT_KEYRING=str(tmp_path / "on-the-reverb-host.toml"),
+    )  # fmt: skip
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "warning: cannot check the claim against the keyring" in elsewhere.stderr

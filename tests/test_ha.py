@@ -7,6 +7,7 @@ import contextlib
 import functools
 import itertools
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -1154,3 +1155,57 @@ def test_replicas_refused_on_a_cluster_are_asked_for_again_before_one_is_settled
     assert counts[0] == counts[1] == 3
     assert counts[-1] == 1
     assert 0.5 <= waited < 1.5
+
+
+@pytest.mark.nats
+async def test_a_successors_first_frame_is_on_time_or_skipped(nats_url: str) -> None:
+    # At 240 BPM with the default TTL (two beats plus the tolerance) a successor takes over a
+    # little before a due beat, with the previous beat still in progress: that beat must not go
+    # out nearly a beat late (clients have kept it themselves by then).
+    tempo = 240
+    beat = 60 / tempo
+    tolerance = 0.05
+    to_wall = time.time() - trio.current_time()
+
+    def lateness(s: Seen) -> float:
+        due_wall = s.frame.deadline_at.timestamp() - 60 / s.frame.tempo_bpm
+        return s.at + to_wall - due_wall
+
+    async def make(nursery: trio.Nursery) -> NatsHA:
+        ha = NatsHA(
+            nursery,
+            [nats_url],
+            tempo_bpm=tempo,
+            lease_ttl=None,
+            jitter_tolerance=tolerance,
+            lease_replicas=1,
+        )
+        await ha.watch()
+        return ha
+
+    firsts: list[Seen] = []
+    async with open_fleet(make) as ha:
+        ha.bound, ha.step = 20.0, beat / 4
+        await ha.start("p1")
+        await ha.wait_beats(4)
+        for successor in ("p2", "p3", "p4"):
+            await ha.start(successor)
+            await ha.wait_beats(4)  # the newcomer follows; the leader keeps beating
+            crashed = ha.holder()
+            assert crashed is not None
+            ha.crash(crashed)
+            crashed_at = trio.current_time()
+            await ha.wait_beats(4, where=lambda s, since=crashed_at: s.at > since)
+            firsts.append(next(s for s in ha.seen if s.at > crashed_at))
+    switches = assert_one_publisher_at_a_time(ha.seen, max_switches=3)
+    assert len(switches) == 3
+    for i in switches:
+        before, first = ha.seen[i - 1], ha.seen[i]
+        assert first in firsts
+        assert first.index > before.index
+        ttl = 2 * beat + tolerance
+        assert first.at - before.at <= ttl + beat + 0.1  # still within TTL + one beat
+    # on time: published within the tolerance of its due time (plus loopback delivery)
+    late = [round(lateness(s), 3) for s in firsts]
+    assert all(x <= tolerance + 0.03 for x in late), late
+    assert all(lateness(s) <= tolerance + 0.03 for s in ha.seen), max(map(lateness, ha.seen))

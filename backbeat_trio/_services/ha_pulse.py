@@ -79,7 +79,9 @@ class HAPulseConfig(ConnectionOptions):
         max_tempo_step: largest relative tempo step accepted without ``force``.
         allow_forced_tempo: honour ``force`` in a TempoChange's reason.
         lease_ttl: lease TTL in seconds; default two beats plus ``jitter_tolerance``.
-        jitter_tolerance: the guard: the old leader stops this long before a successor can start.
+        jitter_tolerance: the guard: the old leader stops this long before a successor can start;
+            also the latest a beat goes out after its due time (a later one is skipped, since
+            clients with the same tolerance keep that beat themselves).
         clock_drift: bound on the relative rate error of two pulses' monotonic clocks.
         poll_interval: follower read period and the leader's claim lead; default
             ``min(beat / 4, ttl / 8)``, at least 20 ms.
@@ -345,6 +347,11 @@ class _HAPulse:
                 await trio.sleep(min(t.poll_interval, max(0.0, e.valid_until - now)))
                 continue
             skipped = schedule.skip_to(now)
+            if schedule.next_due + self.cfg.jitter_tolerance < now:
+                # the beat in progress (a successor's first, a leader's after a stall) would
+                # reach clients after they kept it themselves: go on with the next due beat
+                schedule.next_beat()
+                skipped += 1
             if skipped:
                 st.pulse.skipped_late += skipped
             claim_at = schedule.next_due - t.poll_interval
@@ -377,6 +384,9 @@ class _HAPulse:
             return
         if not self.election.may_publish(now):
             self.status.skipped_no_lease += 1
+            return
+        if now > beat.due + self.cfg.jitter_tolerance:
+            st.skipped_late += 1  # clients have kept this beat themselves by now
             return
         if not self.transport.connected:
             st.skipped_disconnected += 1

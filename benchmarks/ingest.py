@@ -7,12 +7,14 @@ the same bodies in every part:
 * **(a) the floor**: a bare PyNaCl loop, ``nacl.bindings.crypto_sign_open(signature + body,
   public_key)`` over the claims (the signed messages built beforehand); the loop through
   ``VerifyKey.verify(body, signature)`` (what ``verify_claim`` calls) is shown for information.
-* **(b) the reverb's path without NATS**: per claim, the steps of the reverb's claim loop
-  (``_claims_loop`` in ``backbeat_trio/_services/reverb.py``) on the objects the reverb builds:
+* **(b) the reverb's path without NATS**: per claim, the reverb's own per-claim function
+  (``_take_claim`` in ``backbeat_trio/_services/reverb.py``) on the objects the reverb builds:
   ``ClaimJudge.verify`` (``verify_claim``: decode, headers, keyring, signature, skew bound,
   ``ReplayCache``), the reverb HLC's merge, ``BarAggregator.add_claim``, the ``AcceptedClaim``
   handed out and ``ReverbStatus``'s counters and latest claims; per beat
   ``BarAggregator.observe_beat``, and ``close_window`` when a window ends (its cost included).
+  The claim loop's stream-sequence check (``ClaimReader.take``) reads the JetStream reply
+  subject, so it is left to (c).
   (a) and (b) take turns in this process beat by beat (the order rotating), so the
   machine's load falls on both alike.
 * **(c) end to end**: a real ``run_reverb`` in its own process (worker ``_w_ingest``, role
@@ -42,9 +44,9 @@ from nacl.signing import VerifyKey
 from backbeat_trio._core.aggregate import BarAggregator
 from backbeat_trio._core.hlc import HLC
 from backbeat_trio._core.signing import HEADER_SIG, Keyring, ReplayCache
-from backbeat_trio._errors import SignatureError, WireError
-from backbeat_trio._services.reverb import MAX_TRACKED_AGENTS, ReverbStatus
+from backbeat_trio._services.reverb import ReverbStatus, _take_claim
 from backbeat_trio._services.reverb_claims import ClaimJudge
+from backbeat_trio._transport.base import MemoryMessage
 from benchmarks import _signed
 from benchmarks._report import Row
 from benchmarks._stats import median
@@ -92,11 +94,12 @@ class Floor:
 
 
 class ReverbPath:
-    """(b): the reverb's per-beat and per-claim steps on the objects the reverb builds, fed a
-    beat at a time (``beat(m)``: beat ``m`` in, then its claims)."""
+    """(b): the reverb's per-beat steps and its per-claim function on the objects the reverb
+    builds, fed a beat at a time (``beat(m)``: beat ``m`` in, then its claims)."""
 
     def __init__(self, claims: list[_signed.SignedClaim], keyring: Keyring, beats: int) -> None:
-        self.claims = claims
+        subject = f"backbeat.status.{CLUSTER}"
+        self.messages = [MemoryMessage(subject, c.body, headers=c.headers) for c in claims]
         self.per_beat = len(claims) // beats
         self.hlc = HLC("bench-reverb")
         self.aggregator = BarAggregator(CLUSTER, beats_per_bar=BEATS_PER_BAR)
@@ -115,35 +118,8 @@ class ReverbPath:
             aggregator.close_window(left, str(self.hlc.now()))
             self.close_s += time.process_time() - c0
             self.reports += 1
-        for c in self.claims[m * self.per_beat : (m + 1) * self.per_beat]:
-            # the claim loop's part, step by step as in _claims_loop
-            headers = c.headers
-            try:
-                claim = judge.verify(c.body, headers)
-            except SignatureError as exc:
-                aggregator.reject(exc.reason or "signature")
-                status.rejected += 1
-                continue
-            except (WireError, UnicodeDecodeError):
-                aggregator.reject("schema")
-                status.rejected += 1
-                continue
-            with contextlib.suppress(WireError):
-                judge.hlc.update(claim.hlc)
-            outcome = aggregator.add_claim(claim)
-            if outcome != "rejected":
-                status._hand_out(judge.accepted(claim, headers))
-            if outcome == "counted":
-                status.claims_counted += 1
-                latest = status.latest_claims
-                latest.pop(claim.agent_id, None)
-                latest[claim.agent_id] = claim
-                if len(latest) > MAX_TRACKED_AGENTS:
-                    del latest[next(iter(latest))]
-            elif outcome == "late":
-                status.claims_late += 1
-            else:
-                status.rejected += 1
+        for msg in self.messages[m * self.per_beat : (m + 1) * self.per_beat]:
+            _take_claim(msg, aggregator, judge, status)
         return time.process_time() - t0
 
 

@@ -1205,7 +1205,8 @@ async def test_a_successors_first_frame_is_on_time_or_skipped(nats_url: str) -> 
         assert first.index > before.index
         ttl = 2 * beat + tolerance
         assert first.at - before.at <= ttl + beat + 0.1  # still within TTL + one beat
-    # on time: published within the tolerance of its due time (plus loopback delivery)
+    # on time: published within the tolerance of its due time; the margin is for delivery and
+    # a loaded machine, and still well below the better part of a beat a late first frame took
     late = [round(lateness(s), 3) for s in firsts]
-    assert all(x <= tolerance + 0.03 for x in late), late
-    assert all(lateness(s) <= tolerance + 0.03 for s in ha.seen), max(map(lateness, ha.seen))
+    assert all(x <= tolerance + 0.08 for x in late), late
+    assert all(lateness(s) <= tolerance + 0.08 for s in ha.seen), max(map(lateness, ha.seen))

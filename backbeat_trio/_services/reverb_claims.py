@@ -56,8 +56,8 @@ class ClaimReader:
         sub: the current subscription (replaced after a reconnect).
         last_seq: the stream sequence of the last message handed out (0: none).
         resubscribed: subscriptions re-created after a reconnect.
-        resumed_at: when the latest re-created subscription delivered its first new message
-            (``trio.current_time()``; None before any).
+        resumed_at: when the reverb could read again after its latest outage (its subscription
+            re-created and caught up; ``trio.current_time()``, None before any outage).
     """
 
     def __init__(self, transport: Transport, subject: str, stream: str | None) -> None:
@@ -105,7 +105,7 @@ class ClaimReader:
         delay = _RESUBSCRIBE_DELAY
         while True:
             try:
-                last = await js.stream_last(self.stream, self.subject)
+                summary = await js.stream_summary(self.stream)
                 sub = await js.stream_subscribe(
                     self.subject, self.stream, start_seq=self.last_seq + 1
                 )
@@ -117,7 +117,12 @@ class ClaimReader:
             break
         old, self.sub = self.sub, sub
         self.resubscribed += 1
-        self._catch_up_to = None if last is None else last.seq
+        # the stream's last sequence is a claim's only in a stream of claims alone (the
+        # reverb's own); in any other, the reader counts as caught up at once
+        if summary is not None and summary.subjects == (self.subject,):
+            self._catch_up_to = summary.last_seq
+        else:
+            self._catch_up_to = None
         if self._catch_up_to is None or self.last_seq >= self._catch_up_to:
             self._caught_up()
         event, self._replaced = self._replaced, trio.Event()

@@ -151,7 +151,8 @@ def rejected_samples(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "backbeat_reverb_claims_rejected_total":
+            # every documented reason has a series (at 0 until it happens): count the ones seen
+            if sample.name == "backbeat_reverb_claims_rejected_total" and sample.value:
                 out[sample.labels["reason"]] = sample.value
     return out
 

@@ -54,6 +54,7 @@ from ._errors import ConfigError as ConfigError
 from ._errors import EmbeddedServerError as EmbeddedServerError
 from ._errors import InvalidStatusClaim as InvalidStatusClaim
 from ._errors import NotConnected as NotConnected
+from ._errors import NotUnderTrio as NotUnderTrio
 from ._errors import PulseConflict as PulseConflict
 from ._errors import SignatureError as SignatureError
 from ._errors import UndeliveredClaims as UndeliveredClaims
@@ -118,6 +119,7 @@ __all__ = [
     "NatsTransport",
     "NatsTransportView",
     "NotConnected",
+    "NotUnderTrio",
     "PulseConfig",
     "PulseConflict",
     "PulseStatus",

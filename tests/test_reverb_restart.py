@@ -25,7 +25,12 @@ from backbeat_trio._core.aggregate import BarAggregator
 from backbeat_trio._core.beats import status_subject
 from backbeat_trio._core.wire import StatusClaim, decode, encode
 from backbeat_trio._embedded import NatsServerProcess
-from backbeat_trio._services.reverb_claims import OUTAGE_GRACE, AcceptedClaim, ClaimReader
+from backbeat_trio._services.reverb_claims import (
+    CLAIM_BATCH,
+    OUTAGE_GRACE,
+    AcceptedClaim,
+    ClaimReader,
+)
 from backbeat_trio._transport.base import Message
 from backbeat_trio._util.channel import DropOldestChannel
 from backbeat_trio.testing.memory import MemoryBroker
@@ -72,6 +77,15 @@ def decode_beat(msg: Message) -> int:
     return decode(msg.data, StatusClaim).beat_index
 
 
+async def read_all(reader: ClaimReader) -> list[int]:
+    """The beats of every claim the reader hands out until it has none for a while."""
+    beats: list[int] = []
+    with trio.move_on_after(0.1):
+        while True:
+            beats += [decode_beat(msg) for msg in await reader.next_batch()]
+    return beats
+
+
 async def test_reader_resumes_from_the_last_sequence_it_took(autojump_clock: object) -> None:
     broker = MemoryBroker()
     subject = status_subject("c")
@@ -80,14 +94,11 @@ async def test_reader_resumes_from_the_last_sequence_it_took(autojump_clock: obj
     transport.publish(subject, encode(executing("old", 0)))  # before the reverb: never read
     reader = ClaimReader(transport, subject, "S")
     first = await reader.subscribe()
-    for beat in (1, 2, 3):
+    for beat in (1, 2):
         transport.publish(subject, encode(executing("a", beat)))
-    taken: list[int] = []
-    for _ in range(2):  # two of three read before the outage
-        msg = await first.messages.receive()
-        assert reader.take(msg)
-        taken.append(decode_beat(msg))
+    assert await read_all(reader) == [1, 2]
     assert reader.last_seq == 3
+    transport.publish(subject, encode(executing("a", 3)))  # not read before the outage
     broker.set_down()
     reader.went_down(trio.current_time())
     assert reader.blind_during(0.0, trio.current_time())
@@ -98,18 +109,37 @@ async def test_reader_resumes_from_the_last_sequence_it_took(autojump_clock: obj
     assert reader.sub is not first
     assert reader.resubscribed == 1
     # the old subscription's channel ends with what it held; the new one repeats it: once each
-    for sub in (first, reader.sub):
-        with trio.move_on_after(0.1):
-            async for msg in sub.messages:
-                if reader.take(msg):
-                    taken.append(decode_beat(msg))
-    assert taken == [1, 2, 3, 4]
+    assert await read_all(reader) == [3, 4]
     assert reader.last_seq == 5
     back = reader.resumed_at
     assert back is not None
     # blind from the outage until it caught up, and for OUTAGE_GRACE after
     assert reader.blind_during(back + OUTAGE_GRACE - 0.1, back + OUTAGE_GRACE)
-    assert not reader.blind_during(back + OUTAGE_GRACE + 0.1, back + OUTAGE_GRACE + 1)
+    await trio.sleep(OUTAGE_GRACE)
+    opened = trio.current_time()
+    assert await read_all(reader) == []
+    assert not reader.blind_during(opened, trio.current_time())
+
+
+async def test_a_reader_behind_for_a_whole_window_is_blind(autojump_clock: object) -> None:
+    broker = MemoryBroker()
+    subject = status_subject("c")
+    broker.add_stream("S", [subject])
+    transport = broker.connect()
+    reader = ClaimReader(transport, subject, "S")
+    await reader.subscribe()
+    assert await read_all(reader) == []  # its buffer found empty
+    opened = trio.current_time()
+    for beat in range(CLAIM_BATCH + 8):  # a burst: more than one batch
+        transport.publish(subject, encode(executing("a", beat)))
+    assert len(await reader.next_batch()) == CLAIM_BATCH
+    await trio.sleep(1.0)
+    assert not reader.blind_during(opened, trio.current_time())  # it emptied it in the window
+    opened = trio.current_time()
+    assert len(await reader.next_batch()) == 8
+    assert reader.blind_during(opened, trio.current_time())  # not empty once since opened
+    assert await read_all(reader) == []
+    assert not reader.blind_during(opened, trio.current_time())
 
 
 # --- over nats-server -----------------------------------------------------------------------------
@@ -120,6 +150,7 @@ class Agents:
     clients: list[bb3.Client] = field(default_factory=list)
     emitted: int = 0
     stop: trio.Event = field(default_factory=trio.Event)
+    silent: set[str] = field(default_factory=set)
 
     async def claim_every_beat(
         self, bb: bb3.Client, beats: trio.MemoryReceiveChannel[object]
@@ -127,6 +158,8 @@ class Agents:
         async for _frame in beats:
             if self.stop.is_set():
                 return
+            if bb.config.agent_id in self.silent:
+                continue
             claim = bb3.StatusClaim(
                 task_id="work", state="executing", beats_left=1_000_000, progress=0.5
             )
@@ -174,12 +207,13 @@ async def open_agents(
         nursery.cancel_scope.cancel()
 
 
-async def counting_again(status: bb3.ReverbStatus, watch: Watch) -> float:
-    """Seconds until the reverb counts a claim in a window (not ``late``) from now on."""
-    start, baseline = trio.current_time(), status.claims_counted
+async def counting_again(status: bb3.ReverbStatus, watch: Watch, since: float) -> float:
+    """Seconds from ``since`` until the reverb counts a claim in a window (not ``late``) after
+    the ones counted now."""
+    baseline = status.claims_counted
     while status.claims_counted <= baseline:
         await watch.receive()
-    return trio.current_time() - start
+    return trio.current_time() - since
 
 
 async def accepted(status: bb3.ReverbStatus, watch: Watch, emitted: int) -> None:
@@ -205,6 +239,7 @@ async def test_reverb_counts_again_within_a_second_of_a_restart(
         cluster_id=cluster, nats_url=nats_url, keyring=keyring, reconnect_delay=0.1
     )
     blind: list[float] = []
+    ready: list[float] = []
     with trio.fail_after(120 + restarts * (between + 10)):
         async with trio.open_nursery() as nursery:
             await nursery.start(bb3.run_pulse, pulse_cfg)
@@ -220,9 +255,12 @@ async def test_reverb_counts_again_within_a_second_of_a_restart(
                     await trio.sleep(between / 2)
                     nats_server.kill()
                     await trio.sleep(0.5)  # down for several beats
+                    # from its launch: an upper bound on the time since it accepted connections
+                    launched = trio.current_time()
                     await trio.to_thread.run_sync(nats_server.start)
+                    ready.append(trio.current_time() - launched)
                     with trio.fail_after(10):
-                        blind.append(await counting_again(status, watch))
+                        blind.append(await counting_again(status, watch, launched))
                     await trio.sleep(between / 2)
                 # every agent reported since the last restart, before any of them stops
                 with trio.fail_after(10):
@@ -233,12 +271,23 @@ async def test_reverb_counts_again_within_a_second_of_a_restart(
                 assert status._frame_counts is not None
                 # the reverb lost the beat once per outage, never while it caught up
                 degraded = status._frame_counts().degraded_episodes
+                # a real stall is still reported: an agent that stops claiming, connected
+                agents.silent.add("agent-1")
+                with trio.fail_after(10):
+                    while not any(
+                        (i.agent_id, i.kind) == ("agent-1", "stalled")
+                        for i in (await status.wait_for_report()).issues
+                    ):
+                        pass
             emitted = agents.emitted  # every one of them acknowledged by the stream
             with trio.fail_after(30):
                 await accepted(status, watch, emitted)
             await trio.sleep(0.5)  # anything counted twice would show by now
             nursery.cancel_scope.cancel()
-    print(f"restart -> counting again: {[round(s, 3) for s in blind]} s; reports {reports}")
+    print(
+        f"server launched -> ready: {[round(s, 3) for s in ready]} s, -> reverb counting again: "
+        f"{[round(s, 3) for s in blind]} s; reports {reports}"
+    )
     assert max(blind) < RESUME_BOUND, blind
     assert degraded <= restarts
     assert stalled == 0, status.history

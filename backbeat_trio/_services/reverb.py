@@ -493,18 +493,13 @@ async def _claims_loop(
     status: ReverbStatus,
 ) -> None:
     await status.first_beat.wait()
-    assert reader.sub is not None
-    sub = reader.sub
     while True:
-        async for msg in sub.messages:
-            if sub.dropped:
-                status.claims_dropped += sub.dropped
-                log.warning("%d claim(s) dropped: the reverb fell behind its claims", sub.dropped)
-                sub.dropped = 0
-            if reader.take(msg):
-                _take_claim(msg, aggregator, judge, status)
-        # the subscription ended: a reconnect replaced it (or the reverb is closing)
-        sub = await reader.replaced(sub)
+        for msg in await reader.next_batch():
+            _take_claim(msg, aggregator, judge, status)
+        if reader.dropped:
+            status.claims_dropped += reader.dropped
+            log.warning("%d claim(s) dropped: the reverb fell behind its claims", reader.dropped)
+            reader.dropped = 0
 
 
 def _take_claim(

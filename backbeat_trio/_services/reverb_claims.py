@@ -26,7 +26,14 @@ from .._core.wire import StatusClaim
 from .._errors import BackbeatError
 from .._transport.base import Message, Subscription, Transport
 
-__all__ = ["OUTAGE_GRACE", "AcceptedClaim", "ClaimJudge", "ClaimReader", "follow_connection"]
+__all__ = [
+    "CLAIM_BATCH",
+    "OUTAGE_GRACE",
+    "AcceptedClaim",
+    "ClaimJudge",
+    "ClaimReader",
+    "follow_connection",
+]
 
 log = logging.getLogger("backbeat_trio.reverb")
 
@@ -41,6 +48,8 @@ _RESUBSCRIBE_DELAY_MAX: Final = 1.0
 #: Seconds each JetStream request of a resubscription may take (a server that just restarted
 #: either answers at once or is not there yet).
 _RESUBSCRIBE_OP_TIMEOUT: Final = 1.0
+#: Claims the reverb takes in one go before it yields to its other tasks (the beat above all).
+CLAIM_BATCH: Final = 32
 
 
 class ClaimReader:
@@ -50,11 +59,14 @@ class ClaimReader:
 
     Without a stream it is a core subscription (nats-py renews it by itself). Either way it
     tracks the latest span during which the reverb could not read: from a disconnect until the
-    subscription is back and has caught up with what the stream held then.
+    subscription is back and has caught up with what the stream held then; and whether it is
+    behind (it has not emptied its subscription's buffer for a while, e.g. taking in a burst of
+    claims that waited in the agents' outboxes).
 
     Attributes:
         sub: the current subscription (replaced after a reconnect).
         last_seq: the stream sequence of the last message handed out (0: none).
+        dropped: messages the subscriptions dropped while full, not yet collected by the owner.
         resubscribed: subscriptions re-created after a reconnect.
         resumed_at: when the reverb could read again after its latest outage (its subscription
             re-created and caught up; ``trio.current_time()``, None before any outage).
@@ -72,6 +84,9 @@ class ClaimReader:
         self._blind_until: float | None = None
         self._catch_up_to: int | None = None
         self._replaced = trio.Event()
+        self.dropped = 0
+        self._waiting = False  # for a message, on an empty buffer: not behind
+        self._drained_at = trio.current_time()  # the buffer was last found empty
 
     def __repr__(self) -> str:
         return (
@@ -139,6 +154,41 @@ class ClaimReader:
         assert self.sub is not None
         return self.sub
 
+    async def next_batch(self) -> list[Message]:
+        """The next messages to take, at most :data:`CLAIM_BATCH`, without any handed out
+        before; waits for one when none is ready, else yields once first (so a burst is taken
+        in batches, the beat between them), and moves on to a subscription's successor."""
+        while True:
+            sub = self.sub
+            assert sub is not None
+            try:
+                first = sub.messages.receive_nowait()
+            except trio.WouldBlock:
+                self._drained_at, self._waiting = trio.current_time(), True
+                try:
+                    first = await sub.messages.receive()
+                except trio.EndOfChannel:
+                    await self.replaced(sub)
+                    continue
+                finally:
+                    # empty all the while it waited
+                    self._drained_at, self._waiting = trio.current_time(), False
+            except trio.EndOfChannel:
+                await self.replaced(sub)
+                continue
+            else:
+                await trio.lowlevel.checkpoint()
+            batch = [first]
+            while len(batch) < CLAIM_BATCH:
+                try:
+                    batch.append(sub.messages.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            if sub.dropped:
+                self.dropped += sub.dropped
+                sub.dropped = 0
+            return [msg for msg in batch if self.take(msg)]
+
     def take(self, msg: Message) -> bool:
         """Whether ``msg`` is new (not a message an earlier subscription handed out already);
         records its sequence."""
@@ -160,7 +210,10 @@ class ClaimReader:
 
     def blind_during(self, opened: float, closed: float) -> bool:
         """Whether the reverb could not read (or had read again for less than
-        :data:`OUTAGE_GRACE`) at some time between ``opened`` and ``closed``."""
+        :data:`OUTAGE_GRACE`) at some time between ``opened`` and ``closed`` (now), or has
+        been behind since ``opened`` (its buffer not once empty)."""
+        if not self._waiting and self._drained_at < opened:
+            return True
         since, until = self._blind_since, self._blind_until
         if since is None or since > closed:
             return False

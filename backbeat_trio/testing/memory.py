@@ -6,9 +6,9 @@ Never the only proof that something works over NATS.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 import trio
@@ -24,6 +24,9 @@ from .._transport.jetstream import (
     kv_stream,
     kv_subject,
 )
+from .._transport.shared import Prepare, SharedSubscription, SharedSubscriptions
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,7 +321,12 @@ class MemoryBroker:
 
 
 class MemoryTransport(EventFeed):
-    """The :class:`Transport` interface over a :class:`MemoryBroker`; pure trio, deterministic."""
+    """The :class:`Transport` interface over a :class:`MemoryBroker`; pure trio, deterministic.
+
+    Like :class:`~backbeat_trio.NatsTransport` it offers :meth:`subscribe_shared`, so clients
+    handed one memory transport share one beat subscription, as many agents on one NATS
+    connection do.
+    """
 
     def __init__(self, broker: MemoryBroker) -> None:
         super().__init__()
@@ -326,6 +334,9 @@ class MemoryTransport(EventFeed):
         self._subs: list[Subscription] = []
         self._closed = False
         self.published = 0
+        # members read their channels (a network hop), as with subscribe(); only ``prepare``
+        # runs as the broker routes a message
+        self._shared = SharedSubscriptions(self._subscribe_handing_to, inline=False)
 
     def __repr__(self) -> str:
         return f"<MemoryTransport connected={self.connected} published={self.published}>"
@@ -380,6 +391,41 @@ class MemoryTransport(EventFeed):
         self._subs.append(sub)
         return sub
 
+    async def _subscribe_handing_to(
+        self, subject: str, handler: Callable[[Message], None]
+    ) -> Subscription:
+        # through subscribe(), as NatsTransport does, so a subclass's subscribe rules both
+        # routes; subscribe() declines handlers, the shared route's own is attached here
+        sub = await self.subscribe(subject, buffer=1)
+        sub._handler = handler
+        return sub
+
+    async def subscribe_shared(
+        self,
+        subject: str,
+        *,
+        key: Hashable,
+        prepare: Callable[[], Prepare[T]],
+        handler: Callable[[T], None] | None = None,
+        buffer: int = 1024,
+    ) -> SharedSubscription[T]:
+        """Join the one subscription to ``subject`` that every user of this transport with the
+        same ``key`` shares (see :mod:`backbeat_trio._transport.shared`): ``prepare`` turns each
+        message into one item once, and every member reads it on its own ``messages`` channel
+        (``handler`` is not called inline, as with :meth:`subscribe`).
+
+        Raises:
+            NotConnected: the transport is closed.
+        """
+        return await self._shared.join(
+            subject, key=key, prepare=prepare, handler=handler, buffer=buffer
+        )
+
+    @property
+    def shared_subscriptions(self) -> SharedSubscriptions:
+        """This transport's shared subscriptions (their members and ``prepare`` counters)."""
+        return self._shared
+
     def new_inbox(self) -> str:
         """A fresh unique inbox subject."""
         return f"_INBOX.{secrets.token_hex(8)}"
@@ -410,6 +456,7 @@ class MemoryTransport(EventFeed):
         """Detach from the broker (also when called in a cancelled scope)."""
         self._closed = True
         self._event_send.close()
+        self._shared.close()
         for sub in self._subs:
             sub._send.close()
         self._subs.clear()

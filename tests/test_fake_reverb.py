@@ -256,3 +256,23 @@ async def test_the_readme_agent_gets_clean_reports(
     else:  # out of beats: the README's agent says it failed, and nothing else is wrong
         assert found
         assert {kind for _, kind, _, _ in found} == {"failed"}
+
+
+async def test_unnamed_claims_with_estimates_are_one_task_and_not_overrun(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # no task_id: the SDK's default task of this client, so each estimate follows the last
+    async with (
+        bounded_cluster(tempo_bpm=120, reverb=True) as cluster,
+        cluster.open_client("una") as bb,
+    ):
+        await bb.wait_for_downbeat()
+        for left in (3, 2, 1):
+            await bb.emit_status(bb3.StatusClaim(state="executing", beats_left=left))
+            await bb.wait_for_beat()
+        done = await bb.emit_status(bb3.StatusClaim(state="done", progress=1.0))
+        for _ in range(8):
+            await bb.wait_for_beat()
+        await cluster.report_for(bb.current_beat)
+    assert done.task_id.startswith("task:")
+    assert issues(cluster.reports) == []

@@ -294,6 +294,7 @@ def test_admit_fills_in_the_claim_and_its_dedup_id() -> None:
     claim = out.claim
     assert (claim.agent_id, claim.beat_index) == ("agent-1", 42)
     assert claim.task_id.startswith("task:")
+    assert len(claim.task_id) == len("task:") + 8
     sig = out.headers["Backbeat-Sig"].encode()
     digest = hashlib.sha256(out.body + sig).hexdigest()[:16]
     assert out.headers["Nats-Msg-Id"] == f"agent-1:{claim.hlc}:{digest}"
@@ -373,3 +374,13 @@ def test_after_a_reconnect_new_claims_wait_for_the_republished_ones() -> None:
     model.ack(0)
     assert [o.seq for o in model.wire] == [3]
     assert model.outbox.metrics.claims_republished == 2
+
+
+def test_claims_that_name_no_task_are_of_the_clients_one_default_task() -> None:
+    outbox = new_outbox(jetstream=True)
+    first, _ = outbox.admit(StatusClaim(state="executing", beats_left=3), 1, connected=True)
+    second, _ = outbox.admit(StatusClaim(state="done"), 2, connected=True)
+    named, _ = outbox.admit(StatusClaim(task_id="t-9", state="done"), 3, connected=True)
+    assert first.claim.task_id == second.claim.task_id == outbox.default_task_id
+    assert named.claim.task_id == "t-9"
+    assert new_outbox().default_task_id != outbox.default_task_id

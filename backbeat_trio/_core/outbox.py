@@ -116,6 +116,7 @@ class Outbox:
         "ack_timeout",
         "agent_id",
         "collided",
+        "default_task_id",
         "errors",
         "generation",
         "hlc",
@@ -142,6 +143,10 @@ class Outbox:
         signer: Signer | None,
         errors: ErrorLog,
     ) -> None:
+        # the one task of this client's claims that name none: an estimate in one of them is
+        # followed by the next (a task id of its own per claim would leave every estimate
+        # unfinished, and the reverb would report each as overrun)
+        self.default_task_id = f"task:{_task_ids.getrandbits(32):08x}"
         self.agent_id = agent_id
         self.status_subject = status_subject
         self.outbox_size = outbox_size
@@ -220,7 +225,7 @@ class Outbox:
             agent_id=agent_id,
             beat_index=beat_index,
             hlc=hlc,
-            task_id=claim.task_id or f"task:{_task_ids.getrandbits(32):08x}",
+            task_id=claim.task_id or self.default_task_id,
         )
         body = encode_claim(filled)  # raises InvalidStatusClaim
         pending = self.pending

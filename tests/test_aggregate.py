@@ -491,3 +491,39 @@ def test_close_window_checks_its_argument() -> None:
         BarAggregator("no spaces")
     with pytest.raises(ConfigError, match="forget_after_windows"):
         BarAggregator("c", forget_after_windows=0)
+
+
+def test_a_late_failure_shows_in_the_next_report_and_its_agent_is_not_stalled() -> None:
+    # a budget ran out just before the bar ended: the `failed` claim names the closed window
+    agg = BarAggregator("prod")
+    for beat in range(4):
+        agg.observe_beat(beat, float(beat), tempo_bpm=60)
+    assert agg.add_claim(claim("bob", 1, beats_left=2, task="fetch")) == "counted"
+    assert agg.add_claim(claim("ann", 2, task="a")) == "counted"
+    agg.observe_beat(4, 4.0, tempo_bpm=60)
+    first = agg.close_window(0, HLC)
+    assert kinds(first, "failed") == []
+    # in window 4: bob's failure for beat 3 arrives late; ann claims in time
+    assert agg.add_claim(claim("bob", 3, "failed", beats_left=0, task="fetch")) == "late"
+    assert agg.add_claim(claim("ann", 5, task="a")) == "counted"
+    agg.observe_beat(8, 8.0, tempo_bpm=60)
+    second = agg.close_window(4, HLC)
+    assert second.late == 1
+    assert second.claims == 1  # the late one is not among the window's claims
+    assert kinds(second, "failed") == ["bob"]
+    assert kinds(second, "stalled") == []
+    assert kinds(second, "overrun") == []  # failed ends the task
+
+
+def test_a_late_claim_never_overrides_a_newer_one() -> None:
+    agg = BarAggregator("prod")
+    for beat in range(5):
+        agg.observe_beat(beat, float(beat), tempo_bpm=60)
+    agg.close_window(0, HLC)
+    assert agg.add_claim(claim("cy", 5, "done", beats_left=0)) == "counted"
+    assert agg.add_claim(claim("cy", 2, "waiting", wait_for=["agent://cy"])) == "late"
+    agg.observe_beat(8, 8.0, tempo_bpm=60)
+    report = agg.close_window(4, HLC)
+    assert report.by_state == {"done": 1}
+    assert report.blocked == []
+    assert kinds(report, "deadlock") == []

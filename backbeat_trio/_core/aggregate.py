@@ -8,7 +8,11 @@ Times are plain floats in the caller's clock.
 Rules SPEC.md leaves open, decided here:
 
 * A claim belongs to the window of its ``beat_index``. A claim naming a window that is already
-  closed (or older) counts only as ``late``, in the next report; it changes nothing else. Claims
+  closed (or older) counts as ``late``, in the next report, and not among any window's claims;
+  what it says of its agent (its state, a failure, an estimate) still stands in the window open
+  when it arrives, as an older claim of that window would (a later claim of the agent wins): a
+  failure stamped just before its bar closed shows in the next report, and the agent that sent
+  it is not ``stalled``. Claims
   left in an older window that was never closed (the caller skipped it) count as ``late`` in the
   report that passes over them. A claim naming a window more than ``max_windows_ahead`` windows
   beyond the current one is rejected (it would pin memory). The reverb hands claims over only
@@ -324,6 +328,11 @@ class BarAggregator:
             return "rejected"
         if self._is_closed(start):
             self._late += 1
+            current = self.current_window_start
+            if current is not None and not self._is_closed(current):
+                self._seq += 1
+                carried: _Key = (claim.beat_index, _hlc_key(claim.hlc), self._seq)
+                self._note(self._window(current), claim, carried)
             return "late"
         ref = self.current_window_start
         if ref is None and self._closed_through is not None:
@@ -336,6 +345,16 @@ class BarAggregator:
         w.by_state[claim.state] += 1
         self._seq += 1
         key: _Key = (claim.beat_index, _hlc_key(claim.hlc), self._seq)
+        self._note(w, claim, key)
+        if arrival_beat is None:
+            arrival_beat = self._last_beat[0] if self._last_beat else claim.beat_index
+        if claim.state in ("review", "done") and start <= arrival_beat < start + bpb:
+            w.on_time_reviews.add(claim.agent_id)
+        return "counted"
+
+    @staticmethod
+    def _note(w: _Window, claim: StatusClaim, key: _Key) -> None:
+        """What ``claim`` says of its agent and task, kept in window ``w``'s state."""
         agent, task = claim.agent_id, claim.task_id
         held = w.latest_by_agent.get(agent)
         if held is None or key > held[0]:
@@ -349,11 +368,6 @@ class BarAggregator:
                 w.estimate_by_task[(agent, task)] = (key, claim.beat_index, claim.beats_left)
         if claim.state == "failed":
             w.failed.setdefault((agent, task), claim)
-        if arrival_beat is None:
-            arrival_beat = self._last_beat[0] if self._last_beat else claim.beat_index
-        if claim.state in ("review", "done") and start <= arrival_beat < start + bpb:
-            w.on_time_reviews.add(agent)
-        return "counted"
 
     def reject(self, reason: str) -> None:
         """Count a claim dropped for a bad signature, bad schema or replay (in the next report).

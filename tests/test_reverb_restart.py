@@ -153,7 +153,7 @@ class Agents:
     silent: set[str] = field(default_factory=set)
 
     async def claim_every_beat(
-        self, bb: bb3.Client, beats: trio.MemoryReceiveChannel[object]
+        self, bb: bb3.Client, beats: DropOldestChannel[bb3.BeatFrame]
     ) -> None:
         async for _frame in beats:
             if self.stop.is_set():
@@ -242,7 +242,7 @@ async def test_reverb_counts_again_within_a_second_of_a_restart(
     ready: list[float] = []
     with trio.fail_after(120 + restarts * (between + 10)):
         async with trio.open_nursery() as nursery:
-            await nursery.start(bb3.run_pulse, pulse_cfg)
+            pulse: bb3.PulseStatus = await nursery.start(bb3.run_pulse, pulse_cfg)
             status: bb3.ReverbStatus = await nursery.start(bb3.run_reverb, reverb_cfg)
             watch = status.watch_claims(buffer=1_000_000)
             with trio.fail_after(10):
@@ -289,8 +289,9 @@ async def test_reverb_counts_again_within_a_second_of_a_restart(
         f"{[round(s, 3) for s in blind]} s; reports {reports}"
     )
     assert max(blind) < RESUME_BOUND, blind
-    assert degraded <= restarts
     assert stalled == 0, status.history
+    # once per outage, and for beats the pulse itself skipped (a process it shares, loaded)
+    assert degraded <= restarts + pulse.skipped_late
     assert status.claims_counted + status.claims_late == emitted
     assert status.rejected == 0, status.rejected_by_reason
     assert status.claims_dropped == 0

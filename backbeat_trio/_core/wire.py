@@ -237,11 +237,8 @@ def decode(data: bytes | bytearray | memoryview | str, type_: type[T]) -> T:
     """
     if len(data) > _SCAN_ABOVE:
         check_nesting(data, type_.__name__)
-    checked = _checked_decoders.get(type_)
-    if checked is None:
-        checked = _checked_decoders.setdefault(type_, msgspec.json.Decoder(type_).decode)
     try:
-        return checked(data)  # type: ignore[no-any-return]
+        return _checked_decoders[type_](data)  # type: ignore[no-any-return]
     except Exception as exc:  # the edge: every decoder failure is a refusal, counted by reason
         raise refusal(type_.__name__, exc) from exc
 
@@ -344,13 +341,18 @@ def _decode_claim(data: Any) -> StatusClaim:
     raise WireError(f"invalid StatusClaim: {_check_claim(claim)}")
 
 
+class _Decoders(dict[type[Any], Callable[[Any], Any]]):
+    # other msgspec types (a lease record, say) get their plain decoder on first use
+    def __missing__(self, type_: type[Any]) -> Callable[[Any], Any]:
+        decoder: Callable[[Any], Any] = msgspec.json.Decoder(type_).decode
+        self[type_] = decoder
+        return decoder
+
+
 # type -> decode-and-validate, so `decode` is one dict lookup and one call away from msgspec
-# (other msgspec types, a lease record say, get their decoder on first use)
-_checked_decoders: Final[dict[type[Any], Callable[[Any], Any]]] = {
-    **{t: _with_check(t) for t in _decoders},
-    BeatFrame: _decode_frame,
-    StatusClaim: _decode_claim,
-}
+_checked_decoders: Final = _Decoders({t: _with_check(t) for t in _decoders})
+_checked_decoders[BeatFrame] = _decode_frame
+_checked_decoders[StatusClaim] = _decode_claim
 
 _CLAIM_STATE_SET: Final = frozenset(CLAIM_STATES)
 # module-level names for encode_claim's checks (a global lookup, not an attribute lookup, per test)

@@ -240,6 +240,10 @@ def decode(data: bytes | bytearray | memoryview | str, type_: type[T]) -> T:
     try:
         return _checked_decoders[type_](data)  # type: ignore[no-any-return]
     except Exception as exc:  # the edge: every decoder failure is a refusal, counted by reason
+        if type_ not in _checked_decoders:
+            # another msgspec type (a lease record, say): its plain decoder, made on first use
+            _checked_decoders[type_] = msgspec.json.Decoder(type_).decode
+            return decode(data, type_)
         raise refusal(type_.__name__, exc) from exc
 
 
@@ -341,16 +345,10 @@ def _decode_claim(data: Any) -> StatusClaim:
     raise WireError(f"invalid StatusClaim: {_check_claim(claim)}")
 
 
-class _Decoders(dict[type[Any], Callable[[Any], Any]]):
-    # other msgspec types (a lease record, say) get their plain decoder on first use
-    def __missing__(self, type_: type[Any]) -> Callable[[Any], Any]:
-        decoder: Callable[[Any], Any] = msgspec.json.Decoder(type_).decode
-        self[type_] = decoder
-        return decoder
-
-
 # type -> decode-and-validate, so `decode` is one dict lookup and one call away from msgspec
-_checked_decoders: Final = _Decoders({t: _with_check(t) for t in _decoders})
+_checked_decoders: Final[dict[type[Any], Callable[[Any], Any]]] = {
+    t: _with_check(t) for t in _decoders
+}
 _checked_decoders[BeatFrame] = _decode_frame
 _checked_decoders[StatusClaim] = _decode_claim
 

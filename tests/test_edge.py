@@ -118,6 +118,8 @@ def _ack(data: bytes) -> Any:
 
 DECODERS: dict[str, tuple[Callable[[bytes], Any], tuple[type[BaseException], ...]]] = {
     **{f"decode[{t.__name__}]": ((lambda d, t=t: decode(d, t)), (WireError,)) for t in WIRE_TYPES},
+    "decode_frame": (wire.decode_frame, (WireError,)),
+    "decode_claim": (wire.decode_claim, (WireError,)),
     "decode_json": (edge.decode_json, (WireError,)),
     "decode_toml": (edge.decode_toml, (WireError,)),
     "screen_frame": (_screen, ()),
@@ -219,7 +221,7 @@ def test_too_deep_is_refused_before_the_decoder_under_its_reason(
     payload: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[bytes] = []
-    monkeypatch.setitem(wire._checked_decoders, BeatFrame, seen.append)
+    monkeypatch.setattr(wire, "_decode_frame_unchecked", seen.append)
     monkeypatch.setattr(edge, "_json_decode", seen.append)
     with pytest.raises(WireError) as info:
         decode(payload, BeatFrame)

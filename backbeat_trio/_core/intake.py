@@ -24,7 +24,7 @@ from .hlc import HLC, HLCStamp
 from .metrics import ClientMetrics, ErrorLog
 from .rules import MAX_FRAME_BEAT_INDEX
 from .tempo import TempoEstimator
-from .wire import BeatFrame, decode
+from .wire import BeatFrame, decode_frame
 
 __all__ = [
     "ADOPTED",
@@ -76,7 +76,7 @@ def screen_frame(
         errors.note(f"oversized beat frame ({len(data)} bytes)")
         return None
     try:
-        frame = decode(data, BeatFrame)
+        frame = decode_frame(data)
     except WireError as exc:
         metrics.malformed += 1
         errors.note(str(exc)[:200])

@@ -25,7 +25,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from .._core.beats import validate_id
 from .._core.hlc import HLCStamp
-from .._core.wire import StatusClaim, decode
+from .._core.wire import StatusClaim, decode_claim
 from .._errors import ConfigError, SignatureError, WireError
 from .edge import decode_toml
 
@@ -551,7 +551,7 @@ def verify_claim(
     """
     if not isinstance(body, bytes):
         body = bytes(body)
-    claim = decode(body, StatusClaim)
+    claim = decode_claim(body)
     headers = headers if headers is not None else {}
     sig_b64 = _header(headers, HEADER_SIG)
     if sig_b64 is not None:

@@ -27,6 +27,8 @@ __all__ = [
     "StatusClaim",
     "TempoChange",
     "decode",
+    "decode_claim",
+    "decode_frame",
     "encode",
     "encode_claim",
 ]
@@ -235,16 +237,11 @@ def decode(data: bytes | bytearray | memoryview | str, type_: type[T]) -> T:
         WireError: the bytes are not valid JSON, break the contract, nest too deeply or are too
             large; the message says where and ``reason`` says which.
     """
-    if len(data) > _SCAN_ABOVE:
-        check_nesting(data, type_.__name__)
     try:
-        return _checked_decoders[type_](data)  # type: ignore[no-any-return]
-    except Exception as exc:  # the edge: every decoder failure is a refusal, counted by reason
-        if type_ not in _checked_decoders:
-            # another msgspec type (a lease record, say): its plain decoder, made on first use
-            _checked_decoders[type_] = msgspec.json.Decoder(type_).decode
-            return decode(data, type_)
-        raise refusal(type_.__name__, exc) from exc
+        edge = _edges[type_]
+    except KeyError:  # another msgspec type (a lease record, say): its edge, made on first use
+        edge = _edges[type_] = _edge(type_)
+    return edge(data)  # type: ignore[no-any-return]
 
 
 def _bad(value: str, field: str, regex: re.Pattern[str]) -> str:
@@ -307,50 +304,72 @@ _POST_CHECKS: Final[dict[type[Any], Callable[[Any], str | None]]] = {
 }
 
 
-def _with_check(type_: type[Any]) -> Callable[[Any], Any]:
-    """``type_``'s decoder, followed by its post-decode check when it has one."""
-    raw = _decoders[type_].decode
+def _edge(type_: type[Any]) -> Callable[[Any], Any]:
+    """``type_``'s decoder behind the edge (nesting bounded first, every failure a refusal),
+    followed by its post-decode check when it has one."""
+    raw = _decoders[type_].decode if type_ in _decoders else msgspec.json.Decoder(type_).decode
     check = _POST_CHECKS.get(type_)
-    if check is None:
-        return raw
     name = type_.__name__
 
-    def decode_checked(data: Any) -> Any:
-        msg = raw(data)
-        problem = check(msg)
+    def decode_at_the_edge(data: Any) -> Any:
+        if len(data) > _SCAN_ABOVE:
+            check_nesting(data, name)
+        try:
+            msg = raw(data)
+        except Exception as exc:  # the edge: every decoder failure is a refusal, by reason
+            raise refusal(name, exc) from exc
+        problem = None if check is None else check(msg)
         if problem is not None:
             raise WireError(f"invalid {name}: {problem}")
         return msg
 
-    return decode_checked
+    return decode_at_the_edge
 
 
 _decode_frame_unchecked: Final = _decoders[BeatFrame].decode
 _decode_claim_unchecked: Final = _decoders[StatusClaim].decode
 
 
-def _decode_frame(data: Any) -> BeatFrame:
-    # the hot path of every client: _check_frame's joined rule inlined, one call saved
-    frame: BeatFrame = _decode_frame_unchecked(data)
+def decode_frame(data: bytes | bytearray | memoryview | str) -> BeatFrame:
+    """``decode(data, BeatFrame)`` in one call, the same edge: every client's screen calls it
+    for every frame (``_check_frame``'s joined rule inlined).
+
+    Raises:
+        WireError: as :func:`decode`.
+    """
+    if len(data) > _SCAN_ABOVE:
+        check_nesting(data, "BeatFrame")
+    try:
+        frame: BeatFrame = _decode_frame_unchecked(data)
+    except Exception as exc:  # the edge, as in `_edge`
+        raise refusal("BeatFrame", exc) from exc
     if _FRAME_RULE(f"{frame.cluster_id} {frame.hlc} {frame.window_id}"):
         return frame
     raise WireError(f"invalid BeatFrame: {_check_frame(frame)}")
 
 
-def _decode_claim(data: Any) -> StatusClaim:
-    # the hot path of the reverb and of verify_claim: _check_claim's fast path inlined
-    claim: StatusClaim = _decode_claim_unchecked(data)
+def decode_claim(data: bytes | bytearray | memoryview | str) -> StatusClaim:
+    """``decode(data, StatusClaim)`` in one call, the same edge: the reverb's and
+    :func:`~backbeat_trio.verify_claim`'s hot path (``_check_claim``'s fast path inlined).
+
+    Raises:
+        WireError: as :func:`decode`.
+    """
+    if len(data) > _SCAN_ABOVE:
+        check_nesting(data, "StatusClaim")
+    try:
+        claim: StatusClaim = _decode_claim_unchecked(data)
+    except Exception as exc:  # the edge, as in `_edge`
+        raise refusal("StatusClaim", exc) from exc
     if claim.task_id and _CLAIM_RULE(f"{claim.agent_id} {claim.hlc}"):
         return claim
     raise WireError(f"invalid StatusClaim: {_check_claim(claim)}")
 
 
-# type -> decode-and-validate, so `decode` is one dict lookup and one call away from msgspec
-_checked_decoders: Final[dict[type[Any], Callable[[Any], Any]]] = {
-    t: _with_check(t) for t in _decoders
-}
-_checked_decoders[BeatFrame] = _decode_frame
-_checked_decoders[StatusClaim] = _decode_claim
+# type -> its edge, so `decode` is one dict lookup and one call away from msgspec
+_edges: Final[dict[type[Any], Callable[[Any], Any]]] = {t: _edge(t) for t in _decoders}
+_edges[BeatFrame] = decode_frame
+_edges[StatusClaim] = decode_claim
 
 _CLAIM_STATE_SET: Final = frozenset(CLAIM_STATES)
 # module-level names for encode_claim's checks (a global lookup, not an attribute lookup, per test)

@@ -19,7 +19,9 @@ import trio
 import backbeat_trio as bb3
 from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._core import signing
-from backbeat_trio._core.beats import beat_subject
+from backbeat_trio._core.beats import beat_subject, tempo_subject
+from backbeat_trio._core.edge import decode_json
+from backbeat_trio._core.wire import encode
 from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio._ops.dashboard import Dashboard
 from backbeat_trio._ops.metrics import CLAIM_REJECTION_REASONS, REVERB_QUIET_BEATS
@@ -45,6 +47,22 @@ def taken_port() -> Iterator[int]:
 
 
 # --- the tempo API --------------------------------------------------------------------------------
+async def test_a_refused_step_over_nats_gets_the_same_advice(nats_url: str) -> None:
+    # a TempoChange on the tempo subject (what `backbeat-trio tempo` sends) is no Python call
+    cluster = "edge-step-nats"
+    cfg = bb3.PulseConfig(cluster_id=cluster, nats_url=nats_url, tempo_bpm=600)
+    async with trio.open_nursery() as nursery, open_nats_transport(cfg) as conn:
+        status = await nursery.start(bb3.run_pulse, cfg)
+        change = bb3.TempoChange(cluster_id=cluster, tempo_bpm=900, reason="go")
+        with trio.fail_after(10):
+            reply = decode_json(await conn.request(tempo_subject(cluster), encode(change)))
+        nursery.cancel_scope.cancel()
+    assert reply["accepted"] is False
+    assert "force=True" not in reply["reason"]
+    assert "660 BPM first" in reply["reason"]
+    assert status.tempo_refusals[-1] == reply["reason"]
+
+
 @pytest.mark.parametrize("forced", [False, True])
 async def test_a_refused_step_tells_an_http_caller_what_it_can_do(
     nats_url: str, forced: bool

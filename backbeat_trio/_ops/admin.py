@@ -19,7 +19,6 @@ import trio
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .._core.edge import decode_json
-from .._core.rules import MAX_TEMPO_BPM, MIN_TEMPO_BPM
 from .._core.wire import TempoChange, decode
 from .._errors import BackbeatError, ConfigError, WireError
 from .._services.history import replay_bars
@@ -54,8 +53,7 @@ from .server import DEFAULT_BIND, parse_bind, serve_asgi
 
 if TYPE_CHECKING:
     from .._client.client import Client
-    from .._core.schedule import TempoDecision
-    from .._services.pulse import PulseConfig, PulseStatus
+    from .._services.pulse import PulseStatus
 
 __all__ = ["AdminApp", "serve_admin"]
 
@@ -287,10 +285,7 @@ class AdminApp:
         except WireError as exc:
             await json_response(send, 400, _answer(False, str(exc), None))
             return
-        reason = decision.reason
-        if not decision.accepted and control.schedule.max_tempo_step is not None:
-            reason = _http_step_advice(decision, control.schedule.max_tempo_step, control.cfg)
-        answer = _answer(decision.accepted, reason, decision.effective_beat)
+        answer = _answer(decision.accepted, decision.reason, decision.effective_beat)
         await json_response(send, 200 if decision.accepted else 422, answer)
 
     # --- HA and history --------------------------------------------------------------------------
@@ -354,41 +349,6 @@ class AdminApp:
 def _answer(accepted: bool, reason: str, effective_beat: int | None) -> dict[str, Any]:
     # the body the pulse replies with on NATS
     return {"accepted": accepted, "reason": reason, "effective_beat": effective_beat}
-
-
-def _http_step_advice(decision: TempoDecision, step: float, cfg: PulseConfig) -> str:
-    """A step refusal's reason, with what an HTTP caller can do about it.
-
-    The schedule's own reason speaks to Python callers (``force=True``); over HTTP the only
-    force is a reason starting with ``force``, and only on a pulse run with
-    ``--allow-forced-tempo``; otherwise the way there is in steps.
-    """
-    wanted, current = decision.tempo_bpm, decision.previous_bpm
-    delta = int(step * current * (1 + 1e-12))
-    if (
-        not isinstance(wanted, int)
-        or not MIN_TEMPO_BPM <= wanted <= MAX_TEMPO_BPM
-        or abs(wanted - current) <= delta
-    ):
-        return decision.reason  # refused for another reason than the step
-    head = decision.reason.partition("; ")[0]
-    if cfg.allow_forced_tempo:
-        return (
-            f"{head}; to allow it, start the request's reason with 'force' "
-            f'(e.g. {{"tempo_bpm": {wanted}, "reason": "force: <why>"}})'
-        )
-    if delta == 0:
-        way = f"no whole-BPM step from {current} fits within ±{step:.0%}"
-    else:
-        first = current + delta if wanted > current else current - delta
-        way = (
-            f"step there in changes of at most ±{step:.0%} of the tempo in force, one per bar "
-            f"(each takes effect at the next downbeat): {first} BPM first"
-        )
-    return (
-        f"{head}; {way}, or restart the pulse with --allow-forced-tempo and send a reason "
-        "starting with 'force' (or with --any-tempo-step)"
-    )
 
 
 def _peer(scope: Scope) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import time
@@ -28,7 +29,7 @@ from .._core.beats import (
 )
 from .._core.hlc import HLC
 from .._core.latency import LatencyHistogram
-from .._core.rules import MAX_FRAME_BEAT_INDEX
+from .._core.rules import MAX_FRAME_BEAT_INDEX, MAX_TEMPO_BPM, MIN_TEMPO_BPM
 from .._core.schedule import PulseSchedule, ScheduledBeat, TempoDecision
 from .._core.wire import BeatFrame, TempoChange, decode
 from .._errors import ConfigError, NotConnected, PulseConflict, WireError
@@ -338,6 +339,9 @@ class TempoControl:
             self.hlc.update(change.hlc)
         force = cfg.allow_forced_tempo and change.reason.startswith("force")
         decision = self.schedule.request_tempo(change.tempo_bpm, force=force)
+        step = self.schedule.max_tempo_step
+        if not decision.accepted and step is not None:
+            decision = dataclasses.replace(decision, reason=step_advice(decision, step, cfg))
         if decision.accepted:
             status.tempo_changes += 1
             log.info(
@@ -355,6 +359,42 @@ class TempoControl:
                 "refused tempo change from %s: %s", change.requested_by or "?", decision.reason
             )
         return decision
+
+
+def step_advice(decision: TempoDecision, step: float, cfg: PulseConfig) -> str:
+    """A step refusal's reason, with what a caller over NATS or HTTP can do about it.
+
+    The schedule's own reason speaks to Python callers (``force=True``); for a TempoChange
+    (on NATS, or through the admin API) the only force is a reason starting with ``force``,
+    and only on a pulse run with ``allow_forced_tempo`` (``--allow-forced-tempo``); otherwise
+    the way there is in steps.
+    """
+    wanted, current = decision.tempo_bpm, decision.previous_bpm
+    delta = int(step * current * (1 + 1e-12))
+    if (
+        not isinstance(wanted, int)
+        or not MIN_TEMPO_BPM <= wanted <= MAX_TEMPO_BPM
+        or abs(wanted - current) <= delta
+    ):
+        return decision.reason  # refused for another reason than the step
+    head = decision.reason.partition("; ")[0]
+    if cfg.allow_forced_tempo:
+        return (
+            f"{head}; to allow it, start the request's reason with 'force' "
+            f'(e.g. {{"tempo_bpm": {wanted}, "reason": "force: <why>"}})'
+        )
+    if delta == 0:
+        way = f"no whole-BPM step from {current} fits within ±{step:.0%}"
+    else:
+        first = current + delta if wanted > current else current - delta
+        way = (
+            f"step there in changes of at most ±{step:.0%} of the tempo in force, one per bar "
+            f"(each takes effect at the next downbeat): {first} BPM first"
+        )
+    return (
+        f"{head}; {way}, or restart the pulse with --allow-forced-tempo and send a reason "
+        "starting with 'force' (or with --any-tempo-step)"
+    )
 
 
 async def tempo_listener(

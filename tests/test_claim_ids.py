@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -31,6 +31,7 @@ from backbeat_trio._core.signing import Signer, generate_signing_key
 from backbeat_trio._core.wire import StatusClaim
 from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio.testing.memory import MemoryMessage
+from tests.test_client_nats import add_stream, plain_nats
 
 CLAIM = StatusClaim(state="executing", beats_left=3, progress=0.5, notes="n")
 ACK = b'{"stream":"BACKBEAT_STATUS_c","seq":7}'
@@ -192,29 +193,6 @@ async def test_a_client_reports_collided_claims_undelivered(
 
 
 # --- over a real nats-server ----------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def plain_nats(url: str) -> AsyncIterator[Any]:
-    """A plain nats-py connection on the current trio-asyncio loop (the peer)."""
-    import nats
-
-    nc = await trio_asyncio.aio_as_trio(nats.connect)(
-        url, reconnect_time_wait=0.05, max_reconnect_attempts=-1
-    )
-    try:
-        yield nc
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio_asyncio.aio_as_trio(nc.close)()
-
-
-async def add_stream(nc: Any, cluster: str) -> str:
-    name = f"BACKBEAT_STATUS_{cluster}"
-    await trio_asyncio.aio_as_trio(nc.jetstream().add_stream)(
-        name=name, subjects=[f"backbeat.status.{cluster}"], duplicate_window=120
-    )
-    return name
 
 
 async def stored(nc: Any, stream: str) -> list[tuple[str, bytes]]:

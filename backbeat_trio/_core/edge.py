@@ -29,6 +29,7 @@ from .._errors import WireError
 __all__ = [
     "MALFORMED",
     "MAX_NESTING",
+    "SCAN_ABOVE",
     "TOO_DEEP",
     "TOO_LARGE",
     "check_nesting",
@@ -47,9 +48,9 @@ MALFORMED: Final = "malformed"
 TOO_DEEP: Final = "too_deep"
 TOO_LARGE: Final = "too_large"
 
-# A payload of n bytes (or characters) nests at most n // 2 deep, so a shorter one needs no scan:
-# the hot path (a beat frame, a short claim) pays one length comparison.
-_SCAN_ABOVE: Final = 2 * MAX_NESTING
+SCAN_ABOVE: Final = 2 * MAX_NESTING
+"""A payload of n bytes (or characters) nests at most n // 2 deep, so one no longer than this
+needs no scan: the hot path (a beat frame, a short claim) pays one length comparison."""
 
 # A JSON string, from its opening quote to its closing one or the end of the input. The
 # possessive quantifiers make the scan linear on any input, terminated or not.
@@ -88,7 +89,7 @@ def check_nesting(data: bytes | bytearray | memoryview | str, what: str = "messa
     Raises:
         WireError: ``reason`` ``"too_deep"``.
     """
-    if len(data) <= _SCAN_ABOVE:
+    if len(data) <= SCAN_ABOVE:
         return
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     if raw.count(b"[") + raw.count(b"{") <= MAX_NESTING:
@@ -135,7 +136,7 @@ def decode_json(data: bytes | bytearray | memoryview | str, what: str = "JSON") 
 
 
 def _check_toml_nesting(text: str, what: str) -> None:
-    if len(text) <= _SCAN_ABOVE or text.count("[") + text.count("{") <= MAX_NESTING:
+    if len(text) <= SCAN_ABOVE or text.count("[") + text.count("{") <= MAX_NESTING:
         return
     brackets = _TOML_SKIP.sub("", text).encode("utf-8", "surrogatepass")
     if _depth(brackets.translate(None, _NOT_BRACKETS)) > MAX_NESTING:

@@ -16,7 +16,8 @@ import msgspec
 
 from .._errors import InvalidStatusClaim, WireError
 from . import rules as R
-from .edge import MAX_NESTING, check_nesting, refusal
+from .edge import SCAN_ABOVE as _SCAN_ABOVE
+from .edge import check_nesting, refusal
 
 __all__ = [
     "BarIssue",
@@ -219,7 +220,6 @@ _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {
 }
 
 T = TypeVar("T")
-_SCAN_ABOVE: Final = 2 * MAX_NESTING  # shorter payloads cannot nest past the bound
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -3,6 +3,8 @@ stops, unless told to share the subject; what is no beat frame never stops it.""
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 import pytest
 import trio
@@ -12,6 +14,7 @@ import backbeat_trio as bb3
 from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._core.beats import beat_subject
 from backbeat_trio._core.wire import encode
+from backbeat_trio._embedded import NatsServerProcess
 
 pytestmark = pytest.mark.nats
 
@@ -93,3 +96,26 @@ async def test_what_is_no_beat_frame_is_counted_and_never_stops_the_pulse(nats_u
         await wait_until(lambda: pulse.published > before + 2)
         assert pulse.foreign_frames == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_pulse_on_a_handed_in_connection_takes_its_subscriptions_with_it(
+    nats_server: NatsServerProcess, nats_url: str
+) -> None:
+    cluster = "handed-in"
+    cfg = pulse_cfg(nats_url, cluster)
+
+    def subscriptions() -> list[str]:
+        connz = nats_server.monitor("connz?subs=1")
+        mine = [c for c in connz["connections"] if c.get("name") == cfg.connection_name]
+        return [s for c in mine for s in c.get("subscriptions_list") or [] if cluster in s]
+
+    async with open_nats_transport(cfg) as conn:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(bb3.run_pulse, cfg, transport=conn))
+            await conn.flush()
+            seen = await trio.to_thread.run_sync(subscriptions)
+            assert sorted(seen) == [beat_subject(cluster), f"backbeat.tempo.{cluster}"]
+            nursery.cancel_scope.cancel()
+        await conn.flush()  # the connection the pulse was handed stays open, without them
+        assert conn.connected
+        assert await trio.to_thread.run_sync(subscriptions) == []

@@ -204,39 +204,60 @@ async def _pulse_loop(
     status = PulseStatus(
         cfg.cluster_id, cfg.tempo_bpm, cfg.beats_per_bar, schedule=schedule, pulse_id=cfg.pulse_id
     )
-    encoder = msgspec.json.Encoder()
 
     def to_wall(t: float) -> _dt.datetime:
         return _dt.datetime.fromtimestamp(wall0 + (t - t0), _dt.UTC)
 
     own: collections.deque[bytes] = collections.deque(maxlen=_OWN_FRAMES_KEPT)
-    async with trio.open_nursery() as nursery:
-        tempo_sub = await transport.subscribe(tempo_subject(cfg.cluster_id), buffer=256)
-        nursery.start_soon(tempo_listener, cfg, transport, tempo_sub, schedule, hlc, status)
-        beat_sub = await transport.subscribe(subject, buffer=256)
-        nursery.start_soon(_watch_beat_subject, cfg, beat_sub, own, status)
-        task_status.started(status)
-        while True:
-            beat: ScheduledBeat = schedule.next_beat()
-            await sleep_until_precise(beat.due)
-            if trio.current_time() - beat.deadline >= 0:
-                # stalled for a whole beat (suspended process, overloaded box): skip, no burst
-                skipped = schedule.skip_to(trio.current_time()) + 1
-                status.skipped_late += skipped
-                log.warning("pulse fell behind; skipped %d beat(s)", skipped)
-                continue
-            if not transport.connected:
-                status.skipped_disconnected += 1
-                continue
-            frame = make_beat_frame(cfg.cluster_id, beat, str(hlc.now()), to_wall(beat.deadline))
-            payload = encoder.encode(frame)
-            own.append(payload)
-            try:
-                transport.publish(subject, payload)
-            except NotConnected:
-                status.skipped_disconnected += 1
-                continue
-            status.record_publish(beat)
+    subs: list[Subscription] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            subs.append(await transport.subscribe(tempo_subject(cfg.cluster_id), buffer=256))
+            nursery.start_soon(tempo_listener, cfg, transport, subs[0], schedule, hlc, status)
+            subs.append(await transport.subscribe(subject, buffer=256))
+            nursery.start_soon(_watch_beat_subject, cfg, subs[1], own, status)
+            task_status.started(status)
+            await _beat(cfg, transport, schedule, status, hlc, own, to_wall)
+    finally:
+        # the pulse's subscriptions are its own, also on a transport it was handed
+        with trio.move_on_after(1.0, shield=True):
+            for sub in subs:
+                await sub.unsubscribe()
+
+
+async def _beat(
+    cfg: PulseConfig,
+    transport: Transport,
+    schedule: PulseSchedule,
+    status: PulseStatus,
+    hlc: HLC,
+    own: collections.deque[bytes],
+    to_wall: Callable[[float], _dt.datetime],
+) -> None:
+    """Publish each beat as it falls due, until cancelled (never a burst after a stall)."""
+    subject = beat_subject(cfg.cluster_id)
+    encoder = msgspec.json.Encoder()
+    while True:
+        beat: ScheduledBeat = schedule.next_beat()
+        await sleep_until_precise(beat.due)
+        if trio.current_time() - beat.deadline >= 0:
+            # stalled for a whole beat (suspended process, overloaded box): skip, no burst
+            skipped = schedule.skip_to(trio.current_time()) + 1
+            status.skipped_late += skipped
+            log.warning("pulse fell behind; skipped %d beat(s)", skipped)
+            continue
+        if not transport.connected:
+            status.skipped_disconnected += 1
+            continue
+        frame = make_beat_frame(cfg.cluster_id, beat, str(hlc.now()), to_wall(beat.deadline))
+        payload = encoder.encode(frame)
+        own.append(payload)
+        try:
+            transport.publish(subject, payload)
+        except NotConnected:
+            status.skipped_disconnected += 1
+            continue
+        status.record_publish(beat)
 
 
 # How many of its latest frames a pulse remembers to recognise its own on the beat subject: a

@@ -89,3 +89,71 @@ async def test_a_stuck_drainer_makes_publish_refuse_instead_of_growing(nats_url:
         assert "not taking them" in refused[1]
         assert len(transport._outq) == MAX_QUEUED_PUBLISHES  # bounded, not growing
         transport._outq.clear()
+
+
+class _StepCounter(trio.abc.Instrument):
+    """Counts the steps each task takes, by task name."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, int] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name] = self.steps.get(task.name, 0) + 1
+
+
+async def test_a_flush_wakes_once_all_is_acknowledged_not_per_puback(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with (
+        bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, jetstream=True) as cluster,
+        cluster.open_client() as bb,
+    ):
+        await bb.wait_for_beat()
+        cluster.broker.set_down()
+        for i in range(50):
+            bb.emit_status_nowait(bb3.StatusClaim(notes=str(i)))
+        counter = _StepCounter()
+
+        async def waiter() -> None:
+            await bb.flush_claims()
+
+        trio.lowlevel.add_instrument(counter)
+        try:
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(waiter, name="waiter")
+                    await trio.testing.wait_all_tasks_blocked()
+                    cluster.broker.set_up()  # the 50 go out again, acked one by one
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert bb.pending_claims == 0
+        assert bb.metrics.claims_acked == 50
+        # its first step, the wake-up once nothing is left, the transport's flush
+        assert counter.steps["waiter"] <= 4
+
+
+async def test_pubacks_are_handled_as_they_arrive_without_waking_a_task(nats_url: str) -> None:
+    from backbeat_trio._bridge.nats import open_nats_transport
+    from backbeat_trio._core.beats import status_stream_name, status_subject
+
+    cluster = "delivery-inline"
+    cfg = bb3.Config(cluster_id=cluster, agent_id="inline", nats_url=nats_url, jetstream=True)
+    async with open_nats_transport(cfg) as transport:
+        await transport.jetstream.ensure_stream(
+            status_stream_name(cluster), [status_subject(cluster)]
+        )
+        async with bb3.open_client(cfg, transport=transport) as bb:
+            assert bb.delivery_mode == "jetstream"
+            counter = _StepCounter()
+            trio.lowlevel.add_instrument(counter)
+            try:
+                for i in range(500):
+                    bb.emit_status_nowait(bb3.StatusClaim(notes=str(i)))
+                with trio.fail_after(20):
+                    await bb.flush_claims()
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            assert bb.metrics.claims_acked == 500
+    listener = [n for n in counter.steps if n.endswith("run_ack_listener")]
+    # the listener wakes for its retry period only (a burst takes far less), never per ack
+    assert sum(counter.steps[n] for n in listener) <= 2, counter.steps

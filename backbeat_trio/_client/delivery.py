@@ -11,7 +11,7 @@ import trio
 from .._core.outbox import Outbox, Outgoing
 from .._core.wire import StatusClaim
 from .._errors import NotConnected
-from .._transport.base import Transport
+from .._transport.base import Message, Transport
 
 __all__ = ["ClaimDelivery"]
 
@@ -97,7 +97,9 @@ class ClaimDelivery:
         # Swap, then set: every waiter (flush may be awaited by several tasks) wakes and
         # re-checks; waiters never replace the event themselves, or one could strand another.
         # Nobody waiting (the common case, once per claim): nothing to wake, no new Event.
-        if self._waiters:
+        # A waiter only leaves once nothing is undelivered: waking it for every PubAck of a
+        # burst would cost a task switch per claim for nothing.
+        if self._waiters and not self.outbox.busy:
             event, self._changed = self._changed, trio.Event()
             event.set()
 
@@ -177,16 +179,26 @@ class ClaimDelivery:
     async def run_ack_listener(self, *, task_status: trio.TaskStatus[None]) -> None:
         """JetStream mode: PubAcks arrive on one wildcard inbox; unacked claims are retried."""
         outbox = self.outbox
-        sub = await self._transport.subscribe(f"{outbox.ack_prefix}.*", buffer=65536)
+        prefix_len = len(outbox.ack_prefix) + 1
+
+        def handle(msg: Message) -> None:
+            self.on_ack(msg.subject[prefix_len:], msg.data)
+
+        # Each PubAck is handled as the transport parses it (no task wake-up per ack); a
+        # transport that declines the handler delivers on ``messages`` instead, read below.
+        sub = await self._transport.subscribe(
+            f"{outbox.ack_prefix}.*", buffer=65536, handler=handle
+        )
         task_status.started()
         del task_status  # it holds trio's start-up nursery: let it go for the task's life
-        prefix_len = len(outbox.ack_prefix) + 1
         try:
             while True:
                 # retry on a fixed period: a steady flow of acks must not starve the retries
                 with trio.move_on_after(outbox.ack_timeout / 2):
                     async for msg in sub.messages:
-                        self.on_ack(msg.subject[prefix_len:], msg.data)
+                        handle(msg)
+                    if sub.failure is not None:
+                        raise sub.failure  # the handler raised: the client's own bug
                     return  # the subscription ended: the client is closing
                 self.retry()
         finally:

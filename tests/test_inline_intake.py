@@ -1,14 +1,13 @@
 """Per beat, a client runs only its consumers: no task of its own wakes for it.
 
-Over NATS the client subscribes to the beat subject with a synchronous handler (``Subscription``
-with ``handler=``) that nats-py's parser calls, instead of a task reading a channel. The in-memory
-bus declines the handler (it models a network hop: a publisher never runs a subscriber's code),
-so there the subscriber task takes frames in as before. Everywhere, the local metronome (the
-tempo sampler) sleeps in a cancel scope whose deadline each frame moves, so it wakes only when the
-pulse is late. Per client and beat that saves two task wake-ups over NATS (~0.1 ms each on the
-2-core test VM). These tests pin where the intake runs, that the sampler stays asleep while the
-pulse is healthy and still takes over when it goes silent, and that a bug in the intake still
-ends the client with that bug (instead of vanishing into nats-py's read loop).
+The connection's judge (``_client/judge.py``) is the ``prepare`` step of the shared subscription
+to the beat subject: over NATS nats-py's parser calls it as the frame is parsed, instead of a
+task reading a channel. The in-memory bus runs it one scheduler hop after the publish (it models
+a network: a publisher never runs a subscriber's code). Everywhere, the judge's metronome sleeps
+in a cancel scope whose deadline each frame moves, so it wakes only when the pulse is late.
+These tests pin where the judgement runs, that the metronome stays asleep while the pulse is
+healthy and still takes over when it goes silent, and that a bug in handing a client its beat
+still ends that client with that bug (instead of vanishing into nats-py's read loop).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import backbeat_trio as bb3
 from backbeat_trio import testing as bbt
 from backbeat_trio._bridge.nats import open_nats_transport
 from backbeat_trio._client.client import Client
+from backbeat_trio._client.judge import BeatJudge
 from backbeat_trio._transport.base import Message, Subscription
 from backbeat_trio.testing.memory import MemoryTransport
 
@@ -30,15 +30,15 @@ FAST = 600
 
 
 def record_intake_tasks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Patch ``Client._intake`` to note the name of the task each frame is taken in on."""
+    """Patch ``BeatJudge.__call__`` to note the name of the task each frame is judged on."""
     names: list[str] = []
-    real = Client._intake
+    real = BeatJudge.__call__
 
-    def spy(self: Client, data: bytes, now: float) -> None:
+    def spy(self: BeatJudge, data: bytes) -> None:
         names.append(trio.lowlevel.current_task().name)
-        real(self, data, now)
+        real(self, data)
 
-    monkeypatch.setattr(Client, "_intake", spy)
+    monkeypatch.setattr(BeatJudge, "__call__", spy)
     return names
 
 
@@ -55,18 +55,18 @@ class StepCounter(trio.abc.Instrument):
 
 
 def fail_intake_on(monkeypatch: pytest.MonkeyPatch, nth: int) -> None:
-    """Patch ``Client._intake`` to raise on the ``nth`` frame (a stand-in for a bug in it)."""
-    real = Client._intake
+    """Patch ``Client._judged_beat`` to raise on the ``nth`` beat (a stand-in for a bug)."""
+    real = Client._judged_beat
     seen = 0
 
-    def broken(self: Client, data: bytes, now: float) -> None:
+    def broken(self: Client, frame: bb3.BeatFrame) -> None:
         nonlocal seen
         seen += 1
         if seen == nth:
             raise RuntimeError(f"intake bug at frame {nth}")
-        real(self, data, now)
+        real(self, frame)
 
-    monkeypatch.setattr(Client, "_intake", broken)
+    monkeypatch.setattr(Client, "_judged_beat", broken)
 
 
 # --- in memory (MockClock) ---------------------------------------------------------------------
@@ -82,14 +82,14 @@ async def test_in_memory_the_publisher_never_runs_the_clients_intake(
                 break
     assert frames == list(range(frames[0], frames[0] + 5))
     assert len(names) >= 5
-    # the memory bus declines the handler: the client's own subscriber task takes frames in
-    assert all("_run_subscriber" in name for name in names), names
+    # one scheduler hop after the publish, in no task of the pulse's
+    assert not any("pulse" in name for name in names), names
 
 
 async def test_a_healthy_pulse_never_wakes_the_sampler(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    counter = StepCounter("_run_tempo_sampler")
+    counter = StepCounter("metronome:")
     async with bbt.open_fake_cluster(tempo_bpm=FAST) as cluster, cluster.open_client() as bb:
         beats = bb.beats()
         for _ in range(2):  # the first frame wakes the sampler once, to start its schedule
@@ -108,7 +108,7 @@ async def test_a_healthy_pulse_never_wakes_the_sampler(
         t0 = trio.current_time()
         frame = await beats.receive()
         waited = trio.current_time() - t0
-    assert counter.steps == {"_run_tempo_sampler": 0}, counter.steps
+    assert counter.steps == {"metronome:": 0}, counter.steps
     assert frame.beat_index == last + 1
     assert bb.metrics.degraded_beats >= 1
     beat = 60 / FAST
@@ -161,12 +161,13 @@ async def test_over_nats_frames_are_taken_in_inside_the_asyncio_reader(
         n.cancel_scope.cancel()
     assert frames == list(range(frames[0], frames[0] + 4))
     assert len(names) >= 4
-    assert not any("_run_subscriber" in name for name in names), names
+    assert all("metronome" not in name for name in names), names
+    assert len(set(names)) == 1, names  # nats-py's reader, every time
 
 
 @pytest.mark.nats
 async def test_over_nats_a_beat_wakes_no_client_task(nats_url: str) -> None:
-    counter = StepCounter("_run_subscriber", "_run_tempo_sampler")
+    counter = StepCounter("metronome:")
     cluster = "inline-steps"
     async with trio_asyncio.open_loop(), trio.open_nursery() as n:
         await n.start(bb3.run_pulse, pulse_config(nats_url, cluster))
@@ -186,8 +187,7 @@ async def test_over_nats_a_beat_wakes_no_client_task(nats_url: str) -> None:
     assert got == list(range(got[0], got[0] + 10))
     # 0 each when every frame comes in well within its beat + jitter; a machine stalling for
     # ~50 ms may wake the sampler once or twice (a task per beat would be >= 10)
-    assert counter.steps["_run_subscriber"] == 0, counter.steps
-    assert counter.steps["_run_tempo_sampler"] <= 3, counter.steps
+    assert counter.steps["metronome:"] <= 3, counter.steps
 
 
 @pytest.mark.nats

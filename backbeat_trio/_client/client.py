@@ -25,21 +25,20 @@ import trio
 from .._bridge import open_nats_transport
 from .._client.config import Config
 from .._core.beats import beat_subject, status_subject
-from .._core.hlc import HLC
-from .._core.intake import BeatTracker
-from .._core.metrics import ClientMetrics, ErrorLog
+from .._core.hlc import HLC, HLCStamp
+from .._core.metrics import MAX_RECENT_ERRORS, ClientMetrics, ErrorLog
 from .._core.outbox import Outbox
 from .._core.wire import BeatFrame, HealthStatus, StatusClaim
 from .._errors import BeatBudgetExceeded, NotConnected, UndeliveredClaims
 from .._transport.base import ConnEvent, Transport
-from .._transport.shared import ViewableTransport
+from .._transport.shared import SharedSubscription, ViewableTransport
 from .._util.channel import DropOldestChannel
 from .._util.groups import exception_to_raise, reraise
 from .._util.trio_only import require_trio
-from .beats_in import BeatInput
 from .budgets import BeatBudget, BeatBudgets
 from .delivery import ClaimDelivery
 from .fanout import BeatCallback, BeatFanout
+from .judge import BeatJudge, judge_key, mirror
 
 __all__ = ["Client", "ClientMetrics", "UndeliveredClaims", "open_client"]
 
@@ -49,13 +48,21 @@ EMIT_YIELD_INTERVAL_S = 0.001
 #: seconds a JetStream claim may wait for its PubAck (and a core-mode PING for its PONG)
 ACK_TIMEOUT_S = 2.0
 
+#: how long a starting client waits for the server to confirm the beat subscription
+SUBSCRIBED_WAIT_S = 2.0
+
 log = logging.getLogger("backbeat_trio.client")
 
 T = TypeVar("T")
 
 
-class Client(BeatInput):
+class Client:
     """A BACKBEAT agent's connection; build it with :func:`open_client`.
+
+    Beats are judged by the connection's :class:`~._client.judge.BeatJudge`, once for every
+    client with the same beat settings on it (a client alone on its connection is its judge's
+    only member); what is this client's own are its channels and callbacks, its beat budgets,
+    its claims, and its view of the judge's counters since it joined.
 
     Attributes:
         config: the configuration it runs with.
@@ -66,18 +73,14 @@ class Client(BeatInput):
         self,
         config: Config,
         transport: Transport,
-        *,
-        wall_clock: Callable[[], float] = time.time,
-        share_beats: bool = False,
+        judge: BeatJudge,
     ) -> None:
         self.config = config
-        # on a connection shared with other clients: one beat subscription for all of them
-        self._share_beats = share_beats
         self._metrics = ClientMetrics()
         self._errors = ErrorLog(self._metrics)
         self._transport = transport
-        self._wall = wall_clock
-        hlc = HLC(config.agent_id)
+        self._hlc = hlc = HLC(config.agent_id)
+        self._merged: HLCStamp | None = None  # the judge's stamp last merged into ``_hlc``
         self._beat_subject = beat_subject(config.cluster_id)
         self._status_subject = status_subject(config.cluster_id)
         signer = None
@@ -85,19 +88,13 @@ class Client(BeatInput):
             from .._core.signing import Signer
 
             signer = Signer(config.signing_key, config.agent_id)
-        # beats in: the sans-IO tracker decides; this client moves timers, budgets and channels
-        self._tracker = BeatTracker(
-            cluster_id=config.cluster_id,
-            beats_per_bar=config.beats_per_bar,
-            jitter_tolerance=config.jitter_tolerance,
-            max_frame_bytes=config.max_frame_bytes,
-            hlc=hlc,
-            errors=self._errors,
-        )
-        self._wake_sampler = trio.Event()  # before the first beat only
-        # the sampler's sleep; a new schedule moves its deadline instead of waking it
-        self._sampler_scope: trio.CancelScope | None = None
-        self._sampler_spin = 0.0  # SPIN_S on a real clock (set by the sampler)
+        # beats in: judged once per connection; this client moves its budgets and channels
+        self._judge = judge
+        self._tracker = judge.tracker
+        self._judge_base = judge.counts()
+        self._judge_errors_shown = 0
+        self._judge_version = judge.version
+        self._judge_left = False  # out of the judge: the counters stop where they were
         # beats out
         self._fanout = BeatFanout(self._errors, config.beat_buffer)
         self._budgets = BeatBudgets(self._tracker, self._metrics)
@@ -129,20 +126,94 @@ class Client(BeatInput):
             f"outbox={len(self._outbox.pending)}>"
         )
 
+    # ------------------------------------------------------------------ the judge's member
+    @property
+    def agent_id(self) -> str:
+        """``config.agent_id``."""
+        return self.config.agent_id
+
+    def _judged_beat(self, frame: BeatFrame) -> None:
+        """The judge delivered a new beat: move the budgets, hand it to channels and waiters."""
+        if self._judge.version != self._judge_version:
+            self._mirror()  # not a plain next beat: bring every counter along
+        else:  # a kept metrics object sees the beat counts move as they did per client
+            m = self._metrics
+            m.beats += 1
+            if frame.downbeat:
+                m.downbeats += 1
+        self._budgets.reproject()
+        self._fanout.put(frame)
+
+    def _judged_move(self) -> None:
+        """The judge moved the schedule without a new beat: move the budgets."""
+        self._budgets.reproject()
+
+    def _judge_failed(self, exc: BaseException) -> None:
+        """Handing this client a beat raised (a bug): end the client with it."""
+        self._judge_left = True  # it never got that beat: its counters stop before it
+        nursery = self._nursery
+        if nursery is not None:
+
+            async def fail() -> None:
+                raise exc
+
+            nursery.start_soon(fail)
+
+    def _leave_judge(self) -> None:
+        """Out of the judge: no more beats; the counters stop where they are."""
+        self._mirror()
+        self._judge_left = True
+        self._judge.leave(self)
+
+    async def _join_beats(self) -> None:
+        """Become a member of the judge; the first member waits (a bounded while) for the server
+        to confirm the subscription, so that when ``open_client``'s block starts a frame published
+        from anywhere reaches this client. Not connected, the subscription is the connection's
+        to renew when it reconnects; a server too slow to answer holds up no client's start."""
+        judge = self._judge
+        if not judge.confirmed:
+            try:
+                with trio.move_on_after(SUBSCRIBED_WAIT_S) as waited:
+                    await self._transport.flush()
+            except NotConnected as exc:
+                log.debug("subscribed while not connected (%s): the reconnect renews it", exc)
+            else:
+                judge.confirmed = not waited.cancelled_caught
+                if waited.cancelled_caught:
+                    log.debug(
+                        "the server did not confirm the beat subscription within %s s",
+                        SUBSCRIBED_WAIT_S,
+                    )
+        # this client's counters start here: what the judge counted before is not its
+        self._judge_base = judge.counts()
+        self._judge_version = judge.version
+        self._judge_errors_shown = 0
+        judge.join(self)
+
     # ------------------------------------------------------------------ public state
     @property
     def metrics(self) -> ClientMetrics:
         """Its counters (also in ``health().metrics``).
 
-        On a connection shared with other clients the beat frames are screened once for all of
-        them, so ``malformed``, ``oversized`` and ``wrong_cluster`` are the connection's
-        counts since this client joined (the same junk is counted once per connection, not once
-        per client, and its cost does not grow with the number of clients). They are brought
-        into this object when it is read through this property and with every frame the client
-        takes in.
+        Beats are judged once per connection for every client with the same beat settings, so
+        the counters of beats and of refused frames (``beats`` … ``duplicate_or_old``,
+        ``malformed``, ``oversized``, ``wrong_cluster``) are the judge's since this client
+        joined: the same junk is counted once per connection, not once per client, and its cost
+        does not grow with the number of clients. They are brought into this object when it is
+        read through this property.
         """
-        self._mirror_screen()
+        self._mirror()
         return self._metrics
+
+    def _mirror(self) -> None:
+        if self._judge_left:
+            return
+        m = self._metrics
+        judge = self._judge
+        self._judge_version = judge.version
+        since = mirror(judge, self._judge_base, m)
+        m.errors += since - self._judge_errors_shown
+        self._judge_errors_shown = since
 
     @property
     def current_beat(self) -> int | None:
@@ -219,10 +290,15 @@ class Client(BeatInput):
             current_tempo=tracker.tempo_bpm,
             tempo_drift=round(estimator.tempo_drift * 1e9),
             measured_bpm=estimator.measured_bpm,
-            errors=list(self._errors.recent),
+            errors=self._recent_errors(),
             delivery=self._outbox.mode,
             metrics=asdict(self.metrics),  # (the property: shared refusals mirrored)
         )
+
+    def _recent_errors(self) -> list[str]:
+        judge = self._judge
+        texts = [*judge.screen.errors.recent, *judge.errors.recent, *self._errors.recent]
+        return texts[-MAX_RECENT_ERRORS:]
 
     # ------------------------------------------------------------------ beats out
     def beats(self, *, buffer: int | None = None) -> DropOldestChannel[BeatFrame]:
@@ -374,6 +450,10 @@ class Client(BeatInput):
         """:meth:`emit_status` without the checkpoint (for sync callbacks)."""
         if self._closing and self._nursery is None:
             raise NotConnected("the client is closed")
+        stamp = self._judge.last_stamp
+        if stamp != self._merged:  # the frames judged since the last claim happened before it
+            self._hlc.merge(stamp)
+            self._merged = stamp
         return self._delivery.emit(claim, self._tracker.last_index or 0)
 
     async def flush_claims(self) -> None:
@@ -453,8 +533,7 @@ class Client(BeatInput):
                     await nursery.start(self._delivery.run_ack_listener)
                 else:
                     await nursery.start(self._delivery.run_confirmer)
-                await nursery.start(self._subscriber())
-                await nursery.start(self._run_tempo_sampler)
+                await self._join_beats()
                 task_status.started(scope)
                 del task_status  # (trio's start-up nursery: see _run_supervisor)
 
@@ -463,9 +542,15 @@ class Client(BeatInput):
         # Core-mode claims the server never confirmed are not written off quietly at close:
         # they go back to the outbox, so undelivered() lists them and open_client raises.
         await self._delivery.deliver_queued(self.config.close_grace)
+        self._leave_judge()
         self._closing = True
         self._budgets.cancel_all()
         self._fanout.close()  # wakes wait_for_beat(), which then raises NotConnected
+
+
+async def _leave_subscription(member: SharedSubscription[None]) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        await member.unsubscribe()
 
 
 @contextlib.asynccontextmanager
@@ -505,14 +590,23 @@ async def open_client(
     user_exc: BaseException | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
-            shared = transport is not None
             if transport is None:
                 transport = await stack.enter_async_context(open_nats_transport(config))
             elif isinstance(transport, ViewableTransport):
                 # a connection others may use too: this client opens (and closes) its own view,
                 # with its own connection events; the connection is the caller's
                 transport = await stack.enter_async_context(transport.view())
-            client = Client(config, transport, wall_clock=wall_clock, share_beats=shared)
+            member = await transport.subscribe_shared(
+                beat_subject(config.cluster_id),
+                key=judge_key(config, wall_clock),
+                prepare=lambda: BeatJudge(config, wall_clock),
+                buffer=1,
+            )
+            stack.push_async_callback(_leave_subscription, member)
+            judge = member.prepared
+            assert isinstance(judge, BeatJudge)
+            client = Client(config, transport, judge)
+            stack.callback(client._leave_judge)
             await client._detect_mode()
             async with trio.open_nursery() as nursery:
                 services = await nursery.start(client._run_services)

@@ -7,7 +7,7 @@ Pure trio: nothing here imports asyncio or nats-py. The NATS implementation live
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -15,6 +15,7 @@ import trio
 
 if TYPE_CHECKING:
     from .jetstream import JetStream
+    from .shared import SharedSubscription
 
 
 T = TypeVar("T")
@@ -186,6 +187,19 @@ class Transport(Protocol):
     ) -> Subscription: ...
 
     async def request(self, subject: str, payload: bytes) -> bytes: ...
+
+    async def subscribe_shared(
+        self,
+        subject: str,
+        *,
+        key: Hashable,
+        prepare: Callable[[], Callable[[bytes], Any]],
+        handler: Callable[[Any], None] | None = None,
+        buffer: int = 1024,
+    ) -> SharedSubscription[Any]:
+        """Join the one subscription to ``subject`` every user of this connection with the same
+        ``key`` shares (:mod:`backbeat_trio._transport.shared`)."""
+        ...
 
     def new_inbox(self) -> str: ...
 

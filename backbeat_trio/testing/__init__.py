@@ -23,8 +23,8 @@ tutorial tests an agent this way, its bar reports included.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Hashable
+from typing import Any, TypeVar
 
 import trio
 
@@ -43,7 +43,10 @@ from .._services.pulse import PulseConfig, PulseStatus, run_pulse
 from .._services.reverb import ReverbConfig, ReverbStatus, run_reverb
 from .._transport.base import ConnEvent, Message, Subscription
 from .._transport.jetstream import JetStream
+from .._transport.shared import Prepare, SharedSubscription, SharedSubscriptions
 from ..testing.memory import MemoryBroker, MemoryTransport
+
+T = TypeVar("T")
 
 __all__ = [
     "VIRTUAL_EPOCH",
@@ -63,11 +66,26 @@ def virtual_wall_clock() -> float:
 
 
 class _OwnConnection:
-    """One client's own connection, as ``open_client(cfg)`` opens one: a memory transport that
-    offers no shared subscription, so the client runs the path a lone agent runs."""
+    """One client's own connection, as ``open_client(cfg)`` opens one: a memory transport whose
+    shared subscriptions are its own, so the client is its judge's only member, as a lone agent
+    is."""
 
     def __init__(self, inner: MemoryTransport) -> None:
         self._inner = inner
+        self._shared = SharedSubscriptions(inner._subscribe_handing_to, inline=False)
+
+    async def subscribe_shared(
+        self,
+        subject: str,
+        *,
+        key: Hashable,
+        prepare: Callable[[], Prepare[T]],
+        handler: Callable[[T], None] | None = None,
+        buffer: int = 1024,
+    ) -> SharedSubscription[T]:
+        return await self._shared.join(
+            subject, key=key, prepare=prepare, handler=handler, buffer=buffer
+        )
 
     def __repr__(self) -> str:
         return f"<own connection {self._inner!r}>"
@@ -113,6 +131,7 @@ class _OwnConnection:
         return self._inner.jetstream
 
     async def aclose(self) -> None:
+        self._shared.close()
         await self._inner.aclose()
 
 

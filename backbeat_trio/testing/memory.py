@@ -5,6 +5,8 @@ Never the only proof that something works over NATS.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
 from collections.abc import Callable, Hashable, Sequence
 from typing import Literal, TypeVar
@@ -30,6 +32,8 @@ from .memory_streams import stored_size as stored_size
 from .memory_streams import subject_matches as subject_matches
 
 T = TypeVar("T")
+
+log = logging.getLogger("backbeat_trio.testing")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,9 +258,26 @@ class MemoryTransport(EventFeed):
         self, subject: str, handler: Callable[[Message], None]
     ) -> Subscription:
         # through subscribe(), as NatsTransport does, so a subclass's subscribe rules both
-        # routes; subscribe() declines handlers, the shared route's own is attached here
+        # routes; subscribe() declines handlers, the shared route's own is attached here. It
+        # runs one scheduler hop after the publish, as after a network (a publisher never runs
+        # a subscriber's code inside its publish call), in order, and in no task of its own.
         sub = await self.subscribe(subject, buffer=1)
-        sub._handler = handler
+        token = trio.lowlevel.current_trio_token()
+
+        def take(msg: Message) -> None:
+            if self._closed or sub not in self._subs:
+                return  # unsubscribed, or closed, while the message was on its way
+            try:
+                handler(msg)
+            except Exception:  # not raised into trio's scheduler: logged, as nats-py does
+                log.exception("a shared subscription's handler on %r raised", subject)
+
+        def hop(msg: Message) -> None:
+            # the run is ending: nobody is left to hear it
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(take, msg)
+
+        sub._handler = hop
         return sub
 
     async def subscribe_shared(

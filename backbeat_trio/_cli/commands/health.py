@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 import trio
 
-from ..._client.beats_in import no_beat_hint
 from ..._client.client import open_client
+from ..._client.judge import no_beat_hint
 from ..._core.wire import HealthStatus
 from ..common import EXIT_FAILURE, EXIT_OK, PROG, add_command, count, eprint, out, positive_float
 from ..connection import agent_parent, client_config, conn_parent

@@ -11,7 +11,7 @@ import msgspec
 import trio
 
 from ..._bridge import open_nats_transport
-from ..._client.beats_in import no_beat_hint
+from ..._client.judge import no_beat_hint
 from ..._core.beats import bar_subject, beat_subject, status_subject
 from ..._core.wire import BarReport, BeatFrame, StatusClaim, decode
 from ..._errors import WireError

@@ -1,7 +1,8 @@
-"""The shared silence watch (``_client/watch.py``) over a real nats-server: clients on one
-connection wait on one watch instead of moving a timer each per beat; a silent pulse still
-degrades every one of them and its return resynchronises them; the watch passes to another
-member when its keeper leaves; and a stall of this very process is not taken for silence.
+"""The connection's beat judge (``_client/judge.py``) over a real nats-server: clients on one
+connection share one judgement of each frame and one metronome; a silent pulse degrades every
+one of them (found once, checked with the server) and its return resynchronises them; the
+metronome passes to another member's nursery when its keeper leaves; and neither a stall of this
+very process nor a thousand clients joining it is taken for silence.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import trio
 import trio_asyncio
 
 import backbeat_trio as bb3
-from backbeat_trio._client.watch import BeatWatch
+from backbeat_trio._client.judge import BeatJudge
 
 pytestmark = pytest.mark.nats
 
@@ -82,9 +83,9 @@ async def fleet(
         nursery.cancel_scope.cancel()
 
 
-def the_watch(conn: bb3.NatsTransport) -> BeatWatch:
+def the_judge(conn: bb3.NatsTransport) -> BeatJudge:
     [(_, watch, _)] = conn.shared_subscriptions.subscriptions
-    assert isinstance(watch, BeatWatch)
+    assert isinstance(watch, BeatJudge)
     return watch
 
 
@@ -110,25 +111,28 @@ async def test_a_silent_pulse_degrades_every_shared_client_and_its_return_resync
             _,
         ):
             await until(lambda: all(c.metrics.beats >= 3 for c in clients))
-            watch = the_watch(conn)
+            watch = the_judge(conn)
             await until(lambda: watch.watching)
             assert watch.silences == 0
             assert all(c.metrics.degraded_beats == 0 for c in clients)
             pulse.stop()
-            # one watch noticed for all of them; each then kept time alone
+            # one judge noticed for all of them, checked with the server, and keeps time for all
             await until(lambda: all(c.metrics.degraded_beats >= 3 for c in clients))
             assert watch.silences >= 1
+            assert watch.checks >= watch.silences
             assert all(c.degraded for c in clients)
-            # one warning for the fifty of them (each client's own is at DEBUG)
+            # one warning for the fifty of them
             warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-            assert len([m for m in warned if "pulse silent on cluster" in m]) == watch.silences
-            assert not [m for m in warned if "degrading to local beats" in m]
-            assert not watch.watching  # every member checks its own alarm while degraded
+            assert len([m for m in warned if "degrading to local beats" in m]) == watch.silences
+            assert watch.watching  # one metronome keeps time for every member
+            # every member got the same made-up beats, once each
+            local = {c.metrics.degraded_beats for c in clients}
+            assert max(local) - min(local) <= 1, local
             last = max(c.metrics.beats for c in clients) + 20
             await pulse.start(start_index=last)
             await until(lambda: all(not c.degraded for c in clients))
             assert all(c.metrics.resyncs == 1 for c in clients)
-            # healthy again: back on the one watch, which notices the next silence too
+            # healthy again: the one metronome notices the next silence too
             await until(lambda: watch.watching)
             silences = watch.silences
             degraded = [c.metrics.degraded_beats for c in clients]
@@ -168,7 +172,7 @@ async def test_the_watch_passes_on_when_its_keeper_leaves(nats_url: str) -> None
                 for i in range(n):
                     await nursery.start(agent, i)
                 await until(lambda: all(c.metrics.beats >= 3 for c in clients))
-                watch = the_watch(conn)
+                watch = the_judge(conn)
                 # close the client keeping the watch
                 await until(lambda: watch.keeper is not None)
                 keeper = watch.keeper
@@ -238,7 +242,7 @@ async def test_a_stall_of_this_process_is_not_a_silent_pulse(nats_url: str) -> N
                     for i in range(n)
                 ]
                 await until(lambda: all(c.metrics.beats >= 5 for c in clients))
-                watch = the_watch(conn)
+                watch = the_judge(conn)
                 for _ in range(3):
                     beats = [c.metrics.beats for c in clients]
                     await until(lambda: watch.watching)
@@ -253,3 +257,84 @@ async def test_a_stall_of_this_process_is_not_a_silent_pulse(nats_url: str) -> N
                 # the frames that waited were judged as any late frame is, not synthesised over
                 assert all(c.metrics.stale + c.metrics.beats_skipped >= 3 for c in clients)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_stalled_lone_client_does_not_make_up_beats(nats_url: str) -> None:
+    # a client on its own connection: its judge is its own, and the same check holds
+    cluster = "judge-stall-lone"
+    with trio.fail_after(30):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    trio.run_process,
+                    [sys.executable, "-c", PULSE_PROCESS, nats_url, cluster, str(FAST)],
+                    check=False,
+                )
+            )
+            async with bb3.open_client(agent_config(nats_url, cluster, 0)) as bb:
+                await until(lambda: bb.metrics.beats >= 5)
+                judge = bb._judge
+                for _ in range(3):
+                    beats = bb.metrics.beats
+                    stall(0.4)  # four beats and more: every alarm passes
+                    await until(lambda: bb.metrics.beats >= beats + 3)  # noqa: B023
+                assert bb.metrics.degraded_beats == 0, bb.metrics
+                assert judge.silences == 0
+                assert judge.busy >= 1  # the alarm rang, and the check found frames arriving
+                assert bb.metrics.duplicate_or_old == 0
+            nursery.cancel_scope.cancel()
+
+
+JOINING = 1000
+
+
+async def test_a_thousand_clients_joining_a_busy_process_keep_time(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A pulse in a process of its own beats while this process takes in a thousand clients at
+    # once (the join storm of a big agent host starting). Before the judge checked silence
+    # with the server, the clients that had joined first made up beats while the frames waited
+    # behind the joining, then discarded the pulse's frames for those beats.
+    caplog.set_level(logging.WARNING, logger="backbeat_trio")
+    cluster = "judge-join-storm"
+    with trio.fail_after(120):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    trio.run_process,
+                    [sys.executable, "-c", PULSE_PROCESS, nats_url, cluster, str(FAST)],
+                    check=False,
+                )
+            )
+            # the pulse is beating before the storm begins
+            async with (
+                bb3.open_nats_transport(agent_config(nats_url, cluster, -1)) as conn,
+                bb3.open_client(agent_config(nats_url, cluster, -2), transport=conn) as first,
+            ):
+                await until(lambda: first.metrics.beats >= 3)
+                clients: list[bb3.Client] = []
+                stop = trio.Event()
+
+                async def agent(i: int) -> None:
+                    cfg = agent_config(nats_url, cluster, i)
+                    async with bb3.open_client(cfg, transport=conn) as bb:
+                        clients.append(bb)
+                        await stop.wait()
+
+                async with trio.open_nursery() as agents:
+                    for i in range(JOINING):
+                        agents.start_soon(agent, i)
+                    await until(lambda: len(clients) == JOINING)
+                    beats = first.metrics.beats
+                    await until(lambda: first.metrics.beats >= beats + 5)
+                    judge = the_judge(conn)
+                    everyone = [first, *clients]
+                    local = [c.metrics.degraded_beats for c in everyone]
+                    discarded = [c.metrics.duplicate_or_old for c in everyone]
+                    stop.set()
+            nursery.cancel_scope.cancel()
+    assert judge.silences == 0, judge
+    assert set(local) == {0}, sorted(set(local))
+    assert set(discarded) == {0}, sorted(set(discarded))
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) <= 1, warned

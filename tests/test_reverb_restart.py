@@ -5,9 +5,11 @@ shared connection each claiming every beat. The server is SIGKILLed and restarte
 must count claims again within a second of the server accepting connections (its stream reader
 is re-created on the reconnect, not after nats-py's missed heartbeats), report no agent
 ``stalled`` for the outage (their claims waited in their outboxes, and arrive ``late``), and
-count every claim exactly once. One agent reconnects only every second (the client's default
-``reconnect_delay``): its claims arrive after the reverb is back, and it is not ``stalled``
-either. CI runs it bounded; ``--soak`` runs more agents, a faster pulse and more restarts.
+count every claim exactly once. One agent reconnects only every ``SLOW_RECONNECT`` seconds,
+longer than the reverb's ``OUTAGE_GRACE``: its outbox claims arrive well after the reverb is
+back, then its new ones, and it is not ``stalled`` either (it is one the reverb has not heard
+from since the outage). CI runs it bounded; ``--soak`` runs more agents, a faster pulse and
+more restarts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from backbeat_trio._core.beats import status_subject
 from backbeat_trio._core.wire import StatusClaim, decode, encode
 from backbeat_trio._embedded import NatsServerProcess
 from backbeat_trio._services.reverb_claims import (
+    CATCH_UP_GRACE,
     CLAIM_BATCH,
     OUTAGE_GRACE,
     AcceptedClaim,
@@ -37,6 +40,8 @@ from backbeat_trio.testing.memory import MemoryBroker
 
 #: the reverb must count claims again within this many seconds of the server being back
 RESUME_BOUND = 1.0
+#: the slow agent's reconnect delay: past OUTAGE_GRACE after the reverb reads again
+SLOW_RECONNECT = 2 * OUTAGE_GRACE
 
 Watch = DropOldestChannel[AcceptedClaim]
 
@@ -70,6 +75,49 @@ def test_blind_windows_stall_no_one_and_their_claims_count_late() -> None:
     assert report.late == 2
     assert [(i.agent_id, i.kind) for i in report.issues] == [("a", "stalled")]
     assert "no claim for 1 window(s)" in report.issues[0].detail
+
+
+def test_an_agent_unheard_since_a_blind_window_is_not_stalled_while_catching_up() -> None:
+    agg = BarAggregator("c", beats_per_bar=4, forget_after_windows=2)
+    for agent in ("a", "b", "c"):
+        agg.add_claim(executing(agent, 0))
+    agg.close_window(0, "h")
+    agg.add_claim(executing("a", 4))
+    assert agg.close_window(4, "h", blind=True).issues == []
+    # a and b are current again; c still reconnects (or re-sends its outbox): not stalled
+    for start in (8, 12, 16):
+        agg.add_claim(executing("a", start))
+        agg.add_claim(executing("b", start))
+        assert agg.close_window(start, "h", catching_up=True).issues == []
+    # b, heard from since the outage, falls silent: a real stall, even while catching up
+    agg.add_claim(executing("a", 20))
+    report = agg.close_window(20, "h", catching_up=True)
+    assert [(i.agent_id, i.kind) for i in report.issues] == [("b", "stalled")]
+    # c's outbox claims arrive late, then it is current: not stalled, not aged
+    assert agg.add_claim(executing("c", 9)) == "late"
+    agg.add_claim(executing("c", 24))
+    agg.add_claim(executing("a", 24))
+    report = agg.close_window(24, "h", catching_up=True)
+    assert [(i.agent_id, i.kind) for i in report.issues] == [("b", "stalled")]
+    # caught up: silence is judged again as usual (c's first silent window)
+    agg.add_claim(executing("a", 28))
+    report = agg.close_window(28, "h")
+    assert [(i.agent_id, i.kind) for i in report.issues] == [("c", "stalled")]
+    assert "no claim for 1 window(s)" in report.issues[0].detail
+    assert agg.tracked_agents == ["a", "c"]  # b forgotten after two silent windows
+
+
+def test_an_agent_unheard_after_catching_up_is_stalled() -> None:
+    agg = BarAggregator("c", beats_per_bar=4, forget_after_windows=8)
+    agg.add_claim(executing("a", 0))
+    agg.close_window(0, "h")
+    agg.close_window(4, "h", blind=True)
+    assert agg.close_window(8, "h", catching_up=True).issues == []
+    report = agg.close_window(12, "h")
+    assert [(i.agent_id, i.kind) for i in report.issues] == [("a", "stalled")]
+    # a later blind window starts over: unheard again
+    agg.close_window(16, "h", blind=True)
+    assert agg.close_window(20, "h", catching_up=True).issues == []
 
 
 # --- in memory: the reader re-subscribes from where it was --------------------------------------
@@ -115,6 +163,9 @@ async def test_reader_resumes_from_the_last_sequence_it_took(autojump_clock: obj
     assert back is not None
     # blind from the outage until it caught up, and for OUTAGE_GRACE after
     assert reader.blind_during(back + OUTAGE_GRACE - 0.1, back + OUTAGE_GRACE)
+    # catching up for CATCH_UP_GRACE after
+    assert reader.catching_up(back + CATCH_UP_GRACE - 0.1, back + CATCH_UP_GRACE)
+    assert not reader.catching_up(back + CATCH_UP_GRACE + 0.1, back + CATCH_UP_GRACE + 1)
     await trio.sleep(OUTAGE_GRACE)
     opened = trio.current_time()
     assert await read_all(reader) == []
@@ -180,10 +231,15 @@ async def open_agents(
         trio.open_nursery() as nursery,
         contextlib.AsyncExitStack() as stack,
     ):
-        # the slow agent reconnects on its own connection at the default pace
+        # the slow agent reconnects on its own connection, at its own slow pace
         slow_conn = await stack.enter_async_context(
             open_nats_transport(
-                bb3.Config(cluster_id=cluster, agent_id=slow, nats_url=url, reconnect_delay=1.0)
+                bb3.Config(
+                    cluster_id=cluster,
+                    agent_id=slow,
+                    nats_url=url,
+                    reconnect_delay=SLOW_RECONNECT,
+                )
             )
         )
         for agent_id, key in keys.items():
@@ -216,6 +272,23 @@ async def counting_again(status: bb3.ReverbStatus, watch: Watch, since: float) -
     return trio.current_time() - since
 
 
+async def note_stalled(
+    status: bb3.ReverbStatus, kills: list[float], noted: list[tuple[float, int, list[str]]]
+) -> None:
+    """Note every report listing an agent ``stalled``: seconds since the latest kill, the
+    window, the agents (where a restart's false ones come from)."""
+    seen = status.reports
+    while True:
+        await status.wait_for_report()
+        new = min(status.reports - seen, len(status.history))
+        seen = status.reports
+        for report in list(status.history)[len(status.history) - new :]:
+            agents = sorted(i.agent_id for i in report.issues if i.kind == "stalled")
+            if agents:
+                since = trio.current_time() - max(kills, default=0.0)
+                noted.append((round(since, 2), report.from_beat, agents))
+
+
 async def accepted(status: bb3.ReverbStatus, watch: Watch, emitted: int) -> None:
     """Wait until the reverb has counted (or counted late) ``emitted`` claims."""
     while status.claims_counted + status.claims_late < emitted:
@@ -228,7 +301,7 @@ async def test_reverb_counts_again_within_a_second_of_a_restart(
     nats_server: NatsServerProcess, nats_url: str, soak: bool
 ) -> None:
     cluster = "reverb-restart-soak" if soak else "reverb-restart"
-    n_agents, tempo, restarts, between = (50, 1200, 10, 60.0) if soak else (5, 600, 2, 4.0)
+    n_agents, tempo, restarts, between = (50, 1200, 10, 60.0) if soak else (5, 600, 2, 9.0)
     keys = {f"agent-{i}": bb3.generate_signing_key() for i in range(n_agents)}
     slow = "agent-0"
     keyring = bb3.Keyring({agent: key.verify_key for agent, key in keys.items()})
@@ -240,11 +313,14 @@ async def test_reverb_counts_again_within_a_second_of_a_restart(
     )
     blind: list[float] = []
     ready: list[float] = []
+    kills: list[float] = []
+    noted: list[tuple[float, int, list[str]]] = []
     with trio.fail_after(120 + restarts * (between + 10)):
         async with trio.open_nursery() as nursery:
             pulse: bb3.PulseStatus = await nursery.start(bb3.run_pulse, pulse_cfg)
             status: bb3.ReverbStatus = await nursery.start(bb3.run_reverb, reverb_cfg)
             watch = status.watch_claims(buffer=1_000_000)
+            nursery.start_soon(note_stalled, status, kills, noted)
             with trio.fail_after(10):
                 await status.first_beat.wait()
             async with open_agents(nats_url, cluster, keys, slow) as agents:
@@ -254,6 +330,7 @@ async def test_reverb_counts_again_within_a_second_of_a_restart(
                 for _ in range(restarts):
                     await trio.sleep(between / 2)
                     nats_server.kill()
+                    kills.append(trio.current_time())
                     await trio.sleep(0.5)  # down for several beats
                     # from its launch: an upper bound on the time since it accepted connections
                     launched = trio.current_time()
@@ -286,7 +363,8 @@ async def test_reverb_counts_again_within_a_second_of_a_restart(
             nursery.cancel_scope.cancel()
     print(
         f"server launched -> ready: {[round(s, 3) for s in ready]} s, -> reverb counting again: "
-        f"{[round(s, 3) for s in blind]} s; reports {reports}"
+        f"{[round(s, 3) for s in blind]} s; reports {reports}; stalled (s after kill, window, "
+        f"agents): {noted}"
     )
     assert max(blind) < RESUME_BOUND, blind
     assert stalled == 0, status.history

@@ -31,6 +31,11 @@ Rules SPEC.md leaves open, decided here:
   then forgotten (dropping out of ``blocked`` and of the deadlock graph). An agent whose latest
   claim is ``done`` or ``failed`` has finished; its silence is not a stall. Nor is silence in a
   window the caller closes as ``blind`` (it could not read all of it): its claims arrive ``late``.
+  After a blind window, every agent tracked then is *unheard* until one of its claims is counted
+  in a later window: while the caller says it is still ``catching_up`` (agents reconnect on their
+  own schedule, and re-send what waited in their outboxes before anything new), an unheard
+  agent's silence is not a stall either, and does not age it; once the caller stops catching up,
+  every agent is judged again as usual.
 * ``failed``: one issue per ``(agent, task)`` with any ``failed`` claim in the window.
 * ``overrun`` (SPEC): one per tracked ``(agent, task)`` that gave an estimate (``beats_left > 0``)
   and is not ``done``, ``failed`` or ``review`` once it ran out: its latest claim says 0 beats
@@ -197,6 +202,8 @@ class BarAggregator:
         self.max_windows_ahead = max_windows_ahead
         self._windows: dict[int, _Window] = {}
         self._agents: dict[str, _Track] = {}
+        # agents not counted in a window since the latest blind one (see close_window)
+        self._unheard: set[str] = set()
         # each agent's tasks, and every task, least recently claimed first
         self._tasks: dict[str, dict[str, _TaskTrack]] = {}
         self._task_order: dict[tuple[str, str], None] = {}
@@ -409,7 +416,9 @@ class BarAggregator:
             self.tasks_evicted += 1
 
     # --- output ----------------------------------------------------------------------------------
-    def close_window(self, window_first_beat: int, hlc: str, *, blind: bool = False) -> BarReport:
+    def close_window(
+        self, window_first_beat: int, hlc: str, *, blind: bool = False, catching_up: bool = False
+    ) -> BarReport:
         """Close a window and build its report; later claims naming it count as ``late``.
 
         Args:
@@ -419,6 +428,9 @@ class BarAggregator:
             blind: the caller could not read claims for part of the window (its connection
                 was down, or it was catching up): an agent silent in it is not ``stalled``,
                 and the window does not count towards forgetting it.
+            catching_up: the caller read again only a short while ago after a blind window:
+                an agent not heard from in a window since then is not ``stalled`` (it may still
+                be reconnecting or re-sending its outbox) and is not aged.
 
         Returns:
             The report, every SPEC field filled in.
@@ -457,9 +469,16 @@ class BarAggregator:
                     track.key, track.claim = key, claim
                 track.silent_windows = 0
         self._fold_tasks(w)
+        unheard = self._unheard
+        if blind:
+            unheard.update(self._agents)  # any of them may have claims waiting in an outbox
+        elif catching_up:
+            unheard.difference_update(reporting)
+        else:
+            unheard.clear()
         issues: list[BarIssue] = []
         for agent, track in self._agents.items():
-            if agent in reporting or blind:
+            if agent in reporting or blind or agent in unheard:
                 continue
             track.silent_windows += 1
             if track.claim.state not in TERMINAL_STATES:
@@ -513,6 +532,7 @@ class BarAggregator:
             a for a, t in self._agents.items() if t.silent_windows >= self.forget_after_windows
         ]:
             del self._agents[agent]
+            unheard.discard(agent)
             for task in self._tasks.pop(agent, {}):
                 del self._task_order[(agent, task)]
 

@@ -451,10 +451,14 @@ async def _reverb_loop(
                 status.first_beat.set()
             if left is None:
                 continue
-            # a window the reverb could not read all of reports no agent stalled
+            # a window the reverb could not read all of reports no agent stalled, nor one
+            # soon after it of an agent not heard from again since
             now = trio.current_time()
-            blind, window_opened = reader.blind_during(window_opened, now), now
-            report = aggregator.close_window(left, str(hlc.now()), blind=blind)
+            blind = reader.blind_during(window_opened, now)
+            catching_up, window_opened = reader.catching_up(window_opened, now), now
+            report = aggregator.close_window(
+                left, str(hlc.now()), blind=blind, catching_up=catching_up
+            )
             if resumed_duplicate(report, resume_after, cfg.beats_per_bar):
                 log.info("window %d was reported before this reverb restarted", left)
                 continue

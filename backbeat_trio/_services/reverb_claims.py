@@ -27,6 +27,7 @@ from .._errors import BackbeatError
 from .._transport.base import Message, Subscription, Transport
 
 __all__ = [
+    "CATCH_UP_GRACE",
     "CLAIM_BATCH",
     "OUTAGE_GRACE",
     "AcceptedClaim",
@@ -42,6 +43,12 @@ _SIG_HEADER: Final = HEADER_SIG.lower()
 #: agents reconnect on their own schedule (a client retries every ``reconnect_delay``, 1 s by
 #: default) and only then re-send the claims that waited in their outboxes.
 OUTAGE_GRACE: Final = 2.0
+#: Seconds after the reverb reads again during which an agent it has not counted in a window
+#: since the outage is not ``stalled``: a client re-sends its outbox after its own reconnect
+#: delay, and in JetStream mode holds its new claims until every re-sent one is acknowledged
+#: (re-sending what was refused after its ack timeout), so its first current claim can come
+#: several seconds after the others'.
+CATCH_UP_GRACE: Final = 10.0
 #: Seconds between attempts to re-create the stream subscription after a reconnect (doubling).
 _RESUBSCRIBE_DELAY: Final = 0.05
 _RESUBSCRIBE_DELAY_MAX: Final = 1.0
@@ -214,10 +221,18 @@ class ClaimReader:
         been behind since ``opened`` (its buffer not once empty)."""
         if not self._waiting and self._drained_at < opened:
             return True
+        return self._outage_within(opened, closed, OUTAGE_GRACE)
+
+    def catching_up(self, opened: float, closed: float) -> bool:
+        """Whether the reverb could not read, or had read again for less than
+        :data:`CATCH_UP_GRACE`, at some time between ``opened`` and ``closed`` (now)."""
+        return self._outage_within(opened, closed, CATCH_UP_GRACE)
+
+    def _outage_within(self, opened: float, closed: float, grace: float) -> bool:
         since, until = self._blind_since, self._blind_until
         if since is None or since > closed:
             return False
-        return until is None or until + OUTAGE_GRACE >= opened
+        return until is None or until + grace >= opened
 
 
 async def follow_connection(bb: Client, reader: ClaimReader) -> None:

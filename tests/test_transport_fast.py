@@ -1,7 +1,8 @@
 """The transport's fast paths through nats-py internals, over a real nats-server.
 
 On the nats-py versions they were checked against, a core subscription skips nats-py's
-per-subscription task and a header-less publish with nothing queued is written at once. These
+per-subscription task, a publish with nothing queued is written at once and the publishes after
+it in the same trio batch go out with one write when the batch ends. These
 tests pin that the fast paths are really taken there (a nats-py upgrade that turns them off must
 be noticed) and that they keep every guarantee of the general path: order, counted overflow, and
 bytes nats-py queued first (SUB) still going first.
@@ -55,8 +56,10 @@ def test_the_fast_paths_are_on_for_the_pinned_nats_py() -> None:
 
 
 async def test_mixed_publishes_arrive_in_order(nats_url: str) -> None:
-    # header-less messages may be written at once, messages with headers always go through the
-    # drainer's queue: whichever path each takes, the receiver sees the order they were sent in
+    # most messages may be written at once (or join their batch's write); one whose header value
+    # nats-py would rewrite (it strips the trailing space) goes through the drainer's queue, and
+    # the messages behind it with it: whichever path each takes, the receiver sees the order
+    # they were sent in
     n = 3000
     async with (
         open_nats_transport(conn("rx", nats_url)) as rx,
@@ -66,7 +69,7 @@ async def test_mixed_publishes_arrive_in_order(nats_url: str) -> None:
         assert direct_subscriptions(rx) == (1 if FAST else 0)
         await rx.flush()
         for i in range(n):
-            headers = {"Seq": str(i)} if i % 7 in (0, 1) else None
+            headers = {"Seq": f"{i} "} if i % 7 == 0 else {"Seq": str(i)} if i % 7 == 1 else None
             tx.publish("fast.order", str(i).encode(), headers=headers)
             if i % 500 == 0:
                 await trio.sleep(0.001)  # let the drainer go idle now and then
@@ -79,8 +82,8 @@ async def test_mixed_publishes_arrive_in_order(nats_url: str) -> None:
         assert got == list(range(n))
         assert sub.dropped == 0
         assert tx.published == n
-        if FAST:  # both paths were taken
-            assert 0 < tx.direct_writes < n - n // 7
+        if FAST:  # every path was taken
+            assert 0 < tx.joined_writes < tx.direct_writes < n - n // 7
 
 
 async def test_a_subscription_then_a_publish_on_one_connection(nats_url: str) -> None:
@@ -92,6 +95,76 @@ async def test_a_subscription_then_a_publish_on_one_connection(nats_url: str) ->
             with trio.fail_after(5):
                 assert (await sub.messages.receive()).data == b"x"
             await sub.unsubscribe()
+
+
+class WriteLog:
+    """Records what reaches nats-py's socket transport, and in how many writes."""
+
+    def __init__(self, transport: NatsTransport) -> None:
+        self.writes = 0
+        self.data = bytearray()
+        io: Any = transport._nc._transport
+        write, writelines = io.write, io.writelines
+
+        def logged_write(payload: bytes) -> None:
+            self.writes += 1
+            self.data += payload
+            write(payload)
+
+        def logged_writelines(payload: list[bytes]) -> None:
+            self.writes += 1
+            self.data += b"".join(payload)
+            writelines(payload)
+
+        io.write, io.writelines = logged_write, logged_writelines
+
+
+@pytest.mark.skipif(not FAST, reason="the direct writes are a fast path of the pinned nats-py")
+async def test_claims_of_one_trio_batch_go_out_in_one_write(nats_url: str) -> None:
+    # many clients claiming on one beat, on one connection: the first claim is written at once,
+    # the others join the write that ends the trio batch, with no asyncio callback (each costs a
+    # pass of trio's scheduler under trio-asyncio) and no socket write of their own
+    n = 200
+    async with (
+        open_nats_transport(conn("rx", nats_url)) as rx,
+        open_nats_transport(conn("tx", nats_url)) as tx,
+    ):
+        sub = await rx.subscribe("fast.batch", buffer=2 * n)
+        await rx.flush()
+        await tx.flush()
+        log = WriteLog(tx)
+        batches0 = tx.drain_batches
+        for burst in range(2):
+            for i in range(n):
+                tx.publish("fast.batch", b"%d" % (burst * n + i), headers={"Nats-Msg-Id": str(i)})
+            await trio.sleep(0.01)  # the batch ends
+        assert log.writes == 4  # per burst: the first claim, then the rest together
+        assert tx.direct_writes == 2 * n
+        assert tx.joined_writes == 2 * (n - 1)
+        assert tx.drain_batches == batches0  # the drainer never woke
+        got: list[int] = []
+        with trio.fail_after(10):
+            while len(got) < 2 * n:
+                got.append(int((await sub.messages.receive()).data))
+        assert got == list(range(2 * n))
+
+
+@pytest.mark.skipif(not FAST, reason="the direct writes are a fast path of the pinned nats-py")
+async def test_a_flush_pings_after_what_waits_for_its_batch_to_end(nats_url: str) -> None:
+    # nats-py writes its PING straight to the socket; messages that joined their trio batch's
+    # write are still in nats-py's buffer when a flush in the same batch sends it: the PONG
+    # proves that the server has them only if they went first
+    async with open_nats_transport(conn("tx", nats_url)) as tx:
+        await tx.flush()
+        log = WriteLog(tx)
+        for round_ in range(20):
+            for i in range(5):
+                tx.publish("fast.ping", b"r%di%d" % (round_, i), headers={"K": "v"})
+            with trio.fail_after(10):
+                await tx.flush()
+            last = log.data.rindex(b"r%di4" % round_)
+            assert log.data.find(b"PING", last) > last, round_
+            del log.data[:]
 
 
 async def test_overflow_of_a_direct_subscription_is_counted(nats_url: str) -> None:

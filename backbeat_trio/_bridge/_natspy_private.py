@@ -11,8 +11,9 @@ after asking the gate (once per connection). What each fast path saves:
   trio right in nats-py's parser, without waiting for the subscription's own asyncio task.
 * :func:`encode_queued` / :func:`push_pending`: the transport's drainer writes a burst of queued
   publishes into nats-py's buffer without two coroutine calls per message.
-* :func:`write_now`: a lone header-less publish goes to the socket at once, not a couple of
-  asyncio wake-ups later.
+* :func:`write_now` / :func:`join_pending` / :func:`write_pending`: a publish with nothing queued
+  ahead of it goes to the socket at once, not a couple of asyncio wake-ups later; the publishes
+  that follow it in the same trio batch go out together in one write when that batch ends.
 * :func:`pongs_received`: ``flush`` proves the server answered its PING (nats-py's public
   ``flush`` returns without one when its read loop has died).
 * :func:`sweep_closed`: a close that nats-py could not finish still ends all of its tasks.
@@ -182,14 +183,16 @@ async def push_pending(nc: Any) -> None:
         await nc._flush_pending()
 
 
-def write_now(nc: Any, subject: str, payload: bytes, reply: str) -> bool:
-    """Write one header-less message straight to the socket.
+def write_now(
+    nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
+) -> bool:
+    """Write one message straight to the socket.
 
     This is what nats-py's flusher task would do a couple of asyncio wake-ups later: append the
-    PUB to nats-py's own pending buffer and write that buffer out, so bytes nats-py queued first
-    (SUB, PING) still go first. Returns False, having done nothing, when nats-py's path must take
-    the message: not connected, not plain TCP, a socket that is not keeping up, or anything
-    nats-py would refuse (it reports why).
+    PUB/HPUB to nats-py's own pending buffer and write that buffer out, so bytes nats-py queued
+    first (SUB, PING) still go first. Returns False, having done nothing, when nats-py's path must
+    take the message: not connected, not plain TCP, a socket that is not keeping up, or anything
+    nats-py would refuse or rewrite (it reports why).
     """
     import nats.aio.transport
 
@@ -200,7 +203,7 @@ def write_now(nc: Any, subject: str, payload: bytes, reply: str) -> bool:
     writer = getattr(io, "_io_writer", None)
     if writer is None or writer.transport.get_write_buffer_size():
         return False
-    cmd = wire_bytes(nc, subject, payload, None, reply)
+    cmd = wire_bytes(nc, subject, payload, headers, reply)
     if cmd is None:
         return False
     pending: list[bytes] = nc._pending
@@ -218,6 +221,47 @@ def write_now(nc: Any, subject: str, payload: bytes, reply: str) -> bool:
     nc.stats["out_msgs"] += 1
     nc.stats["out_bytes"] += len(payload)
     return True
+
+
+def join_pending(
+    nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
+) -> bool:
+    """Append one message to nats-py's pending buffer, for :func:`write_pending` to write with
+    the others of its trio batch. Returns False, having done nothing, where :func:`write_now`
+    would, or when the buffer would pass nats-py's bound (its own path then pushes back)."""
+    if nc._status != nc.CONNECTED:
+        return False
+    cmd = wire_bytes(nc, subject, payload, headers, reply)
+    if cmd is None or 0 < nc._max_pending_size < nc._pending_data_size + len(cmd):
+        return False
+    nc._pending.append(cmd)
+    nc._pending_data_size += len(cmd)
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += len(payload)
+    return True
+
+
+def write_pending(nc: Any) -> None:
+    """Hand nats-py's pending buffer to the socket now, as its flusher task would.
+
+    Disconnected, the buffer stays where it is (nats-py writes it after a reconnect). A socket
+    that is not keeping up takes it into its own buffer, in order; the next direct write waits
+    until that has drained (:func:`write_now`).
+    """
+    io: Any = nc._transport
+    if not nc._pending or nc._status != nc.CONNECTED or io is None:
+        return
+    pending: list[bytes] = nc._pending
+    size: int = nc._pending_data_size
+    nc._pending = []
+    nc._pending_data_size = 0
+    try:
+        io.writelines(pending)
+    except (OSError, RuntimeError, AttributeError) as exc:
+        # a transport that is going away: nats-py's reconnect takes the buffer
+        log.debug("writing nats-py's buffer refused (%r); it is kept for nats-py", exc)
+        nc._pending = pending + nc._pending
+        nc._pending_data_size += size
 
 
 # --- flush ---------------------------------------------------------------------------------------

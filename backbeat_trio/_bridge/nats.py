@@ -7,10 +7,14 @@ Everything above it is pure trio. The bridge is crossed as rarely as possible:
   no await crosses the bridge per message. For core subscriptions on a known nats-py version this
   happens right in nats-py's parser (:class:`~._natspy_private.DirectPending`), skipping its
   per-subscription task; otherwise nats-py's subscription callback does it.
-* **Publish**: trio appends to a deque and sets an ``asyncio.Event``; one long-lived asyncio task
-  drains the whole deque into nats-py, so a burst costs one wake-up, not one crossing per
-  message. On a known nats-py version, a header-less message with nothing queued ahead of it, on
-  a connected socket that keeps up, is written at once instead (a beat frame's latency).
+* **Publish**: on a known nats-py version, a message with nothing queued ahead of it, on a
+  connected socket that keeps up, is written at once (a beat frame's latency, a claim's), and
+  the messages published after it in the same trio batch (many clients claiming on one beat)
+  join nats-py's buffer and go out in one write when that batch ends (a trio task of the
+  connection's, woken once per batch): no asyncio callback runs for them, and each asyncio
+  callback costs a pass of trio's scheduler under trio-asyncio. Otherwise trio appends to a
+  deque and sets an ``asyncio.Event``; one long-lived asyncio task drains the whole deque into
+  nats-py, so a burst costs one wake-up, not one crossing per message.
 * **Events** (disconnected, reconnected, closed, error, slow consumer) arrive the same way as
   messages, on their own channel.
 
@@ -85,7 +89,12 @@ class NatsTransport(EventFeed):
         self._nsubs: set[Any] = set()  # live nats-py subscriptions, unsubscribed at close
         self.published = 0
         self.publish_errors = 0
-        self.direct_writes = 0  # of ``published``: written at once, without the drainer
+        self.direct_writes = 0  # of ``published``: written at once or joining, without the drainer
+        self.joined_writes = 0  # of ``direct_writes``: went out with the write ending their batch
+        # True from a message written at once until its trio batch ends: later ones join it
+        self._batch_open = False
+        self._batch_end = trio.lowlevel.ParkingLot()  # where _end_batches waits
+        self._batch_scope = trio.CancelScope()
         self.last_error: str | None = None
         # what the error callback saw during the first connect (its refusal names it)
         self._connect_failure: BaseException | None = None
@@ -203,6 +212,8 @@ class NatsTransport(EventFeed):
         self.fast = private.fast_path_enabled()
         self._js = self._nc.jetstream()
         self._drainer = self._loop.create_task(self._drain())
+        if self.fast:
+            trio.lowlevel.spawn_system_task(self._end_batches, name="backbeat-nats-batches")
 
     async def aclose(self) -> None:
         """Flush what is queued (bounded), then close the connection.
@@ -218,6 +229,7 @@ class NatsTransport(EventFeed):
             return
         self._closed = True
         self._shared.close()
+        self._batch_scope.cancel()  # no direct writes from now on: the flush below takes them
         # the flush has its own bound: a flush that cannot finish (a stalled server) must not
         # use up the time the connection needs to be closed
         with trio.move_on_after(1.5, shield=True):
@@ -278,7 +290,7 @@ class NatsTransport(EventFeed):
         """
         if self._closed or self._nc is None or self._nc.is_closed:
             raise NotConnected("the NATS connection is closed")
-        if headers is None and not self._outq and self._write_now(subject, payload, reply):
+        if not self._outq and self._write_now(subject, payload, headers, reply):
             return
         self._outq.append((subject, payload, headers, reply))
         if len(self._outq) >= MAX_QUEUED_PUBLISHES:
@@ -292,21 +304,44 @@ class NatsTransport(EventFeed):
         if not self._wake.is_set():
             self._wake.set()
 
-    def _write_now(self, subject: str, payload: bytes, reply: str) -> bool:
-        """Write one message straight to the socket when nothing is queued ahead of it (fast
-        path only, see :func:`~._natspy_private.write_now`); False when the drainer must."""
+    def _write_now(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
+    ) -> bool:
+        """Write one message straight to the socket when nothing is queued ahead of it, or join
+        it to the write that ends this trio batch (fast path only, see
+        :func:`~._natspy_private.write_now`); False when the drainer must."""
         drainer = self._drainer
         if (
             not self.fast
             or not self._idle.is_set()
             or drainer is None
             or drainer.done()  # nothing could take over once the socket pushes back
-            or not private.write_now(self._nc, subject, payload, reply)
         ):
             return False
+        nc = self._nc
+        if self._batch_open:
+            if not private.join_pending(nc, subject, payload, headers, reply):
+                return False
+            self.joined_writes += 1
+        elif not len(self._batch_end) or not private.write_now(
+            nc, subject, payload, headers, reply
+        ):
+            return False  # (no batch ends without _end_batches waiting)
+        else:
+            self._batch_open = True
+            self._batch_end.unpark()
         self.published += 1
         self.direct_writes += 1
         return True
+
+    async def _end_batches(self) -> None:
+        # trio side (a system task: no user's cancel scope ends it), for the life of the
+        # connection: runs in the trio batch after one that wrote a message at once
+        with self._batch_scope:
+            while True:
+                await self._batch_end.park()
+                self._batch_open = False
+                private.write_pending(self._nc)
 
     def _encode_queued(self, nc: Any, limit: int) -> int:
         """Move up to ``limit`` queued messages into nats-py's buffer (fast path only, see
@@ -399,6 +434,10 @@ class NatsTransport(EventFeed):
         fast = self.fast
         self._wake.set()
         await self._idle.wait()  # everything queued so far is in nats-py's buffer
+        if fast:
+            # nats-py writes its PING straight to the socket: what waits in its buffer (a trio
+            # batch's joined messages, say) must go first, or the PONG would not cover it
+            private.write_pending(nc)
         pongs = private.pongs_received(nc) if fast else None
         with map_nats_errors("flush"):
             await nc.flush(timeout=5)

@@ -38,6 +38,8 @@ ALL = (
     "recovery",
     "admin",
     "ingest",
+    "importcost",
+    "bridgecost",
 )
 
 
@@ -1045,6 +1047,14 @@ async def _run(p: Params, only: tuple[str, ...], write: bool) -> int:
                 from benchmarks.ingest import bench_ingest
 
                 await bench_ingest(p, out, logdir)
+            elif name == "importcost":
+                from benchmarks.importcost import bench_importcost
+
+                await bench_importcost(p, out, logdir)
+            elif name == "bridgecost":
+                from benchmarks.bridgecost import bench_bridgecost
+
+                await bench_bridgecost(p, out, logdir)
         except Exception as exc:
             failures.append(f"{name}: {exc!r}")
             traceback.print_exc()

@@ -16,7 +16,6 @@ The caller does the publishing: it calls :meth:`Outbox.published` after a succes
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import logging
 import math
@@ -347,10 +346,11 @@ class Outbox:
         except ValueError:
             self.errors.note(f"PubAck on an unexpected subject token {token!r}")
             return None
-        ack: Any = None
-        if data:
-            with contextlib.suppress(WireError):
-                ack = decode_json(data, "PubAck")
+        # try/except, not contextlib.suppress: this runs once per claim
+        try:
+            ack: Any = decode_json(data, "PubAck") if data else None
+        except WireError:
+            ack = None  # not a PubAck: a refusal, as below
         pending = self.pending
         if not isinstance(ack, dict) or "error" in ack or "stream" not in ack:
             # a 503 (no JetStream responder: a stream still recovering or moving) or an error:

@@ -26,19 +26,19 @@ from .._bridge import open_nats_transport
 from .._client.config import Config
 from .._core.beats import beat_subject, status_subject
 from .._core.hlc import HLC, HLCStamp
-from .._core.metrics import MAX_RECENT_ERRORS, ClientMetrics, ErrorLog
+from .._core.metrics import ClientMetrics, ErrorLog
 from .._core.outbox import Outbox
 from .._core.wire import BeatFrame, HealthStatus, StatusClaim
 from .._errors import BeatBudgetExceeded, NotConnected, UndeliveredClaims
 from .._transport.base import ConnEvent, Transport
-from .._transport.shared import SharedSubscription, ViewableTransport
+from .._transport.shared import ViewableTransport
 from .._util.channel import DropOldestChannel
 from .._util.groups import exception_to_raise, reraise
 from .._util.trio_only import require_trio
 from .budgets import BeatBudget, BeatBudgets
 from .delivery import ClaimDelivery
 from .fanout import BeatCallback, BeatFanout
-from .judge import BeatJudge, judge_key, mirror
+from .judge import BeatJudge, MemberCounts, judge_key, leave_subscription
 
 __all__ = ["Client", "ClientMetrics", "UndeliveredClaims", "open_client"]
 
@@ -47,9 +47,6 @@ EMIT_YIELD_INTERVAL_S = 0.001
 
 #: seconds a JetStream claim may wait for its PubAck (and a core-mode PING for its PONG)
 ACK_TIMEOUT_S = 2.0
-
-#: how long a starting client waits for the server to confirm the beat subscription
-SUBSCRIBED_WAIT_S = 2.0
 
 log = logging.getLogger("backbeat_trio.client")
 
@@ -91,10 +88,7 @@ class Client:
         # beats in: judged once per connection; this client moves its budgets and channels
         self._judge = judge
         self._tracker = judge.tracker
-        self._judge_base = judge.counts()
-        self._judge_errors_shown = 0
-        self._judge_version = judge.version
-        self._judge_left = False  # out of the judge: the counters stop where they were
+        self._counts = MemberCounts(judge, self._metrics)
         # beats out
         self._fanout = BeatFanout(self._errors, config.beat_buffer)
         self._budgets = BeatBudgets(self._tracker, self._metrics)
@@ -134,13 +128,7 @@ class Client:
 
     def _judged_beat(self, frame: BeatFrame) -> None:
         """The judge delivered a new beat: move the budgets, hand it to channels and waiters."""
-        if self._judge.version != self._judge_version:
-            self._mirror()  # not a plain next beat: bring every counter along
-        else:  # a kept metrics object sees the beat counts move as they did per client
-            m = self._metrics
-            m.beats += 1
-            if frame.downbeat:
-                m.downbeats += 1
+        self._counts.beat(frame)
         self._budgets.reproject()
         self._fanout.put(frame)
 
@@ -150,7 +138,7 @@ class Client:
 
     def _judge_failed(self, exc: BaseException) -> None:
         """Handing this client a beat raised (a bug): end the client with it."""
-        self._judge_left = True  # it never got that beat: its counters stop before it
+        self._counts.left = True  # it never got that beat: its counters stop before it
         nursery = self._nursery
         if nursery is not None:
 
@@ -161,34 +149,13 @@ class Client:
 
     def _leave_judge(self) -> None:
         """Out of the judge: no more beats; the counters stop where they are."""
-        self._mirror()
-        self._judge_left = True
+        self._counts.stop()
         self._judge.leave(self)
 
     async def _join_beats(self) -> None:
-        """Become a member of the judge; the first member waits (a bounded while) for the server
-        to confirm the subscription, so that when ``open_client``'s block starts a frame published
-        from anywhere reaches this client. Not connected, the subscription is the connection's
-        to renew when it reconnects; a server too slow to answer holds up no client's start."""
-        judge = self._judge
-        if not judge.confirmed:
-            try:
-                with trio.move_on_after(SUBSCRIBED_WAIT_S) as waited:
-                    await self._transport.flush()
-            except NotConnected as exc:
-                log.debug("subscribed while not connected (%s): the reconnect renews it", exc)
-            else:
-                judge.confirmed = not waited.cancelled_caught
-                if waited.cancelled_caught:
-                    log.debug(
-                        "the server did not confirm the beat subscription within %s s",
-                        SUBSCRIBED_WAIT_S,
-                    )
-        # this client's counters start here: what the judge counted before is not its
-        self._judge_base = judge.counts()
-        self._judge_version = judge.version
-        self._judge_errors_shown = 0
-        judge.join(self)
+        await self._judge.confirm(self._transport)
+        self._counts.start()  # what the judge counted before is not this client's
+        self._judge.join(self)
 
     # ------------------------------------------------------------------ public state
     @property
@@ -202,18 +169,8 @@ class Client:
         does not grow with the number of clients. They are brought into this object when it is
         read through this property.
         """
-        self._mirror()
+        self._counts.mirror()
         return self._metrics
-
-    def _mirror(self) -> None:
-        if self._judge_left:
-            return
-        m = self._metrics
-        judge = self._judge
-        self._judge_version = judge.version
-        since = mirror(judge, self._judge_base, m)
-        m.errors += since - self._judge_errors_shown
-        self._judge_errors_shown = since
 
     @property
     def current_beat(self) -> int | None:
@@ -290,15 +247,10 @@ class Client:
             current_tempo=tracker.tempo_bpm,
             tempo_drift=round(estimator.tempo_drift * 1e9),
             measured_bpm=estimator.measured_bpm,
-            errors=self._recent_errors(),
+            errors=self._judge.recent_errors(self._errors),
             delivery=self._outbox.mode,
             metrics=asdict(self.metrics),  # (the property: shared refusals mirrored)
         )
-
-    def _recent_errors(self) -> list[str]:
-        judge = self._judge
-        texts = [*judge.screen.errors.recent, *judge.errors.recent, *self._errors.recent]
-        return texts[-MAX_RECENT_ERRORS:]
 
     # ------------------------------------------------------------------ beats out
     def beats(self, *, buffer: int | None = None) -> DropOldestChannel[BeatFrame]:
@@ -548,11 +500,6 @@ class Client:
         self._fanout.close()  # wakes wait_for_beat(), which then raises NotConnected
 
 
-async def _leave_subscription(member: SharedSubscription[None]) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        await member.unsubscribe()
-
-
 @contextlib.asynccontextmanager
 async def open_client(
     config: Config,
@@ -602,7 +549,7 @@ async def open_client(
                 prepare=lambda: BeatJudge(config, wall_clock),
                 buffer=1,
             )
-            stack.push_async_callback(_leave_subscription, member)
+            stack.push_async_callback(leave_subscription, member)
             judge = member.prepared
             assert isinstance(judge, BeatJudge)
             client = Client(config, transport, judge)

@@ -33,18 +33,32 @@ import trio
 from .._core.beats import beat_subject
 from .._core.hlc import HLC, HLCStamp
 from .._core.intake import DELIVERED, REFUSED, BeatTracker, FrameScreen
-from .._core.metrics import ClientMetrics, ErrorLog
+from .._core.metrics import MAX_RECENT_ERRORS, ClientMetrics, ErrorLog
 from .._errors import NotConnected
 from .._util.sleep import SPIN_S, precise_clock
 
 if TYPE_CHECKING:
     from .._core.wire import BeatFrame
     from .._transport.base import Transport
+    from .._transport.shared import SharedSubscription
     from .config import Config
 
-__all__ = ["SILENCE_CHECK_S", "BeatJudge", "Member", "judge_key", "no_beat_hint"]
+__all__ = [
+    "SILENCE_CHECK_S",
+    "SUBSCRIBED_WAIT_S",
+    "BeatJudge",
+    "Member",
+    "MemberCounts",
+    "judge_key",
+    "leave_subscription",
+    "mirror",
+    "no_beat_hint",
+]
 
 log = logging.getLogger("backbeat_trio.client")
+
+SUBSCRIBED_WAIT_S = 2.0
+"""How long the first member waits for the server to confirm the beat subscription."""
 
 SILENCE_CHECK_S = 1.0
 """How long the judge waits for the server's answer to its silence check before it takes the
@@ -145,8 +159,8 @@ class BeatJudge:
         "first_beat_warning",
         "frames",
         "handovers",
-        "members",
         "judged",
+        "members",
         "no_beat_warned",
         "screen",
         "silences",
@@ -273,6 +287,28 @@ class BeatJudge:
         sleep.deadline = tracker.alarm() - spin
 
     # ------------------------------------------------------------------ members
+    async def confirm(self, transport: Transport) -> None:
+        """Until the server confirmed the subscription (a bounded while; once per judge), so
+        that when ``open_client``'s block starts a frame published from anywhere reaches the
+        client. Not connected, the subscription is the connection's to renew when it reconnects;
+        a server too slow to answer holds up no client's start."""
+        if self.confirmed:
+            return
+        try:
+            with trio.move_on_after(SUBSCRIBED_WAIT_S) as waited:
+                await transport.flush()
+        except NotConnected as exc:
+            log.debug("subscribed while not connected (%s): the reconnect renews it", exc)
+            return
+        self.confirmed = not waited.cancelled_caught
+        if waited.cancelled_caught:
+            log.debug("the server did not confirm the beat subscription in %s s", SUBSCRIBED_WAIT_S)
+
+    def recent_errors(self, own: ErrorLog) -> list[str]:
+        """The latest error texts of the judge (screen and judgement) and a member's ``own``."""
+        texts = [*self.screen.errors.recent, *self.errors.recent, *own.recent]
+        return texts[-MAX_RECENT_ERRORS:]
+
     def join(self, member: Member) -> None:
         """Take ``member`` in; the first one's nursery runs the metronome."""
         self.members = (*self.members, member)
@@ -414,6 +450,66 @@ class BeatJudge:
             *(getattr(s, name) for name in SCREENED),
             m.errors + s.errors,
         )
+
+
+async def leave_subscription(member: SharedSubscription[None]) -> None:
+    """Leave the shared subscription (shielded, bounded): the last member's leaving ends it."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        await member.unsubscribe()
+
+
+class MemberCounts:
+    """A member's view of the judge's counters: the judge's since the member joined, written
+    into the member's own :class:`ClientMetrics` when it is read, and with a beat whenever the
+    judge counted more than a plain next beat since (a kept metrics object sees every counter
+    move as it did when each client judged for itself).
+
+    Attributes:
+        left: the member is out of the judge: its counters stay where they are.
+    """
+
+    __slots__ = ("_base", "_errors_shown", "_judge", "_metrics", "_version", "left")
+
+    def __init__(self, judge: BeatJudge, metrics: ClientMetrics) -> None:
+        self._judge = judge
+        self._metrics = metrics
+        self.left = False
+        self.start()
+
+    def __repr__(self) -> str:
+        return f"<MemberCounts of {self._judge!r} left={self.left}>"
+
+    def start(self) -> None:
+        """Count from here: what the judge counted before is not the member's."""
+        judge = self._judge
+        self._base = judge.counts()
+        self._version = judge.version
+        self._errors_shown = 0
+
+    def beat(self, frame: BeatFrame) -> None:
+        """The member was handed ``frame``."""
+        if self._judge.version != self._version:
+            self.mirror()  # not a plain next beat: bring every counter along
+        else:
+            m = self._metrics
+            m.beats += 1
+            if frame.downbeat:
+                m.downbeats += 1
+
+    def mirror(self) -> None:
+        """Write the judge's counters since the member joined into its metrics."""
+        if self.left:
+            return
+        judge, m = self._judge, self._metrics
+        self._version = judge.version
+        since = mirror(judge, self._base, m)
+        m.errors += since - self._errors_shown  # (the member's own errors are counted there)
+        self._errors_shown = since
+
+    def stop(self) -> None:
+        """The member leaves: bring the counters along one last time, then keep them."""
+        self.mirror()
+        self.left = True
 
 
 def mirror(judge: BeatJudge, base: tuple[int, ...], into: ClientMetrics) -> int:

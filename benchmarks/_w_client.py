@@ -20,6 +20,7 @@ import array
 import contextlib
 import functools
 import gc
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -167,6 +168,20 @@ async def _claims_answered(url: str, cmd: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------- scale
+class _WarningCount(logging.Handler):
+    """Counts the records at WARNING or above (and keeps the first texts)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if len(self.texts) < 5:
+            self.texts.append(record.getMessage()[:200])
+
+
 async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
     import psutil
 
@@ -181,6 +196,10 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
     proc = psutil.Process()
     while (await cmds.receive())["cmd"] != "go":
         pass
+    # "join_storm": the pulse already beats when the clients join; what the library logs at
+    # WARNING or above meanwhile and after is counted (a busy process is not a silent pulse)
+    warnings = _WarningCount()
+    logging.getLogger("backbeat_trio").addHandler(warnings)
     gc.collect()
     rss0 = proc.memory_info().rss
     # arrival wall minus scheduled start, per agent-beat: numbers in an array, so recording
@@ -345,8 +364,12 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
                 "stale": sum(c.metrics.stale for c in clients),
                 "dropped": sum(c.metrics.dropped for c in clients) + sum(c.dropped for c in chans),
                 "degraded_beats": sum(c.metrics.degraded_beats for c in clients),
+                "discarded": sum(c.metrics.duplicate_or_old for c in clients),
+                "warnings": warnings.count,
+                "warning_texts": warnings.texts[:5],
             }
         )
+        logging.getLogger("backbeat_trio").removeHandler(warnings)
         send(result)
         async for cmd in cmds:
             if cmd["cmd"] == "exit":

@@ -4,7 +4,11 @@ transport=conn)``: one beat subscription, each frame decoded once, fanned out to
 Three workers per N, one after the other against one nats-server and one real ``run_pulse``:
 
 * ``shared``: N full ``open_client`` agents on one connection, each with a ``beats()`` consumer;
-* ``shared-frozen``: the same, with ``gc.freeze()`` once the agents are connected (info);
+* ``shared-frozen``: the same, with ``gc.freeze()`` once the agents are connected (what
+  docs/scale.md advises for a thousand agents: the goals at N=1000 are set for it);
+* ``join``: the same N agents joining one process while the pulse already beats (the join
+  storm of a big agent host starting): no beat may be made up, no real frame discarded, and the
+  library may log one warning at most;
 * ``plain-one``: plain asyncio nats-py, one connection with one subscription (and callback
   decoding the frame) per agent — the baseline of the goals;
 * ``plain``: plain asyncio nats-py, one connection and subscription per agent (info);
@@ -23,6 +27,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from benchmarks._report import Row
 from benchmarks._runner import (
@@ -45,6 +51,7 @@ IMPLS = (
     ("plain-one", "benchmarks._w_plain", {"one_connection": True}),
     ("plain", "benchmarks._w_plain", {}),
     ("floor", "benchmarks._w_client", {"floor": True}),
+    ("join", "benchmarks._w_client", {"shared": True}),
 )
 GOAL_N = 1000  # the size the goals are set for; larger sizes report where it breaks
 
@@ -58,6 +65,8 @@ async def bench_many(p: Params, out: Outcome, logdir: Path) -> None:
         for n in p.many_ns:
             results: dict[str, dict[str, Any]] = {}
             for impl, module, extra in IMPLS:
+                if impl == "join" and n != GOAL_N:
+                    continue
                 cluster = f"many{n}{impl.replace('-', '')}"
                 wargs = scale_args(p, server.url, cluster, n, **extra)
                 async with contextlib.AsyncExitStack() as stack:
@@ -65,10 +74,14 @@ async def bench_many(p: Params, out: Outcome, logdir: Path) -> None:
                         stack, {impl: (f"many-{n}-{impl}", module, wargs)}, logdir
                     )
                     w = workers[impl]
+                    beats = 10 + p.scale_windows * p.scale_window_beats + 40
+                    if impl == "join":  # the pulse beats before the agents join
+                        await start_pulse(pulse, cluster, p.scale_tempo, beats + 100)
+                        await trio.sleep(10 * d)
                     await w.send({"cmd": "go"})
                     ready = await w.expect("ready", 600.0)
-                    beats = 10 + p.scale_windows * p.scale_window_beats + 40
-                    await start_pulse(pulse, cluster, p.scale_tempo, beats)
+                    if impl != "join":
+                        await start_pulse(pulse, cluster, p.scale_tempo, beats)
                     results[impl] = await w.expect("result", beats * d + 300.0)
                     results[impl]["connect_s"] = ready["connect_s"]
                     await pulse.send({"cmd": "stop"})
@@ -93,6 +106,19 @@ def _goal_row(
     )
 
 
+def _join_rows(out: Outcome, n: int, res: dict[str, Any]) -> None:
+    """The join storm: ``n`` agents joined while the pulse beat (then the measured windows)."""
+    figure = f"N={n} joining while beats flow"
+    for what, value, goal, met in (
+        ("beats made up locally", res["degraded_beats"], "0", res["degraded_beats"] == 0),
+        ("real frames discarded", res["discarded"], "0", res["discarded"] == 0),
+        ("warnings logged", res["warnings"], "≤ 1", res["warnings"] <= 1),
+    ):
+        out.rows.append(solo_row(BENCH, f"{figure}: {what}", "", [float(value)], goal, met))
+    if res["warning_texts"]:
+        out.notes.append(f"Join storm N={n}: warnings {res['warning_texts']}")
+
+
 def _synthesised(res: dict[str, Any]) -> list[float]:
     """Per window, the share of agent-beats the clients synthesised locally (%)."""
     return [
@@ -107,27 +133,51 @@ def _rows(p: Params, out: Outcome, n: int, results: dict[str, dict[str, Any]]) -
     cpu = ours["cpu_us_per_agent_beat"]
     lat = [v * 1e3 for v in ours["latency_p99"]]
     one_lat = [v * 1e3 for v in one["latency_p99"]]
-    if goals:
+    label = "plain nats-py, one subscription per agent on one connection"
+    if goals:  # the documented way for a thousand agents: gc.freeze() after connecting
+        frozen = results["shared-frozen"]
+        how = f"N={n}, gc.freeze() after connecting"
         out.rows.append(
             _goal_row(
-                f"N={n}: CPU per agent-beat",
+                f"{how}: CPU per agent-beat",
                 "µs",
-                cpu,
+                frozen["cpu_us_per_agent_beat"],
                 one["cpu_us_per_agent_beat"],
-                "≤ 0.5× baseline",
-                0.5,
+                "≤ 1.0× baseline",
+                1.0,
             )
         )
         out.rows.append(
-            _goal_row(f"N={n}: beat latency p99", "ms", lat, one_lat, "≤ 1.2× baseline", 1.2)
-        )
-    else:
-        label = "plain nats-py, one subscription per agent on one connection"
-        out.rows.append(
-            info_row(
-                BENCH, f"N={n}: CPU per agent-beat", "µs", cpu, one["cpu_us_per_agent_beat"], label
+            _goal_row(
+                f"{how}: beat latency p99",
+                "ms",
+                [v * 1e3 for v in frozen["latency_p99"]],
+                one_lat,
+                "≤ 1.0× baseline",
+                1.0,
             )
         )
+        out.rows.append(
+            _goal_row(
+                f"{how}: RSS per agent",
+                "KiB",
+                [frozen["rss_per_client_running"] / 1024],
+                [one["rss_per_client_running"] / 1024],
+                "≤ 2× baseline",
+                2.0,
+            )
+        )
+        _join_rows(out, n, results["join"])
+    if n == 2 * GOAL_N:  # twice as many, and no gc.freeze()
+        out.rows.append(
+            _goal_row(f"N={n}: beat latency p99", "ms", lat, one_lat, "≤ 2× baseline", 2.0)
+        )
+    out.rows.append(
+        info_row(
+            BENCH, f"N={n}: CPU per agent-beat", "µs", cpu, one["cpu_us_per_agent_beat"], label
+        )
+    )
+    if n != 2 * GOAL_N:
         out.rows.append(info_row(BENCH, f"N={n}: beat latency p99", "ms", lat, one_lat, label))
     label = "plain nats-py, one connection per agent"
     out.rows.append(
@@ -157,8 +207,8 @@ def _rows(p: Params, out: Outcome, n: int, results: dict[str, dict[str, Any]]) -
             f"N={n}: beats synthesised locally",
             "%",
             synth,
-            "0 %" if goals else "(info)",
-            (max(synth) == 0.0) if goals else None,
+            "0 %" if n == 2 * GOAL_N else "(info)",
+            (max(synth) == 0.0) if n == 2 * GOAL_N else None,
         )
     )
     window_s = p.scale_window_beats * 60.0 / p.scale_tempo
@@ -224,7 +274,7 @@ def _rows(p: Params, out: Outcome, n: int, results: dict[str, dict[str, Any]]) -
         out.rows.append(
             info_row(
                 BENCH,
-                f"N={n}, gc.freeze() after connecting: {figure}",
+                f"N={n}, gc.freeze() after connecting: {figure}, vs without it",
                 unit,
                 [v * scale for v in frozen[key]],
                 [v * scale for v in ours[key]],

@@ -547,7 +547,7 @@ async def open_client(
                 beat_subject(config.cluster_id),
                 key=judge_key(config, wall_clock),
                 prepare=lambda: BeatJudge(config, wall_clock),
-                buffer=1,
+                buffer=0,  # the judge hands the beat over: nothing comes on its channel
             )
             stack.push_async_callback(leave_subscription, member)
             judge = member.prepared

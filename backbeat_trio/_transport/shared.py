@@ -54,7 +54,11 @@ class SharedSubscription(_Feed[T]):
         buffer: int,
         handler: Callable[[T], None] | None,
     ) -> None:
-        super().__init__(buffer)
+        if buffer == 0:  # a member that takes nothing from here: no channel of its own
+            self._send, self._receive = entry.closed_channel()
+            self.delivered = self.dropped = 0
+        else:
+            super().__init__(buffer)
         self._entry = entry
         self.subject = entry.subject
         self.key = entry.key
@@ -116,6 +120,17 @@ class _Entry(Generic[T]):
         self.sub: Subscription | None = None
         self.ready = trio.Event()
         self.error: BaseException | None = None
+        self._closed_channel: tuple[trio.MemorySendChannel[T], trio.MemoryReceiveChannel[T]] | None
+        self._closed_channel = None
+
+    def closed_channel(self) -> tuple[trio.MemorySendChannel[T], trio.MemoryReceiveChannel[T]]:
+        """One closed channel for every member that takes nothing (``buffer=0``): its
+        ``messages`` ends at once, and an item handed to it is not counted."""
+        if self._closed_channel is None:
+            send, receive = trio.open_memory_channel[T](0)
+            send.close()
+            self._closed_channel = (send, receive)
+        return self._closed_channel
 
     def deliver(self, msg: Message) -> None:
         try:
@@ -200,7 +215,8 @@ class SharedSubscriptions:
                 depends on besides the payload).
             prepare: makes the shared ``prepare(payload)`` (called by the first member only).
             handler: called with each prepared item (see :class:`SharedSubscription`).
-            buffer: the member's ``messages`` channel size.
+            buffer: the member's ``messages`` channel size; 0 for a member that takes nothing
+                from the subscription itself (its ``prepare`` does the work): no channel.
 
         Raises:
             NotConnected: the connection is closed, or subscribing failed.

@@ -594,6 +594,78 @@ async def test_a_follower_whose_watch_died_still_takes_over_within_the_ttl(
         assert_same_grid(ha.seen)
 
 
+class SilencedWatchStore(PollOnlyStore):
+    """A lease store whose first watch goes silent when ``silence`` is set (its consumer's
+    server went away); every watch opened after that delivers as usual."""
+
+    def __init__(self, inner: MemoryLeaseStore) -> None:
+        super().__init__(inner)
+        self.silence = False
+        self.opened = 0
+
+    async def watch(self) -> KVWatch:
+        watch = await self.inner.watch()
+        self.opened += 1
+        if self.opened == 1:
+            deliver = watch._deliver
+
+            def until_silenced(entry: KVEntry) -> None:
+                if not self.silence:
+                    deliver(entry)
+
+            watch._deliver = until_silenced  # type: ignore[method-assign]
+        return watch
+
+
+async def test_a_watch_that_went_silent_is_reopened_within_a_ttl(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # the follower's watch stops delivering while the leader keeps writing each beat: the
+    # watch's silence makes it read, the read shows revisions the watch missed, and a poll later
+    # it opens a new watch instead of polling until nats-py notices (many seconds later)
+    stores: list[SilencedWatchStore] = []
+
+    def silenced(inner: MemoryLeaseStore) -> LeaseStore:
+        stores.append(SilencedWatchStore(inner))
+        return stores[-1]
+
+    async with open_memory_ha() as ha:
+        await ha.start("p1")
+        await ha.wait_beats(5)
+        follower = await ha.start("p2", wrap=silenced)
+        await ha.wait_beats(10)
+        t = follower.timings
+        assert follower.watch_reopens == 0
+        assert follower.watch_fallbacks == 0
+        stores[0].silence = True
+        silenced_at = trio.current_time()
+        watched = follower.kv_watched
+        await wait_until(
+            lambda: follower.watch_reopens > 0 and follower.kv_watched > watched, bound=5 * t.ttl
+        )
+        back_at = trio.current_time()
+        # quiet for renew + poll, a read, a poll's grace, then the new watch delivers
+        assert back_at - silenced_at <= t.renew_interval + 3 * t.poll_interval + BEAT, (
+            back_at - silenced_at
+        )
+        assert follower.watch_reopens == 1
+        assert follower.watch_fallbacks == 1
+        assert stores[0].opened == 2
+        # the new watch keeps up: a read per TTL again, no more polling
+        reads, start = follower.kv_reads, trio.current_time()
+        await ha.wait_beats(20)
+        elapsed = trio.current_time() - start
+        assert follower.kv_reads - reads <= elapsed / t.ttl + 2, follower.kv_reads - reads
+        assert follower.watch_reopens == 1
+        assert follower.lease_revision == ha.store.key_revision
+        # and a crash of the leader is seen through the new watch within the TTL
+        ha.crash("p1")
+        await ha.wait_beats(10, node=node_of("p2"))
+        before, after = one_handover(ha.seen)
+        assert after.at - before.at <= t.ttl + t.poll_interval + BEAT + 0.01
+        assert_same_grid(ha.seen)
+
+
 async def test_a_released_lease_hands_over_within_a_poll(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -399,3 +399,92 @@ class LeaseElection:
         self._inflight.clear()
         # Conservative: a revision we wrote ourselves is timed from now if we ever wait it out.
         self.seen_at = max(self.seen_at, now)
+
+
+# --- keeping a follower's watch of the key fresh ----------------------------------------------
+class WatchFreshness:
+    """Whether a follower's watch of the lease key keeps up with the key: a pure state machine
+    on the caller's monotonic clock.
+
+    A watch can die silently (its JetStream consumer lived on a server that went away; nats-py
+    notices only after missed idle heartbeats, many seconds later). The follower learns of it
+    two ways:
+
+    * **quiet**: a leader writes at least every ``renew_interval``, so a watch that delivered
+      nothing for ``renew_interval + poll_interval`` is asked about with a read
+      (:meth:`quiet_at`);
+    * **behind**: a read shows a revision the watch has not delivered. Still not delivered a
+      ``poll_interval`` later (so not merely in flight), the watch *lags*: the follower polls
+      every ``poll_interval`` and reopens the watch (:meth:`may_reopen`), at most once per
+      ``max(ttl, poll_interval)`` while it keeps lagging. A delivery of that revision or a
+      newer one (a reopened watch delivers the key's latest revision first) ends the lag.
+
+    Args:
+        timings: the lease's timing parameters.
+    """
+
+    def __init__(self, timings: LeaseTimings) -> None:
+        self.timings = timings
+        #: the highest revision the current watch delivered (0: none yet)
+        self.delivered = 0
+        #: a revision a read showed that the watch had not delivered, and when
+        self.behind: int | None = None
+        self.behind_since = -math.inf
+        self.lagging = False
+        self.last_news = -math.inf
+        self.reopen_at = -math.inf
+
+    def __repr__(self) -> str:
+        return (
+            f"<WatchFreshness delivered={self.delivered} behind={self.behind} "
+            f"lagging={self.lagging}>"
+        )
+
+    def opened(self, now: float) -> None:
+        """A new watch replaces the old one (which may have delivered more)."""
+        self.delivered = 0
+        self.last_news = now
+
+    def delivered_entry(self, revision: int, now: float) -> None:
+        """The watch delivered ``revision``."""
+        self.delivered = max(self.delivered, revision)
+        self.last_news = now
+        if self.behind is not None and revision >= self.behind:
+            self.behind = None
+            self.lagging = False
+
+    def read(self, revision: int | None, now: float) -> None:
+        """A read answered: the key's revision as the follower now knows it (None: no key)."""
+        self.last_news = now
+        if self.behind is None and revision is not None and revision > self.delivered:
+            self.behind, self.behind_since = revision, now
+
+    def check(self, now: float) -> bool:
+        """True once, when the watch has been behind for longer than a poll: it lags."""
+        if self.behind is None or self.lagging:
+            return False
+        if now < self.behind_since + self.timings.poll_interval:
+            return False
+        self.lagging = True
+        return True
+
+    def quiet_at(self) -> float:
+        """When the watch's silence asks for a read (+inf while lagging: the follower polls)."""
+        if self.lagging:
+            return math.inf
+        return self.last_news + self.timings.renew_interval + self.timings.poll_interval
+
+    def may_reopen(self, now: float) -> bool:
+        """True when a lagging watch is due to be reopened; counts as an attempt."""
+        if not self.lagging or now < self.reopen_at:
+            return False
+        self.reopen_at = now + max(self.timings.ttl, self.timings.poll_interval)
+        return True
+
+    def wake_at(self) -> float:
+        """The next time :meth:`check`, :meth:`quiet_at` or :meth:`may_reopen` changes."""
+        if self.lagging:
+            return self.reopen_at
+        if self.behind is not None:
+            return min(self.behind_since + self.timings.poll_interval, self.quiet_at())
+        return self.quiet_at()

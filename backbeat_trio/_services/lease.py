@@ -1,5 +1,6 @@
-"""Holding a lease over I/O: the lease stores and :class:`LeaseKeeper` (bounded reads, CAS
-writes, following, release), shared by the HA pulse and the HA reverb.
+"""Holding a lease over I/O: :class:`LeaseKeeper` (bounded reads, CAS writes, following with a
+watch kept fresh, release), shared by the HA pulse and the HA reverb; the lease stores live in
+:mod:`backbeat_trio._services.lease_store` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal, Protocol
+from typing import Final, Literal
 
 import trio
 
@@ -21,120 +22,28 @@ from .._core.lease import (
     LeaseTimings,
     Role,
     ScheduleSnapshot,
+    WatchFreshness,
     decode_lease,
     encode_lease,
-    lease_bucket_name,
 )
 from .._errors import BackbeatError, ConfigError
-from .._transport.base import Transport
 from .._transport.jetstream import KVEntry, KVWatch
-
-if TYPE_CHECKING:
-    pass
-
+from .lease_store import _WATCH_BUFFER as _WATCH_BUFFER
+from .lease_store import LEASE_KEY as LEASE_KEY
+from .lease_store import REVERB_LEASE_KEY as REVERB_LEASE_KEY
+from .lease_store import KVLeaseStore as KVLeaseStore
+from .lease_store import LeaseStore as LeaseStore
+from .lease_store import NatsLeaseStore as NatsLeaseStore
+from .lease_store import ensure_lease_store as ensure_lease_store
 
 log = logging.getLogger("backbeat_trio.ha")
 
-LEASE_KEY: Final = "pulse-lease"
-#: The HA reverbs' lease, in the same bucket as the pulses'.
-REVERB_LEASE_KEY: Final = "reverb-lease"
 _CHANGES_KEPT: Final = 256
-#: Lease revisions a watch may hold before the oldest unread ones are dropped (a follower reads
-#: them as they come; the sparse reads catch anything dropped).
-_WATCH_BUFFER: Final = 256
 #: Compare-and-set writes a leader retries in a row over revisions that are no lease record
 #: (each needs a read first); past that the write counts as an unknown outcome.
 _OVERWRITES: Final = 3
 
 WriteOutcome = Literal["ok", "conflict", "unknown"]
-
-
-# --- lease stores ---------------------------------------------------------------------------------
-class LeaseStore(Protocol):
-    """Where the lease lives: one key with compare-and-set writes.
-
-    ``read``/``write`` raise :class:`BackbeatError` when the outcome is unknown; a lost CAS is the
-    definite answer None from ``write``.
-    """
-
-    async def ensure(self) -> None:
-        """Create the bucket if it is missing."""
-        ...
-
-    async def read(self) -> tuple[int, bytes | None] | None:
-        """``None`` (no key), or ``(revision, value)``; value None for a delete marker."""
-        ...
-
-    async def write(self, value: bytes, *, last: int) -> int | None:
-        """Store ``value`` if the latest revision is ``last`` (0: no key); the new revision."""
-        ...
-
-    async def watch(self) -> KVWatch:
-        """The key's stored revisions, the latest first, then every new one.
-
-        Optional: a store without ``watch`` is polled every ``poll_interval``.
-        """
-        ...
-
-
-class KVLeaseStore:
-    """The lease as one key of a KV bucket on any transport's JetStream (NATS or in-memory).
-
-    Args:
-        transport: an open transport.
-        cluster_id: the cluster (the bucket is :func:`lease_bucket_name`).
-        replicas: wanted replica count of the bucket (falls back to 1 on a single server).
-        op_timeout: seconds for each JetStream request.
-        key: the key name.
-    """
-
-    def __init__(
-        self,
-        transport: Transport,
-        cluster_id: str,
-        *,
-        replicas: int = 3,
-        op_timeout: float = 2.0,
-        key: str = LEASE_KEY,
-    ) -> None:
-        self.transport = transport
-        self.bucket = lease_bucket_name(cluster_id)
-        self.key = key
-        self.replicas = replicas
-        self.op_timeout = op_timeout
-
-    def __repr__(self) -> str:
-        return f"<KVLeaseStore {self.bucket}/{self.key} replicas={self.replicas}>"
-
-    async def ensure(self) -> None:
-        """Create the bucket (history 1) unless it exists; records the replica count in use."""
-        js = self.transport.jetstream.with_op_timeout(max(self.op_timeout, 2.0))
-        self.replicas = await js.ensure_kv(
-            self.bucket, replicas=self.replicas, history=1, description="BACKBEAT pulse lease"
-        )
-
-    async def read(self) -> KVEntry | None:
-        """The key's latest revision and value, read from the stream leader."""
-        return await self.transport.jetstream.with_op_timeout(self.op_timeout).kv_read(
-            self.bucket, self.key
-        )
-
-    async def write(self, value: bytes, *, last: int) -> int | None:
-        """Compare-and-set write."""
-        return await self.transport.jetstream.with_op_timeout(self.op_timeout).kv_write(
-            self.bucket, self.key, value, last=last
-        )
-
-    async def watch(self) -> KVWatch:
-        """An ordered consumer on the key: its latest revision, then every new one.
-
-        Only *stored* writes arrive (a lost compare-and-set never does), each with its revision.
-        """
-        return await self.transport.jetstream.kv_watch(self.bucket, self.key, buffer=_WATCH_BUFFER)
-
-
-#: The name the KV lease store had when only NATS could hold it.
-NatsLeaseStore = KVLeaseStore
 
 
 # --- configuration and status ---------------------------------------------------------------------
@@ -189,9 +98,10 @@ class LeaseStatus:
             JetStream store on the key, e.g. a PubAck whose reply subject named it; a delete
             marker): nobody's claim, overwritten by a leader, never a vacancy.
         kv_overwrites: such revisions this instance overwrote while leading.
-        watch_fallbacks: times a read found a revision the watch had not delivered (the watch
-            lags or died silently, e.g. its consumer lived on a server that went away), so the
-            follower polled every ``poll_interval`` until the watch delivered news again.
+        watch_fallbacks: times the watch lagged: a read found a revision it had not delivered
+            a poll later (it died silently, e.g. its consumer lived on a server that went away),
+            so the follower polled every ``poll_interval`` and reopened the watch.
+        watch_reopens: watches opened again in place of a lagging one.
         changes: the latest role changes, oldest first.
         expires_at: the latest record's ``expires_at`` (its writer's wall clock, POSIX seconds;
             informational), None before a record was seen.
@@ -219,6 +129,7 @@ class LeaseStatus:
     kv_overwrites: int = 0
     watching: bool = False
     watch_fallbacks: int = 0
+    watch_reopens: int = 0
     last_error: str | None = None
     changes: deque[LeadershipChange] = field(default_factory=lambda: deque(maxlen=_CHANGES_KEPT))
     role_event: trio.Event = field(default_factory=trio.Event)
@@ -280,8 +191,7 @@ class LeaseKeeper:
         self.watch: KVWatch | None = None
         self._next_read = -math.inf
         self._last_read = -math.inf  # when the latest successful read was answered
-        # a read found a revision the watch had not delivered: poll until the watch shows life
-        self._watch_lagging = False
+        self.fresh = WatchFreshness(timings)
 
     def __repr__(self) -> str:
         return (
@@ -292,7 +202,7 @@ class LeaseKeeper:
     def read_interval(self) -> float:
         """How often a follower reads the key: the TTL while the watch keeps up, else
         ``poll_interval``."""
-        if self.watch is None or self._watch_lagging:
+        if self.watch is None or self.fresh.lagging:
             return self.t.poll_interval
         return max(self.t.ttl, self.t.poll_interval)
 
@@ -348,6 +258,39 @@ class LeaseKeeper:
         if scope.cancelled_caught:
             log.warning("%s polls the lease (watching it timed out)", self.owner_id)
         self.status.watching = self.watch is not None
+        self.fresh.opened(trio.current_time())
+
+    async def _reopen_watch(self) -> None:
+        """Replace a lagging watch by a new one (bounded); keep polling if that fails.
+
+        Never waited on past the takeover time the follower knows of: a reopen that hangs (no
+        stream leader yet) must not delay a takeover its polls would allow.
+        """
+        now = trio.current_time()
+        bound = min(
+            self.t.op_timeout + 0.5, max(self.t.poll_interval, self.election.expires_at() - now)
+        )
+        new: KVWatch | None = None
+        with trio.move_on_after(bound):
+            try:
+                new = await self.store.watch()
+            except BackbeatError as exc:
+                self._kv_error(f"reopening the lease watch failed: {exc}")
+                return
+        if new is None:
+            self._kv_error("reopening the lease watch timed out")
+            return
+        old, self.watch = self.watch, new
+        self.status.watch_reopens += 1
+        self.fresh.opened(trio.current_time())
+        log.info(
+            "%s reopened its lease watch (it had not delivered revision %s)",
+            self.owner_id,
+            self.fresh.behind,
+        )
+        if old is not None:
+            with trio.move_on_after(1.0, shield=True):
+                await old.aclose()
 
     async def close_watch(self) -> None:
         """Stop watching (bounded)."""
@@ -360,9 +303,7 @@ class LeaseKeeper:
     def _observe_entry(self, entry: KVEntry) -> None:
         revision, value = entry
         self.status.kv_watched += 1
-        e = self.election
-        if not e.known or e.revision is None or revision > e.revision:
-            self._watch_lagging = False  # it delivers news again
+        self.fresh.delivered_entry(revision, trio.current_time())
         self._observe(revision, value)
 
     def _observe(self, revision: int, value: bytes | None) -> None:
@@ -474,39 +415,48 @@ class LeaseKeeper:
     # -- roles -----------------------------------------------------------------------------------
     async def follow(self, acquisition_snapshot: Callable[[], ScheduleSnapshot | None]) -> None:
         """Follow until this instance acquired the lease (a CAS write succeeded)."""
-        e = self.election
+        e, fresh = self.election, self.fresh
         if self.watch is not None:
             # what arrived while leading is our own writes: stale now (the read below is newer)
+            now = trio.current_time()
             with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                 while True:
-                    self.watch.entries.receive_nowait()
+                    fresh.delivered_entry(self.watch.entries.receive_nowait().revision, now)
             e.needs_read = True
         while True:
             now = trio.current_time()
+            if self.watch is not None:
+                if fresh.check(now):
+                    # a revision a read showed is still not delivered: poll, and open a new
+                    # watch rather than wait for nats-py to notice its consumer is gone
+                    self.status.watch_fallbacks += 1
+                    log.info("%s: the lease watch lags; polling and reopening it", self.owner_id)
+                if fresh.may_reopen(now):
+                    await self._reopen_watch()
+                    continue
             # Watching, a takeover is decided on what the watch delivered; one read confirms
             # it first (a watch that died silently would otherwise make the CAS fail, costing a
             # TTL). Not for an immediate takeover (released, our own record, no key).
             confirm = self.watch is not None and self._last_read < e.expires_at() <= now
-            if e.needs_read or now >= self._next_read or confirm:
-                known = e.revision if e.known else None
+            quiet = self.watch is not None and now >= fresh.quiet_at()
+            if e.needs_read or now >= self._next_read or confirm or quiet:
                 ok = await self.read()
                 if not ok:
                     self._next_read = trio.current_time() + self.read_interval
                     await trio.sleep(self.t.poll_interval)
                     continue
-                if self.watch is not None and known is not None and e.revision != known:
-                    # the watch had not delivered this revision (it lags, or died silently):
-                    # poll, so a crash of the leader is still seen within a poll
-                    if not self._watch_lagging:
-                        self.status.watch_fallbacks += 1
-                    self._watch_lagging = True
                 now = self._last_read = trio.current_time()
+                if self.watch is not None:
+                    fresh.read(e.revision if e.known else None, now)
                 self._next_read = now + self.read_interval
             if e.may_acquire(now):
                 if await self.write(acquisition_snapshot()) == "ok":
                     return
                 continue  # lost the race or unknown: needs_read is set
-            wake = max(min(self._next_read, e.expires_at()), now)
+            wake = min(self._next_read, e.expires_at())
+            if self.watch is not None:
+                wake = min(wake, fresh.wake_at())
+            wake = max(wake, now)
             if self.watch is None:
                 await trio.sleep_until(wake)
                 continue
@@ -562,22 +512,3 @@ class LeaseKeeper:
             self.owner_id,
             "" if revision is not None else " (too late: another instance wrote it first)",
         )
-
-
-async def ensure_lease_store(store: LeaseStore, op_timeout: float, attempts: int = 10) -> None:
-    """Create the lease bucket, retrying while JetStream is still electing (bounded)."""
-    # JetStream may still be electing a meta leader right after a cluster starts.
-    last: BackbeatError | None = None
-    for attempt in range(attempts):
-        if attempt:
-            await trio.sleep(min(2.0, 0.1 * 2**attempt))
-        try:
-            with trio.fail_after(max(op_timeout, 2.0) + 1.0):
-                await store.ensure()
-            return
-        except BackbeatError as exc:
-            last = exc
-        except trio.TooSlowError:
-            last = BackbeatError("creating the lease bucket timed out")
-    assert last is not None
-    raise BackbeatError(f"cannot create the lease bucket: {last}") from last

@@ -60,7 +60,13 @@ from .._services.lease import (
     LeaseStore,
     ensure_lease_store,
 )
-from .._services.reverb_claims import AcceptedClaim, ClaimJudge, ClaimReader, follow_connection
+from .._services.reverb_claims import (
+    CLOSE_DRAIN,
+    AcceptedClaim,
+    ClaimJudge,
+    ClaimReader,
+    follow_connection,
+)
 from .._services.reverb_ha import HAReports, hold_lease
 from .._services.storage import (
     BAR_MAX_AGE,
@@ -451,6 +457,9 @@ async def _reverb_loop(
                 status.first_beat.set()
             if left is None:
                 continue
+            # claims that arrived before this beat belong to the window it closes
+            for msg in reader.ready(CLOSE_DRAIN):
+                _take_claim(msg, aggregator, judge, status)
             # a window the reverb could not read all of reports no agent stalled, nor one
             # soon after it of an agent not heard from again since
             now = trio.current_time()

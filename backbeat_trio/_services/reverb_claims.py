@@ -29,6 +29,7 @@ from .._transport.base import Message, Subscription, Transport
 __all__ = [
     "CATCH_UP_GRACE",
     "CLAIM_BATCH",
+    "CLOSE_DRAIN",
     "OUTAGE_GRACE",
     "AcceptedClaim",
     "ClaimJudge",
@@ -57,6 +58,9 @@ _RESUBSCRIBE_DELAY_MAX: Final = 1.0
 _RESUBSCRIBE_OP_TIMEOUT: Final = 1.0
 #: Claims the reverb takes in one go before it yields to its other tasks (the beat above all).
 CLAIM_BATCH: Final = 32
+#: Claims already received that the reverb takes in before it closes a window; a buffer holding
+#: more makes the window one it is behind on (blind).
+CLOSE_DRAIN: Final = 4 * CLAIM_BATCH
 
 
 class ClaimReader:
@@ -195,6 +199,25 @@ class ClaimReader:
                 self.dropped += sub.dropped
                 sub.dropped = 0
             return [msg for msg in batch if self.take(msg)]
+
+    def ready(self, limit: int) -> list[Message]:
+        """The messages already in the subscription's buffer, at most ``limit``, without any
+        handed out before and without waiting (taken before a window closes: a claim that
+        reached the reverb before the beat that ends its window counts in it, whichever of the
+        reverb's tasks runs first). A buffer found empty counts as drained."""
+        sub = self.sub
+        batch: list[Message] = []
+        if sub is None:
+            return batch
+        while len(batch) < limit:
+            try:
+                batch.append(sub.messages.receive_nowait())
+            except trio.WouldBlock:
+                self._drained_at = trio.current_time()
+                break
+            except trio.EndOfChannel:
+                break
+        return [msg for msg in batch if self.take(msg)]
 
     def take(self, msg: Message) -> bool:
         """Whether ``msg`` is new (not a message an earlier subscription handed out already);

@@ -1,0 +1,95 @@
+"""A claim that reached the reverb before the beat that ends its window counts in that window,
+whichever of the reverb's tasks (the claims, the beat) runs first (issue 19, item 6).
+
+A reverb under load can run its beat before its claims: its claim subscription holds claims for
+a window's last beat when the next window's first beat arrives. If it closed the window before
+taking those claims in, they would count ``late`` and their agents would be reported
+``stalled`` though they claimed on time. On the fake cluster the claims are published in the
+same step as the beat that closes their window, and the reverb's claims task is starved: it
+gets to its buffer only every ``STARVED`` seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from backbeat_trio._core.beats import beat_subject, status_subject
+from backbeat_trio._core.hlc import HLC
+from backbeat_trio._core.wire import BeatFrame, StatusClaim, decode, encode
+from backbeat_trio._services.reverb_claims import CLAIM_BATCH, ClaimReader
+from backbeat_trio._transport.base import Message
+from backbeat_trio.testing import open_fake_cluster
+from backbeat_trio.testing.memory import MemoryTransport
+
+AGENTS = ("a", "b", "c")
+WINDOWS = 24
+#: seconds between the starved claims task's turns (a window is a second at 240 BPM)
+STARVED = 0.7
+
+
+async def starved_batch(reader: ClaimReader) -> list[Message]:
+    """``ClaimReader.next_batch`` of a reverb busy elsewhere: what its buffer holds, once in a
+    while, never waiting for a claim (so a claim never goes straight to a waiting task)."""
+    await trio.sleep(STARVED)
+    return reader.ready(CLAIM_BATCH)
+
+
+class ClaimsBeforeDownbeats:
+    """The pulse's transport: before it publishes a window's first beat, every agent's claim
+    for the beat before it is published."""
+
+    def __init__(self, inner: MemoryTransport, cluster: str) -> None:
+        self._inner = inner
+        self._beats = beat_subject(cluster)
+        self._claims = status_subject(cluster)
+        self._hlc = {agent: HLC(agent) for agent in AGENTS}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def publish(self, subject: str, payload: bytes, **kwargs: Any) -> None:
+        if subject == self._beats:
+            index = decode(payload, BeatFrame).beat_index
+            if index % 4 == 0 and index > 0:
+                for agent in AGENTS:
+                    claim = StatusClaim(
+                        agent_id=agent,
+                        task_id="t",
+                        beat_index=index - 1,
+                        state="executing",
+                        progress=0.5,
+                        beats_left=1_000_000,
+                        hlc=str(self._hlc[agent].now()),
+                    )
+                    self._inner.publish(self._claims, encode(claim))
+        self._inner.publish(subject, payload, **kwargs)
+
+
+async def test_claims_in_before_the_closing_beat_count_in_their_window(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ClaimReader, "next_batch", starved_batch)
+    with trio.fail_after(600):
+        async with open_fake_cluster("order", tempo_bpm=240, start=False, reverb=True) as cluster:
+            connect = cluster.broker.connect
+            # the pulse's connection, opened next
+            monkeypatch.setattr(
+                cluster.broker, "connect", lambda: ClaimsBeforeDownbeats(connect(), "order")
+            )
+            await cluster.start_pulse()
+            for _ in range(WINDOWS):
+                await cluster.next_report()
+            reports = list(cluster.reports)
+            status = cluster.reverb
+            assert status is not None
+    claimed = [r for r in reports if r.claims]
+    assert len(claimed) >= WINDOWS - 2
+    assert [(r.from_beat, r.claims, r.late) for r in claimed] == [
+        (r.from_beat, len(AGENTS), 0) for r in claimed
+    ]
+    assert [i for r in reports for i in r.issues] == []
+    assert status.claims_late == 0

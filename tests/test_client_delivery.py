@@ -3,12 +3,16 @@ never confirmed when the client closes (they must fail loudly, not vanish)."""
 
 from __future__ import annotations
 
+import contextlib
+
+import msgspec
 import pytest
 import trio
 import trio.testing
 
 import backbeat_trio as bb3
 import backbeat_trio.testing as bbt
+from backbeat_trio._client.delivery import BURST_BATCH_S
 
 CLUSTER = "delivery"
 
@@ -157,3 +161,104 @@ async def test_pubacks_are_handled_as_they_arrive_without_waking_a_task(nats_url
     listener = [n for n in counter.steps if n.endswith("run_ack_listener")]
     # the listener wakes for its retry period only (a burst takes far less), never per ack
     assert sum(counter.steps[n] for n in listener) <= 2, counter.steps
+
+
+def _burst_client(
+    cluster: bbt.FakeCluster, published: list[tuple[float, str]]
+) -> contextlib.AbstractAsyncContextManager[bb3.Client]:
+    """A JetStream client on its own memory transport that notes (time, hlc) of each claim
+    it publishes (first publishes and re-publishes alike)."""
+    transport = cluster.broker.connect()
+    real_publish = transport.publish
+
+    def publish(
+        subject: str, payload: bytes, *, headers: dict[str, str] | None = None, reply: str = ""
+    ) -> None:
+        if subject.startswith("backbeat.status."):
+            published.append((trio.current_time(), msgspec.json.decode(payload)["hlc"]))
+        real_publish(subject, payload, headers=headers, reply=reply)
+
+    transport.publish = publish  # type: ignore[method-assign]
+    return bb3.open_client(
+        cluster.config("agent-1"), transport=transport, wall_clock=bbt.virtual_wall_clock
+    )
+
+
+async def test_a_burst_of_jetstream_claims_goes_out_in_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    published: list[tuple[float, str]] = []
+    async with bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, jetstream=True) as cluster:
+        async with _burst_client(cluster, published) as bb:
+            assert bb.delivery_mode == "jetstream"
+            sent = []
+            for i in range(100):  # one claim a millisecond
+                sent.append(await bb.emit_status(bb3.StatusClaim(notes=str(i))))
+                await trio.sleep(0.001)
+            with trio.fail_after(10):
+                await bb.flush_claims()
+            assert bb.metrics.claims_acked == 100
+        stream = cluster.broker.streams[f"BACKBEAT_STATUS_{CLUSTER}"]
+        stored = [msgspec.json.decode(m.data)["hlc"] for m in stream.stored_on("backbeat.>")]
+    assert [hlc for _, hlc in published] == [c.hlc for c in sent]  # each once, in order
+    assert stored == [c.hlc for c in sent]
+    # in batches of BURST_BATCH_S, not a publish each
+    batches = len({t for t, _ in published})
+    assert batches <= 0.1 / BURST_BATCH_S + 2, batches
+
+
+async def test_a_claim_after_a_quiet_spell_goes_out_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    published: list[tuple[float, str]] = []
+    async with (
+        bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, jetstream=True) as cluster,
+        _burst_client(cluster, published) as bb,
+    ):
+        for _ in range(3):
+            claim = bb.emit_status_nowait(bb3.StatusClaim(notes="alone"))
+            assert published[-1] == (trio.current_time(), claim.hlc)
+            await trio.sleep(2 * BURST_BATCH_S)
+
+
+async def test_claims_held_for_their_batch_survive_a_disconnect(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    published: list[tuple[float, str]] = []
+    async with bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, jetstream=True) as cluster:
+        async with _burst_client(cluster, published) as bb:
+            sent = [bb.emit_status_nowait(bb3.StatusClaim(notes=str(i))) for i in range(10)]
+            assert len(published) == 1  # the rest wait for their batch, kept by the outbox
+            held = [c.hlc for c in sent[1:]]
+            assert [c.hlc for c in bb.undelivered()][-9:] == held
+            cluster.broker.set_down()
+            await trio.sleep(1.0)
+            assert [c.hlc for c in bb.undelivered()][-9:] == held
+            assert len(published) == 1  # nothing went into the dead connection
+            cluster.broker.set_up()
+            with trio.fail_after(10):
+                await bb.flush_claims()
+            assert bb.metrics.claims_acked == 10
+        stream = cluster.broker.streams[f"BACKBEAT_STATUS_{CLUSTER}"]
+        stored = [msgspec.json.decode(m.data)["hlc"] for m in stream.stored_on("backbeat.>")]
+    assert stored == [c.hlc for c in sent]  # each once, in the order emitted
+
+
+async def test_claims_held_for_their_batch_wait_behind_a_refused_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    published: list[tuple[float, str]] = []
+    async with bbt.open_fake_cluster(CLUSTER, tempo_bpm=60, jetstream=True) as cluster:
+        async with _burst_client(cluster, published) as bb:
+            cluster.broker.jetstream_available = False  # the first claim gets a 503
+            sent = [bb.emit_status_nowait(bb3.StatusClaim(notes=str(i))) for i in range(10)]
+            cluster.broker.jetstream_available = True  # back before the held ones' batch
+            await trio.sleep(BURST_BATCH_S / 2)  # the 503 is in; their batch is not due yet
+            assert len(published) == 1
+            with trio.fail_after(10):
+                await bb.flush_claims()
+            assert bb.metrics.claims_acked == 10
+        stream = cluster.broker.streams[f"BACKBEAT_STATUS_{CLUSTER}"]
+        stored = [msgspec.json.decode(m.data)["hlc"] for m in stream.stored_on("backbeat.>")]
+    # the refused one went again first, then the held ones: stored in the order emitted
+    assert stored == [c.hlc for c in sent]

@@ -49,9 +49,10 @@ from backbeat_trio._core.wire import BeatFrame, StatusClaim, TempoChange, decode
 from backbeat_trio._embedded import NatsCluster, NatsServerProcess, open_embedded_nats_cluster
 from backbeat_trio._errors import BackbeatError, ConfigError
 from backbeat_trio._services.ha_pulse import HAPulseConfig, HAPulseStatus, run_ha_pulse
-from backbeat_trio._services.lease import LeaseStore, NatsLeaseStore
+from backbeat_trio._services.lease import LeaseStore, NatsLeaseStore, ensure_lease_store
 from backbeat_trio._transport.base import Transport
 from backbeat_trio._transport.jetstream import KVEntry, KVWatch
+from backbeat_trio._transport.options import ConnectionOptions
 from backbeat_trio.testing import virtual_wall_clock
 from backbeat_trio.testing.lease import MemoryLeaseStore
 from backbeat_trio.testing.memory import MemoryBroker
@@ -877,7 +878,7 @@ async def test_run_ha_pulse_keeps_its_lease_in_the_memory_transports_kv(
 
 # --- a real NATS server and a real 3-node cluster ------------------------------------------------
 @contextlib.asynccontextmanager
-async def open_pinned_transport(cfg: Config) -> AsyncIterator[NatsTransport]:
+async def open_pinned_transport(cfg: ConnectionOptions) -> AsyncIterator[NatsTransport]:
     """A NATS transport that connects to ``cfg``'s first URL first (no server shuffling)."""
     async with _asyncio_loop() as loop:
         transport = NatsTransport(loop)
@@ -1002,6 +1003,133 @@ def server_of(nats: NatsCluster, connection_name: str) -> NatsServerProcess:
         if connection_name in names:
             return server
     raise AssertionError(f"no server holds a connection named {connection_name!r}")
+
+
+class PinnedNatsHA(NatsHA):
+    """:class:`NatsHA` whose pulses and beat watcher all connect to the first URL first."""
+
+    async def watch(self) -> None:
+        async def watcher(task_status: trio.TaskStatus[None]) -> None:
+            async with open_pinned_transport(conn("watch", self.urls)) as transport:
+                await collect_beats(transport, self.seen, task_status=task_status)
+
+        await self.nursery.start(watcher)
+
+    async def start(self, pulse_id: str, rotate: int = 0) -> HAPulseStatus:
+        cfg = HAPulseConfig(
+            cluster_id=CLUSTER,
+            pulse_id=pulse_id,
+            nats_url=self.urls,
+            tempo_bpm=TEMPO,
+            lease_ttl=1.2,
+            jitter_tolerance=0.1,
+            release_on_exit=False,
+        )
+
+        async def run(task_status: trio.TaskStatus[HAPulseStatus]) -> None:
+            async with open_pinned_transport(cfg) as transport:
+                await run_ha_pulse(cfg, transport=transport, task_status=task_status)
+
+        return await self.start_scoped(pulse_id, run)
+
+
+def jetstream_leaders(nats: NatsCluster, stream: str) -> tuple[str | None, str | None]:
+    """The names of the JetStream meta leader and of ``stream``'s leader (None: unknown)."""
+    meta = leader = None
+    for server in (s for s in nats.servers if s.running):
+        jsz = server.monitor("jsz?accounts=true&streams=true")
+        meta = meta or (jsz.get("meta_cluster") or {}).get("leader")
+        for account in jsz.get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                if detail.get("name") == stream:
+                    leader = leader or (detail.get("cluster") or {}).get("leader")
+    return meta, leader
+
+
+def watch_consumer_server(nats: NatsCluster, connection_name: str) -> NatsServerProcess:
+    """The server holding the JetStream consumer that delivers to ``connection_name``'s
+    subscriptions (its lease watch: the only consumer a pulse has)."""
+    subjects: set[str] = set()
+    for server in (s for s in nats.servers if s.running):
+        for c in server.monitor("connz?subs=detail").get("connections") or []:
+            if c.get("name") == connection_name:
+                subjects |= {x["subject"] for x in c.get("subscriptions_list_detail") or []}
+    for server in (s for s in nats.servers if s.running):
+        jsz = server.monitor("jsz?accounts=true&consumers=true&config=true")
+        for account in jsz.get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                for consumer in detail.get("consumer_detail") or []:
+                    if (consumer.get("config") or {}).get("deliver_subject") in subjects:
+                        return server
+    raise AssertionError(f"no consumer delivers to {connection_name!r}")
+
+
+@pytest.mark.nats
+async def test_a_lease_watch_whose_server_died_is_reopened_at_once() -> None:
+    # A follower's lease watch is an ordered consumer on one server of the cluster; when that
+    # server dies, nats-py notices only after two missed idle heartbeats (10 to 20 s). The
+    # follower must open a new watch within about a TTL instead. Everything connects to the KV
+    # stream's leader, which is also the meta leader, so the kill takes nothing but the watch.
+    stream = f"KV_{lease_bucket_name(CLUSTER)}"
+    async with open_embedded_nats_cluster(3) as nats:
+        names = {s.server_name: s for s in nats.servers}
+        async with open_nats_transport(conn("setup", nats.urls)) as admin:
+            await ensure_lease_store(NatsLeaseStore(admin, CLUSTER, replicas=3), 2.0)
+            for _ in range(8):  # move the stream's leader onto the meta leader
+                meta, leader = jetstream_leaders(nats, stream)
+                if meta is not None and meta == leader:
+                    break
+                with contextlib.suppress(BackbeatError):
+                    await admin.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"")
+                await wait_until(
+                    lambda old=leader: jetstream_leaders(nats, stream)[1] not in (None, old),
+                    bound=10,
+                )
+            assert meta is not None
+            assert meta == leader, (meta, leader)
+        hub = names[meta]
+
+        async def make(nursery: trio.Nursery) -> NatsHA:
+            ha = PinnedNatsHA(nursery, [hub.url] + [u for u in nats.urls if u != hub.url])
+            await ha.watch()
+            return ha
+
+        async with open_fleet(make) as ha:
+            await ha.start("p1")
+            await ha.wait_beats(5)
+            # followers until one's watch lives on another server (its placement is the
+            # cluster's choice); the others stop
+            for i in range(2, 14):
+                name = f"p{i}"
+                follower = await ha.start(name)
+                await wait_until(lambda f=follower: f.kv_watched > 0, bound=5)
+                doomed = watch_consumer_server(nats, f"backbeat-ha-pulse:{name}")
+                if doomed is not hub:
+                    break
+                ha.crash(name)
+            assert doomed is not hub
+            await ha.wait_beats(5)
+            t = follower.timings
+            assert ha.holder() == "p1"
+            assert (follower.watch_reopens, follower.watch_fallbacks) == (0, 0)
+            watched = follower.kv_watched
+            await trio.to_thread.run_sync(doomed.kill)
+            killed_at = trio.current_time()
+            await wait_until(
+                lambda: follower.watch_reopens > 0 and follower.kv_watched > watched + 2,
+                bound=8.0,
+                what=lambda: repr(follower),
+            )
+            # quiet for renew + poll, a read, a poll's grace, a reopen; one that the cluster
+            # places on the dead server times out and the next comes a TTL later (nats-py
+            # alone: 10 s at least)
+            assert trio.current_time() - killed_at <= 4 * t.ttl
+            assert follower.watch_fallbacks == 1
+            await ha.wait_beats(10)
+            # it keeps up from then on: no other reopen, the leader never lost its lease
+            assert follower.watch_reopens == 1
+            assert ha.holder() == "p1"
+        assert_one_publisher_at_a_time(ha.seen, max_switches=0)
 
 
 @pytest.mark.nats

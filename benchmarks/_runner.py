@@ -40,6 +40,7 @@ ALL = (
     "ingest",
     "importcost",
     "bridgecost",
+    "failover",
 )
 
 
@@ -1055,6 +1056,10 @@ async def _run(p: Params, only: tuple[str, ...], write: bool) -> int:
                 from benchmarks.bridgecost import bench_bridgecost
 
                 await bench_bridgecost(p, out, logdir)
+            elif name == "failover":
+                from benchmarks.failover import bench_failover
+
+                await bench_failover(p, out, logdir)
         except Exception as exc:
             failures.append(f"{name}: {exc!r}")
             traceback.print_exc()

@@ -86,10 +86,12 @@ class ClaimDelivery:
         if send_now:
             if outbox.mode == "jetstream":
                 now = trio.current_time()
-                if self._held or now - self._last_publish < BURST_BATCH_S:
+                held = self._held
+                if held or now - self._last_publish < BURST_BATCH_S:
                     # (it is in the outbox already: kept, listed, re-published, as any other)
-                    self._held.append(out)
-                    self._held_wake.set()
+                    if not held:
+                        self._held_wake.set()
+                    held.append(out)
                     return out.claim
                 self._last_publish = now
             self.send(out)

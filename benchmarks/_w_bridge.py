@@ -53,22 +53,35 @@ LIMIT_S = float(ARGS.get("limit_s", 120.0))
 
 
 # ------------------------------------------------------------------------------ asyncio side
+async def subscribed(nc: Any) -> None:
+    """Return once the server has this connection's subscriptions. nats-py's ``flush`` writes
+    its PING straight to the socket, ahead of SUBs still in its buffer: the first PONG may come
+    before the server has them, the second cannot (the SUBs were written by then)."""
+    await nc.flush()
+    await nc.flush()
+
+
 async def aio_import_role(a: dict[str, Any]) -> dict[str, Any]:
     nc = await nats.connect(a["url"], name="bench-importcost")
     total = a["subs"] * a["frames"]
     got = 0
     done = asyncio.Event()
 
+    counts: dict[int, int] = {}
+    check = bool(a.get("check"))
+
     async def cb(msg: Any) -> None:
         nonlocal got
-        json.loads(msg.data)
+        frame = json.loads(msg.data)
+        if check:
+            counts[frame["beat_index"]] = counts.get(frame["beat_index"], 0) + 1
         got += 1
         if got >= total:
             done.set()
 
     for _ in range(a["subs"]):
         await nc.subscribe(a["subject"], cb=cb)
-    await nc.flush()
+    await subscribed(nc)
     send({"event": "ready"})
     t0 = time.process_time()
     w0 = time.perf_counter()
@@ -77,7 +90,8 @@ async def aio_import_role(a: dict[str, Any]) -> dict[str, Any]:
     cpu = time.process_time() - t0
     wall = time.perf_counter() - w0
     await nc.close()
-    return {"cpu_s": cpu, "wall_s": wall, "delivered": got, "expected": total}
+    short = [i for i in range(a["frames"]) if counts.get(i, 0) < a["subs"]] if check else []
+    return {"cpu_s": cpu, "wall_s": wall, "delivered": got, "expected": total, "short": short[:20]}
 
 
 async def aio_sub(a: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +106,7 @@ async def aio_sub(a: dict[str, Any]) -> dict[str, Any]:
             done.set()
 
     await nc.subscribe(a["subject"], cb=cb)
-    await nc.flush()
+    await subscribed(nc)
     send({"event": "ready"})
     t0 = time.process_time()
     with contextlib.suppress(TimeoutError):

@@ -108,8 +108,8 @@ def frames_limit(wargs: dict[str, Any]) -> float:
 
 
 async def bench_importcost(p: Params, out: Outcome, logdir: Path) -> None:
-    frames = 200 if p.quick else 600
-    reps = 3 if p.quick else 5
+    frames = 200 if p.quick else 1000
+    reps = 3 if p.quick else 7
     speed: dict[str, list[float]] = {v: [] for v in VARIANTS}
     lost: dict[str, int] = dict.fromkeys(VARIANTS, 0)
     async with open_publisher() as (url, conn):

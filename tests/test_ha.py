@@ -40,6 +40,7 @@ from backbeat_trio._core.lease import (
     LeaseRecord,
     LeaseTimings,
     ScheduleSnapshot,
+    WatchFreshness,
     decode_lease,
     encode_lease,
     lease_bucket_name,
@@ -296,6 +297,70 @@ BAD_SCHEDULE = (
     b'"beat_index":3,"due":1.0,"tempo_bpm":5000,"beats_per_bar":4,"anchor_index":3,'
     b'"anchor_time":1.0}}'
 )
+
+
+def test_a_watch_lags_only_when_a_read_stays_ahead_of_it_for_a_poll() -> None:
+    t = timings()  # ttl 1, poll 0.05, renew 0.5
+    w = WatchFreshness(t)
+    w.opened(0.0)
+    w.delivered_entry(5, 0.0)
+    assert w.quiet_at() == pytest.approx(0.55)  # renew + poll after the last news
+    w.read(6, 0.1)  # revision 6 is in flight on the watch
+    assert not w.check(0.12)
+    w.delivered_entry(6, 0.13)
+    assert not w.check(1.0)  # it arrived: never lagged
+    w.read(7, 1.0)
+    assert w.wake_at() == pytest.approx(1.05)
+    assert not w.lagging
+    assert w.check(1.05)  # still not delivered a poll later: it lags, once
+    assert not w.check(1.1)
+    assert w.quiet_at() == math.inf  # polling covers it now
+    assert w.may_reopen(1.05)
+    assert not w.may_reopen(1.5)  # one attempt per TTL
+    assert w.wake_at() == pytest.approx(2.05)
+    w.opened(1.6)  # a new watch: delivers the latest revision first
+    w.delivered_entry(7, 1.61)
+    assert (w.lagging, w.behind) == (False, None)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["deliver", "read", "check", "reopen"]),
+            st.integers(0, 12),
+            st.floats(0.0, 0.3),
+        ),
+        max_size=60,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_watch_freshness_invariants(events: list[tuple[str, int, float]]) -> None:
+    t = timings()
+    w = WatchFreshness(t)
+    now, lags = 0.0, 0
+    attempts: list[float] = []
+    w.opened(now)
+    for kind, revision, step in events:
+        now += step
+        if kind == "deliver":
+            behind = w.behind
+            w.delivered_entry(revision, now)
+            if behind is not None and revision >= behind:
+                assert (w.behind, w.lagging) == (None, False)  # caught up: the lag ends
+        elif kind == "read":
+            w.read(revision, now)
+        elif kind == "check":
+            lags += w.check(now)
+        elif w.may_reopen(now):
+            assert w.lagging
+            attempts.append(now)
+        # a lag has a revision the watch has not delivered, and waited a poll for it
+        if w.lagging:
+            assert w.behind is not None
+            assert w.behind > w.delivered
+            assert now >= w.behind_since + t.poll_interval
+    assert all(b - a >= t.ttl - 1e-9 for a, b in itertools.pairwise(attempts))
+    assert lags >= 1 or not attempts  # only a watch that lagged is reopened
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,7 @@ class NatsTransport(EventFeed):
         self._batch_open = False
         self._batch_end = trio.lowlevel.ParkingLot()  # where _end_batches waits
         self._batch_scope = trio.CancelScope()
+        self._batch_task_ended: trio.Event | None = None  # set when _end_batches returns
         self.last_error: str | None = None
         # what the error callback saw during the first connect (its refusal names it)
         self._connect_failure: BaseException | None = None
@@ -213,6 +214,7 @@ class NatsTransport(EventFeed):
         self._js = self._nc.jetstream()
         self._drainer = self._loop.create_task(self._drain())
         if self.fast:
+            self._batch_task_ended = trio.Event()
             trio.lowlevel.spawn_system_task(self._end_batches, name="backbeat-nats-batches")
 
     async def aclose(self) -> None:
@@ -248,6 +250,9 @@ class NatsTransport(EventFeed):
                 # when the grace runs out mid-close, trio-asyncio surfaces asyncio's own
                 # CancelledError (not an Exception subclass): it must not escape aclose
                 log.debug("closing the NATS connection ran out of time; dropped")
+        if self._batch_task_ended is not None:
+            with trio.move_on_after(1.0, shield=True):
+                await self._batch_task_ended.wait()  # cancelled above; it ends at its next step
         self._event_send.close()
         for view in self._views:
             view._event_send.close()
@@ -337,11 +342,15 @@ class NatsTransport(EventFeed):
     async def _end_batches(self) -> None:
         # trio side (a system task: no user's cancel scope ends it), for the life of the
         # connection: runs in the trio batch after one that wrote a message at once
-        with self._batch_scope:
-            while True:
-                await self._batch_end.park()
-                self._batch_open = False
-                private.write_pending(self._nc)
+        try:
+            with self._batch_scope:
+                while True:
+                    await self._batch_end.park()
+                    self._batch_open = False
+                    private.write_pending(self._nc)
+        finally:
+            if self._batch_task_ended is not None:
+                self._batch_task_ended.set()
 
     def _encode_queued(self, nc: Any, limit: int) -> int:
         """Move up to ``limit`` queued messages into nats-py's buffer (fast path only, see

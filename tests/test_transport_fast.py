@@ -148,8 +148,8 @@ async def test_claims_of_one_trio_batch_go_out_in_one_write(nats_url: str) -> No
                 got.append(int((await sub.messages.receive()).data))
         assert got == list(range(2 * n))
     # the task that ends the batches ended with the connection
-    assert tx._batch_task_ended is not None
-    assert tx._batch_task_ended.is_set()
+    assert tx._batches is not None
+    assert tx._batches.ended.is_set()
 
 
 @pytest.mark.skipif(not FAST, reason="the direct writes are a fast path of the pinned nats-py")

@@ -90,12 +90,7 @@ class NatsTransport(EventFeed):
         self.published = 0
         self.publish_errors = 0
         self.direct_writes = 0  # of ``published``: written at once or joining, without the drainer
-        self.joined_writes = 0  # of ``direct_writes``: went out with the write ending their batch
-        # True from a message written at once until its trio batch ends: later ones join it
-        self._batch_open = False
-        self._batch_end = trio.lowlevel.ParkingLot()  # where _end_batches waits
-        self._batch_scope = trio.CancelScope()
-        self._batch_task_ended: trio.Event | None = None  # set when _end_batches returns
+        self._batches: private.BatchWriter | None = None  # the direct writes (fast path)
         self.last_error: str | None = None
         # what the error callback saw during the first connect (its refusal names it)
         self._connect_failure: BaseException | None = None
@@ -214,8 +209,9 @@ class NatsTransport(EventFeed):
         self._js = self._nc.jetstream()
         self._drainer = self._loop.create_task(self._drain())
         if self.fast:
-            self._batch_task_ended = trio.Event()
-            trio.lowlevel.spawn_system_task(self._end_batches, name="backbeat-nats-batches")
+            # a system task: no cancel scope of a user's ends it; aclose does
+            self._batches = private.BatchWriter(self._nc)
+            trio.lowlevel.spawn_system_task(self._batches.run, name="backbeat-nats-batches")
 
     async def aclose(self) -> None:
         """Flush what is queued (bounded), then close the connection.
@@ -231,7 +227,8 @@ class NatsTransport(EventFeed):
             return
         self._closed = True
         self._shared.close()
-        self._batch_scope.cancel()  # no direct writes from now on: the flush below takes them
+        if self._batches is not None:  # no direct writes from now on: the flush takes them
+            await self._batches.aclose()
         # the flush has its own bound: a flush that cannot finish (a stalled server) must not
         # use up the time the connection needs to be closed
         with trio.move_on_after(1.5, shield=True):
@@ -250,9 +247,6 @@ class NatsTransport(EventFeed):
                 # when the grace runs out mid-close, trio-asyncio surfaces asyncio's own
                 # CancelledError (not an Exception subclass): it must not escape aclose
                 log.debug("closing the NATS connection ran out of time; dropped")
-        if self._batch_task_ended is not None:
-            with trio.move_on_after(1.0, shield=True):
-                await self._batch_task_ended.wait()  # cancelled above; it ends at its next step
         self._event_send.close()
         for view in self._views:
             view._event_send.close()
@@ -288,7 +282,8 @@ class NatsTransport(EventFeed):
         headers: dict[str, str] | None = None,
         reply: str = "",
     ) -> None:
-        """Queue one message; the asyncio-side drainer writes it with the rest of its batch.
+        """Send one message: written at once, or with the others of this trio batch when it ends
+        (fast path), else queued for the asyncio-side drainer (see the module docstring).
 
         Raises:
             NotConnected: the transport is closed.
@@ -314,43 +309,26 @@ class NatsTransport(EventFeed):
     ) -> bool:
         """Write one message straight to the socket when nothing is queued ahead of it, or join
         it to the write that ends this trio batch (fast path only, see
-        :func:`~._natspy_private.write_now`); False when the drainer must."""
+        :class:`~._natspy_private.BatchWriter`); False when the drainer must."""
         drainer = self._drainer
+        batches = self._batches
         if (
-            not self.fast
+            batches is None
             or not self._idle.is_set()
             or drainer is None
             or drainer.done()  # nothing could take over once the socket pushes back
+            or not batches.send(subject, payload, headers, reply)
         ):
             return False
-        nc = self._nc
-        if self._batch_open:
-            if not private.join_pending(nc, subject, payload, headers, reply):
-                return False
-            self.joined_writes += 1
-        elif not len(self._batch_end) or not private.write_now(
-            nc, subject, payload, headers, reply
-        ):
-            return False  # (no batch ends without _end_batches waiting)
-        else:
-            self._batch_open = True
-            self._batch_end.unpark()
         self.published += 1
         self.direct_writes += 1
         return True
 
-    async def _end_batches(self) -> None:
-        # trio side (a system task: no user's cancel scope ends it), for the life of the
-        # connection: runs in the trio batch after one that wrote a message at once
-        try:
-            with self._batch_scope:
-                while True:
-                    await self._batch_end.park()
-                    self._batch_open = False
-                    private.write_pending(self._nc)
-        finally:
-            if self._batch_task_ended is not None:
-                self._batch_task_ended.set()
+    @property
+    def joined_writes(self) -> int:
+        """Of ``direct_writes``: the messages that went out with the write ending their trio
+        batch (the first of a batch is written at once)."""
+        return self._batches.joined if self._batches is not None else 0
 
     def _encode_queued(self, nc: Any, limit: int) -> int:
         """Move up to ``limit`` queued messages into nats-py's buffer (fast path only, see

@@ -416,8 +416,11 @@ class WatchFreshness:
     * **behind**: a read shows a revision the watch has not delivered. Still not delivered a
       ``poll_interval`` later (so not merely in flight), the watch *lags*: the follower polls
       every ``poll_interval`` and reopens the watch (:meth:`may_reopen`), at most once per
-      ``max(ttl, poll_interval)`` while it keeps lagging. A delivery of that revision or a
-      newer one (a reopened watch delivers the key's latest revision first) ends the lag.
+      ``max(ttl, poll_interval)`` while it keeps lagging -- but a poll after an attempt that
+      timed out (:meth:`reopen_timed_out`: a cluster places the new consumer on any server of
+      the stream, the dead one too until it noticed, and such a request never answers; the
+      next attempt is likely placed elsewhere). A delivery of that revision or a newer one (a
+      reopened watch delivers the key's latest revision first) ends the lag.
 
     Args:
         timings: the lease's timing parameters.
@@ -480,6 +483,10 @@ class WatchFreshness:
             return False
         self.reopen_at = now + max(self.timings.ttl, self.timings.poll_interval)
         return True
+
+    def reopen_timed_out(self, now: float) -> None:
+        """The reopen attempt got no answer: try again a poll from now."""
+        self.reopen_at = min(self.reopen_at, now + self.timings.poll_interval)
 
     def wake_at(self) -> float:
         """The next time :meth:`check`, :meth:`quiet_at` or :meth:`may_reopen` changes."""

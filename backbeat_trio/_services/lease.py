@@ -279,6 +279,7 @@ class LeaseKeeper:
                 return
         if new is None:
             self._kv_error("reopening the lease watch timed out")
+            self.fresh.reopen_timed_out(trio.current_time())
             return
         old, self.watch = self.watch, new
         self.status.watch_reopens += 1

@@ -9,8 +9,9 @@ Run it as ``examples/agent.py`` (a nats-server, a pulse and a reverb for the clu
 
 The process opens one connection with ``open_nats_transport`` and hands it to every agent's
 ``open_client(cfg, transport=conn)``. The agents then share one subscription to the beat (the
-server sends each beat once; it is decoded once and handed to every agent, each keeping its own
-clock, degradation, budgets and channels) and one writer for their claims. Each agent still has
+server sends each beat once; it is decoded and judged once, clock offset and degradation
+included, and handed to every agent, each keeping its own budgets and channels) and one writer
+for their claims. Each agent still has
 its own ``Config``: its id, and its signing key if it has one. The connection's settings
 (servers, credentials, reconnects) are those of the config it was opened with. See
 ``docs/scale.md``, "When to share a connection".

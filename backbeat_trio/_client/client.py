@@ -39,6 +39,7 @@ from .budgets import BeatBudget, BeatBudgets
 from .delivery import ClaimDelivery
 from .fanout import BeatCallback, BeatFanout
 from .judge import BeatJudge, MemberCounts, judge_key, leave_subscription
+from .tasks import ShieldedTasks
 
 __all__ = ["Client", "ClientMetrics", "UndeliveredClaims", "open_client"]
 
@@ -107,7 +108,7 @@ class Client:
         self._connected = transport.connected
         self._reconnect_count = 0
         self._connection_changed = trio.Event()
-        self._nursery: trio.Nursery | None = None
+        self._tasks = ShieldedTasks()
         self._last_emit_yield = -math.inf
         self._closing = False
 
@@ -125,6 +126,11 @@ class Client:
     def agent_id(self) -> str:
         """``config.agent_id``."""
         return self.config.agent_id
+
+    @property
+    def _nursery(self) -> trio.Nursery | None:
+        """Where its tasks (and, while it keeps it, the judge's metronome) run."""
+        return self._tasks.nursery
 
     def _judged_beat(self, frame: BeatFrame) -> None:
         """The judge delivered a new beat: move the budgets, hand it to channels and waiters."""
@@ -283,7 +289,7 @@ class Client:
     def _add_callback(self, callback: BeatCallback, *, downbeats: bool) -> Callable[[], None]:
         if self._nursery is None:
             raise NotConnected("the client is not running")
-        return self._fanout.add_callback(self._nursery, callback, downbeats=downbeats)
+        return self._fanout.add_callback(self._tasks.spawn, callback, downbeats=downbeats)
 
     async def wait_connected(self, connected: bool = True) -> None:
         """Wait until the client sees its NATS connection up (or, with ``False``, down).
@@ -470,24 +476,15 @@ class Client:
             self._set_connected(True)
             self._delivery.on_connected()
 
-    async def _run_services(self, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
-        """Run the client's tasks in a shielded scope that only ``open_client`` cancels.
-
-        Cancelling the block that holds the client must not kill the ack-listener before the
-        shielded shutdown has had its chance to deliver queued claims; so the tasks live behind a
-        shield, and leave when ``open_client`` cancels this scope after the shutdown.
-        """
-        with trio.CancelScope(shield=True) as scope:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await nursery.start(self._run_supervisor)
-                if self._outbox.mode == "jetstream":
-                    await nursery.start(self._delivery.run_ack_listener)
-                else:
-                    await nursery.start(self._delivery.run_confirmer)
-                await self._join_beats()
-                task_status.started(scope)
-                del task_status  # (trio's start-up nursery: see _run_supervisor)
+    # ------------------------------------------------------------------ tasks
+    async def _start_tasks(self) -> None:
+        """Start the client's tasks in ``open_client``'s nursery and join the beat."""
+        await self._tasks.start(self._run_supervisor)
+        if self._outbox.mode == "jetstream":
+            await self._tasks.start(self._delivery.run_ack_listener)
+        else:  # the confirmer starts with the first claim: most agents of a big host send few
+            self._delivery.spawn = self._tasks.spawn
+        await self._join_beats()
 
     async def _shutdown(self) -> None:
         """Leave the block: deliver what is queued (bounded), then end budgets, channels, waits."""
@@ -556,17 +553,20 @@ async def open_client(
             stack.callback(client._leave_judge)
             await client._detect_mode()
             async with trio.open_nursery() as nursery:
-                services = await nursery.start(client._run_services)
+                client._tasks.nursery = nursery
                 try:
-                    yield client
-                except BaseException as exc:
-                    user_exc = exc
-                    raise
+                    await client._start_tasks()
+                    try:
+                        yield client
+                    except BaseException as exc:
+                        user_exc = exc
+                        raise
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await client._shutdown()
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await client._shutdown()
-                    services.cancel()
-                    client._nursery = None
+                    client._leave_judge()  # (its metronome may run in this nursery)
+                    client._tasks.stop()
                     left = client.undelivered()
                     if left:
                         log.error("%d claim(s) undelivered when the client closed", len(left))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -33,6 +34,8 @@ class ClaimDelivery:
     Attributes:
         outbox: as given.
         connected: the client's view of the connection (from its connection events).
+        spawn: core mode: starts the confirmer with the first claim written (a client that
+            never claims runs no confirmer); None: it is started as a task of its own.
     """
 
     def __init__(self, outbox: Outbox, transport: Transport, status_subject: str) -> None:
@@ -48,6 +51,7 @@ class ClaimDelivery:
         self._held: list[Outgoing] = []
         self._held_wake = trio.Event()
         self._last_publish = -math.inf
+        self.spawn: Callable[[Callable[[], Awaitable[None]]], object] | None = None
 
     def __repr__(self) -> str:
         return f"<ClaimDelivery {self.outbox!r} connected={self.connected}>"
@@ -111,6 +115,10 @@ class ClaimDelivery:
             return
         if self.outbox.published(out, trio.current_time()):
             self._confirm_wake.set()
+            spawn = self.spawn
+            if spawn is not None:  # the first claim to confirm: start the confirmer
+                self.spawn = None
+                spawn(self._confirm)
             if self._waiters:  # checked here too: no call per claim when nobody waits
                 self._notify()
 
@@ -177,6 +185,9 @@ class ClaimDelivery:
         """
         task_status.started()
         del task_status  # it holds trio's start-up nursery: let it go for the task's life
+        await self._confirm()
+
+    async def _confirm(self) -> None:
         outbox = self.outbox
         while True:
             while not (outbox.unconfirmed and self.connected):

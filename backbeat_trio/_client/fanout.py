@@ -81,16 +81,20 @@ class BeatFanout:
         return chan
 
     def add_callback(
-        self, nursery: trio.Nursery, callback: BeatCallback, *, downbeats: bool
+        self,
+        spawn: Callable[..., trio.CancelScope],
+        callback: BeatCallback,
+        *,
+        downbeats: bool,
     ) -> Callable[[], None]:
-        """Run ``callback(frame)`` on every beat (or downbeat) in a task of ``nursery``.
+        """Run ``callback(frame)`` on every beat (or downbeat) in a task ``spawn`` starts (it
+        returns the task's cancel scope).
 
         Returns:
             A function that removes the callback.
         """
         chan = self.open_channel(None, downbeats=downbeats)
-        scope = trio.CancelScope()
-        nursery.start_soon(self._run_callback, callback, chan, scope)
+        scope = spawn(self._run_callback, callback, chan)
 
         def remove() -> None:
             chan.close()
@@ -99,9 +103,9 @@ class BeatFanout:
         return remove
 
     async def _run_callback(
-        self, callback: BeatCallback, chan: DropOldestChannel[BeatFrame], scope: trio.CancelScope
+        self, callback: BeatCallback, chan: DropOldestChannel[BeatFrame]
     ) -> None:
-        with scope, contextlib.suppress(trio.ClosedResourceError):
+        with contextlib.suppress(trio.ClosedResourceError):
             async for frame in chan:
                 try:
                     result = callback(frame)

@@ -108,7 +108,9 @@ class Member(Protocol):
     """What the judge needs of a client (:class:`~.client.Client`)."""
 
     _transport: Transport
-    _nursery: trio.Nursery | None
+
+    @property
+    def _nursery(self) -> trio.Nursery | None: ...
 
     @property
     def agent_id(self) -> str: ...
@@ -337,7 +339,9 @@ class BeatJudge:
             nursery = member._nursery
             if nursery is None:
                 continue
-            scope = trio.CancelScope()
+            # shielded: cancelling the keeper's block must not stop the metronome of every
+            # member; it ends when the keeper leaves the judge (its ``open_client`` makes sure)
+            scope = trio.CancelScope(shield=True)
             try:
                 nursery.start_soon(self._run_metronome, scope, name=f"metronome:{self.cluster_id}")
             except RuntimeError:  # that nursery is closing: the next member's then

@@ -64,6 +64,7 @@ TRANSPORT_TESTS = (
     "tests/test_client_nats.py",
     "tests/test_client_delivery.py",
     "tests/test_inline_intake.py",
+    "tests/test_judge.py",
     "tests/test_services_e2e.py",
     "tests/test_chaos_faults.py",
     "tests/test_chaos_flood.py",

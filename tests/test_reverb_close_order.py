@@ -20,10 +20,10 @@ import trio.testing
 from backbeat_trio._core.beats import beat_subject, status_subject
 from backbeat_trio._core.hlc import HLC
 from backbeat_trio._core.wire import BeatFrame, StatusClaim, decode, encode
-from backbeat_trio._services.reverb_claims import CLAIM_BATCH, ClaimReader
+from backbeat_trio._services.reverb_claims import CLAIM_BATCH, CLOSE_DRAIN, ClaimReader
 from backbeat_trio._transport.base import Message
 from backbeat_trio.testing import open_fake_cluster
-from backbeat_trio.testing.memory import MemoryTransport
+from backbeat_trio.testing.memory import MemoryBroker, MemoryTransport
 
 AGENTS = ("a", "b", "c")
 WINDOWS = 24
@@ -36,6 +36,18 @@ async def starved_batch(reader: ClaimReader) -> list[Message]:
     while, never waiting for a claim (so a claim never goes straight to a waiting task)."""
     await trio.sleep(STARVED)
     return reader.ready(CLAIM_BATCH)
+
+
+def claim(agent: str, beat: int, hlc: str | None = None) -> StatusClaim:
+    return StatusClaim(
+        agent_id=agent,
+        task_id="t",
+        beat_index=beat,
+        state="executing",
+        progress=0.5,
+        beats_left=1_000_000,
+        hlc=hlc or f"{beat + 1:012x}:0000:0001",
+    )
 
 
 class ClaimsBeforeDownbeats:
@@ -56,16 +68,8 @@ class ClaimsBeforeDownbeats:
             index = decode(payload, BeatFrame).beat_index
             if index % 4 == 0 and index > 0:
                 for agent in AGENTS:
-                    claim = StatusClaim(
-                        agent_id=agent,
-                        task_id="t",
-                        beat_index=index - 1,
-                        state="executing",
-                        progress=0.5,
-                        beats_left=1_000_000,
-                        hlc=str(self._hlc[agent].now()),
-                    )
-                    self._inner.publish(self._claims, encode(claim))
+                    made = claim(agent, index - 1, str(self._hlc[agent].now()))
+                    self._inner.publish(self._claims, encode(made))
         self._inner.publish(subject, payload, **kwargs)
 
 
@@ -93,3 +97,41 @@ async def test_claims_in_before_the_closing_beat_count_in_their_window(
     ]
     assert [i for r in reports for i in r.issues] == []
     assert status.claims_late == 0
+
+
+async def test_claims_taken_before_a_close_never_overtake_one_on_its_way(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The claims task waits on an empty buffer; claims arrive with the closing beat, and the
+    first goes straight to that task (a memory channel hands it over past the buffer). Taking
+    the rest before it runs would record later sequences first and drop that one as seen."""
+    broker = MemoryBroker()
+    subject = status_subject("c")
+    broker.add_stream("S", [subject])
+    transport = broker.connect()
+    reader = ClaimReader(transport, subject, "S")
+    await reader.subscribe()
+    taken: list[int] = []
+
+    async def claims_task() -> None:
+        while True:
+            taken.extend(decode(m.data, StatusClaim).beat_index for m in await reader.next_batch())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claims_task)
+        await trio.testing.wait_all_tasks_blocked()  # waiting on its empty buffer
+        opened = trio.current_time()
+        for beat in (1, 2, 3):
+            transport.publish(subject, encode(claim("a", beat)))
+        # the beat closes the window before the claims task has run
+        assert reader.ready(CLOSE_DRAIN) == []
+        assert reader.blind_during(opened, trio.current_time())  # it is behind
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken == [1, 2, 3]
+        assert not reader.blind_during(opened, trio.current_time())
+        nursery.cancel_scope.cancel()
+    # with no task waiting, what the buffer holds is taken, in order
+    for beat in (4, 5):
+        transport.publish(subject, encode(claim("a", beat)))
+    assert [decode(m.data, StatusClaim).beat_index for m in reader.ready(CLOSE_DRAIN)] == [4, 5]
+    assert reader.last_seq == 5

@@ -96,7 +96,7 @@ class ClaimReader:
         self._catch_up_to: int | None = None
         self._replaced = trio.Event()
         self.dropped = 0
-        self._waiting = False  # for a message, on an empty buffer: not behind
+        self._waiting: Subscription | None = None  # waited on, its buffer empty: not behind
         self._drained_at = trio.current_time()  # the buffer was last found empty
 
     def __repr__(self) -> str:
@@ -175,7 +175,7 @@ class ClaimReader:
             try:
                 first = sub.messages.receive_nowait()
             except trio.WouldBlock:
-                self._drained_at, self._waiting = trio.current_time(), True
+                self._drained_at, self._waiting = trio.current_time(), sub
                 try:
                     first = await sub.messages.receive()
                 except trio.EndOfChannel:
@@ -183,7 +183,7 @@ class ClaimReader:
                     continue
                 finally:
                     # empty all the while it waited
-                    self._drained_at, self._waiting = trio.current_time(), False
+                    self._drained_at, self._waiting = trio.current_time(), None
             except trio.EndOfChannel:
                 await self.replaced(sub)
                 continue
@@ -207,8 +207,8 @@ class ClaimReader:
         reverb's tasks runs first). A buffer found empty counts as drained."""
         sub = self.sub
         batch: list[Message] = []
-        if sub is None:
-            return batch
+        if sub is None or self._handing_off():
+            return batch  # the oldest is on its way to the waiting task: none overtakes it
         while len(batch) < limit:
             try:
                 batch.append(sub.messages.receive_nowait())
@@ -218,6 +218,15 @@ class ClaimReader:
             except trio.EndOfChannel:
                 break
         return [msg for msg in batch if self.take(msg)]
+
+    def _handing_off(self) -> bool:
+        # a message went straight to the task waiting on the current subscription, which has
+        # not run yet (a memory channel hands it over, past the buffer)
+        sub = self._waiting
+        if sub is None or sub is not self.sub:
+            return False
+        stats = getattr(sub.messages, "statistics", None)
+        return stats is not None and stats().tasks_waiting_receive == 0
 
     def take(self, msg: Message) -> bool:
         """Whether ``msg`` is new (not a message an earlier subscription handed out already);
@@ -241,8 +250,9 @@ class ClaimReader:
     def blind_during(self, opened: float, closed: float) -> bool:
         """Whether the reverb could not read (or had read again for less than
         :data:`OUTAGE_GRACE`) at some time between ``opened`` and ``closed`` (now), or has
-        been behind since ``opened`` (its buffer not once empty)."""
-        if not self._waiting and self._drained_at < opened:
+        been behind since ``opened`` (its buffer not once empty), or a claim is on its way to
+        its claims task."""
+        if (self._waiting is None and self._drained_at < opened) or self._handing_off():
             return True
         return self._outage_within(opened, closed, OUTAGE_GRACE)
 

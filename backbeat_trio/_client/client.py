@@ -107,7 +107,8 @@ class Client:
         # connection
         self._connected = transport.connected
         self._reconnect_count = 0
-        self._connection_changed = trio.Event()
+        # made by the first wait: most clients never wait for their connection
+        self._connection_changed: trio.Event | None = None
         self._tasks = ShieldedTasks()
         self._last_emit_yield = -math.inf
         self._closing = False
@@ -298,13 +299,16 @@ class Client:
         """
         await trio.lowlevel.checkpoint()
         while self._connected != connected:
+            if self._connection_changed is None:
+                self._connection_changed = trio.Event()
             await self._connection_changed.wait()
 
     def _set_connected(self, connected: bool) -> None:
         if connected != self._connected:
             self._connected = self._delivery.connected = connected
-            event, self._connection_changed = self._connection_changed, trio.Event()
-            event.set()
+            event, self._connection_changed = self._connection_changed, None
+            if event is not None:
+                event.set()
 
     async def wait_for_beat(self) -> BeatFrame:
         """Wait for the next beat and return its frame.
@@ -550,7 +554,6 @@ async def open_client(
             judge = member.prepared
             assert isinstance(judge, BeatJudge)
             client = Client(config, transport, judge)
-            stack.callback(client._leave_judge)
             await client._detect_mode()
             async with trio.open_nursery() as nursery:
                 client._tasks.nursery = nursery

@@ -31,7 +31,8 @@ class BeatFanout:
         default_buffer: a channel's size when none is asked for.
 
     Attributes:
-        beat_event: set (and replaced) on every beat while a task waits on it, and at close.
+        beat_event: what ``wait`` waits on (made by the first wait); set and dropped on every
+            beat while a task waits on it, and at close.
         closed: True once :meth:`close` ran; new channels are then born closed.
     """
 
@@ -52,7 +53,7 @@ class BeatFanout:
         self._default_buffer = default_buffer
         self._beats: list[DropOldestChannel[BeatFrame]] = []
         self._downbeats: list[DropOldestChannel[BeatFrame]] = []
-        self.beat_event = trio.Event()
+        self.beat_event: trio.Event | None = None
         self._waiting = 0  # tasks in wait_for_beat(): without any, no new Event per beat
         self.closed = False
 
@@ -123,8 +124,9 @@ class BeatFanout:
         if frame.downbeat and self._downbeats:
             self._put(self._downbeats, frame)
         if self._waiting:
-            event, self.beat_event = self.beat_event, trio.Event()
-            event.set()
+            event, self.beat_event = self.beat_event, None
+            if event is not None:
+                event.set()
 
     def _put(self, where: list[DropOldestChannel[BeatFrame]], frame: BeatFrame) -> None:
         gone = False
@@ -140,6 +142,11 @@ class BeatFanout:
 
     async def wait(self) -> None:
         """Until the next :meth:`put` (or :meth:`close`)."""
+        if self.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        if self.beat_event is None:
+            self.beat_event = trio.Event()
         self._waiting += 1
         try:
             await self.beat_event.wait()
@@ -153,4 +160,5 @@ class BeatFanout:
             chan.close_send()
         self._beats.clear()
         self._downbeats.clear()
-        self.beat_event.set()
+        if self.beat_event is not None:
+            self.beat_event.set()

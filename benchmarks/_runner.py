@@ -41,6 +41,7 @@ ALL = (
     "importcost",
     "bridgecost",
     "failover",
+    "reverbrestart",
 )
 
 
@@ -1060,6 +1061,10 @@ async def _run(p: Params, only: tuple[str, ...], write: bool) -> int:
                 from benchmarks.failover import bench_failover
 
                 await bench_failover(p, out, logdir)
+            elif name == "reverbrestart":
+                from benchmarks.reverbrestart import bench_reverbrestart
+
+                await bench_reverbrestart(p, out, logdir)
         except Exception as exc:
             failures.append(f"{name}: {exc!r}")
             traceback.print_exc()

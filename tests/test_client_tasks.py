@@ -7,12 +7,17 @@ every member once.
 
 from __future__ import annotations
 
+import datetime as dt
+
+import msgspec
 import trio
 import trio.testing
 
 import backbeat_trio as bb3
 from backbeat_trio import testing as bbt
 from backbeat_trio._client.judge import BeatJudge
+from backbeat_trio._core.beats import phase_for, window_id
+from backbeat_trio._core.wire import encode
 
 CLAIM = bb3.StatusClaim(task_id="t", state="executing", beats_left=1, progress=0.5)
 
@@ -119,3 +124,75 @@ async def test_cancelling_the_block_leaves_the_claims_their_grace(
         assert trio.current_time() >= 3.0  # the shutdown waited for the bus
         assert bb.undelivered() == []
         assert bb.metrics.claims_confirmed == 1
+
+
+async def test_frames_of_old_beats_during_the_silence_check_do_not_hide_a_silent_pulse(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The pulse stops; a peer replays its last frame, and a replay lands during every silence
+    # check (the server's round trip). Frames for beats already judged are no sign of a live
+    # pulse: the check still finds the quiet, and the client keeps time alone.
+    async with (
+        bbt.open_fake_cluster("tasks-replay", tempo_bpm=120) as cluster,
+        cluster.open_client() as bb,
+    ):
+        await bb.wait_for_beat()
+        await bb.wait_for_beat()
+        cluster.stop_pulse()
+        last = bb.current_frame
+        assert last is not None
+        transport = bb._transport
+        real_flush = transport.flush
+
+        async def flush_with_a_replay_on_the_wire() -> None:
+            cluster.publish_raw(encode(last))
+            await trio.sleep(0.001)  # the replay is judged before the answer
+            await real_flush()
+
+        transport.flush = flush_with_a_replay_on_the_wire  # type: ignore[method-assign]
+        await trio.sleep(3.0)
+        assert bb._judge.checks >= 1
+        assert bb.metrics.duplicate_or_old >= 1  # the replay, refused
+        assert bb._judge.silences == 1
+        assert bb.metrics.degraded_beats >= 4, bb.metrics
+
+
+async def test_a_new_beat_during_the_silence_check_means_a_busy_process(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # the other side of the check: a frame for the next beat lands during it (it waited behind
+    # this process's own work): no beat is made up
+    async with (
+        bbt.open_fake_cluster("tasks-busy", tempo_bpm=120) as cluster,
+        cluster.open_client() as bb,
+    ):
+        await bb.wait_for_beat()
+        await bb.wait_for_beat()
+        cluster.stop_pulse()
+        last = bb.current_frame
+        assert last is not None
+        transport = bb._transport
+        real_flush = transport.flush
+        index = last.beat_index + 1
+        bpb = bb.beats_per_bar
+        late = msgspec.structs.replace(
+            last,
+            beat_index=index,
+            downbeat=index % bpb == 0,
+            phase=phase_for(index, bpb),
+            window_id=window_id(last.cluster_id, index, bpb),
+            # a start a little later than the schedule: on time when it lands at the alarm
+            deadline_at=last.deadline_at + dt.timedelta(seconds=0.5 + 0.06),
+        )
+
+        async def flush_with_the_next_frame_on_the_wire() -> None:
+            cluster.publish_raw(encode(late))
+            await trio.sleep(0.001)
+            await real_flush()
+
+        transport.flush = flush_with_the_next_frame_on_the_wire  # type: ignore[method-assign]
+        await trio.sleep(0.7)  # past the alarm: one beat and the jitter tolerance
+        assert bb._judge.checks == 1
+        assert bb._judge.busy == 1
+        assert bb.metrics.degraded_beats == 0
+        assert bb.current_beat == last.beat_index + 1

@@ -338,3 +338,4 @@ async def test_a_thousand_clients_joining_a_busy_process_keep_time(
     assert set(discarded) == {0}, sorted(set(discarded))
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warned) <= 1, warned
+

@@ -34,7 +34,7 @@ from .._core.beats import beat_subject
 from .._core.hlc import HLC, HLCStamp
 from .._core.intake import DELIVERED, REFUSED, BeatTracker, FrameScreen
 from .._core.metrics import MAX_RECENT_ERRORS, ClientMetrics, ErrorLog
-from .._errors import NotConnected
+from .._errors import BackbeatError, NotConnected
 from .._util.sleep import SPIN_S, precise_clock
 
 if TYPE_CHECKING:
@@ -138,6 +138,8 @@ class BeatJudge:
         judged: the judgement's counters (``beats`` delivered, ``stale``, ``degraded_beats``…).
         errors: the texts of the latest judgements that refused a frame or changed state.
         frames: frames the screen passed on.
+        fresh: those of them for a beat after the last one judged (on time or not): what a
+            silence check counts as the pulse still sending (a replayed old frame is not).
         silences: how many times the pulse was found silent (a degraded episode began).
         checks: how many silence checks (server round trips) the metronome made.
         busy: how many of them found frames arriving: a busy process, not a silent pulse.
@@ -160,6 +162,7 @@ class BeatJudge:
         "errors",
         "first_beat_warning",
         "frames",
+        "fresh",
         "handovers",
         "judged",
         "members",
@@ -189,6 +192,7 @@ class BeatJudge:
         # replaced, never mutated: a delivery iterates the tuple it read while members leave
         self.members: tuple[Member, ...] = ()
         self.frames = 0
+        self.fresh = 0
         # bumped by whatever changes a counter other than a plain next beat's: members bring
         # their view of the counters along when it moved (a plain beat they count themselves)
         self.version = 0
@@ -252,6 +256,8 @@ class BeatJudge:
         tracker = self.tracker
         last, degraded = tracker.last_index, tracker.degraded
         frame = screened.frame
+        if last is None or frame.beat_index > last:
+            self.fresh += 1
         outcome = tracker.accept(
             frame, now, screened.arrived_wall, screened.stamp, screened.start_ts
         )
@@ -425,17 +431,19 @@ class BeatJudge:
 
     async def _silent(self) -> bool:
         """The alarm rang on a healthy pulse: ask the server for a round trip and say whether
-        the quiet is the pulse's (no frame arrived meanwhile) rather than this process's."""
+        the quiet is the pulse's (no frame for a new beat arrived meanwhile) rather than this
+        process's. A frame for a beat already judged (a replay, a duplicate) is no sign of a
+        live pulse: a peer replaying old frames cannot keep the members from keeping time."""
         keeper = self._keeper
-        seen = self.frames
+        seen = self.fresh
         self.checks += 1
         if keeper is not None:
             try:
                 with trio.move_on_after(SILENCE_CHECK_S):
                     await keeper._transport.flush()
-            except NotConnected:
-                pass  # no connection: the pulse cannot reach this process
-        if self.frames != seen:
+            except BackbeatError as exc:  # no connection: the pulse cannot reach us either
+                log.debug("silence check on %s: %r", self.cluster_id, exc)
+        if self.fresh != seen:
             self.busy += 1
             log.debug(
                 "beat alarm rang while frames were still arriving on %s: busy, not silent",

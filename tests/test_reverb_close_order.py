@@ -11,6 +11,7 @@ gets to its buffer only every ``STARVED`` seconds.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -135,3 +136,43 @@ async def test_claims_taken_before_a_close_never_overtake_one_on_its_way(
         transport.publish(subject, encode(claim("a", beat)))
     assert [decode(m.data, StatusClaim).beat_index for m in reader.ready(CLOSE_DRAIN)] == [4, 5]
     assert reader.last_seq == 5
+
+
+async def test_claims_taken_by_both_tasks_are_each_taken_once_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The claims task and the closing of windows (``ready``) take from one buffer, interleaved
+    at random: every claim is taken once, in order, none dropped as seen."""
+    rng = random.Random(19)
+    broker = MemoryBroker()
+    subject = status_subject("c")
+    broker.add_stream("S", [subject])
+    transport = broker.connect()
+    reader = ClaimReader(transport, subject, "S")
+    await reader.subscribe()
+    taken: list[int] = []
+
+    def beats(msgs: list[Message]) -> list[int]:
+        return [decode(m.data, StatusClaim).beat_index for m in msgs]
+
+    async def claims_task() -> None:
+        while True:
+            taken.extend(beats(await reader.next_batch()))
+
+    async def closer() -> None:
+        while True:
+            await trio.sleep(rng.choice((0.0, 0.001)))
+            taken.extend(beats(reader.ready(CLOSE_DRAIN)))
+
+    published = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claims_task)
+        nursery.start_soon(closer)
+        for _ in range(500):
+            for _ in range(rng.randint(1, 3 * CLAIM_BATCH)):
+                transport.publish(subject, encode(claim("a", published)))
+                published += 1
+            await trio.sleep(rng.choice((0.0, 0.001, 0.002)))
+        await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert taken == list(range(published))

@@ -167,9 +167,12 @@ class ClaimReader:
 
     async def next_batch(self) -> list[Message]:
         """The next messages to take, at most :data:`CLAIM_BATCH`, without any handed out
-        before; waits for one when none is ready, else yields once first (so a burst is taken
-        in batches, the beat between them), and moves on to a subscription's successor."""
+        before; yields once first (so a burst is taken in batches, the beat between them),
+        waits for one when none is ready, and moves on to a subscription's successor."""
         while True:
+            # yield before taking: a message held across a checkpoint could be overtaken by
+            # ready(), which would record later sequences and make this one look seen
+            await trio.lowlevel.checkpoint()
             sub = self.sub
             assert sub is not None
             try:
@@ -187,8 +190,6 @@ class ClaimReader:
             except trio.EndOfChannel:
                 await self.replaced(sub)
                 continue
-            else:
-                await trio.lowlevel.checkpoint()
             batch = [first]
             while len(batch) < CLAIM_BATCH:
                 try:

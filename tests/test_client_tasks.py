@@ -1,6 +1,7 @@
 """What a client runs, on virtual time (MockClock and the in-memory bus): its tasks live in
-``open_client``'s nursery behind shields of their own (``_client/tasks.py``); a core-mode client
-starts its confirmer with its first claim; the clients of one connection share one judge and
+``open_client``'s nursery behind shields of their own (``_client/tasks.py``); connection events
+are handed to it as they happen (no task waits for them); a core-mode client starts its
+confirmer with its first claim; the clients of one connection share one judge and
 one metronome, which passes to another member when its keeper leaves, and made-up beats reach
 every member once.
 """
@@ -43,12 +44,12 @@ async def test_a_client_that_never_claims_runs_no_confirmer(
         cluster.open_client() as bb,
     ):
         await bb.wait_for_beat()
-        assert len(bb._tasks) == 1  # the reconnect-supervisor only
+        assert len(bb._tasks) == 0  # connection events are handed over; no task waits for them
         await bb.emit_status(CLAIM)
         await bb.flush_claims()
-        assert len(bb._tasks) == 2  # the confirmer came with the first claim
+        assert len(bb._tasks) == 1  # the confirmer came with the first claim
         assert bb.metrics.claims_confirmed == 1
-    assert len(bb._tasks) == 0  # closing the client ended both
+    assert len(bb._tasks) == 0  # closing the client ended it
 
 
 async def test_clients_of_one_connection_share_one_judge_and_one_metronome(

@@ -247,9 +247,9 @@ class NatsTransport(EventFeed):
                 # when the grace runs out mid-close, trio-asyncio surfaces asyncio's own
                 # CancelledError (not an Exception subclass): it must not escape aclose
                 log.debug("closing the NATS connection ran out of time; dropped")
-        self._event_send.close()
+        self._end_events()
         for view in self._views:
-            view._event_send.close()
+            view._end_events()
         self._views.clear()
 
     async def _close_nats(self) -> None:

@@ -111,5 +111,5 @@ class NatsTransportView(EventFeed):
         self._detached = True
         with contextlib.suppress(ValueError):
             self.transport._views.remove(self)
-        self._event_send.close()
+        self._end_events()
         await trio.lowlevel.checkpoint()

@@ -1,12 +1,16 @@
 """The trio client: ``async with open_client(cfg) as bb:``.
 
-One nursery owns the subscriber (beat frames in), the reconnect-supervisor (connection events,
-claim re-publishing), the ack-listener (JetStream PubAcks) or the confirmer (core-mode PING/PONG)
-and the tempo-sampler (the local metronome that notices a silent pulse and keeps time alone).
-Users get frames through bounded drop-oldest channels, Go-style callbacks, and beat budgets that
-are plain trio cancel scopes. What to make of each frame and each claim is decided by the sans-IO
-cores (:class:`~backbeat_trio._core.intake.BeatTracker`,
-:class:`~backbeat_trio._core.outbox.Outbox`); this module owns the tasks, timers and channels.
+``open_client``'s nursery owns the client's parts. The subscriber: a membership of the
+connection's :class:`~._client.judge.BeatJudge`, which judges each frame once as it is parsed and
+hands the beat to every member; its tempo-sampler (the metronome that notices a silent pulse and
+keeps time alone) is one task, in the nursery of the member that keeps it. The reconnect-
+supervisor: the transport hands it each connection event as it happens (claims re-published
+after a reconnect), so no task waits for them. The ack-listener (JetStream PubAcks) or the
+confirmer (core-mode PING/PONG, started with the first claim): a task each, behind its own
+shield (:class:`~._client.tasks.ShieldedTasks`). Users get frames through bounded drop-oldest
+channels, Go-style callbacks, and beat budgets that are plain trio cancel scopes. What to make
+of each frame and each claim is decided by the sans-IO cores
+(:class:`~backbeat_trio._core.intake.BeatTracker`, :class:`~backbeat_trio._core.outbox.Outbox`).
 """
 
 from __future__ import annotations
@@ -146,6 +150,10 @@ class Client:
     def _judge_failed(self, exc: BaseException) -> None:
         """Handing this client a beat raised (a bug): end the client with it."""
         self._counts.left = True  # it never got that beat: its counters stop before it
+        self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """End the running client with ``exc`` (raised in its nursery)."""
         nursery = self._nursery
         if nursery is not None:
 
@@ -435,18 +443,19 @@ class Client:
         suspected id collisions), oldest first."""
         return self._outbox.undelivered()
 
-    async def _run_supervisor(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Watches connection events; re-publishes claims after a reconnect."""
-        task_status.started()
-        del task_status  # it holds trio's start-up nursery: let it go for the task's life
-        async for event in self._transport.events:
+    def _on_event_or_end(self, event: ConnEvent | None) -> None:
+        """The transport hands each connection event here as it happens (no task waits)."""
+        if event is not None:
             self._on_event(event)
-        # The events ended under a running client: its transport was closed (or, shared, its
-        # view detached). Deaf to disconnects it could not keep its delivery promises: stop.
-        raise NotConnected(
-            "the transport's connection events ended while the client was running (the "
-            "transport was closed, or its view detached, before the client)"
-        )
+        elif not self._closing and self._tasks.nursery is not None:
+            # The events ended under a running client: its transport was closed (or, shared,
+            # its view detached). Deaf to disconnects it could not keep its delivery promises.
+            self._fail(
+                NotConnected(
+                    "the transport's connection events ended while the client was running (the "
+                    "transport was closed, or its view detached, before the client)"
+                )
+            )
 
     async def _detect_mode(self) -> None:
         await self._delivery.detect_mode(self.config.jetstream, self.config.cluster_id)
@@ -483,7 +492,7 @@ class Client:
     # ------------------------------------------------------------------ tasks
     async def _start_tasks(self) -> None:
         """Start the client's tasks in ``open_client``'s nursery and join the beat."""
-        await self._tasks.start(self._run_supervisor)
+        self._transport.listen(self._on_event_or_end)
         if self._outbox.mode == "jetstream":
             await self._tasks.start(self._delivery.run_ack_listener)
         else:  # the confirmer starts with the first claim: most agents of a big host send few

@@ -52,9 +52,13 @@ class ShieldedTasks:
         task_status: trio.TaskStatus[None],
     ) -> None:
         self._scopes.add(scope)
+        # handed on without a reference left here: ``task_status`` holds trio's start-up
+        # nursery, which this frame would otherwise keep for the task's whole life
+        status = [task_status]
+        del task_status
         try:
             with scope:
-                await fn(task_status=task_status)
+                await fn(task_status=status.pop())
         finally:
             self._scopes.discard(scope)
 

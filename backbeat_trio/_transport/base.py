@@ -7,6 +7,7 @@ Pure trio: nothing here imports asyncio or nats-py. The NATS implementation live
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 
 T = TypeVar("T")
+
+log = logging.getLogger("backbeat_trio.transport")
 
 EventKind = Literal[
     "connected", "disconnected", "reconnected", "closed", "error", "slow_consumer", "lame_duck"
@@ -82,25 +85,86 @@ class _Feed(Generic[T]):
             self.dropped += 1
 
 
+#: what :meth:`EventFeed.listen` hands each connection event to (None: the events ended)
+EventListener = Callable[[ConnEvent | None], None]
+
+
 class EventFeed:
-    """A transport's connection events for one reader (the ``events`` of :class:`Transport`).
+    """A transport's connection events for one reader (the ``events`` of :class:`Transport`):
+    on the ``events`` channel, or handed to a listener as they happen (:meth:`listen`).
 
     Attributes:
         events_dropped: events a full ``events`` channel could not take.
     """
 
     def __init__(self, event_buffer: int = 1024) -> None:
-        self._event_send, self._events = trio.open_memory_channel[ConnEvent](event_buffer)
+        self._event_buffer = event_buffer
+        # made by the first reader or the first event: a listener needs no channel
+        self._event_channel: (
+            tuple[trio.MemorySendChannel[ConnEvent], trio.MemoryReceiveChannel[ConnEvent]] | None
+        ) = None
+        self._listener: EventListener | None = None
+        self._events_ended = False
         self.events_dropped = 0
+
+    def _channel(
+        self,
+    ) -> tuple[trio.MemorySendChannel[ConnEvent], trio.MemoryReceiveChannel[ConnEvent]]:
+        if self._event_channel is None:
+            self._event_channel = trio.open_memory_channel[ConnEvent](self._event_buffer)
+            if self._events_ended:
+                self._event_channel[0].close()
+        return self._event_channel
 
     @property
     def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
-        """Connection events; one consumer (the client's reconnect-supervisor) reads them."""
-        return self._events
+        """Connection events; one consumer (e.g. the HA pulse's supervisor) reads them."""
+        return self._channel()[1]
+
+    def listen(self, listener: EventListener) -> None:
+        """Hand every connection event from now on to ``listener`` as it happens, instead of
+        the ``events`` channel (no task waits for them), and None once the events end (the
+        transport closed, or this view of it); events already waiting on the channel are
+        handed over first. ``listener`` must not block and should not raise: what it raises is
+        logged and dropped.
+        """
+        self._listener = listener
+        channel = self._event_channel
+        if channel is not None:  # what came before, in order
+            self._event_channel = None
+            send, receive = channel
+            send.close()
+            while True:
+                try:
+                    self._tell(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+        if self._events_ended:
+            self._tell(None)
+
+    def _tell(self, event: ConnEvent | None) -> None:
+        listener = self._listener
+        assert listener is not None
+        try:
+            listener(event)
+        except Exception:  # the listener's bug must not break the connection's own callbacks
+            log.exception("a connection-event listener raised on %r", event)
 
     def _push(self, event: ConnEvent) -> None:
-        if _offer(self._event_send, event) is False:
+        if self._listener is not None:
+            self._tell(event)
+        elif _offer(self._channel()[0], event) is False:
             self.events_dropped += 1
+
+    def _end_events(self) -> None:
+        """No more events: the channel ends, or the listener hears None (once)."""
+        if self._events_ended:
+            return
+        self._events_ended = True
+        if self._event_channel is not None:
+            self._event_channel[0].close()
+        if self._listener is not None:
+            self._tell(None)
 
 
 class Subscription(_Feed[Message]):
@@ -187,6 +251,10 @@ class Transport(Protocol):
     ) -> Subscription: ...
 
     async def request(self, subject: str, payload: bytes) -> bytes: ...
+
+    def listen(self, listener: EventListener) -> None:
+        """Hand connection events to ``listener`` as they happen (:meth:`EventFeed.listen`)."""
+        ...
 
     async def subscribe_shared(
         self,

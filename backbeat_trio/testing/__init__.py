@@ -41,7 +41,7 @@ from .._core.signing import Keyring
 from .._core.wire import BarReport, StatusClaim, TempoChange, decode, encode
 from .._services.pulse import PulseConfig, PulseStatus, run_pulse
 from .._services.reverb import ReverbConfig, ReverbStatus, run_reverb
-from .._transport.base import ConnEvent, Message, Subscription
+from .._transport.base import ConnEvent, EventListener, Message, Subscription
 from .._transport.jetstream import JetStream
 from .._transport.shared import Prepare, SharedSubscription, SharedSubscriptions
 from ..testing.memory import MemoryBroker, MemoryTransport
@@ -97,6 +97,9 @@ class _OwnConnection:
     @property
     def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
         return self._inner.events
+
+    def listen(self, listener: EventListener) -> None:
+        self._inner.listen(listener)
 
     def publish(
         self,

@@ -335,7 +335,7 @@ class MemoryTransport(EventFeed):
     async def aclose(self) -> None:
         """Detach from the broker (also when called in a cancelled scope)."""
         self._closed = True
-        self._event_send.close()
+        self._end_events()
         self._shared.close()
         for sub in self._subs:
             sub._send.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 
 import msgspec
+import pytest
 import trio
 import trio.testing
 
@@ -197,3 +198,40 @@ async def test_a_new_beat_during_the_silence_check_means_a_busy_process(
         assert bb._judge.busy == 1
         assert bb.metrics.degraded_beats == 0
         assert bb.current_beat == last.beat_index + 1
+
+
+async def test_an_event_feed_hands_events_to_its_listener_in_order() -> None:
+    from backbeat_trio._transport.base import ConnEvent, EventFeed
+
+    feed = EventFeed()
+    feed._push(ConnEvent("disconnected"))  # before anyone listens: kept on the channel
+    heard: list[ConnEvent | None] = []
+    feed.listen(heard.append)
+    feed._push(ConnEvent("reconnected", "x"))
+    feed._end_events()
+    feed._end_events()  # once only
+    assert heard == [ConnEvent("disconnected"), ConnEvent("reconnected", "x"), None]
+
+    def broken(event: ConnEvent | None) -> None:
+        raise RuntimeError("listener bug")
+
+    other = EventFeed()
+    other.listen(broken)
+    other._push(ConnEvent("disconnected"))  # logged and dropped, never raised into the caller
+    await trio.lowlevel.checkpoint()
+
+
+async def test_a_client_whose_transport_closes_under_it_ends_with_not_connected(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with bbt.open_fake_cluster("tasks-closed", tempo_bpm=120) as cluster:
+        conn = cluster.connect()
+
+        async def run() -> None:
+            async with cluster.open_client(connection=conn) as bb:
+                await bb.wait_for_beat()
+                await conn.aclose()  # closed before the client: its events end
+                await trio.sleep(10)
+
+        with pytest.raises(bb3.NotConnected, match="events ended"):
+            await run()

@@ -43,9 +43,10 @@ class ClaimDelivery:
         self.connected = transport.connected
         self._transport = transport
         self._status_subject = status_subject
-        self._changed = trio.Event()
+        # made when a task first waits on them: most clients of a big host never do
+        self._changed: trio.Event | None = None
         self._waiters = 0  # tasks in flush(), waiting for _changed
-        self._confirm_wake = trio.Event()
+        self._confirm_wake: trio.Event | None = None
         self._confirm_scope: trio.CancelScope | None = None
         # JetStream mode: claims of a burst waiting for their batch (all in outbox.pending)
         self._held: list[Outgoing] = []
@@ -114,13 +115,18 @@ class ClaimDelivery:
             self.outbox.keep(out)
             return
         if self.outbox.published(out, trio.current_time()):
-            self._confirm_wake.set()
+            self._wake_confirmer()
             spawn = self.spawn
             if spawn is not None:  # the first claim to confirm: start the confirmer
                 self.spawn = None
                 spawn(self._confirm)
             if self._waiters:  # checked here too: no call per claim when nobody waits
                 self._notify()
+
+    def _wake_confirmer(self) -> None:
+        wake = self._confirm_wake
+        if wake is not None:
+            wake.set()
 
     def _notify(self) -> None:
         # Swap, then set: every waiter (flush may be awaited by several tasks) wakes and
@@ -129,13 +135,16 @@ class ClaimDelivery:
         # A waiter only leaves once nothing is undelivered: waking it for every PubAck of a
         # burst would cost a task switch per claim for nothing.
         if self._waiters and not self.outbox.busy:
-            event, self._changed = self._changed, trio.Event()
-            event.set()
+            event, self._changed = self._changed, None
+            if event is not None:
+                event.set()
 
     async def flush(self) -> None:
         """Wait until every claim so far is delivered (see ``Client.flush_claims``)."""
         self._release_held()  # the caller waits for them: no reason to wait for their batch
         while self.outbox.busy:
+            if self._changed is None:  # made by the first waiter, shared by the others
+                self._changed = trio.Event()
             self._waiters += 1
             try:
                 await self._changed.wait()
@@ -159,7 +168,7 @@ class ClaimDelivery:
     # ------------------------------------------------------------------ connection events
     def on_connected(self) -> None:
         """The connection is up: confirm what was written meanwhile."""
-        self._confirm_wake.set()
+        self._wake_confirmer()
 
     def on_disconnected(self) -> None:
         """The connection dropped: a confirmation under way is void; unconfirmed claims are
@@ -174,7 +183,7 @@ class ClaimDelivery:
         """The connection is back: re-publish the outbox in order."""
         for out in self.outbox.reconnected():
             self.send(out)
-        self._confirm_wake.set()
+        self._wake_confirmer()
 
     # ------------------------------------------------------------------ tasks
     async def run_confirmer(self, *, task_status: trio.TaskStatus[None]) -> None:

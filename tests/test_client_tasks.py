@@ -8,7 +8,9 @@ every member once.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 import pytest
@@ -128,14 +130,14 @@ async def test_cancelling_the_block_leaves_the_claims_their_grace(
         assert bb.metrics.claims_confirmed == 1
 
 
-async def test_frames_of_old_beats_during_the_silence_check_do_not_hide_a_silent_pulse(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    # The pulse stops; a peer replays its last frame, and a replay lands during every silence
-    # check (the server's round trip). Frames for beats already judged are no sign of a live
-    # pulse: the check still finds the quiet, and the client keeps time alone.
+@contextlib.asynccontextmanager
+async def silent_pulse_with(
+    name: str, on_the_wire: Callable[[bb3.BeatFrame, bb3.Client], bb3.BeatFrame]
+) -> AsyncIterator[bb3.Client]:
+    """A client whose pulse stopped after two beats, and whose silence checks (the server's
+    round trip) each find ``on_the_wire(last frame, client)`` arriving before the answer."""
     async with (
-        bbt.open_fake_cluster("tasks-replay", tempo_bpm=120) as cluster,
+        bbt.open_fake_cluster(name, tempo_bpm=120) as cluster,
         cluster.open_client() as bb,
     ):
         await bb.wait_for_beat()
@@ -143,15 +145,40 @@ async def test_frames_of_old_beats_during_the_silence_check_do_not_hide_a_silent
         cluster.stop_pulse()
         last = bb.current_frame
         assert last is not None
+        frame = on_the_wire(last, bb)
         transport = bb._transport
         real_flush = transport.flush
 
-        async def flush_with_a_replay_on_the_wire() -> None:
-            cluster.publish_raw(encode(last))
-            await trio.sleep(0.001)  # the replay is judged before the answer
+        async def flush_with_a_frame_on_the_wire() -> None:
+            cluster.publish_raw(encode(frame))
+            await trio.sleep(0.001)  # the frame is judged before the answer
             await real_flush()
 
-        transport.flush = flush_with_a_replay_on_the_wire  # type: ignore[method-assign]
+        transport.flush = flush_with_a_frame_on_the_wire  # type: ignore[method-assign]
+        yield bb
+
+
+def the_next_beat(last: bb3.BeatFrame, bb: bb3.Client) -> bb3.BeatFrame:
+    """The pulse's frame for the beat after ``last``, a little late (on time at the alarm)."""
+    index = last.beat_index + 1
+    bpb = bb.beats_per_bar
+    return msgspec.structs.replace(
+        last,
+        beat_index=index,
+        downbeat=index % bpb == 0,
+        phase=phase_for(index, bpb),
+        window_id=window_id(last.cluster_id, index, bpb),
+        deadline_at=last.deadline_at + dt.timedelta(seconds=0.5 + 0.06),
+    )
+
+
+async def test_frames_of_old_beats_during_the_silence_check_do_not_hide_a_silent_pulse(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The pulse stops; a peer replays its last frame, and a replay lands during every silence
+    # check. Frames for beats already judged are no sign of a live pulse: the check still
+    # finds the quiet, and the client keeps time alone.
+    async with silent_pulse_with("tasks-replay", lambda last, _: last) as bb:
         await trio.sleep(3.0)
         assert bb._judge.checks >= 1
         assert bb.metrics.duplicate_or_old >= 1  # the replay, refused
@@ -164,40 +191,14 @@ async def test_a_new_beat_during_the_silence_check_means_a_busy_process(
 ) -> None:
     # the other side of the check: a frame for the next beat lands during it (it waited behind
     # this process's own work): no beat is made up
-    async with (
-        bbt.open_fake_cluster("tasks-busy", tempo_bpm=120) as cluster,
-        cluster.open_client() as bb,
-    ):
-        await bb.wait_for_beat()
-        await bb.wait_for_beat()
-        cluster.stop_pulse()
-        last = bb.current_frame
+    async with silent_pulse_with("tasks-busy", the_next_beat) as bb:
+        last = bb.current_beat
         assert last is not None
-        transport = bb._transport
-        real_flush = transport.flush
-        index = last.beat_index + 1
-        bpb = bb.beats_per_bar
-        late = msgspec.structs.replace(
-            last,
-            beat_index=index,
-            downbeat=index % bpb == 0,
-            phase=phase_for(index, bpb),
-            window_id=window_id(last.cluster_id, index, bpb),
-            # a start a little later than the schedule: on time when it lands at the alarm
-            deadline_at=last.deadline_at + dt.timedelta(seconds=0.5 + 0.06),
-        )
-
-        async def flush_with_the_next_frame_on_the_wire() -> None:
-            cluster.publish_raw(encode(late))
-            await trio.sleep(0.001)
-            await real_flush()
-
-        transport.flush = flush_with_the_next_frame_on_the_wire  # type: ignore[method-assign]
         await trio.sleep(0.7)  # past the alarm: one beat and the jitter tolerance
         assert bb._judge.checks == 1
         assert bb._judge.busy == 1
         assert bb.metrics.degraded_beats == 0
-        assert bb.current_beat == last.beat_index + 1
+        assert bb.current_beat == last + 1
 
 
 async def test_an_event_feed_hands_events_to_its_listener_in_order() -> None:

@@ -208,6 +208,22 @@ trio.run(main)
 """
 
 
+@contextlib.asynccontextmanager
+async def pulse_process(url: str, cluster: str) -> AsyncIterator[None]:
+    """A pulse in a process of its own (it keeps beating while this one stalls), under an
+    asyncio loop for the clients; stopped when the block ends."""
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        nursery.start_soon(
+            functools.partial(
+                trio.run_process,
+                [sys.executable, "-c", PULSE_PROCESS, url, cluster, str(FAST)],
+                check=False,
+            )
+        )
+        yield
+        nursery.cancel_scope.cancel()
+
+
 def each_got(clients: list[bb3.Client], beats: list[int]) -> bool:
     """Whether each client counted at least its number of ``beats``."""
     return all(c.metrics.beats >= b for c, b in zip(clients, beats, strict=True))
@@ -222,67 +238,52 @@ async def test_a_stall_of_this_process_is_not_a_silent_pulse(nats_url: str) -> N
     n = 30
     cluster = "watch-stall"
     with trio.fail_after(30):
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            # the pulse in a process of its own: it keeps beating while this one stalls
-            nursery.start_soon(
-                functools.partial(
-                    trio.run_process,
-                    [sys.executable, "-c", PULSE_PROCESS, nats_url, cluster, str(FAST)],
-                    check=False,
+        async with (
+            pulse_process(nats_url, cluster),
+            bb3.open_nats_transport(agent_config(nats_url, cluster, -1)) as conn,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            clients = [
+                await stack.enter_async_context(
+                    bb3.open_client(agent_config(nats_url, cluster, i), transport=conn)
                 )
-            )
-            async with (
-                bb3.open_nats_transport(agent_config(nats_url, cluster, -1)) as conn,
-                contextlib.AsyncExitStack() as stack,
-            ):
-                clients = [
-                    await stack.enter_async_context(
-                        bb3.open_client(agent_config(nats_url, cluster, i), transport=conn)
-                    )
-                    for i in range(n)
-                ]
-                await until(lambda: all(c.metrics.beats >= 5 for c in clients))
-                watch = the_judge(conn)
-                for _ in range(3):
-                    beats = [c.metrics.beats for c in clients]
-                    await until(lambda: watch.watching)
-                    # this whole process stops for four beats (a long garbage collection, a
-                    # task that blocks): the frames wait on the socket, every alarm passes
-                    stall(0.4)
-                    await until(functools.partial(each_got, clients, [b + 3 for b in beats]))
-                assert all(c.metrics.degraded_beats == 0 for c in clients), [
-                    c.metrics.degraded_beats for c in clients
-                ]
-                assert watch.silences == 0
-                # the frames that waited were judged as any late frame is, not synthesised over
-                assert all(c.metrics.stale + c.metrics.beats_skipped >= 3 for c in clients)
-            nursery.cancel_scope.cancel()
+                for i in range(n)
+            ]
+            await until(lambda: all(c.metrics.beats >= 5 for c in clients))
+            watch = the_judge(conn)
+            for _ in range(3):
+                beats = [c.metrics.beats for c in clients]
+                await until(lambda: watch.watching)
+                # this whole process stops for four beats (a long garbage collection, a
+                # task that blocks): the frames wait on the socket, every alarm passes
+                stall(0.4)
+                await until(functools.partial(each_got, clients, [b + 3 for b in beats]))
+            assert all(c.metrics.degraded_beats == 0 for c in clients), [
+                c.metrics.degraded_beats for c in clients
+            ]
+            assert watch.silences == 0
+            # the frames that waited were judged as any late frame is, not synthesised over
+            assert all(c.metrics.stale + c.metrics.beats_skipped >= 3 for c in clients)
 
 
 async def test_a_stalled_lone_client_does_not_make_up_beats(nats_url: str) -> None:
     # a client on its own connection: its judge is its own, and the same check holds
     cluster = "judge-stall-lone"
     with trio.fail_after(30):
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            nursery.start_soon(
-                functools.partial(
-                    trio.run_process,
-                    [sys.executable, "-c", PULSE_PROCESS, nats_url, cluster, str(FAST)],
-                    check=False,
-                )
-            )
-            async with bb3.open_client(agent_config(nats_url, cluster, 0)) as bb:
-                await until(lambda: bb.metrics.beats >= 5)
-                judge = bb._judge
-                for _ in range(3):
-                    beats = bb.metrics.beats
-                    stall(0.4)  # four beats and more: every alarm passes
-                    await until(lambda: bb.metrics.beats >= beats + 3)  # noqa: B023
-                assert bb.metrics.degraded_beats == 0, bb.metrics
-                assert judge.silences == 0
-                assert judge.busy >= 1  # the alarm rang, and the check found frames arriving
-                assert bb.metrics.duplicate_or_old == 0
-            nursery.cancel_scope.cancel()
+        async with (
+            pulse_process(nats_url, cluster),
+            bb3.open_client(agent_config(nats_url, cluster, 0)) as bb,
+        ):
+            await until(lambda: bb.metrics.beats >= 5)
+            judge = bb._judge
+            for _ in range(3):
+                beats = bb.metrics.beats
+                stall(0.4)  # four beats and more: every alarm passes
+                await until(lambda: bb.metrics.beats >= beats + 3)  # noqa: B023
+            assert bb.metrics.degraded_beats == 0, bb.metrics
+            assert judge.silences == 0
+            assert judge.busy >= 1  # the alarm rang, and the check found frames arriving
+            assert bb.metrics.duplicate_or_old == 0
 
 
 JOINING = 1000
@@ -298,44 +299,35 @@ async def test_a_thousand_clients_joining_a_busy_process_keep_time(
     caplog.set_level(logging.WARNING, logger="backbeat_trio")
     cluster = "judge-join-storm"
     with trio.fail_after(120):
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            nursery.start_soon(
-                functools.partial(
-                    trio.run_process,
-                    [sys.executable, "-c", PULSE_PROCESS, nats_url, cluster, str(FAST)],
-                    check=False,
-                )
-            )
-            # the pulse is beating before the storm begins
-            async with (
-                bb3.open_nats_transport(agent_config(nats_url, cluster, -1)) as conn,
-                bb3.open_client(agent_config(nats_url, cluster, -2), transport=conn) as first,
-            ):
-                await until(lambda: first.metrics.beats >= 3)
-                clients: list[bb3.Client] = []
-                stop = trio.Event()
+        # the pulse is beating before the storm begins
+        async with (
+            pulse_process(nats_url, cluster),
+            bb3.open_nats_transport(agent_config(nats_url, cluster, -1)) as conn,
+            bb3.open_client(agent_config(nats_url, cluster, -2), transport=conn) as first,
+        ):
+            await until(lambda: first.metrics.beats >= 3)
+            clients: list[bb3.Client] = []
+            stop = trio.Event()
 
-                async def agent(i: int) -> None:
-                    cfg = agent_config(nats_url, cluster, i)
-                    async with bb3.open_client(cfg, transport=conn) as bb:
-                        clients.append(bb)
-                        await stop.wait()
+            async def agent(i: int) -> None:
+                cfg = agent_config(nats_url, cluster, i)
+                async with bb3.open_client(cfg, transport=conn) as bb:
+                    clients.append(bb)
+                    await stop.wait()
 
-                async with trio.open_nursery() as agents:
-                    for i in range(JOINING):
-                        agents.start_soon(agent, i)
-                    await until(lambda: len(clients) == JOINING)
-                    beats = first.metrics.beats
-                    await until(lambda: first.metrics.beats >= beats + 5)
-                    judge = the_judge(conn)
-                    everyone = [first, *clients]
-                    local = [c.metrics.degraded_beats for c in everyone]
-                    discarded = [c.metrics.duplicate_or_old for c in everyone]
-                    stop.set()
-            nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as agents:
+                for i in range(JOINING):
+                    agents.start_soon(agent, i)
+                await until(lambda: len(clients) == JOINING)
+                beats = first.metrics.beats
+                await until(lambda: first.metrics.beats >= beats + 5)
+                judge = the_judge(conn)
+                everyone = [first, *clients]
+                local = [c.metrics.degraded_beats for c in everyone]
+                discarded = [c.metrics.duplicate_or_old for c in everyone]
+                stop.set()
     assert judge.silences == 0, judge
     assert set(local) == {0}, sorted(set(local))
     assert set(discarded) == {0}, sorted(set(discarded))
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warned) <= 1, warned
-

@@ -95,6 +95,24 @@ def fast_path_enabled() -> bool:
 
 
 # --- publish -------------------------------------------------------------------------------------
+#: subjects and header names nats-py's checks passed already (a process publishes to a few
+#: subjects with a few header names, again and again); bounded, and only ever added to
+_CHECKED_SUBJECTS: set[str] = set()
+_CHECKED_KEYS: set[str] = set()
+_CHECKED_MAX = 1024
+
+
+def _checked(seen: set[str], text: str, check: Any) -> bool:
+    """Whether ``check(text)`` passes (raises or returns None when it does not), remembered."""
+    if text in seen:
+        return True
+    if check(text) is None:
+        return False
+    if len(seen) < _CHECKED_MAX:
+        seen.add(text)
+    return True
+
+
 def wire_bytes(
     nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
 ) -> bytes | None:
@@ -109,10 +127,12 @@ def wire_bytes(
             return None
         if type(payload) is not bytes or len(payload) > nc._max_payload:
             return None
-        if not nc._skip_subject_validation:
-            nats.aio.client._validate_subject(subject)
-            if reply:
-                nats.aio.client._validate_subject(reply)
+        if not nc._skip_subject_validation and subject not in _CHECKED_SUBJECTS:
+            nats.aio.client._validate_subject(subject)  # raises when nats-py refuses it
+            if len(_CHECKED_SUBJECTS) < _CHECKED_MAX:
+                _CHECKED_SUBJECTS.add(subject)
+        if reply and not nc._skip_subject_validation:
+            nats.aio.client._validate_subject(reply)
         n = len(payload)
         if headers is None:
             return f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
@@ -122,7 +142,7 @@ def wire_bytes(
             if (
                 type(k) is not str
                 or type(v) is not str
-                or header_key(k) is None
+                or not _checked(_CHECKED_KEYS, k, header_key)
                 or "\r" in v
                 or "\n" in v
                 or (v and (v[0].isspace() or v[-1].isspace()))

@@ -114,6 +114,7 @@ class Client:
         # made by the first wait: most clients never wait for their connection
         self._connection_changed: trio.Event | None = None
         self._tasks = ShieldedTasks()
+        self._unlisten: Callable[[], None] = lambda: None  # stops its connection-event listener
         self._last_emit_yield = -math.inf
         self._closing = False
 
@@ -149,7 +150,7 @@ class Client:
 
     def _judge_failed(self, exc: BaseException) -> None:
         """Handing this client a beat raised (a bug): end the client with it."""
-        self._counts.left = True  # it never got that beat: its counters stop before it
+        self._counts.left = True  # its counters stop here
         self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
@@ -492,7 +493,7 @@ class Client:
     # ------------------------------------------------------------------ tasks
     async def _start_tasks(self) -> None:
         """Start the client's tasks in ``open_client``'s nursery and join the beat."""
-        self._transport.listen(self._on_event_or_end)
+        self._unlisten = self._transport.listen(self._on_event_or_end)
         if self._outbox.mode == "jetstream":
             await self._tasks.start(self._delivery.run_ack_listener)
         else:  # the confirmer starts with the first claim: most agents of a big host send few
@@ -579,6 +580,7 @@ async def open_client(
                 finally:
                     client._leave_judge()  # (its metronome may run in this nursery)
                     client._tasks.stop()
+                    client._unlisten()
                     left = client.undelivered()
                     if left:
                         log.error("%d claim(s) undelivered when the client closed", len(left))

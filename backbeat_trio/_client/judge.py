@@ -150,6 +150,7 @@ class BeatJudge:
     """
 
     __slots__ = (
+        "_confirming",
         "_keeper",
         "_metronome",
         "_sleep",
@@ -186,7 +187,8 @@ class BeatJudge:
             beats_per_bar=config.beats_per_bar,
             jitter_tolerance=config.jitter_tolerance,
             max_frame_bytes=config.max_frame_bytes,
-            hlc=HLC(config.agent_id),
+            # made-up frames are stamped by the judge's own node, not by one of its members
+            hlc=HLC(f"backbeat-local:{config.cluster_id}"),
             errors=self.errors,
         )
         # replaced, never mutated: a delivery iterates the tuple it read while members leave
@@ -204,6 +206,7 @@ class BeatJudge:
         self.no_beat_warned = False
         self.started = trio.current_time()
         self._keeper: Member | None = None
+        self._confirming: trio.Event | None = None  # the first member's confirming flush
         self._metronome: trio.CancelScope | None = None
         self._sleep: trio.CancelScope | None = None  # the metronome's sleep, moved by frames
         self._wake = trio.Event()  # set when the first frame arrives
@@ -246,7 +249,16 @@ class BeatJudge:
     def __call__(self, data: bytes) -> None:
         """Judge one payload on the beat subject (the shared subscription's ``prepare``) and
         hand what follows from it to every member. Returns None: nothing goes to members'
-        channels."""
+        channels. A failure of the judgement itself (a bug, a wall clock that raises) ends
+        every member with it: none of them could keep time any more."""
+        try:
+            self._judge(data)
+        except Exception as exc:
+            log.exception("judging a beat frame on %s failed; ending its clients", self.cluster_id)
+            for member in self.members:
+                self._drop(member, exc)
+
+    def _judge(self, data: bytes) -> None:
         now = trio.current_time()
         screened = self.screen(data, now, self._wall())
         if screened is None:
@@ -302,12 +314,20 @@ class BeatJudge:
         a server too slow to answer holds up no client's start."""
         if self.confirmed:
             return
+        confirming = self._confirming
+        if confirming is not None:  # another member asked already: its answer does for all
+            await confirming.wait()
+            return
+        self._confirming = confirming = trio.Event()
         try:
             with trio.move_on_after(SUBSCRIBED_WAIT_S) as waited:
                 await transport.flush()
         except NotConnected as exc:
             log.debug("subscribed while not connected (%s): the reconnect renews it", exc)
             return
+        finally:
+            self._confirming = None
+            confirming.set()
         self.confirmed = not waited.cancelled_caught
         if waited.cancelled_caught:
             log.debug("the server did not confirm the beat subscription in %s s", SUBSCRIBED_WAIT_S)
@@ -348,10 +368,7 @@ class BeatJudge:
             # shielded: cancelling the keeper's block must not stop the metronome of every
             # member; it ends when the keeper leaves the judge (its ``open_client`` makes sure)
             scope = trio.CancelScope(shield=True)
-            try:
-                nursery.start_soon(self._run_metronome, scope, name=f"metronome:{self.cluster_id}")
-            except RuntimeError:  # that nursery is closing: the next member's then
-                continue
+            nursery.start_soon(self._run_metronome, scope, name=f"metronome:{self.cluster_id}")
             self._keeper, self._metronome = member, scope
             return
 
@@ -389,6 +406,7 @@ class BeatJudge:
     def _warn_no_first_beat(self, seconds: float) -> None:
         hint = no_beat_hint(self.cluster_id, seconds)
         self.errors.note(hint)
+        self.version += 1
         self.no_beat_warned = True
         log.warning("%s", hint)
 
@@ -403,7 +421,8 @@ class BeatJudge:
                 try:
                     await trio.sleep_forever()
                 finally:
-                    self._sleep = None
+                    if self._sleep is sleep:  # (a successor's metronome may have its own now)
+                        self._sleep = None
             due = tracker.next_due
             if tracker.degraded:
                 # the last stretch: yield until the beat (trio's sleeps wake a little late),
@@ -421,7 +440,10 @@ class BeatJudge:
                 continue
             if not tracker.degraded:
                 self.silences += 1
-            frame = tracker.synthesise(due, self._wall())
+            # beats whose whole duration passed while the check waited are skipped (counted),
+            # never made up in a burst (as the pulse skips a beat it is too late for)
+            passed = int((trio.current_time() - due) // (60.0 / tracker.tempo_bpm))
+            frame = tracker.synthesise(due, self._wall(), skip=max(0, passed))
             self.version += 1
             for member in self.members:
                 try:

@@ -36,13 +36,15 @@ class ShieldedTasks:
         return len(self._scopes)
 
     async def start(self, fn: Callable[..., Awaitable[None]]) -> None:
-        """``nursery.start(fn)``, shielded (``fn`` takes ``task_status``).
+        """``nursery.start(fn)`` (``fn`` takes ``task_status``), shielded once it has started:
+        a cancellation while it starts still reaches it (trio would leave a shielded task that
+        never started in ``start``'s own nursery, and ``start`` waiting on it for ever).
 
         Raises:
             NotConnected: the client is not running.
         """
         nursery = self._open()
-        await nursery.start(self._started, fn, trio.CancelScope(shield=True))
+        await nursery.start(self._started, fn, trio.CancelScope())
 
     async def _started(
         self,
@@ -54,11 +56,11 @@ class ShieldedTasks:
         self._scopes.add(scope)
         # handed on without a reference left here: ``task_status`` holds trio's start-up
         # nursery, which this frame would otherwise keep for the task's whole life
-        status = [task_status]
+        status = _ShieldOnStart(task_status, scope)
         del task_status
         try:
             with scope:
-                await fn(task_status=status.pop())
+                await fn(task_status=status)
         finally:
             self._scopes.discard(scope)
 
@@ -93,3 +95,20 @@ class ShieldedTasks:
         if nursery is None:
             raise NotConnected("the client is not running")
         return nursery
+
+
+class _ShieldOnStart:
+    """A ``task_status`` that shields its task's scope as the task says it has started."""
+
+    __slots__ = ("_scope", "_status")
+
+    def __init__(self, status: trio.TaskStatus[None], scope: trio.CancelScope) -> None:
+        self._status: trio.TaskStatus[None] | None = status
+        self._scope = scope
+
+    def started(self, value: None = None) -> None:
+        status, self._status = self._status, None  # (trio's start-up nursery: let it go)
+        if status is None:
+            raise RuntimeError("started() called twice")
+        self._scope.shield = True
+        status.started(value)

@@ -436,7 +436,7 @@ class BeatTracker:
         """Whether the pulse is silent past the alarm at local time ``now`` (synthesise a beat)."""
         return self.last_index is not None and now >= self.alarm()
 
-    def synthesise(self, due: float, wall: float) -> BeatFrame:
+    def synthesise(self, due: float, wall: float, skip: int = 0) -> BeatFrame:
         """Deliver the next beat from the local schedule (the pulse is silent); returns its frame.
 
         The first one starts a degraded episode. The frame continues the pulse's timeline: its
@@ -445,6 +445,8 @@ class BeatTracker:
         Args:
             due: the local time the beat starts (:attr:`next_due` when the alarm rang).
             wall: the wall time now (POSIX seconds).
+            skip: beats after the next one whose whole duration passed already: they are
+                skipped (counted in ``beats_skipped``), and the beat due now is delivered.
         """
         assert self.last_index is not None
         metrics = self.metrics
@@ -457,7 +459,10 @@ class BeatTracker:
                 "pulse silent after beat %s; degrading to local beats",
                 self.last_index,
             )
-        index = self.last_index + 1
+        index = self.last_index + 1 + skip
+        if skip:
+            metrics.forward_jumps += 1
+            metrics.beats_skipped += skip
         bpb = self.beats_per_bar
         duration = 60.0 / self.tempo_bpm
         deadline: _dt.datetime | None = None
@@ -481,7 +486,7 @@ class BeatTracker:
         )
         metrics.degraded_beats += 1
         self.last_wall = wall
-        self._advance(frame, due, True)
+        self._advance(frame, due + skip * duration, True)
         return frame
 
     # ------------------------------------------------------------------ beat positions

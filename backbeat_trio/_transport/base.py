@@ -90,81 +90,91 @@ EventListener = Callable[[ConnEvent | None], None]
 
 
 class EventFeed:
-    """A transport's connection events for one reader (the ``events`` of :class:`Transport`):
-    on the ``events`` channel, or handed to a listener as they happen (:meth:`listen`).
+    """A transport's connection events: on the ``events`` channel for one reader, and handed to
+    every listener as they happen (:meth:`listen`). Events that come while there is neither a
+    listener nor a reader are kept (up to the buffer) for the first of them.
 
     Attributes:
-        events_dropped: events a full ``events`` channel could not take.
+        events_dropped: events a full ``events`` channel (or backlog) could not take.
     """
 
     def __init__(self, event_buffer: int = 1024) -> None:
         self._event_buffer = event_buffer
-        # made by the first reader or the first event: a listener needs no channel
+        # made by the first reader: listeners need no channel
         self._event_channel: (
             tuple[trio.MemorySendChannel[ConnEvent], trio.MemoryReceiveChannel[ConnEvent]] | None
         ) = None
-        self._listener: EventListener | None = None
+        self._listeners: tuple[EventListener, ...] = ()
+        self._backlog: list[ConnEvent] = []  # events nobody has heard yet
         self._events_ended = False
         self.events_dropped = 0
 
-    def _channel(
-        self,
-    ) -> tuple[trio.MemorySendChannel[ConnEvent], trio.MemoryReceiveChannel[ConnEvent]]:
-        if self._event_channel is None:
-            self._event_channel = trio.open_memory_channel[ConnEvent](self._event_buffer)
-            if self._events_ended:
-                self._event_channel[0].close()
-        return self._event_channel
-
     @property
     def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
-        """Connection events; one consumer (e.g. the HA pulse's supervisor) reads them."""
-        return self._channel()[1]
+        """Connection events, for one reader (e.g. the HA pulse's supervisor)."""
+        if self._event_channel is None:
+            send, receive = trio.open_memory_channel[ConnEvent](self._event_buffer)
+            self._event_channel = (send, receive)
+            backlog, self._backlog = self._backlog, []
+            for event in backlog:
+                self._offer(event)
+            if self._events_ended:
+                send.close()
+        return self._event_channel[1]
 
-    def listen(self, listener: EventListener) -> None:
-        """Hand every connection event from now on to ``listener`` as it happens, instead of
-        the ``events`` channel (no task waits for them), and None once the events end (the
-        transport closed, or this view of it); events already waiting on the channel are
-        handed over first. ``listener`` must not block and should not raise: what it raises is
-        logged and dropped.
+    def listen(self, listener: EventListener) -> Callable[[], None]:
+        """Hand every connection event from now on to ``listener`` as it happens (no task waits
+        for them), and None once the events end (the transport closed, or this view of it);
+        events kept for nobody so far are handed over first. ``listener`` must not block and
+        should not raise: what it raises is logged and dropped.
+
+        Returns:
+            A function that stops it (its owner calls it when it leaves).
         """
-        self._listener = listener
-        channel = self._event_channel
-        if channel is not None:  # what came before, in order
-            self._event_channel = None
-            send, receive = channel
-            send.close()
-            while True:
-                try:
-                    self._tell(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+        self._listeners = (*self._listeners, listener)
+        backlog, self._backlog = self._backlog, []
+        for event in backlog:
+            self._tell(listener, event)
         if self._events_ended:
-            self._tell(None)
+            self._tell(listener, None)
 
-    def _tell(self, event: ConnEvent | None) -> None:
-        listener = self._listener
-        assert listener is not None
+        def stop() -> None:
+            self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+        return stop
+
+    def _tell(self, listener: EventListener, event: ConnEvent | None) -> None:
         try:
             listener(event)
         except Exception:  # the listener's bug must not break the connection's own callbacks
             log.exception("a connection-event listener raised on %r", event)
 
-    def _push(self, event: ConnEvent) -> None:
-        if self._listener is not None:
-            self._tell(event)
-        elif _offer(self._channel()[0], event) is False:
+    def _offer(self, event: ConnEvent) -> None:
+        channel = self._event_channel
+        if channel is not None:
+            if _offer(channel[0], event) is False:
+                self.events_dropped += 1
+        elif len(self._backlog) < self._event_buffer:
+            self._backlog.append(event)
+        else:
             self.events_dropped += 1
 
+    def _push(self, event: ConnEvent) -> None:
+        listeners = self._listeners
+        for listener in listeners:
+            self._tell(listener, event)
+        if self._event_channel is not None or not listeners:
+            self._offer(event)
+
     def _end_events(self) -> None:
-        """No more events: the channel ends, or the listener hears None (once)."""
+        """No more events: the channel ends, and every listener hears None (once)."""
         if self._events_ended:
             return
         self._events_ended = True
         if self._event_channel is not None:
             self._event_channel[0].close()
-        if self._listener is not None:
-            self._tell(None)
+        for listener in self._listeners:
+            self._tell(listener, None)
 
 
 class Subscription(_Feed[Message]):
@@ -252,8 +262,9 @@ class Transport(Protocol):
 
     async def request(self, subject: str, payload: bytes) -> bytes: ...
 
-    def listen(self, listener: EventListener) -> None:
-        """Hand connection events to ``listener`` as they happen (:meth:`EventFeed.listen`)."""
+    def listen(self, listener: EventListener) -> Callable[[], None]:
+        """Hand connection events to ``listener`` as they happen; returns the function that
+        stops it (:meth:`EventFeed.listen`)."""
         ...
 
     async def subscribe_shared(

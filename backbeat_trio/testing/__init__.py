@@ -98,8 +98,8 @@ class _OwnConnection:
     def events(self) -> trio.MemoryReceiveChannel[ConnEvent]:
         return self._inner.events
 
-    def listen(self, listener: EventListener) -> None:
-        self._inner.listen(listener)
+    def listen(self, listener: EventListener) -> Callable[[], None]:
+        return self._inner.listen(listener)
 
     def publish(
         self,

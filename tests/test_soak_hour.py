@@ -48,7 +48,7 @@ class Shape:
 
 
 CI = Shape(
-    agents=10, tempo=600, duration=45.0, between=10.0, warmup=15.0, sample_every=1.0,
+    agents=10, tempo=600, duration=30.0, between=10.0, warmup=12.0, sample_every=1.0,
     rss_growth=8 * MIB, fd_growth=2,
 )  # fmt: skip
 SOAK = Shape(

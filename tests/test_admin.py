@@ -354,6 +354,12 @@ async def test_ha_failover_shows_on_leader_and_in_the_metrics(nats_url: str) -> 
         assert value(metrics, "backbeat_lease_leader", lease="pulse", instance_id="ha-2") == 1
         assert value(metrics, "backbeat_lease_terms_total", instance_id="ha-2") == 1
         assert value(metrics, "backbeat_pulse_beats_published_total", pulse_id="ha-2") >= 2
+        # the lease watch's health, as the status counts it
+        for name, field in (
+            ("backbeat_lease_watch_lags_total", "watch_fallbacks"),
+            ("backbeat_lease_watch_reopens_total", "watch_reopens"),
+        ):
+            assert value(metrics, name, instance_id="ha-2") == getattr(pulses["ha-2"], field)
         # the tempo API follows the leader
         tempo = (await get(address, "/tempo")).json()
         assert tempo["pulse_id"] == "ha-2"

@@ -94,6 +94,8 @@ METRIC_NAMES: Final = (
     "backbeat_lease_revision",
     "backbeat_lease_expiry_timestamp_seconds",
     "backbeat_lease_kv_requests_total",
+    "backbeat_lease_watch_lags_total",
+    "backbeat_lease_watch_reopens_total",
     "backbeat_reverb_claims_accepted_total",
     "backbeat_reverb_claims_rejected_total",
     "backbeat_reverb_claims_late_total",
@@ -399,6 +401,16 @@ def _lease_families(
         "lease key requests by outcome (read, write, conflict, error, watched)",
         (*labels, "outcome"),
     )
+    lags = _counter(
+        "backbeat_lease_watch_lags_total",
+        "times the lease watch lagged (a read found a revision it had not delivered)",
+        labels,
+    )
+    reopens = _counter(
+        "backbeat_lease_watch_reopens_total",
+        "lease watches opened again in place of a lagging one",
+        labels,
+    )
     for kind, iid, st in leases:
         lv = [cluster, kind, iid]
         leader.add_metric(lv, 1.0 if st.leading else 0.0)
@@ -415,7 +427,9 @@ def _lease_families(
             ("watched", st.kv_watched),
         ):
             kv.add_metric([*lv, outcome], value)
-    return (leader, terms, revision, expiry, kv)
+        lags.add_metric(lv, st.watch_fallbacks)
+        reopens.add_metric(lv, st.watch_reopens)
+    return (leader, terms, revision, expiry, kv, lags, reopens)
 
 
 def _reverb_families(cluster: str, reverbs: Mapping[str, ReverbStatus]) -> Iterable[Metric]:

@@ -208,7 +208,6 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
     recs = array.array("d")
     clients: list[Any] = []
     all_ready = trio.Event()
-    stop = trio.Event()
 
     # "shared": every client on one connection (open_client(cfg, transport=conn)), else one
     # connection each
@@ -222,25 +221,16 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
             jetstream=False,
             connect_attempts=3,
         )
-        async with contextlib.AsyncExitStack() as stack:
-            # shared: handed the connection, each client takes its own view of it and joins the
-            # connection's one beat subscription
-            bb = await stack.enter_async_context(open_client(cfg, transport=conn))
-            chan = bb.beats(buffer=64)
+        # one task per agent, the shape of the README's agent (as baseline A's agent is one
+        # subscription with its callback); the nursery's cancellation at the end stops them all
+        # shared: handed the connection, each client takes its own view of it and joins the
+        # connection's one beat subscription
+        async with open_client(cfg, transport=conn) as bb:
             clients.append(bb)
             if len(clients) == n:
                 all_ready.set()
-            async with trio.open_nursery() as nursery:
-
-                async def consume() -> None:
-                    async for frame in chan:
-                        recs.append(
-                            time.time() - (frame.deadline_at.timestamp() - 60.0 / frame.tempo_bpm)
-                        )
-
-                nursery.start_soon(consume)
-                await stop.wait()
-                nursery.cancel_scope.cancel()
+            async for frame in bb.beats(buffer=64):
+                recs.append(time.time() - (frame.deadline_at.timestamp() - 60.0 / frame.tempo_bpm))
 
     # "floor": no client at all. One subscription; each frame decoded once and put in each
     # agent's DropOldestChannel, whose consumer records it as the agents' consumers do: what a
@@ -374,7 +364,7 @@ async def _role_scale(a: dict[str, Any], cmds: trio.MemoryReceiveChannel[dict[st
         async for cmd in cmds:
             if cmd["cmd"] == "exit":
                 break
-        stop.set()
+        nursery.cancel_scope.cancel()
 
 
 # ------------------------------------------------------------------------------------ recovery

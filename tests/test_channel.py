@@ -3,9 +3,13 @@ woken first), cancellation of either kind of waiter, and the ends of the channel
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backbeat_trio import DropOldestChannel
 
@@ -105,3 +109,36 @@ async def test_items_left_are_read_before_the_end_and_a_closed_channel_refuses()
         await trio.testing.wait_all_tasks_blocked()
         await other.aclose()
     assert not other.put(1)
+
+
+@given(
+    maxlen=st.integers(1, 5),
+    ops=st.lists(st.sampled_from(["put", "take"]), max_size=40),
+)
+def test_items_come_out_in_order_and_only_the_oldest_are_dropped(
+    maxlen: int, ops: list[str]
+) -> None:
+    # against a model: the slot and the queue behind it behave as one bounded deque
+    chan: DropOldestChannel[int] = DropOldestChannel(maxlen)
+    model: collections.deque[int] = collections.deque()
+    dropped = 0
+    for n, op in enumerate(ops):
+        if op == "put":
+            if len(model) == maxlen:
+                model.popleft()
+                dropped += 1
+            model.append(n)
+            assert chan.put(n)
+        elif model:
+            assert chan.receive_nowait() == model.popleft()
+        else:
+            with pytest.raises(trio.WouldBlock):
+                chan.receive_nowait()
+        assert chan.pending == len(model)
+    assert chan.dropped == dropped
+    assert [chan.receive_nowait() for _ in range(chan.pending)] == list(model)
+
+
+def test_a_channel_holds_at_least_one_item() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        DropOldestChannel[int](0)

@@ -640,7 +640,7 @@ async def test_pulse_return_resyncs_without_duplicates(
         await trio.sleep(4.2)
         assert not bb.degraded
         assert not bb.health().local_degradation
-        frames = [chan.receive_nowait() for _ in range(len(chan._items))]
+        frames = [chan.receive_nowait() for _ in range(chan.pending)]
     indices = [f.beat_index for f in frames]
     assert indices == list(range(indices[0], indices[0] + len(indices)))  # no repeat, no gap
     assert bb.metrics.resyncs == 1

@@ -233,7 +233,7 @@ async def test_tempo_change_lands_on_a_downbeat_and_budgets_follow(nats_url: str
                     f"backbeat.tempo.{cluster}", encode(change), timeout=5
                 )
             frames = {
-                name: [chan.receive_nowait() for _ in range(len(chan._items))]
+                name: [chan.receive_nowait() for _ in range(chan.pending)]
                 for name, chan in chans.items()
             }
     decision = msgspec.json.decode(answer.data)

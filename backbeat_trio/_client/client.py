@@ -458,9 +458,6 @@ class Client:
                 )
             )
 
-    async def _detect_mode(self) -> None:
-        await self._delivery.detect_mode(self.config.jetstream, self.config.cluster_id)
-
     def _on_event(self, event: ConnEvent) -> None:
         if event.kind == "disconnected":
             self._set_connected(False)
@@ -471,11 +468,8 @@ class Client:
             self._set_connected(True)
             self._reconnect_count += 1
             self._metrics.reconnects += 1
-            log.info(
-                "reconnected (%s); re-publishing %d claim(s)",
-                event.detail,
-                len(self._outbox.pending),
-            )
+            n = len(self._outbox.pending)
+            log.info("reconnected (%s); re-publishing %d claim(s)", event.detail, n)
             self._delivery.on_reconnected()
         elif event.kind == "closed":
             self._set_connected(False)
@@ -546,52 +540,57 @@ async def open_client(
     if not isinstance(config, Config):
         raise TypeError(f"open_client needs a backbeat_trio.Config, got {type(config).__name__}")
     user_exc: BaseException | None = None
+    uses: contextlib.AbstractAsyncContextManager[Transport]
+    if transport is None:
+        uses = open_nats_transport(config)
+    elif isinstance(transport, ViewableTransport):
+        # a connection others may use too: this client opens (and closes) its own view, with
+        # its own connection events; the connection is the caller's
+        uses = transport.view()
+    else:
+        uses = contextlib.nullcontext(transport)
     try:
-        async with contextlib.AsyncExitStack() as stack:
-            if transport is None:
-                transport = await stack.enter_async_context(open_nats_transport(config))
-            elif isinstance(transport, ViewableTransport):
-                # a connection others may use too: this client opens (and closes) its own view,
-                # with its own connection events; the connection is the caller's
-                transport = await stack.enter_async_context(transport.view())
+        async with uses as transport:
             member = await transport.subscribe_shared(
                 beat_subject(config.cluster_id),
                 key=judge_key(config, wall_clock),
                 prepare=lambda: BeatJudge(config, wall_clock),
                 buffer=0,  # the judge hands the beat over: nothing comes on its channel
             )
-            stack.push_async_callback(leave_subscription, member)
-            judge = member.prepared
-            assert isinstance(judge, BeatJudge)
-            client = Client(config, transport, judge)
-            await client._detect_mode()
-            async with trio.open_nursery() as nursery:
-                client._tasks.nursery = nursery
-                try:
-                    await client._start_tasks()
+            try:
+                judge = member.prepared
+                assert isinstance(judge, BeatJudge)
+                client = Client(config, transport, judge)
+                await client._delivery.detect_mode(config.jetstream, config.cluster_id)
+                async with trio.open_nursery() as nursery:
+                    client._tasks.nursery = nursery
                     try:
-                        yield client
-                    except BaseException as exc:
-                        user_exc = exc
-                        raise
+                        await client._start_tasks()
+                        try:
+                            yield client
+                        except BaseException as exc:
+                            user_exc = exc
+                            raise
+                        finally:
+                            with trio.CancelScope(shield=True):
+                                await client._shutdown()
                     finally:
-                        with trio.CancelScope(shield=True):
-                            await client._shutdown()
-                finally:
-                    client._leave_judge()  # (its metronome may run in this nursery)
-                    client._tasks.stop()
-                    client._unlisten()
-                    left = client.undelivered()
-                    if left:
-                        log.error("%d claim(s) undelivered when the client closed", len(left))
-                        if user_exc is not None and not isinstance(user_exc, trio.Cancelled):
-                            user_exc.add_note(
-                                f"backbeat_trio: {len(left)} status claim(s) were not delivered "
-                                f"before the client closed"
-                            )
-            left = client.undelivered()
-            if left:
-                raise UndeliveredClaims(left)
+                        client._leave_judge()  # (its metronome may run in this nursery)
+                        client._tasks.stop()
+                        client._unlisten()
+                        left = client.undelivered()
+                        if left:
+                            log.error("%d claim(s) undelivered when the client closed", len(left))
+                            if user_exc is not None and not isinstance(user_exc, trio.Cancelled):
+                                user_exc.add_note(
+                                    f"backbeat_trio: {len(left)} status claim(s) were not "
+                                    f"delivered before the client closed"
+                                )
+            finally:
+                await leave_subscription(member)
+        left = client.undelivered()
+        if left:
+            raise UndeliveredClaims(left)
     except BaseExceptionGroup as group:
         chosen = exception_to_raise(group, user_exc)
         if chosen is None:

@@ -51,8 +51,9 @@ class BeatFanout:
         self._errors = errors
         self._metrics = errors.metrics
         self._default_buffer = default_buffer
-        self._beats: list[DropOldestChannel[BeatFrame]] = []
-        self._downbeats: list[DropOldestChannel[BeatFrame]] = []
+        # tuples: channels come and go rarely, and the empty tuple costs a client nothing
+        self._beats: tuple[DropOldestChannel[BeatFrame], ...] = ()
+        self._downbeats: tuple[DropOldestChannel[BeatFrame], ...] = ()
         self.beat_event: trio.Event | None = None
         self._waiting = 0  # tasks in wait_for_beat(): without any, no new Event per beat
         self.closed = False
@@ -77,8 +78,10 @@ class BeatFanout:
         chan = DropOldestChannel[BeatFrame](buffer, name)
         if self.closed:
             chan.close_send()
+        elif downbeats:
+            self._downbeats = (*self._downbeats, chan)
         else:
-            (self._downbeats if downbeats else self._beats).append(chan)
+            self._beats = (*self._beats, chan)
         return chan
 
     def add_callback(
@@ -120,15 +123,17 @@ class BeatFanout:
 
     def put(self, frame: BeatFrame) -> None:
         """Deliver ``frame``; channels their consumers closed are forgotten."""
-        self._put(self._beats, frame)
-        if frame.downbeat and self._downbeats:
-            self._put(self._downbeats, frame)
+        if self._put(self._beats, frame):  # forget the channels their consumers closed
+            self._beats = tuple(chan for chan in self._beats if chan.accepting)
+        if frame.downbeat and self._downbeats and self._put(self._downbeats, frame):
+            self._downbeats = tuple(chan for chan in self._downbeats if chan.accepting)
         if self._waiting:
             event, self.beat_event = self.beat_event, None
             if event is not None:
                 event.set()
 
-    def _put(self, where: list[DropOldestChannel[BeatFrame]], frame: BeatFrame) -> None:
+    def _put(self, where: tuple[DropOldestChannel[BeatFrame], ...], frame: BeatFrame) -> bool:
+        """Put ``frame`` in each channel; True if one of them is gone."""
         gone = False
         for chan in where:
             before = chan.dropped
@@ -137,8 +142,7 @@ class BeatFanout:
                     self._metrics.dropped += chan.dropped - before
             else:
                 gone = True
-        if gone:  # forget the channels their consumers closed
-            where[:] = [chan for chan in where if chan.accepting]
+        return gone
 
     async def wait(self) -> None:
         """Until the next :meth:`put` (or :meth:`close`)."""
@@ -158,7 +162,6 @@ class BeatFanout:
         self.closed = True
         for chan in self._beats + self._downbeats:
             chan.close_send()
-        self._beats.clear()
-        self._downbeats.clear()
+        self._beats = self._downbeats = ()
         if self.beat_event is not None:
             self.beat_event.set()

@@ -27,7 +27,7 @@ class ShieldedTasks:
 
     def __init__(self) -> None:
         self.nursery: trio.Nursery | None = None
-        self._scopes: set[trio.CancelScope] = set()
+        self._scopes: tuple[trio.CancelScope, ...] = ()  # (few; none in most clients)
 
     def __repr__(self) -> str:
         return f"<ShieldedTasks running={len(self._scopes)} open={self.nursery is not None}>"
@@ -53,7 +53,7 @@ class ShieldedTasks:
         *,
         task_status: trio.TaskStatus[None],
     ) -> None:
-        self._scopes.add(scope)
+        self._scopes = (*self._scopes, scope)
         # handed on without a reference left here: ``task_status`` holds trio's start-up
         # nursery, which this frame would otherwise keep for the task's whole life
         status = _ShieldOnStart(task_status, scope)
@@ -62,7 +62,7 @@ class ShieldedTasks:
             with scope:
                 await fn(task_status=status)
         finally:
-            self._scopes.discard(scope)
+            self._scopes = tuple(s for s in self._scopes if s is not scope)
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> trio.CancelScope:
         """``nursery.start_soon(fn, *args)``, shielded; returns the task's scope.
@@ -72,14 +72,14 @@ class ShieldedTasks:
         """
         nursery = self._open()
         scope = trio.CancelScope(shield=True)
-        self._scopes.add(scope)
+        self._scopes = (*self._scopes, scope)
 
         async def shielded() -> None:
             try:
                 with scope:
                     await fn(*args)
             finally:
-                self._scopes.discard(scope)
+                self._scopes = tuple(s for s in self._scopes if s is not scope)
 
         nursery.start_soon(shielded, name=getattr(fn, "__qualname__", repr(fn)))
         return scope
@@ -87,7 +87,7 @@ class ShieldedTasks:
     def stop(self) -> None:
         """End every task (the client closed); no new one starts."""
         self.nursery = None
-        for scope in list(self._scopes):
+        for scope in self._scopes:
             scope.cancel()
 
     def _open(self) -> trio.Nursery:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["MAX_RECENT_ERRORS", "ClientMetrics", "ErrorLog"]
@@ -57,16 +58,26 @@ class ErrorLog:
         keep: how many texts to keep.
     """
 
-    __slots__ = ("metrics", "recent")
+    __slots__ = ("_keep", "_recent", "metrics")
 
     def __init__(self, metrics: ClientMetrics, keep: int = MAX_RECENT_ERRORS) -> None:
         self.metrics = metrics
-        self.recent: deque[str] = deque(maxlen=keep)
+        self._keep = keep
+        # made by the first error: most clients of a big process never have one
+        self._recent: deque[str] | None = None
 
     def __repr__(self) -> str:
         return f"<ErrorLog errors={self.metrics.errors} recent={len(self.recent)}>"
 
+    @property
+    def recent(self) -> Sequence[str]:
+        """The texts of the most recent errors, oldest first."""
+        return () if self._recent is None else self._recent
+
     def note(self, text: str) -> None:
         """Count one error and keep its text."""
         self.metrics.errors += 1
-        self.recent.append(text)
+        recent = self._recent
+        if recent is None:
+            recent = self._recent = deque(maxlen=self._keep)
+        recent.append(text)

@@ -22,14 +22,21 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
     """
 
     def __init__(self, maxlen: int, name: str = "beats") -> None:
-        self._items: collections.deque[T] = collections.deque()
+        if maxlen < 1:
+            raise ValueError(f"a channel holds at least one item, not {maxlen}")
+        # A consumer that keeps up has one item waiting at most: it sits in a slot, and the
+        # queue behind it is made only when a second item waits (an empty deque is a block of
+        # memory per channel, and a thousand clients each have one).
+        self._first: T | None = None
+        self._has_first = False
+        self._rest: collections.deque[T] | None = None
         self._maxlen = maxlen
         # The tasks waiting for an item, woken oldest first by rescheduling them directly (a
         # ParkingLot allocates a generator and a list per wake-up). A consumer waits once per
         # beat, so the first waiter has a slot of its own, with an abort bound once: waiting
         # there allocates nothing the garbage collector tracks. More waiters queue behind it.
         self._waiter: trio.lowlevel.Task | None = None
-        self._waiters: collections.deque[trio.lowlevel.Task] = collections.deque()
+        self._waiters: collections.deque[trio.lowlevel.Task] | None = None
         self._abort_waiter = self._abort_slot
         self._send_closed = False
         self._recv_closed = False
@@ -39,9 +46,15 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
 
     def __repr__(self) -> str:
         return (
-            f"<DropOldestChannel {self.name} pending={len(self._items)}/{self._maxlen} "
+            f"<DropOldestChannel {self.name} pending={self.pending}/{self._maxlen} "
             f"delivered={self.delivered} dropped={self.dropped}>"
         )
+
+    @property
+    def pending(self) -> int:
+        """How many items wait unread."""
+        rest = self._rest
+        return self._has_first + (len(rest) if rest is not None else 0)
 
     @property
     def closed(self) -> bool:
@@ -57,10 +70,16 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         """Add an item (producer side). Returns False when the consumer has gone away."""
         if self._recv_closed or self._send_closed:
             return False
-        if len(self._items) >= self._maxlen:
-            self._items.popleft()
+        if self.pending >= self._maxlen:
+            self._pop()
             self.dropped += 1
-        self._items.append(item)
+        if not self._has_first:
+            self._first, self._has_first = item, True
+        else:
+            rest = self._rest
+            if rest is None:
+                rest = self._rest = collections.deque()
+            rest.append(item)
         task = self._waiter
         if task is not None:
             self._waiter = None
@@ -69,8 +88,19 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
             trio.lowlevel.reschedule(self._waiters.popleft())
         return True
 
+    def _pop(self) -> T:
+        """Take the oldest item (one waits)."""
+        item = self._first
+        rest = self._rest
+        if rest:
+            self._first = rest.popleft()
+        else:
+            self._first, self._has_first = None, False
+        return item  # type: ignore[return-value]  # (an item waited: it is a T)
+
     def _abort_queued(self, task: trio.lowlevel.Task) -> Callable[[object], trio.lowlevel.Abort]:
         waiters = self._waiters
+        assert waiters is not None
 
         def abort(_: object) -> trio.lowlevel.Abort:
             waiters.remove(task)
@@ -106,9 +136,9 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         """
         if self._recv_closed:
             raise trio.ClosedResourceError
-        if self._items:
+        if self._has_first:
             self.delivered += 1
-            return self._items.popleft()
+            return self._pop()
         if self._send_closed:
             raise trio.EndOfChannel
         raise trio.WouldBlock
@@ -128,7 +158,7 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
     async def __anext__(self) -> T:
         # ``async for`` lands here directly (one coroutine per item, not trio's __anext__
         # around receive()): a consumer of every beat of a thousand clients waits here
-        if self._items or self._send_closed or self._recv_closed:
+        if self._has_first or self._send_closed or self._recv_closed:
             await trio.lowlevel.checkpoint_if_cancelled()
             item = self._next()
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -140,9 +170,11 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
                 self._waiter = task
                 await trio.lowlevel.wait_task_rescheduled(self._abort_waiter)
             else:  # another task waits already: queue behind it
+                if self._waiters is None:
+                    self._waiters = collections.deque()
                 self._waiters.append(task)
                 await trio.lowlevel.wait_task_rescheduled(self._abort_queued(task))
-            if self._items or self._send_closed or self._recv_closed:
+            if self._has_first or self._send_closed or self._recv_closed:
                 return self._next()
 
     def _next(self) -> T:
@@ -154,7 +186,7 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
     def close(self) -> None:
         """Stop receiving (the producer forgets this channel)."""
         self._recv_closed = True
-        self._items.clear()
+        self._first, self._has_first, self._rest = None, False, None
         self._wake_all()
 
     async def aclose(self) -> None:

@@ -69,7 +69,12 @@ TRANSPORT_TESTS = (
     "tests/test_chaos_faults.py",
     "tests/test_chaos_flood.py",
     "tests/test_chaos_hostile.py",
+    "tests/test_channel.py",
+    "tests/test_client_virtual.py",
 )
+
+#: The environment of the public-path runs: no dependency's private protocol is taken.
+PUBLIC_ENV = {"BACKBEAT_TRIO_NATS_FAST": "0", "BACKBEAT_TRIO_WAIT_FAST": "0"}
 
 #: The lower bound of nats-py in pyproject.toml (keep the two in step).
 OLDEST_NATSPY = "2.15.0"
@@ -77,9 +82,10 @@ OLDEST_NATSPY = "2.15.0"
 
 @nox.session
 def public_path(session: nox.Session) -> None:
-    """Transport/client/pulse/chaos tests with BACKBEAT_TRIO_NATS_FAST=0 (no nats-py internals)."""
+    """Transport/client/pulse/chaos tests with BACKBEAT_TRIO_NATS_FAST=0 and
+    BACKBEAT_TRIO_WAIT_FAST=0 (no nats-py internals, no reused trio wait)."""
     session.install("-e", ".[dev]")
-    session.run("pytest", *TRANSPORT_TESTS, *session.posargs, env={"BACKBEAT_TRIO_NATS_FAST": "0"})
+    session.run("pytest", *TRANSPORT_TESTS, *session.posargs, env=PUBLIC_ENV)
 
 
 @nox.session

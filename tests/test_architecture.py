@@ -175,6 +175,19 @@ def test_nats_py_private_names_are_read_in_one_gated_module() -> None:
     assert all(_layer(u) == "_bridge" for u in users), users
 
 
+def test_trio_private_names_and_protocol_are_used_in_one_gated_module() -> None:
+    # trio's private modules (trio._core...) are imported nowhere; the run-loop message a
+    # channel reuses is taken in _util/_trio_private.py, behind fast_wait_enabled()
+    gate = "backbeat_trio._util._trio_private"
+    importers = {name for name in MODULES for t in _imports(name) if re.match(r"trio\._", t)}
+    assert not importers, importers
+    text = {name: path.read_text() for name, path in MODULES.items()}
+    assert not [n for n, t in text.items() if "WaitTaskRescheduled" in t and n != gate]
+    assert "fast_wait_enabled()" in text[gate]
+    users = {name for name in MODULES for t in _imports(name) if t == gate}
+    assert users == {"backbeat_trio._util.channel"}, users
+
+
 def test_nats_py_errors_are_caught_at_one_edge() -> None:
     # Only _bridge/errors.py names nats-py's exceptions in an `except` or catches every
     # Exception in the bridge; the rest of the bridge maps (map_nats_errors), ignores with a

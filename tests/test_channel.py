@@ -4,6 +4,7 @@ woken first), cancellation of either kind of waiter, and the ends of the channel
 from __future__ import annotations
 
 import collections
+import gc
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backbeat_trio import DropOldestChannel
+from backbeat_trio._util import _trio_private
 
 
 async def test_a_full_channel_drops_its_oldest_item_and_counts_it() -> None:
@@ -142,3 +144,52 @@ def test_items_come_out_in_order_and_only_the_oldest_are_dropped(
 def test_a_channel_holds_at_least_one_item() -> None:
     with pytest.raises(ValueError, match="at least one"):
         DropOldestChannel[int](0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_consumers_waiting_in_their_slots_hold_no_object_per_wait(
+    fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what a beat leaves alive while a thousand consumers wait for the next one is what the
+    # garbage collector promotes in thousands (_util/_trio_private.py)
+    if not fast:
+        monkeypatch.setenv(_trio_private.FAST_ENV, "0")
+    elif not _trio_private.fast_wait_enabled():
+        pytest.skip("the reused wait is off here (BACKBEAT_TRIO_WAIT_FAST=0 or another trio)")
+    chans = [DropOldestChannel[int](4) for _ in range(50)]
+    got = [0]
+
+    async def consume(chan: DropOldestChannel[int]) -> None:
+        async for _ in chan:
+            got[0] += 1
+
+    async with trio.open_nursery() as nursery:
+        for chan in chans:
+            nursery.start_soon(consume, chan)
+        await trio.testing.wait_all_tasks_blocked()
+        kinds = ("coroutine", "generator", "WaitTaskRescheduled", "Value")
+        for beat in range(3):
+            gc.collect()
+            for chan in chans:
+                chan.put(beat)
+            await trio.testing.wait_all_tasks_blocked()
+            young = collections.Counter(type(o).__name__ for o in gc.get_objects(0))
+            waiting = sum(young[k] for k in kinds)
+            if fast:
+                assert waiting < 10, young
+            else:  # each waiter holds its coroutines and its message
+                assert waiting >= 3 * len(chans), young
+        nursery.cancel_scope.cancel()
+    assert got[0] == 3 * len(chans)
+
+
+def test_another_trio_waits_through_the_public_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_trio_private.FAST_ENV, raising=False)
+    monkeypatch.setattr(trio, "__version__", "0.99.0")
+    _trio_private._version_supported.cache_clear()
+    try:
+        assert not _trio_private.fast_wait_enabled()
+        assert DropOldestChannel[int](1)._slot_wait is None
+    finally:
+        monkeypatch.undo()
+        _trio_private._version_supported.cache_clear()

@@ -4,10 +4,13 @@ matters), counting the drops."""
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Generic, TypeVar
 
+import outcome
 import trio
+
+from ._trio_private import wait_message
 
 __all__ = ["DropOldestChannel"]
 
@@ -36,8 +39,11 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         # beat, so the first waiter has a slot of its own, with an abort bound once: waiting
         # there allocates nothing the garbage collector tracks. More waiters queue behind it.
         self._waiter: trio.lowlevel.Task | None = None
+        self._waiter_reused = False  # the slot's waiter is a _SlotWait: wake it with _WOKEN
         self._waiters: collections.deque[trio.lowlevel.Task] | None = None
         self._abort_waiter = self._abort_slot
+        message = wait_message(self._abort_waiter)
+        self._slot_wait = None if message is None else _SlotWait(self, message)
         self._send_closed = False
         self._recv_closed = False
         self.name = name
@@ -80,13 +86,19 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
             if rest is None:
                 rest = self._rest = collections.deque()
             rest.append(item)
-        task = self._waiter
-        if task is not None:
-            self._waiter = None
-            trio.lowlevel.reschedule(task)
+        if self._waiter is not None:
+            self._wake_slot()
         elif self._waiters:
             trio.lowlevel.reschedule(self._waiters.popleft())
         return True
+
+    def _wake_slot(self) -> None:
+        task, self._waiter = self._waiter, None
+        assert task is not None
+        if self._waiter_reused:
+            trio.lowlevel.reschedule(task, _WOKEN)
+        else:
+            trio.lowlevel.reschedule(task)
 
     def _pop(self) -> T:
         """Take the oldest item (one waits)."""
@@ -113,10 +125,8 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _wake_all(self) -> None:
-        task = self._waiter
-        if task is not None:
-            self._waiter = None
-            trio.lowlevel.reschedule(task)
+        if self._waiter is not None:
+            self._wake_slot()
         waiters = self._waiters
         while waiters:
             trio.lowlevel.reschedule(waiters.popleft())
@@ -155,19 +165,28 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         except StopAsyncIteration:
             raise trio.EndOfChannel from None
 
-    async def __anext__(self) -> T:
-        # ``async for`` lands here directly (one coroutine per item, not trio's __anext__
-        # around receive()): a consumer of every beat of a thousand clients waits here
+    def __anext__(self) -> Awaitable[T]:  # type: ignore[override]  # (an awaitable, as async for needs)
+        # ``async for`` lands here directly (not trio's __anext__ around receive()): a consumer
+        # of every beat of a thousand clients waits here once per beat
         if self._has_first or self._send_closed or self._recv_closed:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            item = self._next()
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return item
+            return self._ready()
+        wait = self._slot_wait
+        if wait is not None and self._waiter is None and not self._waiters:
+            return wait  # waits in the slot, allocating nothing (see _SlotWait)
+        return self._wait()
+
+    async def _ready(self) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        item = self._next()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return item
+
+    async def _wait(self) -> T:
         # nothing yet: waiting is this call's checkpoint; put() and both closes wake it
         task = trio.lowlevel.current_task()
         while True:
             if self._waiter is None and not self._waiters:
-                self._waiter = task
+                self._waiter, self._waiter_reused = task, False
                 await trio.lowlevel.wait_task_rescheduled(self._abort_waiter)
             else:  # another task waits already: queue behind it
                 if self._waiters is None:
@@ -193,3 +212,56 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         """Close and checkpoint."""
         self.close()
         await trio.lowlevel.checkpoint()
+
+
+#: what a channel wakes its reused slot waiter with: one shared outcome instead of a new one per
+#: wake-up (trio's default), which a thousand waking consumers would hold at once on every beat
+_WOKEN: outcome.Value[None] = outcome.Value(None)
+
+
+class _SlotWait(Generic[T]):
+    """What ``__anext__`` returns to a consumer that waits in the channel's slot: one object per
+    channel, awaited again and again. It is its own iterator: its first step takes the slot and
+    yields the wait message of :func:`~._trio_private.wait_message` (the run loop then parks the
+    task as in :func:`trio.lowlevel.wait_task_rescheduled`); resumed with the outcome the task
+    was rescheduled with, it unwraps it (a cancellation raises here) and returns the next item,
+    ends the iteration, or waits again if another reader took the item first. No coroutine,
+    generator or message is made per wait, so a thousand waiting consumers leave nothing for
+    the garbage collector to promote on every beat.
+    """
+
+    __slots__ = ("_chan", "_message")
+
+    def __init__(self, chan: DropOldestChannel[T], message: object) -> None:
+        self._chan = chan
+        self._message = message
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        return self  # type: ignore[return-value]  # (an iterator with send, as awaits use)
+
+    def __next__(self) -> object:
+        return self._park()
+
+    def send(self, resumed: Any) -> object:
+        """Step on: ``resumed`` is the outcome the task was rescheduled with."""
+        if resumed is not _WOKEN:  # (the one wake-up all channels share is never unwrapped)
+            resumed.unwrap()  # raises the cancellation (the abort emptied the slot)
+        chan = self._chan
+        if chan._has_first or chan._send_closed or chan._recv_closed:
+            raise StopIteration(chan._next())  # (an ended channel raises StopAsyncIteration)
+        return self._park()
+
+    def _park(self) -> object:
+        chan = self._chan
+        task = trio.lowlevel.current_task()
+        if chan._waiter is None and not chan._waiters:
+            chan._waiter, chan._waiter_reused = task, True
+            return self._message
+        # the slot is taken (the same awaitable awaited by two tasks): queue behind it, with a
+        # message of this wait's own
+        if chan._waiters is None:
+            chan._waiters = collections.deque()
+        chan._waiters.append(task)
+        message = wait_message(chan._abort_queued(task))
+        assert message is not None  # (the slot's message was made the same way)
+        return message

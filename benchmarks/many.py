@@ -3,9 +3,10 @@ transport=conn)``: one beat subscription, each frame decoded once, fanned out to
 
 Three workers per N, one after the other against one nats-server and one real ``run_pulse``:
 
-* ``shared``: N full ``open_client`` agents on one connection, each with a ``beats()`` consumer;
-* ``shared-frozen``: the same, with ``gc.freeze()`` once the agents are connected (what
-  docs/scale.md advises for a thousand agents: the goals at N=1000 are set for it);
+* ``shared``: N full ``open_client`` agents on one connection, each one task that consumes
+  ``beats()`` (as each agent of baseline A is one subscription with its callback);
+* ``shared-frozen``: the same, with ``gc.freeze()`` once the agents are connected (the goals
+  at N=1000 were set for it; the 2,000-agent goal is without it);
 * ``join``: the same N agents joining one process while the pulse already beats (the join
   storm of a big agent host starting): no beat may be made up, no real frame discarded, and the
   library may log one warning at most;

@@ -83,7 +83,10 @@ def is_downbeat(beat_index: int, beats_per_bar: int = 4) -> bool:
     return beat_index % beats_per_bar == 0
 
 
-@lru_cache(maxsize=4096)
+# A process asks for the ids of the few bars around now, again and again (every beat of a bar,
+# every claim of a window): a small cache holds them. A large one only fills, bar by bar, for a
+# long while after start-up, and reads as a slow leak in a soak.
+@lru_cache(maxsize=256)
 def _window_id(cluster_id: str, start: int) -> str:
     return hashlib.sha256(f"{cluster_id}:{start}".encode()).hexdigest()[:32]
 

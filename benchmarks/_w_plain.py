@@ -6,9 +6,12 @@ Roles (argv JSON ``role``):
   frame with stdlib ``json`` and then notes ``time.time()`` — what an application using plain
   nats-py would see, at the same point as the backbeat_trio consumer of ``beats()``.
 * ``claims``: the same work as ``emit_status`` minus the SDK: build the claim, encode it with
-  msgspec, sign it with libsodium (PyNaCl), ``await nc.publish(...)`` with the same headers;
+  msgspec, sign it with libsodium (PyNaCl), ``await nc.publish(...)`` with the same headers
+  (``Nats-Msg-Id`` in SPEC's ``<agent_id>:<hlc>:<digest>`` form, the digest over body and
+  signature: the wire contract, so the baseline sends what a conforming publisher must; it used
+  to send the v1 ``<agent_id>:<hlc>`` id, one hash per claim less than the SDK's);
   then ``nc.flush()`` (core) or wait for every PubAck (JetStream: acks on one wildcard inbox, as
-  the SDK does).
+  the SDK does; an ack is counted without decoding it, a shortcut kept in the baseline's favour).
 * ``scale``: N nats-py connections in this one process (with ``one_connection``: one connection
   with N subscriptions), each subscribed to the beats with a callback that decodes the frame and
   computes its scheduled start (what the backbeat_trio scale worker's consumers do).
@@ -135,6 +138,7 @@ async def _claims_once(nc: Any, a: dict[str, Any]) -> dict[str, Any]:
     sign = nacl.bindings.crypto_sign
     b64 = base64.b64encode
     encode = msgspec.json.Encoder().encode
+    sha256 = hashlib.sha256
     hlc = PlainHLC()
     acks = 0
     all_acked = asyncio.Event()
@@ -178,11 +182,16 @@ async def _claims_once(nc: Any, a: dict[str, Any]) -> dict[str, Any]:
                     notes="benchmark",
                 )
             )
-            headers = {"Nats-Msg-Id": f"{AGENT}:{stamp}"}
+            headers = {}
+            sig = ""
             if signed:
+                sig = b64(sign(body, secret)[:64]).decode()
                 headers["Backbeat-Agent"] = AGENT
                 headers["Backbeat-Key"] = public_b64
-                headers["Backbeat-Sig"] = b64(sign(body, secret)[:64]).decode()
+                headers["Backbeat-Sig"] = sig
+            # SPEC's id, as every conforming publisher must send it (not the guessable v1 form)
+            digest = sha256(body + sig.encode()).hexdigest()[:16]
+            headers["Nats-Msg-Id"] = f"{AGENT}:{stamp}:{digest}"
             if mode == "js":
                 seq += 1
                 await nc.publish(subject, body, reply=f"{inbox}.{seq}", headers=headers)

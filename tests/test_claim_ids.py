@@ -229,9 +229,9 @@ async def test_a_re_publish_after_a_reconnect_keeps_the_id(
             delivery = bb._delivery
             real_send, real_on_ack = delivery.send, delivery.on_ack
 
-            def send(out: Outgoing) -> None:
+            def send(out: Outgoing, now: float | None = None) -> None:
                 ids_per_send.append((out.seq, out.headers["Nats-Msg-Id"]))
-                real_send(out)
+                real_send(out, now)
 
             delivery.send = send  # type: ignore[method-assign]
             delivery.on_ack = lambda token, data: None  # type: ignore[method-assign]

@@ -163,6 +163,29 @@ async def test_pubacks_are_handled_as_they_arrive_without_waking_a_task(nats_url
     assert sum(counter.steps[n] for n in listener) <= 2, counter.steps
 
 
+async def test_a_jetstream_flush_sends_no_ping_once_every_puback_is_in(nats_url: str) -> None:
+    from backbeat_trio._bridge.nats import open_nats_transport
+    from backbeat_trio._core.beats import status_stream_name, status_subject
+
+    cluster = "delivery-noping"
+    cfg = bb3.Config(cluster_id=cluster, agent_id="noping", nats_url=nats_url, jetstream=True)
+    async with open_nats_transport(cfg) as transport:
+        await transport.jetstream.ensure_stream(
+            status_stream_name(cluster), [status_subject(cluster)]
+        )
+        async with bb3.open_client(cfg, transport=transport) as bb:
+            assert bb.delivery_mode == "jetstream"
+            rounds = transport.flush_rounds
+            for i in range(200):
+                await bb.emit_status(bb3.StatusClaim(notes=str(i)))
+            with trio.fail_after(20):
+                await bb.flush_claims()
+            assert bb.metrics.claims_acked == 200
+            assert bb.pending_claims == 0
+            # the PubAcks said the stream has every claim: a PING/PONG would prove nothing more
+            assert transport.flush_rounds == rounds
+
+
 def _burst_client(
     cluster: bbt.FakeCluster, published: list[tuple[float, str]]
 ) -> contextlib.AbstractAsyncContextManager[bb3.Client]:

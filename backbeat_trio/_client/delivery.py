@@ -90,20 +90,23 @@ class ClaimDelivery:
         out, send_now = outbox.admit(claim, beat_index, connected=connected)
         if send_now:
             if outbox.mode == "jetstream":
-                now = trio.current_time()
+                # (a held claim is in the outbox already: kept, listed, re-published, as any other)
                 held = self._held
-                if held or now - self._last_publish < BURST_BATCH_S:
-                    # (it is in the outbox already: kept, listed, re-published, as any other)
-                    if not held:
-                        self._held_wake.set()
+                if held:  # a batch is being gathered: join it (no clock read per claim)
+                    held.append(out)
+                    return out.claim
+                now = trio.current_time()
+                if now - self._last_publish < BURST_BATCH_S:
+                    self._held_wake.set()
                     held.append(out)
                     return out.claim
                 self._last_publish = now
             self.send(out)
         return out.claim
 
-    def send(self, out: Outgoing) -> None:
-        """Publish ``out`` now (or keep it in the outbox when the connection is down)."""
+    def send(self, out: Outgoing, now: float | None = None) -> None:
+        """Publish ``out`` now (or keep it in the outbox when the connection is down); ``now``:
+        the current time when the caller has read it already."""
         transport = self._transport
         if not transport.connected:
             # known dead (its event may still be on the way): keep it for the reconnect
@@ -114,7 +117,7 @@ class ClaimDelivery:
         except NotConnected:
             self.outbox.keep(out)
             return
-        if self.outbox.published(out, trio.current_time()):
+        if self.outbox.published(out, trio.current_time() if now is None else now):
             self._wake_confirmer()
             spawn = self.spawn
             if spawn is not None:  # the first claim to confirm: start the confirmer
@@ -150,7 +153,9 @@ class ClaimDelivery:
                 await self._changed.wait()
             finally:
                 self._waiters -= 1
-        if self.connected:
+        # JetStream mode: each claim's PubAck says the stream stored it, which no PONG can add
+        # to; a PING then would only cost the caller a round trip (and a crossing of the bridge)
+        if self.connected and self.outbox.mode == "core":
             with contextlib.suppress(NotConnected):
                 await self._transport.flush()
         else:
@@ -266,14 +271,15 @@ class ClaimDelivery:
         if not self._held:
             return
         held, self._held = self._held, []
-        self._last_publish = trio.current_time()
+        self._last_publish = now = trio.current_time()
         if self.outbox.hold_new:
             return  # a refusal holds new claims (still in the outbox): they go when it says
         pending = self.outbox.pending
+        send = self.send
         for out in held:
             # a retry may have published it meanwhile, and its ack taken it out
             if out.sent_at is None and out.seq in pending:
-                self.send(out)
+                send(out, now)  # one batch, one time: no clock read per claim
 
     def on_ack(self, token: str, data: bytes) -> None:
         """A reply arrived on ``{ack_prefix}.{token}``."""

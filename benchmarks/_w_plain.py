@@ -12,6 +12,7 @@ Roles (argv JSON ``role``):
   to send the v1 ``<agent_id>:<hlc>`` id, one hash per claim less than the SDK's);
   then ``nc.flush()`` (core) or wait for every PubAck (JetStream: acks on one wildcard inbox, as
   the SDK does; an ack is counted without decoding it, a shortcut kept in the baseline's favour).
+  Each run starts with an untimed warm-up of ``WARMUP`` claims, as the SDK worker's does.
 * ``scale``: N nats-py connections in this one process (with ``one_connection``: one connection
   with N subscriptions), each subscribed to the beats with a callback that decodes the frame and
   computes its scheduled start (what the backbeat_trio scale worker's consumers do).
@@ -40,6 +41,8 @@ from benchmarks._proto import args, log, read_command, send
 from benchmarks._stats import percentile
 
 AGENT = "bench-plain"
+#: claims of the untimed warm-up before a claims run's timed repetitions (as the SDK worker's)
+WARMUP = 200
 NODE = int.from_bytes(hashlib.sha256(AGENT.encode()).digest()[:2], "big")
 
 
@@ -161,14 +164,16 @@ async def _claims_once(nc: Any, a: dict[str, Any]) -> dict[str, Any]:
     rates: list[float] = []
     cpu_per_claim: list[float] = []
     seq = 0
-    for _ in range(reps):
+    # repetition 0: the untimed warm-up, as the SDK worker's
+    for rep in range(reps + 1):
+        n = count if rep else min(WARMUP, count)
         gc.collect()
         await asyncio.sleep(0.1)
-        target = acks + count
+        target = acks + n
         all_acked.clear()
         c0 = time.process_time()
         t0 = time.perf_counter()
-        for _ in range(count):
+        for _ in range(n):
             stamp = hlc.now()
             body = encode(
                 ClaimWire(
@@ -202,13 +207,14 @@ async def _claims_once(nc: Any, a: dict[str, Any]) -> dict[str, Any]:
             try:
                 await asyncio.wait_for(all_acked.wait(), 120)
             except TimeoutError:
-                log(f"plain js: only {acks - (target - count)}/{count} acked")
+                log(f"plain js: only {acks - (target - n)}/{n} acked")
         else:
             await nc.flush()
         t1 = time.perf_counter()
         c1 = time.process_time()
-        rates.append(count / (t1 - t0))
-        cpu_per_claim.append((c1 - c0) / count)
+        if rep:
+            rates.append(n / (t1 - t0))
+            cpu_per_claim.append((c1 - c0) / n)
     return {"event": "result", "rates": rates, "cpu_per_claim": cpu_per_claim}
 
 

@@ -24,7 +24,7 @@ from backbeat_trio._core.wire import BeatFrame, StatusClaim, decode, encode
 from backbeat_trio._services.reverb_claims import CLAIM_BATCH, CLOSE_DRAIN, ClaimReader
 from backbeat_trio._transport.base import Message
 from backbeat_trio.testing import open_fake_cluster
-from backbeat_trio.testing.memory import MemoryBroker, MemoryTransport
+from backbeat_trio.testing.memory import MemoryBroker, MemoryJetStream, MemoryTransport
 
 AGENTS = ("a", "b", "c")
 WINDOWS = 24
@@ -176,3 +176,164 @@ async def test_claims_taken_by_both_tasks_are_each_taken_once_in_order(
         await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert taken == list(range(published))
+
+
+async def test_a_close_that_leaves_claims_in_the_buffer_is_blind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Closing a window takes at most ``CLOSE_DRAIN`` claims from the buffer first; claims it
+    left there may be the window's own, so the window is one the reverb is behind on (in the
+    soak, a window closed with 112 claims left, 50 of them its own: all agents ``stalled``)."""
+    broker = MemoryBroker()
+    subject = status_subject("c")
+    broker.add_stream("S", [subject])
+    transport = broker.connect()
+    reader = ClaimReader(transport, subject, "S")
+    await reader.subscribe()
+    await trio.sleep(1)
+    assert reader.ready(CLOSE_DRAIN) == []  # found empty: drained now
+    opened = trio.current_time()
+    for beat in range(CLOSE_DRAIN + 10):
+        transport.publish(subject, encode(claim("a", beat)))
+    assert len(reader.ready(CLOSE_DRAIN)) == CLOSE_DRAIN
+    assert reader.blind_during(opened, trio.current_time())
+    assert len(reader.ready(CLOSE_DRAIN)) == 10  # the rest: drained again
+    assert not reader.blind_during(opened, trio.current_time())
+
+
+class BusyReverbConnection(MemoryTransport):
+    """The reverb's connection in a process busy for a while: what arrives meanwhile waits, and
+    when the process runs again the beat frames reach trio first and the claims a moment later
+    (nats-py hands a core frame over as it parses it, a JetStream claim through a task of its
+    own); its round trips (the judge's check for a silent pulse) wait too."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__(broker)
+        broker._transports.append(self)  # as broker.connect() does
+        self.busy = False
+        self._idle = trio.Event()
+        self._idle.set()
+        self._beats: list[tuple[Any, Message]] = []
+        self._claims: list[tuple[Any, Message]] = []
+
+    def hold(self) -> None:
+        self.busy = True
+        self._idle = trio.Event()
+
+    async def release(self) -> None:
+        self.busy = False
+        for hop, msg in self._beats:
+            hop(msg)
+        self._idle.set()
+        await trio.sleep(0.001)  # the reverb takes its beats in first
+        for deliver, msg in self._claims:
+            deliver(msg)
+        self._beats, self._claims = [], []
+
+    async def flush(self) -> None:
+        await self._idle.wait()
+        await super().flush()
+
+    async def _subscribe_handing_to(self, subject: str, handler: Any) -> Any:
+        sub = await super()._subscribe_handing_to(subject, handler)
+        hop = sub._handler
+
+        def held(msg: Message) -> None:
+            if self.busy:
+                self._beats.append((hop, msg))
+            else:
+                hop(msg)
+
+        sub._handler = held
+        return sub
+
+    @property
+    def jetstream(self) -> Any:
+        return BusyJetStream(self)
+
+
+class BusyJetStream(MemoryJetStream):
+    async def stream_subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        sub = await super().stream_subscribe(*args, **kwargs)
+        conn = self._transport
+        assert isinstance(conn, BusyReverbConnection)
+        deliver = sub._deliver
+
+        def held(msg: Message) -> None:
+            if conn.busy:
+                conn._claims.append((deliver, msg))
+            else:
+                deliver(msg)
+
+        sub._deliver = held  # type: ignore[method-assign]
+        return sub
+
+
+class ClaimsAfterEveryBeat:
+    """The pulse's transport: after each frame, every agent's claim for that beat; the
+    reverb's process is busy from the first beat of window ``BUSY`` to the first of the next."""
+
+    def __init__(self, inner: MemoryTransport, cluster: str, reverb: BusyReverbConnection) -> None:
+        self._inner = inner
+        self._beats = beat_subject(cluster)
+        self._claims = status_subject(cluster)
+        self._hlc = {agent: HLC(agent) for agent in AGENTS}
+        self._reverb = reverb
+        self.burst_over = trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def publish(self, subject: str, payload: bytes, **kwargs: Any) -> None:
+        if subject != self._beats:
+            self._inner.publish(subject, payload, **kwargs)
+            return
+        index = decode(payload, BeatFrame).beat_index
+        if index == BUSY:
+            self._reverb.hold()
+        self._inner.publish(subject, payload, **kwargs)
+        for agent in AGENTS:
+            made = claim(agent, index, str(self._hlc[agent].now()))
+            self._inner.publish(self._claims, encode(made))
+        if index == BUSY + 4:
+            self.burst_over.set()
+
+
+#: the window whose beats and claims reach the busy reverb together
+BUSY = 16
+
+
+async def test_a_window_whose_beats_came_in_a_burst_reports_no_agent_stalled(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak's false ``stalled``: the reverb's process did not run for longer than a window;
+    then the window's beats (and the next window's first) reached it in a burst, before the
+    claims the agents had sent on time, so it closed the window a moment after opening it with
+    none of them in. A window open for less than half its length is one the reverb is behind on:
+    no agent is ``stalled`` in it; its claims come ``late``."""
+    with trio.fail_after(600):
+        async with open_fake_cluster("busy", tempo_bpm=240, start=False) as cluster:
+            connect = cluster.broker.connect
+            reverb_conn = BusyReverbConnection(cluster.broker)
+            monkeypatch.setattr(cluster.broker, "connect", lambda: reverb_conn)
+            # late frames are still taken (not stale), and no beat is made up meanwhile
+            status = await cluster.start_reverb(jitter_tolerance=1.0, lease_ttl=5.0)
+            pulse_conn: list[ClaimsAfterEveryBeat] = []
+
+            def pulse_connect() -> ClaimsAfterEveryBeat:
+                pulse_conn.append(ClaimsAfterEveryBeat(connect(), "busy", reverb_conn))
+                return pulse_conn[0]
+
+            monkeypatch.setattr(cluster.broker, "connect", pulse_connect)
+            await cluster.start_pulse()
+            await pulse_conn[0].burst_over.wait()
+            await reverb_conn.release()
+            while not cluster.reports or cluster.reports[-1].from_beat < BUSY + 12:
+                await cluster.next_report()
+            reports = list(cluster.reports)
+    busy = next(r for r in reports if r.from_beat == BUSY)
+    assert busy.claims == 0  # closed before its claims reached the reverb
+    assert [(r.from_beat, i.kind, i.agent_id) for r in reports for i in r.issues] == []
+    assert sum(r.late for r in reports) == 4 * len(AGENTS)
+    assert status.claims_late == 4 * len(AGENTS)
+    assert all(r.claims == 4 * len(AGENTS) for r in reports if 4 <= r.from_beat != BUSY)

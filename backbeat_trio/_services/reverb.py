@@ -42,7 +42,7 @@ from .._core.hlc import HLC
 from .._core.lease import LeaseElection, LeaseTimings
 from .._core.metrics import ClientMetrics
 from .._core.signing import Keyring, ReplayCache
-from .._core.wire import BarReport, StatusClaim, encode
+from .._core.wire import BarReport, BeatFrame, StatusClaim, encode
 from .._errors import BackbeatError, ConfigError, NotConnected, SignatureError, WireError
 from .._services.history import (
     BAR_DUPLICATE_WINDOW,
@@ -84,6 +84,9 @@ __all__ = ["AcceptedClaim", "ReverbConfig", "ReverbStatus", "run_reverb"]
 
 log = logging.getLogger("backbeat_trio.reverb")
 
+#: A window the reverb held open for less than this share of its length is one it was behind
+#: on: its beats came in a burst (see ``_hurried``).
+HURRIED = 0.5
 #: Reports an HA standby keeps for the catch-up when it takes over.
 _STANDBY_KEPT = 16
 #: ReverbStatus.latest_claims keeps at most this many agents (the least recently heard go first).
@@ -461,9 +464,13 @@ async def _reverb_loop(
             for msg in reader.ready(CLOSE_DRAIN):
                 _take_claim(msg, aggregator, judge, status)
             # a window the reverb could not read all of reports no agent stalled, nor one
-            # soon after it of an agent not heard from again since
+            # soon after it of an agent not heard from again since; nor one whose beats came in
+            # a burst (see _hurried)
             now = trio.current_time()
-            blind = reader.blind_during(window_opened, now)
+            hurried = _hurried(window_opened, now, frame, aggregator.beats_per_bar)
+            if hurried:
+                log.debug("window %d closed %.3f s after it opened", left, now - window_opened)
+            blind = hurried or reader.blind_during(window_opened, now)
             catching_up, window_opened = reader.catching_up(window_opened, now), now
             report = aggregator.close_window(
                 left, str(hlc.now()), blind=blind, catching_up=catching_up
@@ -485,6 +492,16 @@ async def _reverb_loop(
             event, status.report_event = status.report_event, trio.Event()
             event.set()
         nursery.cancel_scope.cancel()
+
+
+def _hurried(opened: float, closed: float, frame: BeatFrame, beats_per_bar: int) -> bool:
+    """Whether the window closing now (``frame`` the beat closing it) was open for less than
+    :data:`HURRIED` of its length: its beats reached the reverb in a burst, so the reverb was
+    behind on its connection, and the claims read before the closing beat may still be on
+    their way (the transport hands a subscription's messages to trio in the order it read them,
+    but not across subscriptions: a JetStream claim can wait behind a core frame read after
+    it)."""
+    return closed - opened < HURRIED * beats_per_bar * frame.beat_duration
 
 
 @contextlib.asynccontextmanager

@@ -98,6 +98,7 @@ class ClaimReader:
         self.dropped = 0
         self._waiting: Subscription | None = None  # waited on, its buffer empty: not behind
         self._drained_at = trio.current_time()  # the buffer was last found empty
+        self._left_behind = False  # the latest ready() stopped at its limit, claims still held
 
     def __repr__(self) -> str:
         return (
@@ -205,9 +206,11 @@ class ClaimReader:
         """The messages already in the subscription's buffer, at most ``limit``, without any
         handed out before and without waiting (taken before a window closes: a claim that
         reached the reverb before the beat that ends its window counts in it, whichever of the
-        reverb's tasks runs first). A buffer found empty counts as drained."""
+        reverb's tasks runs first). A buffer found empty counts as drained; one still holding
+        claims after ``limit`` makes the reader behind until the next call."""
         sub = self.sub
         batch: list[Message] = []
+        self._left_behind = False
         if sub is None or self._handing_off():
             return batch  # the oldest is on its way to the waiting task: none overtakes it
         while len(batch) < limit:
@@ -218,6 +221,9 @@ class ClaimReader:
                 break
             except trio.EndOfChannel:
                 break
+        else:
+            # what is left may be the claims of the window about to close
+            self._left_behind = _holds_more(sub)
         return [msg for msg in batch if self.take(msg)]
 
     def _handing_off(self) -> bool:
@@ -251,9 +257,11 @@ class ClaimReader:
     def blind_during(self, opened: float, closed: float) -> bool:
         """Whether the reverb could not read (or had read again for less than
         :data:`OUTAGE_GRACE`) at some time between ``opened`` and ``closed`` (now), or has
-        been behind since ``opened`` (its buffer not once empty), or a claim is on its way to
-        its claims task."""
-        if (self._waiting is None and self._drained_at < opened) or self._handing_off():
+        been behind since ``opened`` (its buffer not once empty), or its latest :meth:`ready`
+        left claims in the buffer, or a claim is on its way to its claims task."""
+        if self._left_behind or self._handing_off():
+            return True
+        if self._waiting is None and self._drained_at < opened:
             return True
         return self._outage_within(opened, closed, OUTAGE_GRACE)
 
@@ -267,6 +275,11 @@ class ClaimReader:
         if since is None or since > closed:
             return False
         return until is None or until + grace >= opened
+
+
+def _holds_more(sub: Subscription) -> bool:
+    stats = getattr(sub.messages, "statistics", None)
+    return stats is None or stats().current_buffer_used > 0
 
 
 async def follow_connection(bb: Client, reader: ClaimReader) -> None:

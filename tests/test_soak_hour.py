@@ -10,7 +10,9 @@ agents had acknowledged is in the stream once and counted by the reverb once (in
 
 CI runs a bounded form (under a minute); ``--soak`` runs the issue's shape for an hour (50
 agents, 1 200 BPM, a restart a minute); ``BACKBEAT_SOAK_SECONDS`` sets another duration for the
-soak shape.
+soak shape, ``BACKBEAT_SOAK_BETWEEN`` another interval between restarts, and
+``BACKBEAT_SOAK_TRACE`` a file where the reverb records what it saw around each report that
+lists an agent ``stalled`` (``tests/_soak_roles.py``).
 """
 
 from __future__ import annotations
@@ -120,9 +122,13 @@ def start_role(name: str, url: str, cluster: str, shape: Shape) -> Role:
 
 def soak_shape(soak: bool) -> Shape:
     seconds = os.environ.get("BACKBEAT_SOAK_SECONDS")
+    between = os.environ.get("BACKBEAT_SOAK_BETWEEN")
+    shape = SOAK if soak or seconds else CI
     if seconds:
-        return SOAK.__class__(**{**SOAK.__dict__, "duration": float(seconds)})
-    return SOAK if soak else CI
+        shape = Shape(**{**shape.__dict__, "duration": float(seconds)})
+    if between:
+        shape = Shape(**{**shape.__dict__, "between": float(between)})
+    return shape
 
 
 def since_latest(kills: list[float], wall: float) -> float:

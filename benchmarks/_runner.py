@@ -1095,7 +1095,10 @@ async def _run(p: Params, only: tuple[str, ...], write: bool) -> int:
     if write:
         write_results(BENCH_DIR / "RESULTS.md", out.rows, out.notes, info, p, failures)
         if out.latency_samples:
-            write_plot(BENCH_DIR / "latency.png", out.latency_samples, p)
+            try:
+                write_plot(BENCH_DIR / "latency.png", out.latency_samples, p)
+            except ImportError:  # the plot only: the results are written already
+                print("latency.png not written: matplotlib is missing (pip install -e '.[bench]')")
         print(f"wrote {BENCH_DIR / 'RESULTS.md'}")
     return 1 if failures else 0
 

@@ -4,6 +4,7 @@ never confirmed when the client closes (they must fail loudly, not vanish)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
@@ -136,54 +137,52 @@ async def test_a_flush_wakes_once_all_is_acknowledged_not_per_puback(
         assert counter.steps["waiter"] <= 4
 
 
-async def test_pubacks_are_handled_as_they_arrive_without_waking_a_task(nats_url: str) -> None:
-    from backbeat_trio._bridge.nats import open_nats_transport
+@contextlib.asynccontextmanager
+async def _jetstream_client(
+    nats_url: str, cluster: str
+) -> AsyncIterator[tuple[bb3.NatsTransport, bb3.Client]]:
+    """A JetStream client over a real nats-server, on a connection of its own, its cluster's
+    status stream made first."""
     from backbeat_trio._core.beats import status_stream_name, status_subject
 
-    cluster = "delivery-inline"
-    cfg = bb3.Config(cluster_id=cluster, agent_id="inline", nats_url=nats_url, jetstream=True)
-    async with open_nats_transport(cfg) as transport:
+    cfg = bb3.Config(cluster_id=cluster, agent_id=cluster, nats_url=nats_url, jetstream=True)
+    async with bb3.open_nats_transport(cfg) as transport:
         await transport.jetstream.ensure_stream(
             status_stream_name(cluster), [status_subject(cluster)]
         )
         async with bb3.open_client(cfg, transport=transport) as bb:
             assert bb.delivery_mode == "jetstream"
-            counter = _StepCounter()
-            trio.lowlevel.add_instrument(counter)
-            try:
-                for i in range(500):
-                    bb.emit_status_nowait(bb3.StatusClaim(notes=str(i)))
-                with trio.fail_after(20):
-                    await bb.flush_claims()
-            finally:
-                trio.lowlevel.remove_instrument(counter)
-            assert bb.metrics.claims_acked == 500
+            yield transport, bb
+
+
+async def test_pubacks_are_handled_as_they_arrive_without_waking_a_task(nats_url: str) -> None:
+    async with _jetstream_client(nats_url, "delivery-inline") as (_, bb):
+        counter = _StepCounter()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for i in range(500):
+                bb.emit_status_nowait(bb3.StatusClaim(notes=str(i)))
+            with trio.fail_after(20):
+                await bb.flush_claims()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert bb.metrics.claims_acked == 500
     listener = [n for n in counter.steps if n.endswith("run_ack_listener")]
     # the listener wakes for its retry period only (a burst takes far less), never per ack
     assert sum(counter.steps[n] for n in listener) <= 2, counter.steps
 
 
 async def test_a_jetstream_flush_sends_no_ping_once_every_puback_is_in(nats_url: str) -> None:
-    from backbeat_trio._bridge.nats import open_nats_transport
-    from backbeat_trio._core.beats import status_stream_name, status_subject
-
-    cluster = "delivery-noping"
-    cfg = bb3.Config(cluster_id=cluster, agent_id="noping", nats_url=nats_url, jetstream=True)
-    async with open_nats_transport(cfg) as transport:
-        await transport.jetstream.ensure_stream(
-            status_stream_name(cluster), [status_subject(cluster)]
-        )
-        async with bb3.open_client(cfg, transport=transport) as bb:
-            assert bb.delivery_mode == "jetstream"
-            rounds = transport.flush_rounds
-            for i in range(200):
-                await bb.emit_status(bb3.StatusClaim(notes=str(i)))
-            with trio.fail_after(20):
-                await bb.flush_claims()
-            assert bb.metrics.claims_acked == 200
-            assert bb.pending_claims == 0
-            # the PubAcks said the stream has every claim: a PING/PONG would prove nothing more
-            assert transport.flush_rounds == rounds
+    async with _jetstream_client(nats_url, "delivery-noping") as (transport, bb):
+        rounds = transport.flush_rounds
+        for i in range(200):
+            await bb.emit_status(bb3.StatusClaim(notes=str(i)))
+        with trio.fail_after(20):
+            await bb.flush_claims()
+        assert bb.metrics.claims_acked == 200
+        assert bb.pending_claims == 0
+        # the PubAcks said the stream has every claim: a PING/PONG would prove nothing more
+        assert transport.flush_rounds == rounds
 
 
 def _burst_client(

@@ -1293,6 +1293,20 @@ async def test_failover_on_a_three_node_cluster() -> None:
                 assert server_of(nats, f"backbeat-trio:{agent}") is not doomed
                 assert client.health().reconnect_count >= 1
 
+                # Each follower's watch delivers again while the leader writes each beat: the
+                # same one, or -- its consumer lived on the killed server, and nats-py resets an
+                # ordered consumer only after two missed idle heartbeats (10 to 20 s) -- a new
+                # one it opened once a read showed the old one lagging (docs/scale.md). Waited
+                # for (a loaded machine reopens later), bounded well under nats-py's reset.
+                def watched_again(p: str) -> bool:
+                    return p == ha.holder() or ha.status[p].kv_watched > at_kill[p][1]
+
+                await wait_until(
+                    lambda: all(watched_again(p) for p in at_kill if p != leader),
+                    bound=5.0,
+                    what=lambda: repr((at_kill, {p: ha.status[p].kv_watched for p in at_kill})),
+                )
+
                 crashed = ha.holder()
                 assert crashed is not None
                 ha.crash(crashed)
@@ -1308,12 +1322,9 @@ async def test_failover_on_a_three_node_cluster() -> None:
                     assert watched >= 3, at_kill
                     assert reads < watched, at_kill
                 # The successor may be any pulse but the crashed one: the first leader, cut off
-                # by the kill, may have lost its lease to a follower meanwhile. Since the kill it
-                # followed for more than a TTL while the leader wrote each beat, so its watch
-                # delivered again: the same one, or -- its consumer lived on the killed server
-                # and nats-py resets an ordered consumer only after two missed idle heartbeats
-                # (10 to 20 s) -- a new one it opened once a read showed the old one lagging
-                # (docs/scale.md). Either way it took over within the bound asserted below.
+                # by the kill, may have lost its lease to a follower meanwhile. Its watch
+                # delivered again since the kill (waited for above), and it took over within the
+                # bound asserted below.
                 after = ha.status[successor]
                 assert after.watching
                 _, watched, _ = at_kill[successor]

@@ -110,6 +110,22 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
             self._first, self._has_first = None, False
         return item  # type: ignore[return-value]  # (an item waited: it is a T)
 
+    def _park(self, task: trio.lowlevel.Task, *, reused: bool) -> bool:
+        """Put ``task`` in the waiters' slot (True) or, when it is taken, in the queue behind it
+        (False); ``reused``: it waits through the channel's :class:`_SlotWait`."""
+        if self._waiter is None and not self._waiters:
+            self._waiter, self._waiter_reused = task, reused
+            return True
+        if self._waiters is None:
+            self._waiters = collections.deque()
+        self._waiters.append(task)
+        return False
+
+    @property
+    def _readable(self) -> bool:
+        """A read would not wait: an item is there, or a side closed."""
+        return self._has_first or self._send_closed or self._recv_closed
+
     def _abort_queued(self, task: trio.lowlevel.Task) -> Callable[[object], trio.lowlevel.Abort]:
         waiters = self._waiters
         assert waiters is not None
@@ -168,7 +184,7 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
     def __anext__(self) -> Awaitable[T]:  # type: ignore[override]  # (an awaitable, as async for needs)
         # ``async for`` lands here directly (not trio's __anext__ around receive()): a consumer
         # of every beat of a thousand clients waits here once per beat
-        if self._has_first or self._send_closed or self._recv_closed:
+        if self._readable:
             return self._ready()
         wait = self._slot_wait
         if wait is not None and self._waiter is None and not self._waiters:
@@ -185,15 +201,11 @@ class DropOldestChannel(trio.abc.ReceiveChannel[T], Generic[T]):
         # nothing yet: waiting is this call's checkpoint; put() and both closes wake it
         task = trio.lowlevel.current_task()
         while True:
-            if self._waiter is None and not self._waiters:
-                self._waiter, self._waiter_reused = task, False
+            if self._park(task, reused=False):
                 await trio.lowlevel.wait_task_rescheduled(self._abort_waiter)
-            else:  # another task waits already: queue behind it
-                if self._waiters is None:
-                    self._waiters = collections.deque()
-                self._waiters.append(task)
+            else:  # another task waits already: queued behind it
                 await trio.lowlevel.wait_task_rescheduled(self._abort_queued(task))
-            if self._has_first or self._send_closed or self._recv_closed:
+            if self._readable:
                 return self._next()
 
     def _next(self) -> T:
@@ -247,21 +259,17 @@ class _SlotWait(Generic[T]):
         if resumed is not _WOKEN:  # (the one wake-up all channels share is never unwrapped)
             resumed.unwrap()  # raises the cancellation (the abort emptied the slot)
         chan = self._chan
-        if chan._has_first or chan._send_closed or chan._recv_closed:
+        if chan._readable:
             raise StopIteration(chan._next())  # (an ended channel raises StopAsyncIteration)
         return self._park()
 
     def _park(self) -> object:
         chan = self._chan
         task = trio.lowlevel.current_task()
-        if chan._waiter is None and not chan._waiters:
-            chan._waiter, chan._waiter_reused = task, True
+        if chan._park(task, reused=True):
             return self._message
-        # the slot is taken (the same awaitable awaited by two tasks): queue behind it, with a
+        # the slot is taken (the same awaitable awaited by two tasks): queued behind it, with a
         # message of this wait's own
-        if chan._waiters is None:
-            chan._waiters = collections.deque()
-        chan._waiters.append(task)
         message = wait_message(chan._abort_queued(task))
         assert message is not None  # (the slot's message was made the same way)
         return message

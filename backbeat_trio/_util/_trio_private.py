@@ -19,12 +19,15 @@ channel's and the clients' tests that way too).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 
 import trio
 
 __all__ = ["FAST_ENV", "fast_wait_enabled", "wait_message"]
+
+log = logging.getLogger("backbeat_trio.trio_private")
 
 #: trio versions whose run loop the reused wait message was read and tested against
 _TRIO_VERSIONS = ("0.35.",)
@@ -61,10 +64,12 @@ def wait_message(abort: Callable[[object], trio.lowlevel.Abort]) -> object | Non
     coro = trio.lowlevel.wait_task_rescheduled(abort)  # noqa: ASYNC105
     try:
         msg: object = coro.send(None)
-    except BaseException:  # it returned or raised at once: not the protocol known here
+    except Exception as exc:  # it returned or raised at once: not the protocol known here
+        log.debug("trio's wait does not yield its message first (%r): public waits only", exc)
         return None
     finally:
         coro.close()
     if type(msg).__name__ != "WaitTaskRescheduled" or getattr(msg, "abort_func", None) != abort:
+        log.debug("trio's wait message is %r, not the one known here: public waits only", msg)
         return None
     return msg

@@ -319,8 +319,15 @@ async def run_reverb_role(url: str, cluster: str, n_agents: int) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def claim_every_beat(bb: bb3.Client, stop: trio.Event, counts: dict[str, int]) -> None:
+async def claim_every_beat(
+    bb: bb3.Client, stop: trio.Event, counts: dict[str, int], behind: dict[int, int]
+) -> None:
+    """Claim on every beat; ``behind`` counts, per window, the agents whose first claim naming
+    it went out only after the window had ended (their process did not run in time: the
+    reverb is right to call them ``stalled`` there)."""
     traced = TRACE is not None and bb.config.agent_id == "agent-0"
+    bar = bb.config.beats_per_bar
+    last_window = -1
     async for frame in bb.beats(buffer=64):
         if stop.is_set():
             return
@@ -328,6 +335,12 @@ async def claim_every_beat(bb: bb3.Client, stop: trio.Event, counts: dict[str, i
         claim = bb3.StatusClaim(task_id="work", state="executing", beats_left=1_000_000)
         await bb.emit_status(claim)
         counts["emitted"] += 1
+        window = frame.beat_index - frame.beat_index % bar
+        if window != last_window:
+            last_window = window
+            left = bar - frame.beat_index % bar
+            if time.time() > frame.started_at.timestamp() + left * frame.beat_duration:
+                behind[window] = behind.get(window, 0) + 1
         if traced:
             done, due = time.time(), frame.started_at.timestamp()
             if done - due > 0.1:
@@ -337,6 +350,7 @@ async def claim_every_beat(bb: bb3.Client, stop: trio.Event, counts: dict[str, i
 
 async def run_agents_role(url: str, cluster: str, n_agents: int) -> None:
     counts = {"emitted": 0}
+    behind: dict[int, int] = {}
     stop = trio.Event()
     conn_cfg = bb3.Config(
         cluster_id=cluster, agent_id="agents-conn", nats_url=url, reconnect_delay=RECONNECT_DELAY
@@ -358,7 +372,7 @@ async def run_agents_role(url: str, cluster: str, n_agents: int) -> None:
             )
             bb = await stack.enter_async_context(bb3.open_client(cfg, transport=conn))
             clients.append(bb)
-            nursery.start_soon(claim_every_beat, bb, stop, counts)
+            nursery.start_soon(claim_every_beat, bb, stop, counts, behind)
         say(ready="agents")
         await next_command()
         stop.set()
@@ -367,7 +381,7 @@ async def run_agents_role(url: str, cluster: str, n_agents: int) -> None:
             for bb in clients:
                 await bb.flush_claims()
             flushed = True
-        say(result={"emitted": counts["emitted"], "flushed": flushed})
+        say(result={"emitted": counts["emitted"], "flushed": flushed, "behind": behind})
         nursery.cancel_scope.cancel()
 
 

@@ -5,8 +5,10 @@ run in three processes of their own (``tests/_soak_roles.py``) against a real na
 is SIGKILLed, left down for half a second and restarted every ``between`` seconds. The test
 samples each process's RSS, open fds and CPU time, and at the end checks that every claim the
 agents had acknowledged is in the stream once and counted by the reverb once (in a window or
-``late``), that no process grew after warm-up beyond a bound, and that no agent was reported
-``stalled``.
+``late``), that no process grew after warm-up beyond a bound, and that no report called an agent
+``stalled`` that had claimed in time: a report may name as many agents as sent their first
+claim naming its window only after the window ended (the agents' process, on a machine it
+shares, did not run in time; the agents count those windows themselves), no more.
 
 CI runs a bounded form (under a minute); ``--soak`` runs the issue's shape for an hour (50
 agents, 1 200 BPM, a restart a minute); ``BACKBEAT_SOAK_SECONDS`` sets another duration for the
@@ -216,12 +218,17 @@ def test_every_process_is_flat_after_warm_up_across_restarts(soak: bool) -> None
         }
         for n in roles
     }
-    # each report listing an agent stalled: how many, and how long after the latest kill
+    # each report listing an agent stalled (before the agents stopped: then they are silent for
+    # good, and rightly stalled): how many, how long after the latest kill, and how many agents
+    # sent their first claim naming that window only after it ended (their process did not run
+    # in time, which the reverb is right to report)
+    behind: dict[str, int] = agents.get("behind", {})
     stalled = [
-        (item["stalled"], since_latest(kills, item["wall"]))
+        (item["stalled"], since_latest(kills, item["wall"]), behind.get(str(item["window"]), 0))
         for item in roles["reverb"].stalled
         if item["wall"] < stopped
     ]
+    false_stalled = [s for s in stalled if s[0] > s[2]]
     print(
         json.dumps(
             {
@@ -233,6 +240,7 @@ def test_every_process_is_flat_after_warm_up_across_restarts(soak: bool) -> None
                 "reverb": reverb,
                 "pulse": pulse,
                 "stalled": stalled,
+                "windows_behind": len(behind),
                 "exits": exits,
             }
         )
@@ -248,5 +256,5 @@ def test_every_process_is_flat_after_warm_up_across_restarts(soak: bool) -> None
         grew = max(s[n][0] for s in final) - max(s[n][0] for s in first)
         assert grew <= shape.rss_growth, (n, fig)
         assert last[n][1] <= warm[n][1] + shape.fd_growth, (n, fig)
-    # before the agents stopped (then they are silent for good, and rightly stalled)
-    assert stalled == [], stalled
+    # no report calls more agents stalled than were behind in that window
+    assert false_stalled == [], stalled

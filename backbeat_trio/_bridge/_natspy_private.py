@@ -95,14 +95,23 @@ def fast_path_enabled() -> bool:
 
 
 # --- publish -------------------------------------------------------------------------------------
-#: subjects and header names nats-py's checks passed already (a process publishes to a few
-#: subjects with a few header names, again and again); bounded, and only ever added to
+#: subjects, reply prefixes and header names nats-py's checks passed already (a process publishes
+#: to a few subjects with a few header names, again and again); bounded, and only ever added to
 _CHECKED_SUBJECTS: set[str] = set()
+_CHECKED_REPLY_PREFIXES: set[str] = set()  # of replies ``<prefix>.<digits>``: a numbered inbox
 _CHECKED_KEYS: set[str] = set()
 _CHECKED_MAX = 1024
 
 
-def _checked(seen: set[str], text: str, check: Any) -> bool:
+@functools.cache
+def _natspy_checks() -> tuple[Callable[[str], None], Callable[[str], object]]:
+    """nats-py's subject check and header-name rule, looked up once rather than per message."""
+    import nats.aio.client
+
+    return nats.aio.client._validate_subject, nats.aio.client._HEADER_KEY_RE.fullmatch
+
+
+def _checked(seen: set[str], text: str, check: Callable[[str], object]) -> bool:
     """Whether ``check(text)`` passes (raises or returns None when it does not), remembered."""
     if text in seen:
         return True
@@ -113,6 +122,48 @@ def _checked(seen: set[str], text: str, check: Any) -> bool:
     return True
 
 
+def _check_reply(reply: str) -> None:
+    """nats-py's check of a reply subject, once per prefix for numbered inboxes: the check refuses
+    only blanks and line breaks, which no digit is, so ``<prefix>.<digits>`` passes whenever one
+    reply with that prefix did.
+
+    Raises:
+        nats.errors.BadSubjectError: nats-py refuses it.
+    """
+    prefix, _, token = reply.rpartition(".")
+    if token.isdigit():
+        if prefix not in _CHECKED_REPLY_PREFIXES:
+            _natspy_checks()[0](reply)
+            if len(_CHECKED_REPLY_PREFIXES) < _CHECKED_MAX:
+                _CHECKED_REPLY_PREFIXES.add(prefix)
+    else:
+        _natspy_checks()[0](reply)
+
+
+def _header_block(headers: dict[str, str]) -> bytes | None:
+    """The header block nats-py would write; None for anything it would refuse or rewrite (values
+    it strips or whose CR/LF it replaces, empty keys it skips).
+
+    Raises:
+        UnicodeError: text that does not encode.
+    """
+    checked = _CHECKED_KEYS
+    lines = ["NATS/1.0"]
+    for k, v in headers.items():
+        if (
+            type(k) is not str
+            or type(v) is not str
+            or (k not in checked and not _checked(checked, k, _natspy_checks()[1]))
+            or v.strip() != v  # nats-py would strip it
+            or "\r" in v
+            or "\n" in v
+        ):
+            return None
+        lines.append(f"{k}: {v}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode()
+
+
 def wire_bytes(
     nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None, reply: str
 ) -> bytes | None:
@@ -120,37 +171,24 @@ def wire_bytes(
     (subject, reply, size, header names and values); None for anything nats-py would refuse or
     rewrite (values it strips or whose CR/LF it replaces, empty keys it skips): its own path
     then takes the message and reports what is wrong. Shared by both publish fast paths."""
-    import nats.aio.client
-
     try:
         if type(subject) is not str or not subject or type(reply) is not str:
             return None
         if type(payload) is not bytes or len(payload) > nc._max_payload:
             return None
-        if not nc._skip_subject_validation and subject not in _CHECKED_SUBJECTS:
-            nats.aio.client._validate_subject(subject)  # raises when nats-py refuses it
-            if len(_CHECKED_SUBJECTS) < _CHECKED_MAX:
-                _CHECKED_SUBJECTS.add(subject)
-        if reply and not nc._skip_subject_validation:
-            nats.aio.client._validate_subject(reply)
+        if not nc._skip_subject_validation:
+            if subject not in _CHECKED_SUBJECTS:
+                _natspy_checks()[0](subject)  # raises when nats-py refuses it
+                if len(_CHECKED_SUBJECTS) < _CHECKED_MAX:
+                    _CHECKED_SUBJECTS.add(subject)
+            if reply:
+                _check_reply(reply)
         n = len(payload)
         if headers is None:
             return f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
-        header_key = nats.aio.client._HEADER_KEY_RE.fullmatch
-        lines = ["NATS/1.0\r\n"]
-        for k, v in headers.items():
-            if (
-                type(k) is not str
-                or type(v) is not str
-                or not _checked(_CHECKED_KEYS, k, header_key)
-                or "\r" in v
-                or "\n" in v
-                or (v and (v[0].isspace() or v[-1].isspace()))
-            ):
-                return None
-            lines.append(f"{k}: {v}\r\n")
-        lines.append("\r\n")
-        hdr = "".join(lines).encode()
+        hdr = _header_block(headers)
+        if hdr is None:
+            return None
         h = len(hdr)
         return f"HPUB {subject} {reply} {h} {h + n}\r\n".encode() + hdr + payload + b"\r\n"
     except nats_failures():

@@ -396,7 +396,7 @@ def encode_claim(claim: StatusClaim) -> bytes:
     agent_id, task_id, beat_index, hlc, state, wait_for, beats_left, progress, notes = (
         msgspec.structs.astuple(claim)
     )
-    if isinstance(wait_for, str | bytes):
+    if type(wait_for) is not list and isinstance(wait_for, str | bytes):
         # list() would send a string as its characters, each a ref of its own
         raise InvalidStatusClaim(
             f"invalid status claim: wait_for is a list of refs, not a string: "
@@ -437,7 +437,11 @@ def encode_claim(claim: StatusClaim) -> bytes:
         and type(notes) is str
         and len(notes) <= _NOTES_MAX_LEN
         and type(wait_for) is list
-        and all(type(ref) is str and 0 < len(ref) <= _WAIT_REF_MAX_LEN for ref in wait_for)
+        # (most claims wait for nothing: no generator to start then)
+        and (
+            not wait_for
+            or all(type(ref) is str and 0 < len(ref) <= _WAIT_REF_MAX_LEN for ref in wait_for)
+        )
     ):
         return data
     try:

@@ -13,7 +13,10 @@ import trio.testing
 
 import backbeat_trio as bb3
 import backbeat_trio.testing as bbt
-from backbeat_trio._client.delivery import BURST_BATCH_S
+from backbeat_trio._client.delivery import BURST_BATCH_S, ClaimDelivery
+from backbeat_trio._core.hlc import HLC
+from backbeat_trio._core.metrics import ClientMetrics, ErrorLog
+from backbeat_trio._core.outbox import Outbox
 
 CLUSTER = "delivery"
 
@@ -284,3 +287,41 @@ async def test_claims_held_for_their_batch_wait_behind_a_refused_one(
         stored = [msgspec.json.decode(m.data)["hlc"] for m in stream.stored_on("backbeat.>")]
     # the refused one went again first, then the held ones: stored in the order emitted
     assert stored == [c.hlc for c in sent]
+
+
+class _DeadTransport:
+    """A transport whose connection died before its event reached the client."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.published: list[bytes] = []
+
+    def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], reply: str) -> None:
+        self.published.append(payload)
+
+
+@pytest.mark.parametrize("jetstream", [True, False])
+async def test_a_claim_emitted_before_the_disconnect_event_goes_into_no_dead_socket(
+    jetstream: bool,
+) -> None:
+    outbox = Outbox(
+        agent_id="agent-1",
+        status_subject="backbeat.status.c",
+        outbox_size=10,
+        ack_timeout=2.0,
+        hlc=HLC("agent-1"),
+        signer=None,
+        errors=ErrorLog(ClientMetrics()),
+    )
+    if jetstream:
+        outbox.use_jetstream("_INBOX.t.ack")
+    transport = _DeadTransport()
+    delivery = ClaimDelivery(outbox, transport, "backbeat.status.c")  # type: ignore[arg-type]
+    delivery.connected = True  # the client has not heard of the disconnect yet
+    sent = delivery.emit(bb3.StatusClaim(notes="in between"), 1)
+    assert transport.published == []
+    assert outbox.undelivered() == [sent]
+    transport.connected = True
+    delivery.on_reconnected()
+    assert len(transport.published) == 1
+    assert msgspec.json.decode(transport.published[0])["hlc"] == sent.hlc

@@ -4,11 +4,13 @@ Both direct writes and the drainer's batch encoder send what ``wire_bytes`` retu
 calling nats-py's ``publish``. For any subject, reply, payload and headers it must return exactly
 the bytes nats-py would queue, or None (nats-py's path then takes the message): None for what
 nats-py refuses or rewrites, and only for that. Its shortcuts (names and subjects checked once,
-a numbered inbox's prefix checked once) must not let through anything nats-py's checks refuse.
+a reply searched for the characters nats-py's rule refuses) must let through nothing that
+nats-py's checks refuse.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import nats.aio.client
@@ -146,17 +148,32 @@ def test_a_claims_headers_take_the_encoder() -> None:
 @pytest.mark.parametrize(
     "reply",
     [
-        "_INBOX.once.ack.1\r\nPUB x 1",
-        "_INBOX.once.ack.\r\n1",
-        "_INBOX.once.ack.1 2",
-        "_INBOX.once.ack\t.1",
-        "_INBOX.once .ack.1",
+        "_INBOX.abc.ack.1\r\nPUB x 1",
+        "_INBOX.abc.ack.\r\n1",
+        "_INBOX.abc.ack.1 2",
+        "_INBOX.abc.ack\t.1",
+        "_INBOX.abc .ack.1",
+        "\n",
     ],
 )
-def test_a_checked_inbox_prefix_lets_nothing_else_through(reply: str) -> None:
-    assert encoded("a.b", b"x", None, "_INBOX.once.ack.1") is not None  # the prefix is checked
+def test_a_reply_nats_py_refuses_is_declined(reply: str) -> None:
+    assert encoded("a.b", b"x", None, "_INBOX.abc.ack.1") is not None
     assert natspy_publish("a.b", b"x", None, reply) is None
     assert encoded("a.b", b"x", None, reply) is None
+
+
+def test_the_fast_paths_are_off_when_nats_py_refuses_other_subjects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # wire_bytes looks for the characters nats-py's rule refuses; another rule, other characters
+    private._shape_supported.cache_clear()
+    try:
+        assert private._shape_supported()
+        private._shape_supported.cache_clear()
+        monkeypatch.setattr(nats.aio.client, "_SUBJECT_INVALID_RE", re.compile(r"[ \t\r\n*]"))
+        assert not private._shape_supported()
+    finally:
+        private._shape_supported.cache_clear()
 
 
 def test_a_str_subclass_name_equal_to_a_checked_one_is_declined() -> None:

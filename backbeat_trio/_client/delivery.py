@@ -85,8 +85,10 @@ class ClaimDelivery:
         """
         # the transport knows about a dead connection before its event reaches the supervisor:
         # a claim emitted in between waits in the outbox instead of going into a dead socket
-        connected = self.connected and self._transport.connected
+        # (JetStream mode keeps every claim in the outbox until its PubAck, and send() asks the
+        # transport before each publish: one question per claim is enough)
         outbox = self.outbox
+        connected = self.connected and (outbox.mode == "jetstream" or self._transport.connected)
         out, send_now = outbox.admit(claim, beat_index, connected=connected)
         if send_now:
             if outbox.mode == "jetstream":

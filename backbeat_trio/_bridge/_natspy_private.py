@@ -102,8 +102,8 @@ def fast_path_enabled() -> bool:
 
 
 # --- publish -------------------------------------------------------------------------------------
-#: subjects, reply prefixes and header names nats-py's checks passed already (a process publishes
-#: to a few subjects with a few header names, again and again); bounded, and only ever added to
+#: subjects and header names nats-py's checks passed already (a process publishes to a few
+#: subjects with a few header names, again and again); bounded, and only ever added to
 _CHECKED_SUBJECTS: set[str] = set()
 _CHECKED_KEYS: set[str] = set()
 _CHECKED_MAX = 1024
@@ -111,7 +111,8 @@ _CHECKED_MAX = 1024
 
 @functools.cache
 def _natspy_checks() -> tuple[Callable[[str], None], Callable[[str], object]]:
-    """nats-py's subject check and header-name rule, looked up once rather than per message."""
+    """nats-py's subject check and header-name rule (``_validate_subject``,
+    ``_HEADER_KEY_RE.fullmatch``), imported once rather than per message."""
     import nats.aio.client
 
     return nats.aio.client._validate_subject, nats.aio.client._HEADER_KEY_RE.fullmatch
@@ -126,30 +127,6 @@ def _checked(seen: set[str], text: str, check: Callable[[str], object]) -> bool:
     if len(seen) < _CHECKED_MAX:
         seen.add(text)
     return True
-
-
-def _header_block(headers: dict[str, str]) -> bytes | None:
-    """The header block nats-py would write; None for anything it would refuse or rewrite (values
-    it strips or whose CR/LF it replaces, empty keys it skips).
-
-    Raises:
-        UnicodeError: text that does not encode.
-    """
-    checked = _CHECKED_KEYS
-    lines = ["NATS/1.0"]
-    for k, v in headers.items():
-        if (
-            type(k) is not str
-            or type(v) is not str
-            or (k not in checked and not _checked(checked, k, _natspy_checks()[1]))
-            or v.strip() != v  # nats-py would strip it
-            or "\r" in v
-            or "\n" in v
-        ):
-            return None
-        lines.append(f"{k}: {v}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode()
 
 
 def wire_bytes(
@@ -174,9 +151,21 @@ def wire_bytes(
         n = len(payload)
         if headers is None:
             return f"PUB {subject} {reply} {n}\r\n".encode() + payload + b"\r\n"
-        hdr = _header_block(headers)
-        if hdr is None:
-            return None
+        checked = _CHECKED_KEYS
+        lines = ["NATS/1.0"]
+        for k, v in headers.items():
+            if (
+                type(k) is not str
+                or type(v) is not str
+                or (k not in checked and not _checked(checked, k, _natspy_checks()[1]))
+                or v.strip() != v  # nats-py would strip it
+                or "\r" in v
+                or "\n" in v
+            ):
+                return None
+            lines.append(f"{k}: {v}")
+        lines.append("\r\n")
+        hdr = "\r\n".join(lines).encode()
         h = len(hdr)
         return b"".join((f"HPUB {subject} {reply} {h} {h + n}\r\n".encode(), hdr, payload, b"\r\n"))
     except nats_failures():
@@ -192,7 +181,7 @@ def encode_queued(nc: Any, outq: collections.deque[Queued], limit: int) -> int:
 
     Per message this is what ``nc.publish`` does (the same subject, size and header checks,
     the same HPUB/PUB bytes and statistics) without its two coroutine calls and per-header
-    ``strip``/``translate``/``encode``. It stops at the first message it cannot vouch for (a
+    ``translate``/``encode``. It stops at the first message it cannot vouch for (a
     header value nats-py would rewrite, anything it would refuse), which then takes the general
     path so nats-py reports it. Returns how many messages were moved; the caller hands the
     buffer on with :func:`push_pending`.

@@ -22,7 +22,6 @@ import math
 import random
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
@@ -69,8 +68,7 @@ def claim_msg_id(agent_id: str, hlc: str, body: bytes, sig: str) -> str:
     return f"{agent_id}:{hlc}:{sha.hexdigest()[:16]}"
 
 
-@dataclass(slots=True)
-class Outgoing:
+class Outgoing(msgspec.Struct):
     """One claim on its way: its outbox number, the claim as sent and its encoded form."""
 
     seq: int

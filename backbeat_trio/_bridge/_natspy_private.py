@@ -111,8 +111,8 @@ _CHECKED_MAX = 1024
 
 @functools.cache
 def _natspy_checks() -> tuple[Callable[[str], None], Callable[[str], object]]:
-    """nats-py's subject check and header-name rule (``_validate_subject``,
-    ``_HEADER_KEY_RE.fullmatch``), imported once rather than per message."""
+    """nats-py's subject check and header-name rule (its private _validate_subject and
+    _HEADER_KEY_RE), imported once rather than per message."""
     import nats.aio.client
 
     return nats.aio.client._validate_subject, nats.aio.client._HEADER_KEY_RE.fullmatch

@@ -18,6 +18,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -320,11 +321,22 @@ async def run_reverb_role(url: str, cluster: str, n_agents: int) -> None:
 
 
 async def claim_every_beat(
-    bb: bb3.Client, stop: trio.Event, counts: dict[str, int], behind: dict[int, int]
+    bb: bb3.Client,
+    stop: trio.Event,
+    counts: dict[str, int],
+    behind: dict[int, int],
+    grid: list[float],
 ) -> None:
     """Claim on every beat; ``behind`` counts, per window, the agents whose first claim naming
     it went out only after the window had ended (their process did not run in time: the
-    reverb is right to call them ``stalled`` there)."""
+    reverb is right to call them ``stalled`` there).
+
+    When a window ends is read off the pulse's schedule on the monotonic clock every process
+    shares (``grid[0]``: the earliest time, less its index's beats, at which any agent took a
+    beat, so the time beat 0 would have started, plus the least delay): the frames' wall-clock
+    deadlines will not do, since the pulse derives them from its monotonic clock and the wall
+    clock of a machine can run apart from it.
+    """
     traced = TRACE is not None and bb.config.agent_id == "agent-0"
     bar = bb.config.beats_per_bar
     last_window = -1
@@ -332,14 +344,16 @@ async def claim_every_beat(
         if stop.is_set():
             return
         got = time.time()
+        start = time.monotonic() - frame.beat_index * frame.beat_duration
+        if start < grid[0]:
+            grid[0] = start
         claim = bb3.StatusClaim(task_id="work", state="executing", beats_left=1_000_000)
         await bb.emit_status(claim)
         counts["emitted"] += 1
         window = frame.beat_index - frame.beat_index % bar
         if window != last_window:
             last_window = window
-            left = bar - frame.beat_index % bar
-            if time.time() > frame.started_at.timestamp() + left * frame.beat_duration:
+            if time.monotonic() > grid[0] + (window + bar) * frame.beat_duration:
                 behind[window] = behind.get(window, 0) + 1
         if traced:
             done, due = time.time(), frame.started_at.timestamp()
@@ -351,6 +365,7 @@ async def claim_every_beat(
 async def run_agents_role(url: str, cluster: str, n_agents: int) -> None:
     counts = {"emitted": 0}
     behind: dict[int, int] = {}
+    grid = [math.inf]
     stop = trio.Event()
     conn_cfg = bb3.Config(
         cluster_id=cluster, agent_id="agents-conn", nats_url=url, reconnect_delay=RECONNECT_DELAY
@@ -372,7 +387,7 @@ async def run_agents_role(url: str, cluster: str, n_agents: int) -> None:
             )
             bb = await stack.enter_async_context(bb3.open_client(cfg, transport=conn))
             clients.append(bb)
-            nursery.start_soon(claim_every_beat, bb, stop, counts, behind)
+            nursery.start_soon(claim_every_beat, bb, stop, counts, behind, grid)
         say(ready="agents")
         await next_command()
         stop.set()

@@ -49,7 +49,8 @@ async def next_command() -> list[str]:
 
 
 #: a file to which the reverb appends what it saw around each report listing an agent
-#: ``stalled`` (and the agents, in ``<file>.agents``, each beat agent-0 claimed over 0.1 s late)
+#: ``stalled`` (and the agents, in ``<file>.agents``, each beat agent-0 claimed over 0.1 s late:
+#: index, wall time, seconds late taking it, seconds claiming, degraded)
 TRACE = os.environ.get("BACKBEAT_SOAK_TRACE")
 
 
@@ -343,8 +344,8 @@ async def claim_every_beat(
     async for frame in bb.beats(buffer=64):
         if stop.is_set():
             return
-        got = time.time()
-        start = time.monotonic() - frame.beat_index * frame.beat_duration
+        got = time.monotonic()
+        start = got - frame.beat_index * frame.beat_duration
         if start < grid[0]:
             grid[0] = start
         claim = bb3.StatusClaim(task_id="work", state="executing", beats_left=1_000_000)
@@ -356,9 +357,11 @@ async def claim_every_beat(
             if time.monotonic() > grid[0] + (window + bar) * frame.beat_duration:
                 behind[window] = behind.get(window, 0) + 1
         if traced:
-            done, due = time.time(), frame.started_at.timestamp()
+            # on the pulse's schedule (the grid), as above; the wall time to line it up with
+            # the reverb's trace
+            done, due = time.monotonic(), grid[0] + frame.beat_index * frame.beat_duration
             if done - due > 0.1:
-                late = [frame.beat_index, due, round(got - due, 3), round(done - got, 3)]
+                late = [frame.beat_index, time.time(), round(got - due, 3), round(done - got, 3)]
                 append_line(f"{TRACE}.agents", json.dumps([*late, bb.degraded]))
 
 

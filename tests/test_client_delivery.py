@@ -14,9 +14,7 @@ import trio.testing
 import backbeat_trio as bb3
 import backbeat_trio.testing as bbt
 from backbeat_trio._client.delivery import BURST_BATCH_S, ClaimDelivery
-from backbeat_trio._core.hlc import HLC
-from backbeat_trio._core.metrics import ClientMetrics, ErrorLog
-from backbeat_trio._core.outbox import Outbox
+from tests.test_outbox_core import new_outbox
 
 CLUSTER = "delivery"
 
@@ -304,17 +302,7 @@ class _DeadTransport:
 async def test_a_claim_emitted_before_the_disconnect_event_goes_into_no_dead_socket(
     jetstream: bool,
 ) -> None:
-    outbox = Outbox(
-        agent_id="agent-1",
-        status_subject="backbeat.status.c",
-        outbox_size=10,
-        ack_timeout=2.0,
-        hlc=HLC("agent-1"),
-        signer=None,
-        errors=ErrorLog(ClientMetrics()),
-    )
-    if jetstream:
-        outbox.use_jetstream("_INBOX.t.ack")
+    outbox = new_outbox(jetstream=jetstream)
     transport = _DeadTransport()
     delivery = ClaimDelivery(outbox, transport, "backbeat.status.c")  # type: ignore[arg-type]
     delivery.connected = True  # the client has not heard of the disconnect yet

@@ -56,6 +56,7 @@ def bench(session: nox.Session) -> None:
 #: the oldest nats-py that pyproject.toml allows.
 TRANSPORT_TESTS = (
     "tests/test_transport_fast.py",
+    "tests/test_natspy_read.py",
     "tests/test_public_path.py",
     "tests/test_shared_connection.py",
     "tests/test_many_agents.py",

@@ -9,6 +9,9 @@ after asking the gate (once per connection). What each fast path saves:
 
 * :class:`DirectPending` / :func:`deliver_directly`: a core subscription's messages are handed to
   trio right in nats-py's parser, without waiting for the subscription's own asyncio task.
+* :func:`read_directly` / :func:`read_plain`: the header-less, reply-less messages of those
+  subscriptions (PubAcks, beat frames) are read before nats-py's parser, without building a
+  ``Msg`` or awaiting a coroutine each.
 * :func:`encode_queued` / :func:`push_pending`: the transport's drainer writes a burst of queued
   publishes into nats-py's buffer without two coroutine calls per message.
 * :func:`write_now` / :func:`join_pending` / :func:`write_pending`: a publish with nothing queued
@@ -26,8 +29,9 @@ import collections
 import functools
 import logging
 import os
+import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -58,6 +62,7 @@ def _shape_supported() -> bool:
         import nats.aio.subscription
         import nats.aio.transport
         import nats.protocol.command
+        import nats.protocol.parser
     except ImportError:  # pragma: no cover - nats-py is a dependency
         return False
     version = str(getattr(nats.aio.client, "__version__", ""))
@@ -77,6 +82,8 @@ def _shape_supported() -> bool:
         "_reconnection_task",
         "_max_payload",
         "_skip_subject_validation",
+        "_ps",
+        "stats",
     )
     if not version.startswith(_DIRECT_NATS_VERSIONS):
         return False
@@ -90,6 +97,9 @@ def _shape_supported() -> bool:
         == _SUBJECT_REFUSED
         and callable(getattr(nats.protocol.command, "pub_cmd", None))
         and hasattr(nats.aio.transport, "TcpTransport")
+        and all(hasattr(probe._ps, name) for name in ("buf", "state", "parse"))
+        and getattr(nats.protocol.parser, "AWAITING_CONTROL_LINE", None) == probe._ps.state
+        and {"in_msgs", "in_bytes"} <= set(probe.stats)
     )
 
 
@@ -439,6 +449,125 @@ def deliver_directly(nsub: Any, deliver: Callable[[Any], None]) -> bool:
 def is_direct(nsub: Any) -> bool:
     """True when ``nsub`` was routed by :func:`deliver_directly`."""
     return isinstance(getattr(nsub, "_pending_queue", None), DirectPending)
+
+
+# --- read ----------------------------------------------------------------------------------------
+#: A complete header-less MSG control line without a reply: ``MSG <subject> <sid> <size>``, as
+#: nats-server writes it (single spaces). Anything else (a reply, headers, PING, INFO, extra
+#: spaces) does not match and goes to nats-py's parser.
+_PLAIN_MSG: Final = re.compile(rb"MSG ([^ \t\r\n]+) ([0-9]{1,18}) ([0-9]{1,10})\r\n")
+#: nats-py's bound on a control line (its parser's ``MAX_CONTROL_LINE_SIZE``)
+_MAX_CONTROL_LINE = 4096
+
+
+class WireMessage:
+    """A message read by :class:`PlainReader`: the fields of a transport ``Message``."""
+
+    __slots__ = ("data", "subject")
+    reply: Final = ""
+    headers: Final = None
+
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject = subject
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"WireMessage(subject={self.subject!r}, data={self.data[:40]!r})"
+
+
+def read_plain(nc: Any, data: bytes) -> tuple[int, bool]:
+    """Hand the leading complete header-less, reply-less MSGs of ``data`` for subscriptions
+    routed by :func:`deliver_directly` straight to them.
+
+    It stops at the first thing it does not take: another command, a message with a reply or
+    headers, one for another subscription, or the end of ``data``. What it counts is what
+    nats-py counts for such a message.
+
+    Returns:
+        How many bytes were taken, and whether what follows may be the start of a message it
+        would take, cut off by the end of ``data`` (to be read again with the next bytes).
+    """
+    subs = nc._subs
+    stats = nc.stats
+    match = _PLAIN_MSG.match
+    end_of_data = len(data)
+    pos = 0
+    while pos < end_of_data:
+        m = match(data, pos)
+        if m is None:  # another command, or a control line not complete yet
+            return pos, (data.find(b"\n", pos) < 0 and end_of_data - pos < _MAX_CONTROL_LINE)
+        sub = subs.get(int(m[2]))
+        if sub is None or sub._max_msgs or type(sub._pending_queue) is not DirectPending:
+            return pos, False
+        start = m.end()
+        size = int(m[3])
+        end = start + size
+        if end + 2 > end_of_data:
+            return pos, True
+        if data[end : end + 2] != b"\r\n":
+            return pos, False  # nats-py's parser decides what to make of it
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += size
+        sub._received += 1
+        pos = end + 2
+        sub._pending_queue._deliver(WireMessage(m[1].decode(), data[start:end]))
+    return pos, False
+
+
+class PlainReader:
+    """Reads what arrives on a connection before nats-py's parser does (:func:`read_plain`).
+
+    nats-py's parser builds a ``Msg`` and awaits a coroutine per message. Our direct core
+    subscriptions (PubAcks, beat frames) get header-less messages with no reply; those are
+    read here, and the rest of each read goes to nats-py's parser. Only what begins between
+    two commands, with nothing in the parser's buffer, is read here. A message of ours cut off
+    by the end of a read is kept here until the next read completes it, and dropped, with the
+    parser's buffer, when nats-py resets its parser for a new connection.
+    """
+
+    def __init__(self, parser: Any, nc: Any) -> None:
+        from nats.protocol.parser import AWAITING_CONTROL_LINE
+
+        self._between = AWAITING_CONTROL_LINE
+        self._parser = parser
+        self._nc = nc
+        self._parse = parser.parse  # nats-py's own, bound
+        self._reset = parser.reset
+        self._carry = b""
+        self.taken = 0  # messages read here (tests, diagnostics)
+
+    async def parse(self, data: bytes = b"") -> None:
+        """nats-py's ``Parser.parse``, with :func:`read_plain` first."""
+        if self._carry:
+            data = self._carry + data
+            self._carry = b""
+        parser = self._parser
+        if data and not parser.buf and parser.state == self._between:
+            received = self._nc.stats["in_msgs"]
+            taken, cut_off = read_plain(self._nc, data)
+            self.taken += self._nc.stats["in_msgs"] - received
+            if cut_off:
+                self._carry = data[taken:]
+                return
+            if taken:
+                if taken == len(data):
+                    return
+                data = data[taken:]
+        await self._parse(data)
+
+    def reset(self) -> None:
+        """nats-py's ``Parser.reset`` (a new connection): what was kept goes with its buffer."""
+        self._carry = b""
+        self._reset()
+
+
+def read_directly(nc: Any) -> PlainReader:
+    """Install a :class:`PlainReader` in front of ``nc``'s parser (once per connection)."""
+    parser = nc._ps
+    reader = PlainReader(parser, nc)
+    parser.parse = reader.parse
+    parser.reset = reader.reset
+    return reader
 
 
 # --- close ---------------------------------------------------------------------------------------

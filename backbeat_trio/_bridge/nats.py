@@ -6,7 +6,9 @@ Everything above it is pure trio. The bridge is crossed as rarely as possible:
 * **Receive**: each message is handed to trio with ``send_nowait`` on a bounded memory channel —
   no await crosses the bridge per message. For core subscriptions on a known nats-py version this
   happens right in nats-py's parser (:class:`~._natspy_private.DirectPending`), skipping its
-  per-subscription task; otherwise nats-py's subscription callback does it.
+  per-subscription task, and their header-less messages with no reply (PubAcks, beat frames)
+  are read before nats-py's parser builds a ``Msg`` for them
+  (:func:`~._natspy_private.read_directly`); otherwise nats-py's subscription callback does it.
 * **Publish**: on a known nats-py version, a message with nothing queued ahead of it, on a
   connected socket that keeps up, is written at once (a beat frame's latency, a claim's), and
   the messages published after it in the same trio batch (many clients claiming on one beat)
@@ -209,6 +211,7 @@ class NatsTransport(EventFeed):
         self._js = self._nc.jetstream()
         self._drainer = self._loop.create_task(self._drain())
         if self.fast:
+            private.read_directly(self._nc)
             # a system task: no cancel scope of a user's ends it; aclose does
             self._batches = private.BatchWriter(self._nc)
             trio.lowlevel.spawn_system_task(self._batches.run, name="backbeat-nats-batches")

@@ -222,3 +222,30 @@ def test_order_is_tuple_order_not_string_order() -> None:
     # the clock merges by value too: a narrow but larger remote stamp wins
     clock = HLC("n", wall_ms=lambda: 0x10)
     assert clock.update("11:0:1").l == 0x11
+
+
+@given(ops)
+def test_now_text_is_the_text_of_now_and_is_at_tells_a_moved_clock(
+    script: list[tuple[str] | tuple[str, int] | tuple[str, int, int]],
+) -> None:
+    """``now_text`` (the claims' stamp) gives ``str(now())`` of a twin clock under any
+    interleaving, its cached wall part included; ``is_at`` is False once the clock moved."""
+    wall = FakeWall(START_MS)
+    ours = HLC("agent-7", wall_ms=wall, max_forward_ms=MAX_FORWARD_MS)
+    twin = HLC("agent-7", wall_ms=wall, max_forward_ms=MAX_FORWARD_MS)
+    for op in script:
+        if op[0] == "jump":
+            wall.now_ms = max(0, wall.now_ms + op[1])  # type: ignore[misc]
+            continue
+        seen = ours.last
+        assert ours.is_at(seen)
+        if op[0] == "now":
+            assert ours.now_text() == str(twin.now())
+        else:
+            _, rel, c = op  # type: ignore[misc]
+            remote = HLCStamp(max(0, wall.now_ms + rel), c, 0x1234)
+            assert ours.update(remote) == twin.update(remote)
+        assert ours.last == twin.last
+        assert not ours.is_at(seen)  # every event moves the clock
+    assert not ours.is_at(None)
+    assert not ours.is_at(ours.last._replace(node=ours.node ^ 1))

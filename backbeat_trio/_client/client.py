@@ -421,10 +421,10 @@ class Client:
         """:meth:`emit_status` without the checkpoint (for sync callbacks)."""
         if self._closing and self._nursery is None:
             raise NotConnected("the client is closed")
-        stamp = self._judge.last_stamp
-        if stamp != self._merged:  # the frames judged since the last claim happened before it
+        judged = self._tracker.hlc
+        if not judged.is_at(self._merged):  # the frames judged since the last claim came first
+            self._merged = stamp = judged.last
             self._hlc.merge(stamp)
-            self._merged = stamp
         return self._delivery.emit(claim, self._tracker.last_index or 0)
 
     async def flush_claims(self) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from .._core.beats import beat_subject
-from .._core.hlc import HLC, HLCStamp
+from .._core.hlc import HLC
 from .._core.intake import DELIVERED, REFUSED, BeatTracker, FrameScreen
 from .._core.metrics import MAX_RECENT_ERRORS, ClientMetrics, ErrorLog
 from .._errors import BackbeatError, NotConnected
@@ -239,11 +239,6 @@ class BeatJudge:
     def refused(self) -> int:
         """Payloads the screen refused so far."""
         return self.screen.refused
-
-    @property
-    def last_stamp(self) -> HLCStamp:
-        """The judge's clock now (every accepted frame merged), for members' claims."""
-        return self.tracker.hlc.last
 
     # ------------------------------------------------------------------ frames in
     def __call__(self, data: bytes) -> None:

@@ -65,7 +65,16 @@ class HLC:
             future.
     """
 
-    __slots__ = ("_c", "_l", "_wall_ms", "max_forward_ms", "node", "rejected_remote")
+    __slots__ = (
+        "_c",
+        "_head",
+        "_head_l",
+        "_l",
+        "_wall_ms",
+        "max_forward_ms",
+        "node",
+        "rejected_remote",
+    )
 
     def __init__(
         self,
@@ -80,6 +89,8 @@ class HLC:
         self._l = 0
         self._c = 0
         self.rejected_remote = 0
+        self._head_l = -1  # the wall part ``_head`` was formatted for (see now_text)
+        self._head = ""
 
     def __repr__(self) -> str:
         return f"<HLC node={self.node:04x} last={self.last}>"
@@ -104,6 +115,31 @@ class HLC:
         if pt > self._l:
             return self._bump(pt, 0)
         return self._bump(self._l, self._c + 1)
+
+    def now_text(self) -> str:
+        """``str(self.now())``, without building the stamp: an agent stamps every claim.
+
+        The wall part is formatted once per millisecond it changes, not once per call.
+        """
+        pt = self._wall_ms()
+        if pt > self._l:
+            self._l, self._c = pt, 0
+        else:
+            self._set(self._l, self._c + 1)
+        if self._l != self._head_l:
+            self._head_l = self._l
+            self._head = f"{self._l:012x}:"
+        return f"{self._head}{self._c:04x}:{self.node:04x}"
+
+    def is_at(self, stamp: HLCStamp | None) -> bool:
+        """Whether the clock still reads ``stamp`` (issued or merged nothing since): cheaper
+        than comparing with :attr:`last`, which builds a stamp."""
+        return (
+            stamp is not None
+            and stamp.c == self._c
+            and stamp.l == self._l
+            and stamp.node == self.node
+        )
 
     def update(self, remote: HLCStamp | str) -> HLCStamp:
         """A receive event: merge a remote ``(l, c)``; returns the clock's new stamp.

@@ -218,9 +218,7 @@ class Outbox:
                 f"emit_status needs a backbeat_trio.StatusClaim, got {type(claim).__name__}"
             )
         agent_id = self.agent_id
-        # HLCStamp.__str__'s format applied to the stamp (a tuple) directly: half the cost of
-        # str(), which a format() call would give back
-        hlc = "%012x:%04x:%04x" % self.hlc.now()  # noqa: UP031
+        hlc = self.hlc.now_text()
         filled = msgspec.structs.replace(
             claim,
             agent_id=agent_id,

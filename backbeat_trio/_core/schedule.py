@@ -27,9 +27,15 @@ from .._core.beats import (
 )
 from .._errors import ConfigError
 
-__all__ = ["PulseSchedule", "ScheduledBeat", "TempoDecision"]
+__all__ = ["WALL_SLEW", "PulseSchedule", "ScheduledBeat", "TempoDecision", "WallAnchor"]
 
 STATE_VERSION: Final = 1
+
+#: How fast a pulse's :class:`WallAnchor` follows the wall clock: at most this many seconds per
+#: second of schedule. Consecutive ``deadline_at`` values then stay at least ``1 - WALL_SLEW``
+#: beat lengths apart, and a wall clock that runs apart from the monotonic one by less than this
+#: rate is kept up with.
+WALL_SLEW: Final = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,3 +376,43 @@ class PulseSchedule:
         if pending is not None:
             sched._pending = validate_tempo(pending, "pending_tempo_bpm")
         return sched
+
+
+class WallAnchor:
+    """Where a pulse's schedule (on its monotonic clock) sits on the wall clock: a beat due at
+    schedule time ``t`` has ``deadline_at = t + offset``.
+
+    The offset starts as the wall clock's offset from the monotonic clock and then follows it
+    (:meth:`follow`, once per beat) by at most ``slew`` seconds per second of schedule. So a step
+    of the wall clock never makes ``deadline_at`` jump or go back (it is taken in over
+    ``step / slew`` seconds), and a wall clock that runs at another rate than the monotonic one
+    (some virtual machines' does) is kept up with instead of drifting apart beat after beat.
+
+    Args:
+        offset: the wall clock minus the monotonic clock, at start.
+        slew: the most the offset moves per second of schedule (``0 <= slew < 1``).
+    """
+
+    __slots__ = ("_at", "offset", "slew")
+
+    def __init__(self, offset: float, *, slew: float = WALL_SLEW) -> None:
+        if not (math.isfinite(offset) and 0.0 <= slew < 1.0):
+            raise ConfigError("slew", f"needs a finite offset and 0 <= slew < 1, got {slew!r}")
+        self.offset = offset
+        self.slew = slew
+        self._at: float | None = None  # the latest schedule time asked for
+
+    def __repr__(self) -> str:
+        return f"<WallAnchor offset={self.offset:.6f} slew={self.slew}>"
+
+    def follow(self, t: float, wall_offset: float) -> float:
+        """The offset for a deadline at schedule time ``t``, moved towards ``wall_offset`` (the
+        wall clock minus the monotonic clock now) by at most ``slew`` times the schedule time
+        since the last call. A ``t`` before that one moves nothing."""
+        at = self._at
+        if at is None or t > at:
+            if at is not None and math.isfinite(wall_offset):
+                room = self.slew * (t - at)
+                self.offset += min(max(wall_offset - self.offset, -room), room)
+            self._at = t
+        return self.offset

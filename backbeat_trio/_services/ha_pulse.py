@@ -38,7 +38,7 @@ from .._core.beats import beat_subject, tempo_subject
 from .._core.hlc import HLC
 from .._core.lease import LeaseElection, LeaseTimings, ScheduleSnapshot
 from .._core.rules import MAX_FRAME_BEAT_INDEX
-from .._core.schedule import PulseSchedule, ScheduledBeat
+from .._core.schedule import PulseSchedule, ScheduledBeat, WallAnchor
 from .._core.wire import BeatFrame, decode
 from .._errors import ConfigError, NotConnected, WireError
 from .._services.lease import (
@@ -216,7 +216,8 @@ class _HAPulse:
         self.encoder = msgspec.json.Encoder()
         self.subject = beat_subject(cfg.cluster_id)
         self.schedule: PulseSchedule | None = None
-        self.to_wall = 0.0
+        self.to_wall = 0.0  # the wall clock minus trio's, as this term's anchor follows it
+        self.anchor = WallAnchor(0.0)
         # the frame with the highest index seen on the beat subject: where a successor that
         # knows no schedule from the lease goes on from
         self.last_frame: BeatFrame | None = None
@@ -277,6 +278,7 @@ class _HAPulse:
     def _take_schedule(self, snapshot: ScheduleSnapshot) -> PulseSchedule:
         now, wall = trio.current_time(), self.wall_clock()
         self.to_wall = wall - now
+        self.anchor = WallAnchor(self.to_wall)
         if snapshot.beats_per_bar != self.cfg.beats_per_bar:
             log.warning(
                 "%s: continuing the recorded %d-beat bar (configured: %d)",
@@ -367,6 +369,10 @@ class _HAPulse:
                     return
                 continue
             beat = schedule.next_beat()
+            # the lease records, and the frame carries, the anchor as it stands for this beat
+            self.to_wall = self.anchor.follow(
+                beat.deadline, self.wall_clock() - trio.current_time()
+            )
             outcome = await self.lease.write(ScheduleSnapshot.of(schedule, self.to_wall))
             if outcome == "conflict":
                 return

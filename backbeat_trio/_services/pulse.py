@@ -30,7 +30,7 @@ from .._core.beats import (
 from .._core.hlc import HLC
 from .._core.latency import LatencyHistogram
 from .._core.rules import MAX_FRAME_BEAT_INDEX, MAX_TEMPO_BPM, MIN_TEMPO_BPM
-from .._core.schedule import PulseSchedule, ScheduledBeat, TempoDecision
+from .._core.schedule import PulseSchedule, ScheduledBeat, TempoDecision, WallAnchor
 from .._core.wire import BeatFrame, TempoChange, decode
 from .._errors import ConfigError, NotConnected, PulseConflict, WireError
 from .._transport.base import Subscription, Transport
@@ -192,7 +192,8 @@ async def _pulse_loop(
     hlc = HLC(cfg.pulse_id)
     subject = beat_subject(cfg.cluster_id)
     t0 = trio.current_time() + lead
-    wall0 = wall_clock() + lead  # the pulse's clock: wall time at t0, then trio's monotonic clock
+    # the pulse's clock: trio's monotonic clock, placed on the wall clock by a slewed anchor
+    anchor = WallAnchor(wall_clock() - trio.current_time())
     schedule = PulseSchedule(
         cfg.cluster_id,
         tempo_bpm=cfg.tempo_bpm,
@@ -206,7 +207,8 @@ async def _pulse_loop(
     )
 
     def to_wall(t: float) -> _dt.datetime:
-        return _dt.datetime.fromtimestamp(wall0 + (t - t0), _dt.UTC)
+        offset = anchor.follow(t, wall_clock() - trio.current_time())
+        return _dt.datetime.fromtimestamp(t + offset, _dt.UTC)
 
     own: collections.deque[bytes] = collections.deque(maxlen=_OWN_FRAMES_KEPT)
     subs: list[Subscription] = []

@@ -248,14 +248,16 @@ async def test_a_sleeping_consumer_drops_its_own_frames_and_delays_no_one(nats_u
         assert f.in_step(f.indices(i)), (f.indices(i), f.pulse)
     calm.sort()
     busy.sort()
-    p99_calm = calm[int(len(calm) * 0.99)]
-    p99_busy = busy[int(len(busy) * 0.99)]
+    p90_calm, p99_calm = calm[int(len(calm) * 0.9)], calm[int(len(calm) * 0.99)]
+    p90_busy, p99_busy = busy[int(len(busy) * 0.9)], busy[int(len(busy) * 0.99)]
     print(
-        f"others' latency p99: {p99_calm * 1e3:.1f} ms calm, "
-        f"{p99_busy * 1e3:.1f} ms with one asleep"
+        f"others' latency p90/p99: {p90_calm * 1e3:.1f}/{p99_calm * 1e3:.1f} ms calm, "
+        f"{p90_busy * 1e3:.1f}/{p99_busy * 1e3:.1f} ms with one asleep"
     )
-    # a sleeping task costs its neighbours nothing; the bound only absorbs a loaded machine
-    assert p99_busy <= 2 * p99_calm + 0.05
+    # A sleeping task costs its neighbours nothing. Were it to hold up the fan-out, every
+    # beat would be late for all of them; p90 (the second-worst of the 20 beats) says so, and
+    # one beat that a loaded 2-core machine delays (5 % of the samples: all of p99) does not.
+    assert p90_busy <= 2 * p90_calm + 0.05
 
 
 async def test_clients_closing_in_random_order_leave_the_rest_running(nats_url: str) -> None:

@@ -72,8 +72,8 @@ class Params:
     ingest_agents: int = 2000
     ingest_beats: int = 16
     ingest_e2e_reps: int = 3
-    #: JetStream-mode claims repetitions: a repetition is short (a few hundred ms), and its
-    #: ratio swings with this shared machine's load; more of them steady the median
+    #: JetStream-mode claims repetitions: a repetition is short, and its ratio swings with this
+    #: shared machine's load; more of them steady the median
     claims_js_reps: int = 15
 
 

@@ -2,8 +2,8 @@
 
 The pulse times beats on trio's monotonic clock and places them on the wall clock through a
 slewed :class:`WallAnchor`. On a host whose wall clock runs at another rate than its monotonic
-one (measured: 0.5 % on the CI machine), a fixed anchor let ``deadline_at`` drift from the wall
-clock by that rate, beat after beat; a stepped wall clock must still never make it jump.
+one (the CI machine's did: ``docs/decisions.md``), a fixed anchor let ``deadline_at`` drift from
+the wall clock by that rate, beat after beat; a stepped wall clock must still never make it jump.
 """
 
 from __future__ import annotations

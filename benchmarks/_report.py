@@ -42,11 +42,16 @@ class Row:
     goal: str
     met: bool | None
     higher_better: bool = False
+    #: ``ours[i]`` and ``base[i]`` were measured back to back: the ratio is the median of the
+    #: repetitions' ratios, which a repetition that went badly for one side moves less
+    paired: bool = False
 
     @property
     def ratio(self) -> float:
         if not self.base:
             return math.nan
+        if self.paired and len(self.ours) == len(self.base) and all(self.base):
+            return median([o / b for o, b in zip(self.ours, self.base, strict=True)])
         b = median(self.base)
         return median(self.ours) / b if b else math.nan
 
@@ -190,7 +195,9 @@ METHODOLOGY = """\
   (the plain asyncio + nats-py baselines, which import nothing from backbeat_trio). Every wait is
   bounded (`trio.fail_after` / `move_on_after`), every loop bounded in count.
 * **Repetitions.** Each figure is the median of the repetitions (count in the sizes table), shown
-  with min and max. Ratios are median(backbeat_trio) / median(baseline). Timing uses
+  with min and max. Ratios are median(backbeat_trio) / median(baseline), except where the
+  benchmark says its repetitions are paired (each measured back to back with its baseline): then
+  the median of the repetitions' ratios. Timing uses
   `time.perf_counter()` (rates), `time.process_time()` (CPU), `trio.current_time()` (the pulse's own
   clock) and `time.time()` where two processes must agree (beat latency).
 1. **Codec** — same process, one message each, `n` calls timed per repetition, ours and baseline

@@ -154,6 +154,23 @@ def test_a_message_cut_off_by_the_end_of_a_read_is_delivered_once_whole() -> Non
     assert reader.taken == 2 * (len(whole) - 1)
 
 
+def test_a_large_message_cut_off_is_left_to_nats_py_and_arrives_once() -> None:
+    got: list[Got] = []
+    nc = client(got)
+    reader = private.read_directly(nc)
+    big = bytes(range(256)) * 1024  # larger than what the reader keeps between reads
+    whole = msg(1, b"a") + msg(2, big) + msg(1, b"z")
+    reads = [whole[i : i + 5000] for i in range(0, len(whole), 5000)]
+    feed(nc, reads)
+    assert got == [
+        (1, "a.b", b"a", "", None),
+        (2, "a.b", big, "", None),
+        (1, "a.b", b"z", "", None),
+    ]
+    assert reader.taken == 1  # the first; nats-py's parser read the big one and what followed
+    assert not nc._ps.buf
+
+
 def test_a_new_connection_drops_what_was_kept_from_the_old_one() -> None:
     got: list[Got] = []
     nc = client(got)

@@ -456,8 +456,10 @@ def is_direct(nsub: Any) -> bool:
 #: nats-server writes it (single spaces). Anything else (a reply, headers, PING, INFO, extra
 #: spaces) does not match and goes to nats-py's parser.
 _PLAIN_MSG: Final = re.compile(rb"MSG ([^ \t\r\n]+) ([0-9]{1,18}) ([0-9]{1,10})\r\n")
-#: nats-py's bound on a control line (its parser's ``MAX_CONTROL_LINE_SIZE``)
-_MAX_CONTROL_LINE = 4096
+#: nats-py's bound on a control line (its parser's ``MAX_CONTROL_LINE_SIZE``); the largest
+#: message a :class:`PlainReader` keeps until the next read completes it (a larger one is left
+#: to nats-py's parser, whose buffer grows without copying what it holds)
+_MAX_CONTROL_LINE, _MAX_KEPT = 4096, 1 << 16
 
 
 class WireMessage:
@@ -472,7 +474,7 @@ class WireMessage:
         self.data = data
 
     def __repr__(self) -> str:
-        return f"WireMessage(subject={self.subject!r}, data={self.data[:40]!r})"
+        return f"WireMessage({self.subject!r}, {self.data[:40]!r})"
 
 
 def read_plain(nc: Any, data: bytes) -> tuple[int, bool]:
@@ -503,7 +505,7 @@ def read_plain(nc: Any, data: bytes) -> tuple[int, bool]:
         size = int(m[3])
         end = start + size
         if end + 2 > end_of_data:
-            return pos, True
+            return pos, end + 2 - pos <= _MAX_KEPT
         if data[end : end + 2] != b"\r\n":
             return pos, False  # nats-py's parser decides what to make of it
         stats["in_msgs"] += 1
@@ -517,12 +519,11 @@ def read_plain(nc: Any, data: bytes) -> tuple[int, bool]:
 class PlainReader:
     """Reads what arrives on a connection before nats-py's parser does (:func:`read_plain`).
 
-    nats-py's parser builds a ``Msg`` and awaits a coroutine per message. Our direct core
-    subscriptions (PubAcks, beat frames) get header-less messages with no reply; those are
-    read here, and the rest of each read goes to nats-py's parser. Only what begins between
-    two commands, with nothing in the parser's buffer, is read here. A message of ours cut off
-    by the end of a read is kept here until the next read completes it, and dropped, with the
-    parser's buffer, when nats-py resets its parser for a new connection.
+    nats-py's parser builds a ``Msg`` and awaits a coroutine per message; the header-less,
+    reply-less messages of our direct subscriptions (PubAcks, beat frames) are read here instead,
+    when a read begins between two commands with nothing in the parser's buffer. The rest of a
+    read goes to nats-py's parser. A small message of ours cut off by the end of a read is kept
+    until the next read, and dropped with the parser's buffer when nats-py resets its parser.
     """
 
     def __init__(self, parser: Any, nc: Any) -> None:

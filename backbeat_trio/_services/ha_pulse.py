@@ -216,8 +216,7 @@ class _HAPulse:
         self.encoder = msgspec.json.Encoder()
         self.subject = beat_subject(cfg.cluster_id)
         self.schedule: PulseSchedule | None = None
-        self.to_wall = 0.0  # the wall clock minus trio's, as this term's anchor follows it
-        self.anchor = WallAnchor(0.0)
+        self.anchor = WallAnchor(0.0)  # where this term's schedule sits on the wall clock
         # the frame with the highest index seen on the beat subject: where a successor that
         # knows no schedule from the lease goes on from
         self.last_frame: BeatFrame | None = None
@@ -234,6 +233,11 @@ class _HAPulse:
         self.lease = LeaseKeeper(
             cfg.pulse_id, self.t, store, self.status, self.election, wall_clock
         )
+
+    @property
+    def to_wall(self) -> float:
+        """The wall clock minus trio's, as this term's anchor follows it."""
+        return self.anchor.offset
 
     # -- schedule ---------------------------------------------------------------------------------
     def _acquisition_snapshot(self) -> ScheduleSnapshot:
@@ -277,8 +281,7 @@ class _HAPulse:
 
     def _take_schedule(self, snapshot: ScheduleSnapshot) -> PulseSchedule:
         now, wall = trio.current_time(), self.wall_clock()
-        self.to_wall = wall - now
-        self.anchor = WallAnchor(self.to_wall)
+        self.anchor = WallAnchor(wall - now)
         if snapshot.beats_per_bar != self.cfg.beats_per_bar:
             log.warning(
                 "%s: continuing the recorded %d-beat bar (configured: %d)",
@@ -370,9 +373,7 @@ class _HAPulse:
                 continue
             beat = schedule.next_beat()
             # the lease records, and the frame carries, the anchor as it stands for this beat
-            self.to_wall = self.anchor.follow(
-                beat.deadline, self.wall_clock() - trio.current_time()
-            )
+            self.anchor.follow(beat.deadline, self.wall_clock() - trio.current_time())
             outcome = await self.lease.write(ScheduleSnapshot.of(schedule, self.to_wall))
             if outcome == "conflict":
                 return

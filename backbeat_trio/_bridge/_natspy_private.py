@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import trio
 
+from .._transport.base import MemoryMessage
 from .errors import nats_failures
 
 log = logging.getLogger("backbeat_trio.transport")
@@ -462,21 +463,6 @@ _PLAIN_MSG: Final = re.compile(rb"MSG ([^ \t\r\n]+) ([0-9]{1,18}) ([0-9]{1,10})\
 _MAX_CONTROL_LINE, _MAX_KEPT = 4096, 1 << 16
 
 
-class WireMessage:
-    """A message read by :class:`PlainReader`: the fields of a transport ``Message``."""
-
-    __slots__ = ("data", "subject")
-    reply: Final = ""
-    headers: Final = None
-
-    def __init__(self, subject: str, data: bytes) -> None:
-        self.subject = subject
-        self.data = data
-
-    def __repr__(self) -> str:
-        return f"WireMessage({self.subject!r}, {self.data[:40]!r})"
-
-
 def read_plain(nc: Any, data: bytes) -> tuple[int, bool]:
     """Hand the leading complete header-less, reply-less MSGs of ``data`` for subscriptions
     routed by :func:`deliver_directly` straight to them.
@@ -512,7 +498,7 @@ def read_plain(nc: Any, data: bytes) -> tuple[int, bool]:
         stats["in_bytes"] += size
         sub._received += 1
         pos = end + 2
-        sub._pending_queue._deliver(WireMessage(m[1].decode(), data[start:end]))
+        sub._pending_queue._deliver(MemoryMessage(m[1].decode(), data[start:end]))
     return pos, False
 
 
